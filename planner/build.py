@@ -1,0 +1,125 @@
+"""Fingerprint -> Plan, for each preset; the reasons for each value become YAML comments."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from planner import heuristics as H
+from planner.fingerprint import Fingerprint
+from planner.plan import (SCHEMA_VERSION, AugmentationSection, ChannelNormalization, CrossValidationSection,
+                          DatasetSection, InferenceSection, IntensitySection, LossSection, MemorySection, NetworkSection,
+                          Plan, ResamplingSection, SamplingSection, ScheduleSection, TrainingSection)
+from planner.memory import estimate_training_gb
+
+PAPER_AUGMENTATION = AugmentationSection(
+    mirror_p=0.15, mirror_axes=[0, 1, 2], elastic_p=0.15, elastic_alpha=[0.0, 900.0], elastic_sigma=[9.0, 13.0],
+    rotation_p=0.15, rotation_degrees=15.0, scaling_p=0.15, scaling_range=[0.85, 1.25], brightness_p=0.15,
+    brightness_range=[0.5, 2.0], contrast_p=0.15, contrast_range=[0.3, 3.0], gamma_p=0.15, gamma_range=[0.7, 1.5],
+    noise_p=0.15, noise_variance=[0.0, 0.05])
+PAPER_LOSS = LossSection(tversky_alpha=0.5, tversky_beta=0.5, tversky_weight=1.0, cross_entropy_weight=1.0, smooth=1e-6)
+PAPER_SCHEDULE = ScheduleSection(max_epochs=1000, iterations_per_epoch=150, monitor="train_loss", plateau_factor=0.1,
+                                 plateau_patience=15, plateau_min_delta=1e-4, plateau_cooldown=1, min_learning_rate=1e-5,
+                                 early_stopping_patience=100, validation_patches=8, time_budget_minutes=None)
+
+
+def gpu_memory_budget(requested: float | None) -> tuple[float, str]:
+    """(GB, where it came from): the flag, else the first GPU's memory from nvidia-smi, else 8."""
+    if requested is not None:
+        return float(requested), "--gpu-memory"
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10, check=True).stdout
+            return round(float(out.splitlines()[0]) / 1024, 1), "nvidia-smi, first GPU"
+        except (subprocess.SubprocessError, ValueError, IndexError):
+            pass  # unreadable nvidia-smi: fall back to the default and say so
+    return 8.0, "default 8 GB (no GPU found)"
+
+
+def make_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, gpu_memory_gb: float,
+              budget_source: str, preset: str = "default", splits_file: str | None = None) -> tuple[Plan, dict]:
+    """The plan for ``fp`` and the reasons behind its values."""
+    if preset == "miscnn-covid19":
+        return _miscnn(fp, name, dataset_rel, work_rel, gpu_memory_gb, budget_source, splits_file)
+    reasons: dict[str, str] = {}
+    spacing = H.target_spacing(np.array([c.spacing for c in fp.cases]), reasons)
+    median = H.median_resampled_shape(fp, spacing)
+    n_in, n_cls = len(fp.channel_names), len(fp.labels)
+    cpu = preset == "cpu"
+    first, cap = (8, 64) if cpu else (H.FIRST_FILTERS, H.MAX_FILTERS)
+    fit = H.fit_patch_and_batch(median, spacing, gpu_memory_gb, n_in, n_cls, H.dataset_voxels(fp, spacing),
+                                reasons, first=first, cap=cap)
+    norms = []
+    for i, st in enumerate(fp.channels):
+        if st.is_ct:
+            norms.append(ChannelNormalization(**H.ct_normalization(st, reasons, i)))
+        else:
+            norms.append(ChannelNormalization(st.name, "zscore", None, "case", 0.0, 1.0))
+    groups = _label_groups(fp.labels)
+    schedule = PAPER_SCHEDULE.__class__(**{**PAPER_SCHEDULE.__dict__, "monitor": "val_loss"})
+    if cpu:
+        schedule = schedule.__class__(**{**schedule.__dict__, "max_epochs": 200, "iterations_per_epoch": 25,
+                                         "plateau_patience": 5, "early_stopping_patience": 20,
+                                         "time_budget_minutes": 15.0})
+        reasons["training.schedule.time_budget_minutes"] = "a CPU plan trains for a fixed time; the learning rate decays over it"
+    reasons["training.sampling.foreground_oversampling"] = "nnU-Net's 1/3 of patches centred on foreground"
+    plan = Plan(
+        schema_version=SCHEMA_VERSION, name=name, preset=preset, device="cpu" if cpu else "gpu",
+        dataset=DatasetSection(dataset_rel, work_rel, list(fp.channel_names), dict(fp.labels), groups, splits_file),
+        intensity=IntensitySection(list(fp.windowed_range), _conventions(fp), norms),
+        resampling=ResamplingSection(spacing, 3, "onehot_linear", 3.0, 0),
+        network=NetworkSection(fit["filters"], fit["pools"], fit["kernels"], 2, "batch", 0.99, "relu", "transpose"),
+        training=TrainingSection(fit["patch"], fit["batch"], 1e-3, False, 12345, SamplingSection(0.33),
+                                 PAPER_AUGMENTATION, PAPER_LOSS, schedule),
+        inference=InferenceSection(0.5, "gaussian", not cpu, 2),
+        cross_validation=CrossValidationSection(5, 12345),
+        memory=MemorySection(gpu_memory_gb, budget_source, round(fit["estimate"], 2)))
+    reasons["intensity.conventions"] = "detected from the values: 0..255 CT is 'windowed', below 0 is 'hu'"
+    return plan, reasons
+
+
+def _conventions(fp: Fingerprint) -> dict[str, str]:
+    return {c.case_id: c.conventions[0] for c in fp.cases if c.conventions and c.conventions[0] != "other"}
+
+
+def _label_groups(labels: dict[str, int]) -> dict[str, list[str]]:
+    """'left_lung' + 'right_lung' (any spelling with left/right) -> 'lungs', as the paper reports them."""
+    lefts = [n for n in labels if "left" in n.lower()]
+    groups = {}
+    for left in lefts:
+        right = left.lower().replace("left", "right")
+        match = [n for n in labels if n.lower() == right]
+        if match:
+            stem = left.lower().replace("left", "").strip("_ ") or "both"
+            groups[stem + ("s" if not stem.endswith("s") else "")] = [left, match[0]]
+    return groups
+
+
+def _miscnn(fp, name, dataset_rel, work_rel, gpu_memory_gb, budget_source, splits_file) -> tuple[Plan, dict]:
+    """The MIScnn COVID-19 configuration, field for field (shared/PAPER.md)."""
+    reasons = {"resampling.target_spacing": "the paper: 1.58 x 1.58 x 2.70 mm (x, y, z)",
+               "training.patch_size": "the paper: 160 x 160 x 80 (x, y, z)", "training.batch_size": "the paper",
+               "intensity.normalization.0.clip": "the paper: [-1250, 250] HU; windowed cases are mapped into HU first, so they are not clipped twice",
+               "intensity.normalization.0.zscore": "the paper: z-score per case (after grayscale scaling, which z-score makes redundant)",
+               "training.sampling.foreground_oversampling": "the paper: plain random crops"}
+    filters, pools, kernels = [32, 64, 128, 256, 512], [[2, 2, 2]] * 4, [[3, 3, 3]] * 5
+    n_in, n_cls = len(fp.channel_names), len(fp.labels)
+    est = estimate_training_gb([80, 160, 160], 2, filters, kernels, pools, 2, n_in, n_cls)
+    norms = [ChannelNormalization(n, "ct", [-1250.0, 250.0], "case", 0.0, 1.0) for n in fp.channel_names]
+    plan = Plan(
+        schema_version=SCHEMA_VERSION, name=name, preset="miscnn-covid19", device="gpu",
+        dataset=DatasetSection(dataset_rel, work_rel, list(fp.channel_names), dict(fp.labels),
+                               _label_groups(fp.labels), splits_file),
+        intensity=IntensitySection([-1250.0, 250.0], _conventions(fp), norms),
+        resampling=ResamplingSection([2.70, 1.58, 1.58], 3, "onehot_linear", 3.0, 3),
+        network=NetworkSection(filters, [list(p) for p in pools], [list(k) for k in kernels], 2, "batch", 0.99,
+                               "relu", "transpose"),
+        training=TrainingSection([80, 160, 160], 2, 1e-3, False, 12345, SamplingSection(0.0), PAPER_AUGMENTATION,
+                                 PAPER_LOSS, PAPER_SCHEDULE),
+        inference=InferenceSection(0.5, "constant", False, 1),
+        cross_validation=CrossValidationSection(5, 12345),
+        memory=MemorySection(gpu_memory_gb, budget_source, round(est, 2)))
+    return plan, reasons

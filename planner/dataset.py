@@ -1,0 +1,273 @@
+"""Find the cases of a dataset and read/write them through SimpleITK.
+
+Two layouts are understood:
+
+* the nnU-Net v2 raw layout: ``dataset.json`` + ``imagesTr/<case>_<XXXX><ending>`` (one file per
+  channel) + ``labelsTr/<case><ending>`` (+ optional ``imagesTs/``);
+* a plain layout: ``images/<case><ending>`` + ``labels/<case><ending>``, no dataset.json. Channel
+  count and label values are then inferred and written to ``dataset.yaml``, which the user may edit.
+
+Axis convention: arrays are (c, z, y, x) images and (z, y, x) label maps; spacing and shape are
+given in (z, y, x). SimpleITK's (x, y, z) order is converted here and nowhere else. Origin and
+direction are physical quantities and are kept exactly as SimpleITK reports them.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import yaml
+
+ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+CT_NAMES = ("ct", "computed tomography")
+
+
+class DatasetError(ValueError):
+    """A dataset folder that cannot be understood; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a voxel grid sits in the patient: spacing/shape (z, y, x); origin/direction as SimpleITK."""
+
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+    shape: tuple[int, int, int]
+
+    def to_dict(self) -> dict:
+        return {"spacing": [float(v) for v in self.spacing], "origin": [float(v) for v in self.origin],
+                "direction": [float(v) for v in self.direction], "shape": [int(v) for v in self.shape]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Geometry":
+        return cls(tuple(d["spacing"]), tuple(d["origin"]), tuple(d["direction"]), tuple(d["shape"]))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One training or test case: its id and the files it is made of."""
+
+    case_id: str
+    image_files: tuple[Path, ...]
+    label_file: Path | None
+
+
+@dataclass
+class Dataset:
+    """A dataset folder: layout, channels, labels (name -> value) and cases."""
+
+    root: Path
+    layout: str
+    channel_names: dict[int, str]
+    labels: dict[str, int]
+    file_ending: str
+    cases: list[Case]
+    test_cases: list[Case] = field(default_factory=list)
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    def is_ct(self, channel: int) -> bool:
+        return self.channel_names[channel].strip().lower() in CT_NAMES
+
+
+def _ending(name: str) -> str | None:
+    for end in ENDINGS:
+        if name.endswith(end):
+            return end
+    return None
+
+
+def load_dataset(root: str | Path, infer_plain: bool = True) -> Dataset:
+    """Find the layout of ``root`` and list its cases; raise DatasetError with the offending path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such dataset folder")
+    if (root / "dataset.json").exists() or (root / "imagesTr").is_dir():
+        return _load_nnunet(root)
+    if (root / "images").is_dir():
+        return _load_plain(root, infer=infer_plain)
+    raise DatasetError(f"{root}: neither an nnU-Net raw dataset (dataset.json, imagesTr/, labelsTr/) "
+                       "nor a plain one (images/, labels/)")
+
+
+def _load_nnunet(root: Path) -> Dataset:
+    meta_path = root / "dataset.json"
+    if not meta_path.exists():
+        raise DatasetError(f"{meta_path}: missing; an nnU-Net raw dataset needs it")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{meta_path}: not valid JSON ({e})") from e
+    for key in ("channel_names", "labels", "file_ending"):
+        if key not in meta:
+            raise DatasetError(f"{meta_path}: key '{key}' is missing")
+    channels = {int(k): str(v) for k, v in meta["channel_names"].items()}
+    labels = {str(k): int(v) for k, v in meta["labels"].items() if not isinstance(v, list)}
+    ending = meta["file_ending"]
+    cases = _nnunet_cases(root / "imagesTr", root / "labelsTr", ending, len(channels))
+    test = _nnunet_cases(root / "imagesTs", None, ending, len(channels)) if (root / "imagesTs").is_dir() else []
+    return Dataset(root, "nnunet", channels, labels, ending, cases, test)
+
+
+def _nnunet_cases(img_dir: Path, lbl_dir: Path | None, ending: str, n_channels: int) -> list[Case]:
+    pattern = re.compile(r"^(.*)_(\d{4})" + re.escape(ending) + "$")
+    by_case: dict[str, dict[int, Path]] = {}
+    if img_dir.is_dir():
+        for p in sorted(img_dir.iterdir()):
+            m = pattern.match(p.name)
+            if m and not p.name.startswith("."):
+                by_case.setdefault(m.group(1), {})[int(m.group(2))] = p
+    ids = set(by_case)
+    if lbl_dir is not None and lbl_dir.is_dir():
+        ids |= {p.name[: -len(ending)] for p in lbl_dir.iterdir()
+                if p.name.endswith(ending) and not p.name.startswith(".")}
+    cases = []
+    for cid in sorted(ids):
+        chans = by_case.get(cid, {})
+        files = tuple(chans.get(c, img_dir / f"{cid}_{c:04d}{ending}") for c in range(n_channels))
+        label = (lbl_dir / f"{cid}{ending}") if lbl_dir is not None else None
+        cases.append(Case(cid, files, label))
+    return cases
+
+
+def _load_plain(root: Path, infer: bool) -> Dataset:
+    img_dir, lbl_dir = root / "images", root / "labels"
+    stems: dict[str, Path] = {}
+    ending = None
+    for p in sorted(img_dir.iterdir()):
+        end = _ending(p.name)
+        if end and not p.name.startswith("."):
+            stems[p.name[: -len(end)]] = p
+            ending = ending or end
+    if lbl_dir.is_dir():
+        for p in sorted(lbl_dir.iterdir()):
+            end = _ending(p.name)
+            if end and not p.name.startswith("."):
+                stems.setdefault(p.name[: -len(end)], img_dir / p.name)
+                ending = ending or end
+    if ending is None:
+        raise DatasetError(f"{img_dir}: no image files ({', '.join(ENDINGS)})")
+    cases = [Case(cid, (img,), lbl_dir / img.name) for cid, img in sorted(stems.items())]
+    meta_path = root / "dataset.yaml"
+    if meta_path.exists():
+        meta = yaml.safe_load(meta_path.read_text()) or {}
+        channels = {int(k): str(v) for k, v in meta.get("channel_names", {}).items()}
+        labels = {str(k): int(v) for k, v in meta.get("labels", {}).items()}
+        if not channels or "background" not in labels:
+            raise DatasetError(f"{meta_path}: needs 'channel_names' and 'labels' with a 'background'")
+        return Dataset(root, "plain", channels, labels, ending, cases)
+    channels, labels = _infer_plain_meta(cases)
+    ds = Dataset(root, "plain", channels, labels, ending, cases)
+    if infer:
+        _write_plain_meta(ds, meta_path)
+    return ds
+
+
+def _infer_plain_meta(cases: list[Case]) -> tuple[dict[int, str], dict[str, int]]:
+    """Channel count from the first image, label values from every label map, CT from HU values."""
+    first = sitk.ReadImage(str(cases[0].image_files[0]))
+    n_comp = first.GetNumberOfComponentsPerPixel()
+    arr = sitk.GetArrayViewFromImage(first)
+    looks_ct = n_comp == 1 and float(arr.min()) < -500 and float(arr.max()) > 200
+    channels = {c: ("CT" if looks_ct else f"channel{c}") for c in range(n_comp)}
+    values: set[int] = set()
+    for case in cases:
+        if case.label_file is not None and case.label_file.exists():
+            values |= {int(v) for v in np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(str(case.label_file))))}
+    values.add(0)
+    labels = {"background": 0} | {f"label_{v}": v for v in sorted(values) if v != 0}
+    return channels, labels
+
+
+def _write_plain_meta(ds: Dataset, path: Path) -> None:
+    text = ("# Inferred by segplan from the files: edit the names freely; values must match the label maps.\n"
+            + yaml.safe_dump({"channel_names": {int(k): v for k, v in ds.channel_names.items()},
+                              "labels": ds.labels}, sort_keys=False))
+    try:
+        atomic_write_text(path, text)
+    except OSError:
+        pass  # read-only dataset folder (shared data): the inferred values are still used in memory
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file under a temporary name and rename it, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# --- arrays and geometry: the only place where SimpleITK's (x, y, z) order is converted ----------
+
+def geometry_of(img: sitk.Image) -> Geometry:
+    """The geometry of a SimpleITK image in segplan's (z, y, x) convention."""
+    size = img.GetSize()
+    return Geometry(tuple(float(v) for v in reversed(img.GetSpacing()[:3])),
+                    tuple(float(v) for v in img.GetOrigin()[:3]),
+                    tuple(float(v) for v in img.GetDirection()),
+                    tuple(int(v) for v in reversed(size[:3])))
+
+
+def read_volume(path: Path) -> tuple[np.ndarray, Geometry]:
+    """Read one file as a (z, y, x) array (or (c, z, y, x) for a vector image) and its geometry."""
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise DatasetError(f"{path}: unreadable ({str(e).strip().splitlines()[-1]})") from e
+    if img.GetDimension() != 3:
+        raise DatasetError(f"{path}: {img.GetDimension()}D image, segplan needs 3D volumes")
+    arr = sitk.GetArrayFromImage(img)
+    if img.GetNumberOfComponentsPerPixel() > 1:
+        arr = np.moveaxis(arr, -1, 0)
+    return arr, geometry_of(img)
+
+
+def read_image(case: Case) -> tuple[np.ndarray, Geometry]:
+    """All channels of a case as a float32 (c, z, y, x) array, with the geometry of channel 0."""
+    chans, geom = [], None
+    for path in case.image_files:
+        arr, g = read_volume(path)
+        geom = geom or g
+        chans.extend(arr.astype(np.float32, copy=False) if arr.ndim == 4 else [arr.astype(np.float32, copy=False)])
+    return np.stack(chans), geom
+
+
+def read_label(path: Path) -> tuple[np.ndarray, Geometry]:
+    """A label map as an integer (z, y, x) array and its geometry."""
+    arr, geom = read_volume(path)
+    if arr.ndim != 3:
+        raise DatasetError(f"{path}: a label map must have one component")
+    if not np.issubdtype(arr.dtype, np.integer):
+        rounded = np.rint(arr)
+        if not np.array_equal(rounded, arr):
+            raise DatasetError(f"{path}: label map holds non-integer values")
+        arr = rounded.astype(np.int32)
+    return arr, geom
+
+
+def to_sitk(arr: np.ndarray, geom: Geometry) -> sitk.Image:
+    """A (z, y, x) array as a SimpleITK image carrying ``geom``'s spacing, origin and direction."""
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(tuple(float(v) for v in reversed(geom.spacing)))
+    img.SetOrigin(tuple(geom.origin))
+    img.SetDirection(tuple(geom.direction))
+    return img
+
+
+def write_volume(arr: np.ndarray, geom: Geometry, path: Path) -> None:
+    """Write a (z, y, x) array with ``geom`` to any SimpleITK format, atomically."""
+    path = Path(path)
+    if tuple(arr.shape) != tuple(geom.shape):
+        raise ValueError(f"{path}: array shape {arr.shape} differs from geometry shape {geom.shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    end = _ending(path.name) or path.suffix
+    tmp = path.with_name(f".tmp_{path.name[: -len(end)]}{end}")
+    sitk.WriteImage(to_sitk(arr, geom), str(tmp), useCompression=True)
+    tmp.replace(path)

@@ -1,0 +1,182 @@
+"""Dataset fingerprint: what the planner needs to know, read once and cached as YAML.
+
+CT intensities are compared in one common unit, Hounsfield units: a case stored windowed to
+0..255 (COVID-19-CT-Seg's Radiopaedia cases) is detected from its values and mapped back to HU
+with the window before any statistic is taken, so the two conventions never get pooled.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from planner.dataset import Case, Dataset, atomic_write_text, load_dataset, read_image, read_label
+from planner.parallel import parallel_map
+from planner.schema import Reader, SchemaError, doc, dump_yaml, to_plain
+
+FINGERPRINT_VERSION = 1
+DEFAULT_WINDOW = (-1250.0, 250.0)
+SAMPLES_PER_CASE = 10_000
+
+
+@dataclass(frozen=True)
+class CaseFingerprint:
+    case_id: str = doc("case id")
+    spacing: list[float] = doc("mm (z, y, x)")
+    shape: list[int] = doc("voxels (z, y, x)")
+    cropped_shape: list[int] = doc("shape of the non-zero region (non-CT channels; CT volumes are not cropped)")
+    direction: list[float] = doc("direction cosines as SimpleITK reports them")
+    conventions: list[str] = doc("per channel: hu, windowed (0..255) or other")
+    class_voxels: list[int] = doc("voxels per label, in the order of the labels")
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    name: str = doc("channel name")
+    is_ct: bool = doc("statistics in HU")
+    mean: float = doc("foreground mean")
+    std: float = doc("foreground std")
+    min: float = doc("foreground minimum")
+    max: float = doc("foreground maximum")
+    p00_5: float = doc("0.5th percentile")
+    p50: float = doc("median")
+    p99_5: float = doc("99.5th percentile")
+    samples: int = doc("foreground voxels sampled")
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    version: int = doc("fingerprint format")
+    source_key: str = doc("hash of file names, sizes and times: a change means re-fingerprint")
+    channel_names: list[str] = doc("channels")
+    labels: dict[str, int] = doc("labels")
+    windowed_range: list[float] = doc("HU window assumed for windowed CT cases")
+    cases: list[CaseFingerprint] = doc("per case")
+    channels: list[ChannelStats] = doc("per channel")
+    class_ratio: list[float] = doc("share of all voxels per label")
+    class_presence: list[int] = doc("cases containing each label")
+    seed: int = field(default=0, metadata={"doc": "seed of the foreground sample"})
+
+
+def detect_convention(arr: np.ndarray, is_ct: bool) -> str:
+    """'windowed' for CT already scaled to 0..255, 'hu' for CT in Hounsfield units, else 'other'."""
+    if not is_ct:
+        return "other"
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo >= 0.0 and hi <= 255.0 and (hi > 1.5 or lo == hi):
+        return "windowed"
+    return "hu"
+
+
+def to_hu(arr: np.ndarray, convention: str, window=DEFAULT_WINDOW) -> np.ndarray:
+    """Bring a CT channel into HU: windowed values v in 0..255 -> lo + v / 255 * (hi - lo)."""
+    if convention == "windowed":
+        lo, hi = window
+        return (arr.astype(np.float32) * np.float32((hi - lo) / 255.0) + np.float32(lo))
+    return arr
+
+
+def nonzero_box(image: np.ndarray, ct_channels: list[bool]) -> tuple[tuple[int, int], ...]:
+    """Bounding box (z, y, x) of voxels non-zero in any non-CT channel; the whole volume if all CT."""
+    masks = [image[c] != 0 for c in range(image.shape[0]) if not ct_channels[c]]
+    if not masks:
+        return tuple((0, s) for s in image.shape[1:])
+    mask = np.logical_or.reduce(masks)
+    if not mask.any():
+        return tuple((0, s) for s in image.shape[1:])
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        nz = np.flatnonzero(mask.any(axis=other))
+        box.append((int(nz[0]), int(nz[-1]) + 1))
+    return tuple(box)
+
+
+def _case_stats(args):
+    case, idx, seed, ct_flags, label_values, window = args
+    image, geom = read_image(case)
+    conventions = [detect_convention(image[c], ct_flags[c]) for c in range(image.shape[0])]
+    for c in range(image.shape[0]):
+        if ct_flags[c]:
+            image[c] = to_hu(image[c], conventions[c], window)
+    box = nonzero_box(image, ct_flags)
+    label, _ = read_label(case.label_file)
+    lut = {v: i for i, v in enumerate(label_values)}
+    counts = [int(np.count_nonzero(label == v)) for v in label_values]
+    fg = np.flatnonzero(label.ravel() > 0) if len(lut) > 1 else np.arange(label.size)
+    rng = np.random.default_rng([seed, idx])
+    pick = rng.choice(fg, size=min(SAMPLES_PER_CASE, fg.size), replace=False) if fg.size else fg
+    samples = [image[c].ravel()[pick].astype(np.float32) for c in range(image.shape[0])]
+    cfp = CaseFingerprint(case.case_id, list(geom.spacing), list(geom.shape),
+                          [b - a for a, b in box], list(geom.direction), conventions, counts)
+    return cfp, samples
+
+
+def source_key(ds: Dataset) -> str:
+    h = hashlib.sha1()
+    for c in ds.cases:
+        for p in (*c.image_files, c.label_file):
+            st = os.stat(p)
+            h.update(f"{p.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+def compute_fingerprint(ds: Dataset, workers: int = 1, seed: int = 0, window=DEFAULT_WINDOW,
+                        progress: bool = True) -> Fingerprint:
+    """Read every case once (``workers`` at a time) and summarise it."""
+    ct_flags = [ds.is_ct(c) for c in range(ds.num_channels)]
+    label_values = list(ds.labels.values())
+    results = parallel_map(_case_stats, [(c, i, seed, ct_flags, label_values, window) for i, c in enumerate(ds.cases)],
+                           workers, desc="fingerprint", progress=progress)
+    cases = [r[0] for r in results]
+    channels = []
+    for c in range(ds.num_channels):
+        vals = np.concatenate([r[1][c] for r in results]) if results else np.zeros(1, np.float32)
+        vals = vals if vals.size else np.zeros(1, np.float32)
+        p = np.percentile(vals, [0.5, 50, 99.5])
+        channels.append(ChannelStats(ds.channel_names[c], ct_flags[c], float(vals.mean()), float(vals.std()),
+                                     float(vals.min()), float(vals.max()), float(p[0]), float(p[1]), float(p[2]),
+                                     int(vals.size)))
+    counts = np.array([cf.class_voxels for cf in cases], dtype=np.int64)
+    total = max(int(counts.sum()), 1)
+    return Fingerprint(FINGERPRINT_VERSION, source_key(ds), [ds.channel_names[c] for c in range(ds.num_channels)],
+                       dict(ds.labels), list(window), cases, channels,
+                       [float(v) for v in counts.sum(0) / total], [int(v) for v in (counts > 0).sum(0)], seed)
+
+
+def save_fingerprint(fp: Fingerprint, path: Path) -> None:
+    atomic_write_text(path, dump_yaml(fp, header="segplan dataset fingerprint (a cache: delete it to recompute)"))
+
+
+def load_fingerprint(path: Path) -> Fingerprint:
+    data = yaml.safe_load(Path(path).read_text())
+    reader = Reader(str(path), {})
+    fp = reader.build(Fingerprint, data)
+    if reader.errors:
+        raise SchemaError(reader.errors)
+    return fp
+
+
+def fingerprint_for(dataset_dir: Path, cache: Path, workers: int = 1, progress: bool = True) -> tuple[Fingerprint, bool]:
+    """The cached fingerprint if it matches the files, else a new one (saved). Returns (fp, from_cache)."""
+    ds = load_dataset(dataset_dir)
+    key = source_key(ds)
+    if cache.exists():
+        try:
+            fp = load_fingerprint(cache)
+            if fp.source_key == key and fp.version == FINGERPRINT_VERSION:
+                return fp, True
+        except (SchemaError, yaml.YAMLError, TypeError):
+            pass  # a stale or damaged cache is simply recomputed
+    fp = compute_fingerprint(ds, workers=workers, progress=progress)
+    save_fingerprint(fp, cache)
+    return fp, False
+
+
+def fingerprint_summary(fp: Fingerprint) -> dict:
+    return to_plain({"cases": len(fp.cases), "class_ratio": dict(zip(fp.labels, fp.class_ratio)),
+                     "conventions": {c.case_id: c.conventions for c in fp.cases}})

@@ -1,0 +1,112 @@
+"""Pure rules that turn a fingerprint into a plan: spacing, topology, patch/batch fit, normalisation.
+
+Every rule records why it chose its value in ``reasons`` (dotted plan key -> text); the plan YAML
+prints them as comments.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from planner.fingerprint import Fingerprint
+from planner.memory import estimate_training_gb
+
+MAX_POOLS = 5
+MIN_STAGE_VOXELS = 4
+FIRST_FILTERS = 32
+MAX_FILTERS = 512
+MAX_BATCH_SHARE = 0.05
+MIN_BATCH = 2
+
+
+def target_spacing(spacings: np.ndarray, reasons: dict) -> list[float]:
+    """Median per axis; an axis over 3x coarser than the others takes its 10th percentile."""
+    med = np.median(spacings, axis=0)
+    target = med.copy()
+    worst = int(np.argmax(med))
+    others = [a for a in range(3) if a != worst]
+    why = f"median of {len(spacings)} cases"
+    if med[worst] > 3 * max(med[others]):
+        target[worst] = max(np.percentile(spacings[:, worst], 10), max(med[others]))
+        why += f"; axis {'zyx'[worst]} is anisotropic (>3x), so its 10th percentile"
+    reasons["resampling.target_spacing"] = why
+    return [round(float(s), 4) for s in target]
+
+
+def topology(patch: list[int], spacing: list[float]) -> tuple[list[list[int]], list[list[int]]]:
+    """Pool sizes and kernel sizes: pool an axis while it stays >= 4 voxels and its spacing is within
+    2x of the finest; 1-voxel kernels along an axis still over 2x coarser than the finest."""
+    size, sp = list(patch), list(spacing)
+    kernels = [[1 if s > 2 * min(sp) else 3 for s in sp]]
+    pools: list[list[int]] = []
+    while len(pools) < MAX_POOLS:
+        finest = min(sp)
+        pool = [2 if (size[a] // 2 >= MIN_STAGE_VOXELS and sp[a] <= 2 * finest) else 1 for a in range(3)]
+        if not any(p == 2 for p in pool):
+            break
+        size = [s // p for s, p in zip(size, pool)]
+        sp = [s * p for s, p in zip(sp, pool)]
+        pools.append(pool)
+        kernels.append([1 if s > 2 * min(sp) else 3 for s in sp])
+    return pools, kernels
+
+
+def filters_for(n_stages: int, first: int = FIRST_FILTERS, cap: int = MAX_FILTERS) -> list[int]:
+    return [min(first * 2 ** i, cap) for i in range(n_stages)]
+
+
+def _divisible(patch: list[int], pools: list[list[int]]) -> list[int]:
+    div = [math.prod(p[a] for p in pools) for a in range(3)]
+    return [max(d, int(math.ceil(s / d)) * d) for s, d in zip(patch, div)]
+
+
+def fit_patch_and_batch(median_shape: list[float], spacing: list[float], budget_gb: float, in_channels: int,
+                        n_classes: int, dataset_voxels: float, reasons: dict, first: int = FIRST_FILTERS,
+                        cap: int = MAX_FILTERS, mixed_precision: bool = False) -> dict:
+    """nnU-Net's rule: a patch proportional to the median image in mm, shrunk along the axis largest
+    relative to the median shape until the estimate fits ``budget_gb``; the rest goes to the batch."""
+    patch = [max(int(math.ceil(m)), 1) for m in median_shape]   # proportional to the median image in mm
+    while True:
+        pools, kernels = topology(patch, spacing)
+        patch = _divisible(patch, pools)
+        filters = filters_for(len(pools) + 1, first, cap)
+        est = estimate_training_gb(patch, MIN_BATCH, filters, kernels, pools, 2, in_channels, n_classes, mixed_precision)
+        if est <= budget_gb or max(patch) <= 8:
+            break
+        rel = np.array(patch) / np.array(median_shape)
+        axis = int(np.argmax(rel))
+        div = math.prod(p[axis] for p in pools)
+        patch[axis] = max(patch[axis] - div, MIN_STAGE_VOXELS)
+    per_sample = (est - estimate_training_gb(patch, 1, filters, kernels, pools, 2, in_channels, n_classes, mixed_precision))
+    batch = MIN_BATCH
+    while estimate_training_gb(patch, batch + 1, filters, kernels, pools, 2, in_channels, n_classes, mixed_precision) <= budget_gb:
+        batch += 1
+    cap_batch = max(MIN_BATCH, int(MAX_BATCH_SHARE * dataset_voxels / np.prod(patch)))
+    why_batch = f"fills the {budget_gb:g} GB budget"
+    if batch > cap_batch:
+        batch, why_batch = cap_batch, "capped so one batch covers at most 5% of the dataset's voxels"
+    batch = max(batch, MIN_BATCH)
+    est = estimate_training_gb(patch, batch, filters, kernels, pools, 2, in_channels, n_classes, mixed_precision)
+    reasons["training.patch_size"] = (f"median image {[round(m) for m in median_shape]} voxels at target spacing; "
+                                      f"shrunk to fit {budget_gb:g} GB and made divisible by the pooling")
+    reasons["training.batch_size"] = f"{why_batch}; about {per_sample:.2f} GB per extra sample"
+    reasons["network.pool_sizes"] = "pool an axis while it stays >= 4 voxels and its spacing is within 2x of the finest"
+    reasons["network.filters"] = f"{first} doubling per stage, capped at {cap}"
+    return {"patch": patch, "batch": batch, "pools": pools, "kernels": kernels, "filters": filters, "estimate": est}
+
+
+def ct_normalization(stats, reasons: dict, index: int) -> dict:
+    reasons[f"intensity.normalization.{index}.clip"] = "foreground percentiles 0.5 / 99.5 in HU"
+    lo, hi = stats.p00_5, stats.p99_5
+    return {"channel": stats.name, "scheme": "ct", "clip": [round(lo, 1), round(hi, 1)], "zscore": "dataset",
+            "mean": round(stats.mean, 3), "std": round(max(stats.std, 1e-3), 3)}
+
+
+def median_resampled_shape(fp: Fingerprint, spacing: list[float]) -> list[float]:
+    shapes = np.array([np.array(c.cropped_shape) * np.array(c.spacing) / np.array(spacing) for c in fp.cases])
+    return [float(v) for v in np.median(shapes, axis=0)]
+
+
+def dataset_voxels(fp: Fingerprint, spacing: list[float]) -> float:
+    return float(sum(np.prod(np.array(c.cropped_shape) * np.array(c.spacing) / np.array(spacing)) for c in fp.cases))

@@ -1,0 +1,129 @@
+"""Check a dataset before anything is planned: every problem of every case, reported at once."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from planner.dataset import Case, Dataset, DatasetError, Geometry, load_dataset, read_volume
+
+SPACING_TOL = 1e-3   # relative
+ORIGIN_TOL = 1e-2    # mm
+DIRECTION_TOL = 1e-3
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding: 'error' stops planning, 'warning' does not."""
+
+    severity: str
+    case: str
+    file: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.severity.upper():7s} {self.case}: {self.file}: {self.message}"
+
+
+def compare_geometry(a: Geometry, b: Geometry) -> list[str]:
+    """Human-readable differences between two geometries, with the size of each difference."""
+    out = []
+    if tuple(a.shape) != tuple(b.shape):
+        out.append(f"shape {list(a.shape)} vs {list(b.shape)} (z, y, x)")
+    sa, sb = np.array(a.spacing), np.array(b.spacing)
+    if np.any(np.abs(sa - sb) > SPACING_TOL * np.maximum(sa, sb)):
+        out.append(f"spacing {sa.round(4).tolist()} vs {sb.round(4).tolist()} mm (z, y, x), "
+                   f"max difference {np.abs(sa - sb).max():.4g} mm")
+    oa, ob = np.array(a.origin), np.array(b.origin)
+    if np.any(np.abs(oa - ob) > ORIGIN_TOL):
+        out.append(f"origin differs by {np.abs(oa - ob).max():.4g} mm")
+    da, db = np.array(a.direction), np.array(b.direction)
+    if np.any(np.abs(da - db) > DIRECTION_TOL):
+        out.append(f"direction differs by {np.abs(da - db).max():.4g}")
+    return out
+
+
+def _check_case(case: Case, allowed: set[int], n_channels: int) -> list[Problem]:
+    probs: list[Problem] = []
+
+    def add(sev: str, path, msg: str) -> None:
+        probs.append(Problem(sev, case.case_id, str(path), msg))
+
+    geoms: list[tuple[Path, Geometry]] = []
+    for path in case.image_files:
+        if not Path(path).exists():
+            add("error", path, "image file missing")
+            continue
+        try:
+            arr, g = read_volume(path)
+        except DatasetError as e:
+            add("error", path, str(e).split(": ", 1)[-1])
+            continue
+        if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+            add("error", path, f"{int(np.count_nonzero(~np.isfinite(arr)))} NaN/Inf voxels")
+        geoms.append((path, g))
+    for path, g in geoms[1:]:
+        for diff in compare_geometry(geoms[0][1], g):
+            add("error", path, f"channel geometry differs from {Path(geoms[0][0]).name}: {diff}")
+    if case.label_file is None:
+        return probs
+    if not Path(case.label_file).exists():
+        add("error", case.label_file, "label file missing")
+        return probs
+    try:
+        lbl, lg = read_volume(case.label_file)
+    except DatasetError as e:
+        add("error", case.label_file, str(e).split(": ", 1)[-1])
+        return probs
+    if lbl.ndim != 3:
+        add("error", case.label_file, "label map has more than one component")
+        return probs
+    if np.issubdtype(lbl.dtype, np.floating) and not np.all(np.isfinite(lbl)):
+        add("error", case.label_file, "NaN/Inf in label map")
+        return probs
+    values = {int(v) for v in np.unique(lbl)}
+    extra = sorted(values - allowed)
+    if extra:
+        add("error", case.label_file, f"label values {extra} are not declared in the dataset's labels "
+                                      f"{sorted(allowed)}")
+    if values <= {0}:
+        add("warning", case.label_file, "label map is all background")
+    if geoms:
+        for diff in compare_geometry(geoms[0][1], lg):
+            add("error", case.label_file, f"image/label mismatch: {diff}")
+    return probs
+
+
+def check_dataset(root: str | Path, workers: int = 1, progress: bool = True) -> tuple[Dataset | None, list[Problem]]:
+    """Read every case of ``root`` and return all problems found; never raises for a data problem."""
+    try:
+        ds = load_dataset(root)
+    except DatasetError as e:
+        return None, [Problem("error", "-", str(root), str(e))]
+    problems: list[Problem] = []
+    for cid, n in Counter(c.case_id for c in ds.cases).items():
+        if n > 1:
+            problems.append(Problem("error", cid, str(ds.root), f"case id appears {n} times"))
+    allowed = set(ds.labels.values())
+    from planner.parallel import parallel_map
+    results = parallel_map(_check_one, [(c, allowed, ds.num_channels) for c in ds.cases], workers,
+                           desc="check-dataset", progress=progress)
+    for r in results:
+        problems.extend(r)
+    if not ds.cases:
+        problems.append(Problem("error", "-", str(ds.root), "no cases found"))
+    return ds, problems
+
+
+def _check_one(args) -> list[Problem]:
+    case, allowed, n_channels = args
+    try:
+        return _check_case(case, allowed, n_channels)
+    except Exception as e:  # any unforeseen failure is reported against the case, never a traceback
+        return [Problem("error", case.case_id, str(case.image_files[0]), f"could not be checked: {e!r}")]
+
+
+def problems_to_json(problems: list[Problem]) -> list[dict]:
+    return [asdict(p) for p in problems]

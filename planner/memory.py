@@ -1,0 +1,63 @@
+"""Analytic estimate of the training memory of segplan's Keras 3D U-Net (no TensorFlow needed).
+
+Counted per sample (float32, or 2 bytes with mixed precision), for each stage at its resolution:
+every convolution keeps its output, the batch-norm output and the activation output for the
+backward pass (3 tensors of F channels); the decoder adds the up-sampled tensor (F) and the
+concatenation (2F); the head keeps the logits and softmax. Weights cost 16 bytes per parameter
+(weights, gradients, Adam's two moments, float32). A workspace factor covers cuDNN scratch space
+and allocator fragmentation, and a fixed overhead the CUDA context and TensorFlow's runtime.
+"""
+from __future__ import annotations
+
+import math
+
+WORKSPACE_FACTOR = 1.3
+OVERHEAD_GB = 0.8
+GB = 1024 ** 3
+
+
+def stage_shapes(patch: list[int], pool_sizes: list[list[int]]) -> list[list[int]]:
+    shapes = [list(patch)]
+    for p in pool_sizes:
+        shapes.append([s // q for s, q in zip(shapes[-1], p)])
+    return shapes
+
+
+def count_parameters(filters: list[int], kernel_sizes: list[list[int]], pool_sizes: list[list[int]],
+                     convs_per_stage: int, in_channels: int, n_classes: int) -> int:
+    params, prev = 0, in_channels
+    for f, k in zip(filters, kernel_sizes):
+        kv = math.prod(k)
+        for i in range(convs_per_stage):
+            params += (prev if i == 0 else f) * f * kv + f + 4 * f  # conv + bias + BN (4 vectors)
+        prev = f
+    for s in range(len(filters) - 2, -1, -1):
+        f = filters[s]
+        params += filters[s + 1] * f * math.prod(pool_sizes[s]) + f          # transposed conv
+        kv = math.prod(kernel_sizes[s])
+        params += 2 * f * f * kv + f + 4 * f + (convs_per_stage - 1) * (f * f * kv + 5 * f)
+    return params + filters[0] * n_classes + n_classes
+
+
+def activation_voxels(patch: list[int], filters: list[int], pool_sizes: list[list[int]], convs_per_stage: int,
+                      n_classes: int) -> int:
+    """Float values kept for back-propagation, per sample."""
+    total = 0
+    shapes = stage_shapes(patch, pool_sizes)
+    last = len(filters) - 1
+    for s, (shape, f) in enumerate(zip(shapes, filters)):
+        v = math.prod(shape)
+        enc = convs_per_stage * 3 * f + (f if s < last else 0)  # convs (+ pooled copy is 1/8, ~f)
+        dec = (f + 2 * f + convs_per_stage * 3 * f) if s < last else 0
+        total += v * (enc + dec)
+    return total + math.prod(patch) * 2 * n_classes
+
+
+def estimate_training_gb(patch: list[int], batch: int, filters: list[int], kernel_sizes: list[list[int]],
+                         pool_sizes: list[list[int]], convs_per_stage: int, in_channels: int, n_classes: int,
+                         mixed_precision: bool = False) -> float:
+    """Estimated GPU memory in GiB for one training step of (network, patch, batch)."""
+    act_bytes = 2 if mixed_precision else 4
+    act = activation_voxels(patch, filters, pool_sizes, convs_per_stage, n_classes) * act_bytes * batch
+    weights = 16 * count_parameters(filters, kernel_sizes, pool_sizes, convs_per_stage, in_channels, n_classes)
+    return (act * WORKSPACE_FACTOR + weights) / GB + OVERHEAD_GB

@@ -1,0 +1,71 @@
+"""`segplan plan` and `segplan check`: fingerprint (cached) -> plan YAML; validate a hand-edited plan."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from planner.build import gpu_memory_budget, make_plan
+from planner.fingerprint import fingerprint_for
+from planner.memory import estimate_training_gb
+from planner.plan import PRESETS, Plan, load_plan, save_plan
+
+
+def default_plan_path(dataset: Path) -> Path:
+    return Path("plans") / f"{dataset.resolve().name}.yaml"
+
+
+def plan_dataset(dataset: Path, output: Path | None = None, gpu_memory: float | None = None,
+                 preset: str | None = None, workers: int = 2, force: bool = False, device: str | None = None,
+                 time_budget: float | None = None, progress: bool = True) -> Path:
+    """Write the plan for ``dataset``; never overwrites an existing plan unless ``force``."""
+    dataset = Path(dataset)
+    output = Path(output) if output else default_plan_path(dataset)
+    if output.exists() and not force:
+        raise FileExistsError(f"{output} exists (hand edits would be lost); pass --force to overwrite it")
+    preset = preset or ("cpu" if device == "cpu" else "default")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset '{preset}'; known: {', '.join(PRESETS)}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    cache = output.with_name(output.name.removesuffix(".yaml") + ".fingerprint.yaml")
+    fp, _ = fingerprint_for(dataset, cache, workers=workers, progress=progress)
+    if preset == "cpu":
+        from planner.cpu_plan import make_cpu_plan
+        plan, reasons = make_cpu_plan(fp, output.stem, _rel(dataset, output), _rel(output.parent / "work" / output.stem, output),
+                                      time_budget=time_budget, splits_file=_splits(dataset, output))
+    else:
+        gb, source = gpu_memory_budget(gpu_memory)
+        plan, reasons = make_plan(fp, output.stem, _rel(dataset, output), _rel(output.parent / "work" / output.stem, output),
+                                  gb, source, preset, _splits(dataset, output))
+    save_plan(plan, output, reasons)
+    return output
+
+
+def _rel(target: Path, plan_path: Path) -> str:
+    return os.path.relpath(Path(target).resolve(), Path(plan_path).resolve().parent)
+
+
+def _splits(dataset: Path, plan_path: Path) -> str | None:
+    f = dataset / "splits_final.json"
+    return _rel(f, plan_path) if f.exists() else None
+
+
+def plan_estimate_gb(plan: Plan) -> float:
+    net = plan.network
+    return estimate_training_gb(plan.training.patch_size, plan.training.batch_size, net.filters, net.kernel_sizes,
+                                net.pool_sizes, net.convs_per_stage, len(plan.dataset.channels),
+                                len(plan.dataset.labels), plan.training.mixed_precision)
+
+
+def check_plan_report(path: Path) -> str:
+    """Validate (raises SchemaError on problems) and report the memory estimate against the budget."""
+    plan = load_plan(path)
+    est = plan_estimate_gb(plan)
+    budget = plan.memory.gpu_memory_gb
+    lines = [f"{path}: valid plan '{plan.name}' ({plan.preset}, {plan.device})",
+             f"  patch {plan.training.patch_size} x batch {plan.training.batch_size}, "
+             f"{len(plan.network.filters)} stages {plan.network.filters[0]}..{max(plan.network.filters)} filters",
+             f"  estimated training memory {est:.2f} GB of a {budget:g} GB budget"]
+    if est > budget:
+        lines.append(f"  WARNING: the estimate exceeds the budget by {est - budget:.2f} GB: training may run out of "
+                     "GPU memory; lower training.batch_size or training.patch_size, or re-plan with --gpu-memory")
+    return "\n".join(lines)

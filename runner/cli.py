@@ -1,0 +1,198 @@
+"""The `segplan` command: one sub-command per step; TensorFlow is imported only by those that train or predict."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _fail(msg: str) -> int:
+    print(f"segplan: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def cmd_check_dataset(a) -> int:
+    from planner.integrity import check_dataset, problems_to_json
+    t = time.perf_counter()
+    ds, problems = check_dataset(a.dataset, workers=a.workers, progress=not a.json)
+    errors = [p for p in problems if p.severity == "error"]
+    if a.json:
+        print(json.dumps({"dataset": str(a.dataset), "cases": len(ds.cases) if ds else 0, "ok": not errors,
+                          "problems": problems_to_json(problems)}, indent=2))
+    else:
+        for p in problems:
+            print(p)
+        n = len(ds.cases) if ds else 0
+        print(f"{n} cases checked in {time.perf_counter() - t:.1f} s: {len(errors)} errors, "
+              f"{len(problems) - len(errors)} warnings")
+    return 1 if errors else 0
+
+
+def cmd_make_phantoms(a) -> int:
+    from datasets.phantoms import make_phantoms
+    out = make_phantoms(a.out, cases=a.cases, seed=a.seed, scale=a.scale, workers=a.workers)
+    print(f"wrote {a.cases} phantoms to {out}")
+    return 0
+
+
+def cmd_import(a) -> int:
+    from datasets import importers
+    if a.source == "covid19-ct-seg":
+        for name, url in importers.COVID_URLS.items():
+            print(f"{name}: download from {url}")
+        importers.import_covid19_ct_seg(a.archives[0], a.archives[1], a.out)
+    else:
+        print(f"MSD task archives: {importers.MSD_URL}")
+        importers.import_msd(a.archives[0], a.out)
+    print(f"wrote {a.out}; next: segplan check-dataset {a.out}")
+    return 0
+
+
+def cmd_plan(a) -> int:
+    from planner.planning import plan_dataset
+    path = plan_dataset(Path(a.dataset), Path(a.output) if a.output else None, gpu_memory=a.gpu_memory,
+                        preset=a.preset, workers=a.workers, force=a.force, device=a.device,
+                        time_budget=a.time_budget)
+    print(f"plan written to {path}; edit it, then: segplan check {path}")
+    return 0
+
+
+def cmd_check(a) -> int:
+    from planner.planning import check_plan_report
+    print(check_plan_report(Path(a.plan)))
+    return 0
+
+
+def cmd_preprocess(a) -> int:
+    from planner.plan import load_plan
+    from runner.preprocess import preprocess_dataset
+    plan = load_plan(a.plan)
+    out = preprocess_dataset(plan, Path(a.plan).parent, workers=a.workers)
+    print(f"preprocessed cases in {out}")
+    return 0
+
+
+def cmd_run(a) -> int:
+    from planner.plan import load_plan
+    plan = load_plan(a.plan)
+    folds = range(plan.cross_validation.folds) if a.fold == "all" else [int(a.fold)]
+    from runner.train import run_fold
+    for k in folds:
+        if not 0 <= k < plan.cross_validation.folds:
+            return _fail(f"--fold {k}: the plan has folds 0..{plan.cross_validation.folds - 1}")
+        run_fold(Path(a.plan), k, resume=a.resume, restart=a.restart, workers=a.workers)
+    return 0
+
+
+def cmd_predict(a) -> int:
+    from runner.predict import predict_folder
+    predict_folder(Path(a.plan), Path(a.input), Path(a.output), folds=a.folds, tta=not a.no_tta,
+                   save_probabilities=a.save_probabilities)
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from runner.evaluate import evaluate_folder
+    summary = evaluate_folder(Path(a.pred), Path(a.ref), Path(a.plan) if a.plan else None, hd95=a.hd95)
+    print(summary)
+    return 0
+
+
+def cmd_summarize(a) -> int:
+    from runner.report import summarize
+    print(summarize(Path(a.plan)))
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from runner.demo import run_demo
+    return run_demo(Path(a.workdir), minutes=a.minutes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="segplan", description="Plan and run 3D medical image segmentation.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("check-dataset", help="report every problem of a dataset folder")
+    s.add_argument("dataset")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--workers", type=int, default=2)
+    s.set_defaults(fn=cmd_check_dataset)
+    s = sub.add_parser("make-phantoms", help="write synthetic chest-CT phantoms (nnU-Net raw layout)")
+    s.add_argument("out")
+    s.add_argument("--cases", type=int, default=20)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--scale", type=float, default=1.0, help="linear size factor: 0.25 gives 1/64 of the voxels")
+    s.add_argument("--workers", type=int, default=2)
+    s.set_defaults(fn=cmd_make_phantoms)
+    s = sub.add_parser("import", help="convert a downloaded archive into an nnU-Net raw dataset")
+    s.add_argument("source", choices=["covid19-ct-seg", "msd"])
+    s.add_argument("archives", nargs="+", help="covid19-ct-seg: images zip, masks zip; msd: the task tar")
+    s.add_argument("-o", "--out", required=True)
+    s.set_defaults(fn=cmd_import)
+    s = sub.add_parser("plan", help="fingerprint a dataset and write a plan YAML")
+    s.add_argument("dataset")
+    s.add_argument("-o", "--output")
+    s.add_argument("--gpu-memory", type=float, help="GB; default: nvidia-smi's first GPU, else 8")
+    s.add_argument("--preset", default=None, help="default, miscnn-covid19 or cpu")
+    s.add_argument("--device", choices=["gpu", "cpu"], default=None, help="cpu: plan for throughput within a time budget")
+    s.add_argument("--time-budget", type=float, default=None, help="minutes of training (cpu plans)")
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--force", action="store_true", help="overwrite an existing plan")
+    s.set_defaults(fn=cmd_plan)
+    s = sub.add_parser("check", help="validate a (hand-edited) plan")
+    s.add_argument("plan")
+    s.set_defaults(fn=cmd_check)
+    s = sub.add_parser("preprocess", help="preprocess every case of the plan's dataset")
+    s.add_argument("plan")
+    s.add_argument("--workers", type=int, default=2)
+    s.set_defaults(fn=cmd_preprocess)
+    s = sub.add_parser("run", help="train one fold (or all), then predict and evaluate its validation cases")
+    s.add_argument("plan")
+    s.add_argument("--fold", required=True, help="0..folds-1 or all")
+    s.add_argument("--resume", action="store_true", help="continue from checkpoint_latest")
+    s.add_argument("--restart", action="store_true", help="start a finished or begun fold over")
+    s.add_argument("--workers", type=int, default=2)
+    s.set_defaults(fn=cmd_run)
+    s = sub.add_parser("predict", help="segment new images with the trained folds")
+    s.add_argument("plan")
+    s.add_argument("-i", "--input", required=True)
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--folds", type=int, nargs="+", default=None)
+    s.add_argument("--no-tta", action="store_true")
+    s.add_argument("--save-probabilities", action="store_true")
+    s.set_defaults(fn=cmd_predict)
+    s = sub.add_parser("evaluate", help="Dice, sensitivity, specificity, IoU, volumes per case and class")
+    s.add_argument("--pred", required=True)
+    s.add_argument("--ref", required=True)
+    s.add_argument("--plan")
+    s.add_argument("--hd95", action="store_true")
+    s.set_defaults(fn=cmd_evaluate)
+    s = sub.add_parser("summarize", help="the cross-validation report over finished folds")
+    s.add_argument("plan")
+    s.set_defaults(fn=cmd_summarize)
+    s = sub.add_parser("demo", help="phantoms -> plan -> fold 0 -> predict -> evaluate, on a CPU")
+    s.add_argument("workdir", nargs="?", default="segplan_demo")
+    s.add_argument("--minutes", type=float, default=4.0, help="training time budget")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from planner.dataset import DatasetError
+    from planner.schema import SchemaError
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except SchemaError as e:
+        print("segplan: the plan has problems:\n  " + "\n  ".join(e.problems), file=sys.stderr)
+        return 2
+    except (DatasetError, FileExistsError, FileNotFoundError, ValueError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted; `segplan run PLAN --fold K --resume` continues a training run")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
