@@ -1,0 +1,152 @@
+"""Training batches: random patches (with foreground oversampling) + batchgenerators augmentation.
+
+Every batch is a pure function of (seed, fold, epoch, index): the sampler draws from its own
+``numpy.random.Generator``, and batchgenerators (which draws from numpy's global generator) runs
+inside ``seeded_global_numpy`` which seeds it and restores it afterwards. A resumed run therefore
+sees exactly the batches an uninterrupted one would. Batches are produced by a background thread
+(``prefetch``) so the accelerator does not wait for the CPU; arrays are (b, c, z, y, x) here and
+become channels-last only in ``to_keras``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from planner.plan import AugmentationSection, Plan
+from runner.preprocess import load_case, load_locations
+
+
+@contextlib.contextmanager
+def seeded_global_numpy(seed: int):
+    """Seed numpy's global generator for a block and restore its state afterwards."""
+    state = np.random.get_state()
+    np.random.seed(seed % (2 ** 32))
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def build_augmentation(aug: AugmentationSection, patch_size: list[int]):
+    """The plan's batchgenerators pipeline (each transform with its own probability per sample)."""
+    from batchgenerators.transforms.abstract_transforms import Compose
+    from batchgenerators.transforms.color_transforms import (BrightnessMultiplicativeTransform,
+                                                             ContrastAugmentationTransform, GammaTransform)
+    from batchgenerators.transforms.noise_transforms import GaussianNoiseTransform
+    from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
+    rad = math.radians(aug.rotation_degrees)
+    ts = []
+    if max(aug.elastic_p, aug.rotation_p, aug.scaling_p) > 0:
+        ts.append(SpatialTransform(
+            list(patch_size), patch_center_dist_from_border=None, do_elastic_deform=aug.elastic_p > 0,
+            alpha=tuple(aug.elastic_alpha), sigma=tuple(aug.elastic_sigma), do_rotation=aug.rotation_p > 0,
+            angle_x=(-rad, rad), angle_y=(-rad, rad), angle_z=(-rad, rad), do_scale=aug.scaling_p > 0,
+            scale=tuple(aug.scaling_range), border_mode_data="constant", border_cval_data=0, order_data=3,
+            border_mode_seg="constant", border_cval_seg=0, order_seg=0, random_crop=False,
+            p_el_per_sample=aug.elastic_p, p_scale_per_sample=aug.scaling_p, p_rot_per_sample=aug.rotation_p))
+    if aug.noise_p > 0:
+        ts.append(GaussianNoiseTransform(tuple(aug.noise_variance), p_per_sample=aug.noise_p))
+    if aug.brightness_p > 0:
+        ts.append(BrightnessMultiplicativeTransform(tuple(aug.brightness_range), per_channel=True, p_per_sample=aug.brightness_p))
+    if aug.contrast_p > 0:
+        ts.append(ContrastAugmentationTransform(tuple(aug.contrast_range), preserve_range=True, per_channel=True,
+                                                p_per_sample=aug.contrast_p))
+    if aug.gamma_p > 0:
+        ts.append(GammaTransform(tuple(aug.gamma_range), invert_image=False, per_channel=True, retain_stats=True,
+                                 p_per_sample=aug.gamma_p))
+    if aug.mirror_p > 0 and aug.mirror_axes:
+        ts.append(MirrorTransform(tuple(aug.mirror_axes), p_per_sample=aug.mirror_p))
+    return Compose(ts) if ts else None
+
+
+def crop_patch(data: np.ndarray, seg: np.ndarray | None, start: list[int], patch: list[int]):
+    """Patch of size ``patch`` starting at ``start`` (may lie outside: zero padding)."""
+    c = data.shape[0]
+    out = np.zeros((c, *patch), np.float32)
+    out_seg = np.zeros(tuple(patch), np.int16) if seg is not None else None
+    src, dst = [], []
+    for s, p, n in zip(start, patch, data.shape[1:]):
+        a, b = max(s, 0), min(s + p, n)
+        src.append(slice(a, b))
+        dst.append(slice(a - s, b - s))
+    out[(slice(None), *dst)] = data[(slice(None), *src)]
+    if seg is not None:
+        out_seg[tuple(dst)] = seg[tuple(src)]
+    return out, out_seg
+
+
+class PatchSampler:
+    """Draws patches from preprocessed cases; foreground patches are centred on a stored class voxel."""
+
+    def __init__(self, folder: Path, case_ids: list[str], patch: list[int], fg_fraction: float):
+        self.folder, self.case_ids, self.patch, self.fg = Path(folder), list(case_ids), list(patch), fg_fraction
+        self.cases = {cid: load_case(self.folder, cid) for cid in self.case_ids}
+        self.locs = {cid: load_locations(self.folder, cid) for cid in self.case_ids}
+
+    def sample(self, rng: np.random.Generator, force_fg: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        cid = self.case_ids[int(rng.integers(len(self.case_ids)))]
+        data, seg, _ = self.cases[cid]
+        shape = data.shape[1:]
+        locs = [v for v in self.locs[cid].values() if len(v)]
+        if (force_fg or rng.random() < self.fg) and locs:
+            cls = locs[int(rng.integers(len(locs)))]
+            centre = cls[int(rng.integers(len(cls)))]
+            start = [int(c) - p // 2 + int(rng.integers(-(p // 4), p // 4 + 1)) for c, p in zip(centre, self.patch)]
+        else:
+            start = [int(rng.integers(min(0, n - p), max(0, n - p) + 1)) for n, p in zip(shape, self.patch)]
+        return crop_patch(data, seg, start, self.patch)
+
+    def batch(self, rng: np.random.Generator, size: int, fg_per_batch: bool = True) -> dict:
+        """A batch; like nnU-Net, at least one patch per batch is foreground when oversampling is on."""
+        xs, ys = [], []
+        for i in range(size):
+            x, y = self.sample(rng, force_fg=fg_per_batch and self.fg > 0 and i == size - 1)
+            xs.append(x)
+            ys.append(y[None])
+        return {"data": np.stack(xs), "seg": np.stack(ys).astype(np.float32)}
+
+
+def to_keras(batch: dict, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(b, c, z, y, x) data and (b, 1, z, y, x) seg -> channels-last image and one-hot target."""
+    x = np.moveaxis(batch["data"], 1, -1).astype(np.float32)
+    seg = np.rint(batch["seg"][:, 0]).astype(np.int64)
+    y = np.eye(n_classes, dtype=np.float32)[np.clip(seg, 0, n_classes - 1)]
+    return x, y
+
+
+def make_batch(sampler: PatchSampler, augment, plan: Plan, fold: int, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    seed = [plan.training.seed, fold, epoch, index]
+    rng = np.random.default_rng(seed)
+    batch = sampler.batch(rng, plan.training.batch_size)
+    if augment is not None:
+        with seeded_global_numpy(int(rng.integers(2 ** 31))):
+            batch = augment(**batch)
+    return to_keras(batch, len(plan.dataset.labels))
+
+
+def prefetch(sampler: PatchSampler, augment, plan: Plan, fold: int, epoch: int, n: int, depth: int = 3) -> Iterator:
+    """The epoch's ``n`` batches, produced ``depth`` ahead by one background thread (one thread keeps
+    the seeded global-numpy block race-free)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        futures = [pool.submit(make_batch, sampler, augment, plan, fold, epoch, i) for i in range(min(depth, n))]
+        for i in range(n):
+            batch = futures[i].result()
+            if i + depth < n:
+                futures.append(pool.submit(make_batch, sampler, augment, plan, fold, epoch, i + depth))
+            futures[i] = None
+            yield batch
+
+
+def validation_batches(folder: Path, case_ids: list[str], plan: Plan, fold: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A fixed set of validation patches (half centred on foreground), the same every epoch."""
+    if not case_ids:
+        return []
+    sampler = PatchSampler(folder, case_ids, plan.training.patch_size, 0.5)
+    rng = np.random.default_rng([plan.training.seed, fold, 999])
+    n, b = plan.training.schedule.validation_patches, plan.training.batch_size
+    return [to_keras(sampler.batch(rng, min(b, n - i)), len(plan.dataset.labels)) for i in range(0, n, b)]

@@ -1,0 +1,91 @@
+"""Sliding-window inference in numpy; the predictor is any function, so tiling knows nothing of Keras.
+
+Memory is O(volume x classes): one float32 accumulator for the weighted sum and one for the
+weights; windows are cut, predicted and added in batches, never all held at once.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Callable
+
+import numpy as np
+
+
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Start positions along one axis: step = patch x (1 - overlap), spread to cover [0, size) exactly."""
+    if size <= patch:
+        return [0]
+    step = max(1, int(patch * (1.0 - overlap)))
+    n = int(np.ceil((size - patch) / step)) + 1
+    return [int(round(i * (size - patch) / (n - 1))) for i in range(n)]
+
+
+def gaussian_weights(patch: list[int], sigma_scale: float = 1.0 / 8) -> np.ndarray:
+    """Importance map: a Gaussian centred on the patch (sigma = patch / 8), never zero."""
+    grids = [np.exp(-0.5 * ((np.arange(p) - (p - 1) / 2) / max(p * sigma_scale, 1e-6)) ** 2) for p in patch]
+    w = grids[0][:, None, None] * grids[1][None, :, None] * grids[2][None, None, :]
+    w = w / w.max()
+    return np.maximum(w, 1e-3).astype(np.float32)
+
+
+def sliding_window(volume: np.ndarray, patch: list[int], predict: Callable[[np.ndarray], np.ndarray],
+                   n_out: int, overlap: float = 0.5, weighting: str = "constant", batch_size: int = 1,
+                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Predict a (c, z, y, x) volume window by window.
+
+    ``predict`` maps a (b, c, *patch) batch to (b, n_out, *patch). Volumes smaller than the patch are
+    padded (edge values) and cropped back. Overlapping outputs are averaged with constant or Gaussian
+    weights. Returns (n_out, z, y, x) float32.
+    """
+    shape = volume.shape[1:]
+    pad = [max(p - s, 0) for s, p in zip(shape, patch)]
+    if any(pad):
+        widths = [(0, 0)] + [(d // 2, d - d // 2) for d in pad]
+        volume = np.pad(volume, widths, mode="edge")
+    padded = volume.shape[1:]
+    acc = np.zeros((n_out, *padded), np.float32)
+    norm = np.zeros(padded, np.float32)
+    weight = gaussian_weights(patch) if weighting == "gaussian" else np.ones(patch, np.float32)
+    starts = list(itertools.product(*[window_starts(s, p, overlap) for s, p in zip(padded, patch)]))
+    for i in range(0, len(starts), batch_size):
+        chunk = starts[i:i + batch_size]
+        batch = np.stack([volume[(slice(None), *[slice(s, s + p) for s, p in zip(st, patch)])] for st in chunk])
+        out = np.asarray(predict(batch), dtype=np.float32)
+        for st, o in zip(chunk, out):
+            sl = tuple(slice(s, s + p) for s, p in zip(st, patch))
+            acc[(slice(None), *sl)] += o * weight
+            norm[sl] += weight
+        if progress:
+            progress(min(i + batch_size, len(starts)), len(starts))
+    acc /= norm
+    if any(pad):
+        sl = tuple(slice(d // 2, d // 2 + s) for d, s in zip(pad, shape))
+        acc = np.ascontiguousarray(acc[(slice(None), *sl)])
+    return acc
+
+
+def mirrored(predict: Callable[[np.ndarray], np.ndarray], axes: list[int]) -> Callable[[np.ndarray], np.ndarray]:
+    """Test-time augmentation: average ``predict`` over every combination of flips of ``axes``
+    (spatial axes of the patch, 0 = z), each flip undone on the output."""
+    combos = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+    def tta(batch: np.ndarray) -> np.ndarray:
+        total = None
+        for combo in combos:
+            ax = tuple(a + 2 for a in combo)
+            x = np.flip(batch, ax) if ax else batch
+            y = np.asarray(predict(np.ascontiguousarray(x)), dtype=np.float32)
+            y = np.flip(y, ax) if ax else y
+            total = y if total is None else total + y
+        return total / len(combos)
+    return tta
+
+
+def keras_predictor(models: list, compute_dtype=np.float32) -> Callable[[np.ndarray], np.ndarray]:
+    """(b, c, z, y, x) -> (b, k, z, y, x), averaging the softmax of several Keras models (folds);
+    the only place where channels-last is introduced at prediction time."""
+    def predict(batch: np.ndarray) -> np.ndarray:
+        x = np.moveaxis(batch, 1, -1).astype(compute_dtype)
+        out = sum(np.asarray(m.predict_on_batch(x), dtype=np.float32) for m in models) / len(models)
+        return np.moveaxis(out, -1, 1)
+    return predict

@@ -1,0 +1,225 @@
+"""Preprocessing per the plan, its exact inverse for predictions, and the on-disk cache.
+
+Forward: common intensity unit (HU for CT) -> crop to the non-zero region -> clip / z-score ->
+resample to the target spacing. Inverse (for predictions): resample class probabilities back to
+the cropped grid -> un-crop -> argmax -> original label values, written with the original geometry.
+Resampling goes through SimpleITK (multi-threaded): B-spline or linear for images, LabelLinear
+(per-label linear, never invents a class) for labels; an anisotropic axis is done separately.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from planner.dataset import Case, Geometry, atomic_write_text, load_dataset, read_image, read_label
+from planner.fingerprint import detect_convention, nonzero_box, to_hu
+from planner.parallel import parallel_map
+from planner.plan import Plan
+from planner.schema import to_plain
+
+CLASS_LOCATIONS_PER_CLASS = 10_000
+
+_INTERP = {0: sitk.sitkNearestNeighbor, 1: sitk.sitkLinear, 3: sitk.sitkBSpline}
+
+
+def preprocessing_key(plan: Plan) -> str:
+    """Hash of the fields that change preprocessed data: a training edit reuses the cache."""
+    fields = to_plain({"intensity": plan.intensity, "resampling": plan.resampling, "labels": plan.dataset.labels,
+                       "channels": plan.dataset.channels, "dataset": plan.dataset.path})
+    return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def preprocessed_dir(plan: Plan, base: Path) -> Path:
+    return (base / plan.dataset.work_dir / "preprocessed" / preprocessing_key(plan)).resolve()
+
+
+def _resample_axes(arr: np.ndarray, old_sp, new_sp, new_shape, interp, vector: bool = False) -> np.ndarray:
+    """Resample a (z, y, x) array (or (z, y, x, k) vector) so voxel corners stay aligned."""
+    img = sitk.GetImageFromArray(arr, isVector=vector)
+    img.SetSpacing(tuple(float(s) for s in reversed(old_sp)))
+    origin = tuple(float(-0.5 * o + 0.5 * n) for o, n in zip(reversed(old_sp), reversed(new_sp)))
+    out = sitk.Resample(img, [int(s) for s in reversed(new_shape)], sitk.Transform(), interp, origin,
+                        tuple(float(s) for s in reversed(new_sp)), img.GetDirection(), 0.0, img.GetPixelID())
+    return sitk.GetArrayFromImage(out)
+
+
+def resample(arr: np.ndarray, old_sp, new_sp, new_shape, order: int, anisotropy_threshold: float,
+             anisotropic_order: int, label: bool = False, vector: bool = False) -> np.ndarray:
+    """Resample one volume; along an axis over ``anisotropy_threshold`` x coarser than the others
+    (in either grid) do the other axes first, then that axis with ``anisotropic_order``."""
+    old_sp, new_sp, new_shape = list(old_sp), list(new_sp), list(new_shape)
+    if list(arr.shape[:3]) == new_shape and np.allclose(old_sp, new_sp):
+        return arr
+    interp = sitk.sitkLabelLinear if label else _INTERP.get(order, sitk.sitkBSpline)
+    coarse = None
+    for sp in (old_sp, new_sp):
+        a = int(np.argmax(sp))
+        if sp[a] > anisotropy_threshold * max(s for i, s in enumerate(sp) if i != a):
+            coarse = a
+    if coarse is None:
+        return _resample_axes(arr, old_sp, new_sp, new_shape, interp, vector)
+    mid_sp, mid_shape = list(new_sp), list(new_shape)
+    mid_sp[coarse], mid_shape[coarse] = old_sp[coarse], arr.shape[coarse]
+    mid = _resample_axes(arr, old_sp, mid_sp, mid_shape, interp, vector)
+    z_interp = sitk.sitkNearestNeighbor if (label or anisotropic_order == 0) else _INTERP.get(anisotropic_order, sitk.sitkLinear)
+    return _resample_axes(mid, mid_sp, new_sp, new_shape, z_interp, vector)
+
+
+def target_shape(shape, spacing, target) -> list[int]:
+    return [max(1, int(round(s * sp / t))) for s, sp, t in zip(shape, spacing, target)]
+
+
+def normalize(image: np.ndarray, plan: Plan) -> np.ndarray:
+    """Clip / z-score each channel as the plan says (in place on a float32 array)."""
+    for c, norm in enumerate(plan.intensity.normalization):
+        ch = image[c]
+        if norm.scheme == "none":
+            continue
+        if norm.scheme == "ct":
+            np.clip(ch, norm.clip[0], norm.clip[1], out=ch)
+        if norm.zscore == "dataset" and norm.scheme == "ct":
+            mean, std = norm.mean, norm.std
+        else:
+            mean, std = float(ch.mean()), float(ch.std())
+        ch -= np.float32(mean)
+        ch /= np.float32(max(std, 1e-8))
+    return image
+
+
+def to_common_unit(image: np.ndarray, plan: Plan, case_id: str) -> np.ndarray:
+    """CT channels to HU, using the plan's per-case convention (detected again if the case is new)."""
+    for c, norm in enumerate(plan.intensity.normalization):
+        if norm.scheme == "ct":
+            conv = plan.intensity.conventions.get(case_id) or detect_convention(image[c], True)
+            image[c] = to_hu(image[c], conv, plan.intensity.windowed_range)
+    return image
+
+
+def preprocess_image(image: np.ndarray, geom: Geometry, plan: Plan, case_id: str,
+                     label: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """(c, z, y, x) image (+ label values) -> normalised, resampled data (+ class indices) and the
+    properties needed to invert it."""
+    image = to_common_unit(image.astype(np.float32, copy=False), plan, case_id)
+    ct = [n.scheme == "ct" for n in plan.intensity.normalization]
+    box = nonzero_box(image, ct)
+    sl = tuple(slice(a, b) for a, b in box)
+    image = np.ascontiguousarray(image[(slice(None),) + sl])
+    image = normalize(image, plan)
+    rs = plan.resampling
+    new_shape = target_shape(image.shape[1:], geom.spacing, rs.target_spacing)
+    data = np.stack([resample(ch, geom.spacing, rs.target_spacing, new_shape, rs.image_order,
+                              rs.anisotropy_threshold, rs.anisotropic_order) for ch in image]).astype(np.float32)
+    seg = None
+    if label is not None:
+        classes = labels_to_classes(label[sl], plan)
+        seg = resample(classes, geom.spacing, rs.target_spacing, new_shape, 0, rs.anisotropy_threshold, 0,
+                       label=rs.label_mode == "onehot_linear").astype(np.int8 if len(plan.dataset.labels) < 128 else np.int16)
+    props = {"case_id": case_id, "geometry": geom.to_dict(), "crop_box": [list(b) for b in box],
+             "cropped_shape": list(image.shape[1:]), "resampled_shape": new_shape}
+    return data, seg, props
+
+
+def labels_to_classes(label: np.ndarray, plan: Plan) -> np.ndarray:
+    """Label values (possibly non-consecutive, e.g. 0..117) -> class indices 0..K-1 (uint8/16)."""
+    values = list(plan.dataset.labels.values())
+    lut_size = max(max(values), int(label.max()) if label.size else 0) + 1
+    lut = np.zeros(lut_size, np.int32)
+    for i, v in enumerate(values):
+        lut[v] = i
+    out = lut[label.astype(np.int64)]
+    return out.astype(np.uint8 if len(values) < 256 else np.uint16)
+
+
+def classes_to_labels(classes: np.ndarray, plan: Plan) -> np.ndarray:
+    values = np.array(list(plan.dataset.labels.values()))
+    dtype = np.uint8 if values.max() < 256 else np.uint16
+    return values[classes].astype(dtype)
+
+
+def invert_probabilities(probs: np.ndarray, props: dict, plan: Plan) -> np.ndarray:
+    """(K, z, y, x) probabilities at target spacing -> (K, original shape), background outside the crop."""
+    geom = Geometry.from_dict(props["geometry"])
+    rs = plan.resampling
+    back = resample(np.moveaxis(probs, 0, -1).astype(np.float32), rs.target_spacing, geom.spacing,
+                    props["cropped_shape"], 1, rs.anisotropy_threshold, 1, vector=True)
+    back = np.moveaxis(back.reshape(tuple(props["cropped_shape"]) + (probs.shape[0],)), -1, 0)
+    full = np.zeros((probs.shape[0],) + tuple(geom.shape), np.float32)
+    full[0] = 1.0
+    sl = tuple(slice(a, b) for a, b in props["crop_box"])
+    full[(slice(None),) + sl] = back
+    return full
+
+
+def class_locations(seg: np.ndarray, n_classes: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Up to 10 000 voxel coordinates per foreground class, for foreground oversampling."""
+    out = {}
+    for k in range(1, n_classes):
+        idx = np.flatnonzero(seg.ravel() == k)
+        if idx.size > CLASS_LOCATIONS_PER_CLASS:
+            idx = rng.choice(idx, CLASS_LOCATIONS_PER_CLASS, replace=False)
+        out[f"class_{k}"] = np.stack(np.unravel_index(np.sort(idx), seg.shape), axis=1).astype(np.int32)
+    return out
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(".tmp_" + path.name)
+    with open(tmp, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
+    tmp.replace(path)
+
+
+def _preprocess_one(args) -> str:
+    case, plan, out = args
+    if (out / f"{case.case_id}.json").exists():
+        return case.case_id
+    image, geom = read_image(case)
+    label = read_label(case.label_file)[0] if case.label_file is not None else None
+    data, seg, props = preprocess_image(image, geom, plan, case.case_id, label)
+    del image, label
+    _save_npy(out / f"{case.case_id}.npy", data)
+    if seg is not None:
+        _save_npy(out / f"{case.case_id}_seg.npy", seg)
+        locs = class_locations(seg, len(plan.dataset.labels), np.random.default_rng(0))
+        tmp = out / f".tmp_{case.case_id}_locs.npz"
+        np.savez(tmp, **locs)
+        tmp.replace(out / f"{case.case_id}_locs.npz")
+    # the properties file is written last: its presence marks a complete case
+    atomic_write_text(out / f"{case.case_id}.json", json.dumps(props))
+    return case.case_id
+
+
+def preprocess_dataset(plan: Plan, base: Path, workers: int = 2, progress: bool = True) -> Path:
+    """Preprocess every training case not yet in the cache; returns the cache folder."""
+    out = preprocessed_dir(plan, base)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = load_dataset(base / plan.dataset.path)
+    atomic_write_text(out / "plan_fields.json", json.dumps(to_plain({"intensity": plan.intensity,
+                                                                       "resampling": plan.resampling}), indent=1))
+    todo = [c for c in ds.cases if not (out / f"{c.case_id}.json").exists()]
+    parallel_map(_preprocess_one, [(c, plan, out) for c in todo], workers, desc="preprocess", progress=progress)
+    return out
+
+
+def load_case(folder: Path, case_id: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """A preprocessed case: data (memory-mapped), seg, properties; refuses incomplete cases."""
+    props_path = folder / f"{case_id}.json"
+    if not props_path.exists():
+        raise FileNotFoundError(f"{folder}: case {case_id} is not (completely) preprocessed; run `segplan preprocess`")
+    mode = "r" if mmap else None
+    data = np.load(folder / f"{case_id}.npy", mmap_mode=mode, allow_pickle=False)
+    seg_path = folder / f"{case_id}_seg.npy"
+    seg = np.load(seg_path, mmap_mode=mode, allow_pickle=False) if seg_path.exists() else None
+    return data, seg, json.loads(props_path.read_text())
+
+
+def load_locations(folder: Path, case_id: str) -> dict[str, np.ndarray]:
+    with np.load(folder / f"{case_id}_locs.npz", allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def read_case_for_prediction(case: Case) -> tuple[np.ndarray, Geometry]:
+    return read_image(case)
