@@ -14,7 +14,9 @@ direction are physical quantities and are kept exactly as SimpleITK reports them
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,7 +182,7 @@ def _infer_plain_meta(cases: list[Case]) -> tuple[dict[int, str], dict[str, int]
     values: set[int] = set()
     for case in cases:
         if case.label_file is not None and case.label_file.exists():
-            values |= {int(v) for v in np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(str(case.label_file))))}
+            values |= {int(v) for v in np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(case.label_file))))}
     values.add(0)
     labels = {"background": 0} | {f"label_{v}": v for v in sorted(values) if v != 0}
     return channels, labels
@@ -190,10 +192,12 @@ def _write_plain_meta(ds: Dataset, path: Path) -> None:
     text = ("# Inferred by segplan from the files: edit the names freely; values must match the label maps.\n"
             + yaml.safe_dump({"channel_names": {int(k): v for k, v in ds.channel_names.items()},
                               "labels": ds.labels}, sort_keys=False))
+    if not os.stat(path.parent).st_mode & stat.S_IWUSR:
+        return  # a read-only dataset folder (even for root): the inferred values are used in memory only
     try:
         atomic_write_text(path, text)
     except OSError:
-        pass  # read-only dataset folder (shared data): the inferred values are still used in memory
+        return  # unwritable all the same: the inferred values are used in memory only
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -1,6 +1,8 @@
 """Check a dataset before anything is planned: every problem of every case, reported at once."""
 from __future__ import annotations
 
+import gzip
+import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +47,43 @@ def compare_geometry(a: Geometry, b: Geometry) -> list[str]:
     return out
 
 
+def gzip_intact(path: Path) -> str | None:
+    """None if a .gz file decompresses to its end; else what is wrong. ITK's reader can return a
+    truncated .nii.gz without complaint, so the check reads the stream itself."""
+    if not str(path).endswith(".gz"):
+        return None
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 22):
+                pass
+    except (EOFError, OSError, zlib.error) as e:
+        return f"truncated or corrupt compressed file ({e})"
+    return None
+
+
+def nifti_nonfinite(path: Path) -> int:
+    """NaN/Inf voxels of a float NIfTI file, counted in the raw payload: ITK's NIfTI reader silently
+    turns NaN into 0, so they cannot be seen in the array SimpleITK returns."""
+    name = str(path)
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        return 0
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        header = f.read(352)
+        if len(header) < 348:
+            return 0
+        order = "<" if np.frombuffer(header[:4], "<i4")[0] == 348 else ">"
+        dtype = {16: np.dtype(order + "f4"), 64: np.dtype(order + "f8")}.get(int(np.frombuffer(header[70:72], order + "i2")[0]))
+        if dtype is None:
+            return 0
+        offset = int(np.frombuffer(header[108:112], order + "f4")[0])
+        f.read(max(offset - 352, 0))
+        bad = 0
+        while chunk := f.read(dtype.itemsize * (1 << 20)):
+            bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(chunk[: len(chunk) // dtype.itemsize * dtype.itemsize], dtype))))
+        return bad
+
+
 def _check_case(case: Case, allowed: set[int], n_channels: int) -> list[Problem]:
     probs: list[Problem] = []
 
@@ -56,13 +95,19 @@ def _check_case(case: Case, allowed: set[int], n_channels: int) -> list[Problem]
         if not Path(path).exists():
             add("error", path, "image file missing")
             continue
+        broken = gzip_intact(path)
+        if broken:
+            add("error", path, f"unreadable: {broken}")
+            continue
         try:
             arr, g = read_volume(path)
         except DatasetError as e:
             add("error", path, str(e).split(": ", 1)[-1])
             continue
-        if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
-            add("error", path, f"{int(np.count_nonzero(~np.isfinite(arr)))} NaN/Inf voxels")
+        if np.issubdtype(arr.dtype, np.floating):
+            bad = max(int(np.count_nonzero(~np.isfinite(arr))), nifti_nonfinite(path))
+            if bad:
+                add("error", path, f"{bad} NaN/Inf voxels")
         geoms.append((path, g))
     for path, g in geoms[1:]:
         for diff in compare_geometry(geoms[0][1], g):
@@ -71,6 +116,10 @@ def _check_case(case: Case, allowed: set[int], n_channels: int) -> list[Problem]
         return probs
     if not Path(case.label_file).exists():
         add("error", case.label_file, "label file missing")
+        return probs
+    broken = gzip_intact(case.label_file)
+    if broken:
+        add("error", case.label_file, f"unreadable: {broken}")
         return probs
     try:
         lbl, lg = read_volume(case.label_file)

@@ -41,7 +41,6 @@ def find_input_cases(folder: Path, n_channels: int) -> list[Case]:
 
 def load_fold_models(plan: Plan, base: Path, folds: list[int]):
     """The best checkpoint of each fold (the latest where no best exists)."""
-    from runner.train import compile_model
     models = []
     for k in folds:
         fd = base / plan.dataset.work_dir / f"fold_{k}"
@@ -52,7 +51,8 @@ def load_fold_models(plan: Plan, base: Path, folds: list[int]):
             if not pointer.exists():
                 raise FileNotFoundError(f"fold {k} has no checkpoint in {fd}; run `segplan run PLAN --fold {k}` first")
             best = fd / json.loads(pointer.read_text())["weights"]
-        model = compile_model(plan, plan.training.learning_rate)
+        from runner.model import build_unet
+        model = build_unet(plan.network, len(plan.dataset.channels), len(plan.dataset.labels))
         model.load_weights(str(best))
         models.append(model)
     return models

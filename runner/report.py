@@ -1,0 +1,131 @@
+"""`segplan summarize`: the cross-validation report over the finished folds (the paper's Table 1,
+Figure 5 box plots, Figure 6 overlays) and per-case quantification for disease monitoring."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+from planner.dataset import atomic_write_text, load_dataset, read_image, read_label  # noqa: E402
+from planner.plan import Plan, load_plan  # noqa: E402
+from planner.schema import to_plain  # noqa: E402
+from runner.evaluate import read_rows, write_rows  # noqa: E402
+
+TABLE_METRICS = ("dice", "sensitivity", "specificity")
+
+
+def fold_table(rows_by_fold: dict[int, list[dict]], classes: list[str]) -> dict:
+    """Per fold the median over its validation cases of each metric and class, plus the mean row."""
+    table = {}
+    for k, rows in rows_by_fold.items():
+        table[f"fold {k}"] = {c: {m: float(np.nanmedian([r[m] for r in rows if r["class"] == c]))
+                                  for m in TABLE_METRICS} for c in classes if any(r["class"] == c for r in rows)}
+    if table:
+        table["average"] = {c: {m: float(np.mean([f[c][m] for f in table.values() if c in f])) for m in TABLE_METRICS}
+                            for c in classes}
+    return table
+
+
+def _markdown(table: dict, classes: list[str], missing: list[int]) -> str:
+    head = "| | " + " | ".join(f"{c} {m[:4]}" for c in classes for m in TABLE_METRICS) + " |"
+    lines = ["# Cross-validation summary", "", "Median over each fold's validation cases (the paper's Table 1).", "",
+             head, "|" + "---|" * (1 + len(classes) * len(TABLE_METRICS))]
+    for name, row in table.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row.get(c, {}).get(m, float('nan')):.3f}" for c in classes
+                                                 for m in TABLE_METRICS) + " |")
+    if missing:
+        lines += ["", f"Folds not finished yet: {', '.join(map(str, missing))}."]
+    lines += ["", "![per-case metrics](cv_boxplots.png)", "", "Best and worst cases: `overlays/`."]
+    return "\n".join(lines) + "\n"
+
+
+def _boxplots(rows: list[dict], classes: list[str], path: Path) -> None:
+    fig, axes = plt.subplots(1, len(TABLE_METRICS), figsize=(5 * len(TABLE_METRICS), 4))
+    for ax, m in zip(axes, TABLE_METRICS):
+        ax.boxplot([[r[m] for r in rows if r["class"] == c] for c in classes])
+        ax.set_xticks(range(1, len(classes) + 1), classes, rotation=30)
+        ax.set(title=m, ylim=(0, 1.02))
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _overlay(plan: Plan, base: Path, case_id: str, pred_path: Path, path: Path, title: str) -> None:
+    """Three axial slices through the foreground: image, reference, prediction (the paper's Figure 6)."""
+    ds = load_dataset(base / plan.dataset.path)
+    case = next(c for c in ds.cases if c.case_id == case_id)
+    img = read_image(case)[0][0]
+    ref = read_label(case.label_file)[0]
+    pred = read_label(pred_path)[0]
+    zs = np.flatnonzero(ref.reshape(ref.shape[0], -1).any(1))
+    zs = zs if zs.size else np.arange(ref.shape[0])
+    picks = [zs[len(zs) // 4], zs[len(zs) // 2], zs[3 * len(zs) // 4]]
+    fig, axes = plt.subplots(3, 3, figsize=(9, 9))
+    lo, hi = np.percentile(img, [1, 99])
+    for row, z in zip(axes, picks):
+        for ax, (name, lab) in zip(row, (("image", None), ("reference", ref), ("prediction", pred))):
+            ax.imshow(img[z], cmap="gray", vmin=lo, vmax=hi)
+            if lab is not None:
+                ax.imshow(np.ma.masked_equal(lab[z], 0), cmap="tab10", alpha=0.5, vmin=0, vmax=10, interpolation="nearest")
+            ax.set_title(f"{name} z={z}", fontsize=8)
+            ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def quantification(rows: list[dict], plan: Plan) -> list[dict]:
+    """Per case: predicted volume of each label (ml) and, for each label group containing lungs,
+    the percent of each lung occupied by the infection-like remaining labels."""
+    out = []
+    labels = [n for n, v in plan.dataset.labels.items() if v != 0]
+    for case in dict.fromkeys(r["case"] for r in rows):
+        sel = {r["class"]: r for r in rows if r["case"] == case}
+        q = {"case": case, **{f"{n}_ml": round(sel[n]["pred_ml"], 2) for n in labels if n in sel}}
+        lungs = [n for n in labels if "lung" in n.lower()]
+        infection = [n for n in labels if "infect" in n.lower() or "lesion" in n.lower()]
+        if lungs and infection:
+            inf = sum(sel[n]["pred_ml"] for n in infection if n in sel)
+            total = sum(sel[n]["pred_ml"] for n in lungs if n in sel) + inf
+            q["infection_percent_of_lungs"] = round(100 * inf / total, 2) if total else 0.0
+        out.append(q)
+    return out
+
+
+def summarize(plan_path: Path) -> str:
+    """Write WORK/cv_summary.{yaml,md}, cv_boxplots.png, overlays/ and quantification.csv."""
+    plan = load_plan(plan_path)
+    base = Path(plan_path).parent
+    work = base / plan.dataset.work_dir
+    rows_by_fold, missing = {}, []
+    for k in range(plan.cross_validation.folds):
+        metrics = work / f"fold_{k}" / "validation" / "metrics.csv"
+        if metrics.exists():
+            rows_by_fold[k] = read_rows(metrics)
+        else:
+            missing.append(k)
+    if not rows_by_fold:
+        return f"no finished fold in {work}: run `segplan run {plan_path} --fold K` first (missing {missing})"
+    classes = list(dict.fromkeys(r["class"] for rows in rows_by_fold.values() for r in rows))
+    table = fold_table(rows_by_fold, classes)
+    atomic_write_text(work / "cv_summary.yaml", yaml.safe_dump(to_plain({"folds": table, "missing_folds": missing}),
+                                                                sort_keys=False))
+    atomic_write_text(work / "cv_summary.md", _markdown(table, classes, missing))
+    all_rows = [dict(r, fold=k) for k, rows in rows_by_fold.items() for r in rows]
+    _boxplots(all_rows, classes, work / "cv_boxplots.png")
+    write_rows(quantification(all_rows, plan), work / "quantification.csv")
+    main_cls = next((g for g in plan.dataset.label_groups), classes[0])
+    ranked = sorted((r for r in all_rows if r["class"] == main_cls), key=lambda r: r["dice"])
+    (work / "overlays").mkdir(exist_ok=True)
+    for tag, r in (("worst", ranked[0]), ("best", ranked[-1])):
+        pred = work / f"fold_{int(r['fold'])}" / "validation" / f"{r['case']}.nii.gz"
+        _overlay(plan, base, r["case"], pred, work / "overlays" / f"{tag}_{r['case']}.png",
+                 f"{tag}: {r['case']} ({main_cls} Dice {r['dice']:.3f})")
+    return (_markdown(table, classes, missing) + f"\nwritten: {work / 'cv_summary.md'}, cv_summary.yaml, "
+            "cv_boxplots.png, quantification.csv, overlays/")
