@@ -43,9 +43,9 @@ def load_latest(fold_dir: Path, model) -> TrainState | None:
     if not pointer.exists():
         return None
     meta = json.loads(pointer.read_text())
-    model.load_weights(str(Path(fold_dir) / meta["weights"]))
     opt = model.optimizer
     opt.build(model.trainable_variables)
+    model.load_weights(str(Path(fold_dir) / meta["weights"]))
     with np.load(Path(fold_dir) / meta["optimizer"], allow_pickle=False) as z:
         saved = [z[k] for k in sorted(z.files)]
     if len(saved) != len(opt.variables):

@@ -1,8 +1,8 @@
 """Training batches: random patches (with foreground oversampling) + batchgenerators augmentation.
 
 Every batch is a pure function of (seed, fold, epoch, index): the sampler draws from its own
-``numpy.random.Generator``, and batchgenerators (which draws from numpy's global generator) runs
-inside ``seeded_global_numpy`` which seeds it and restores it afterwards. A resumed run therefore
+``numpy.random.Generator``, and batchgenerators (which draws from numpy's and Python's global generators) runs
+inside ``seeded_global_numpy`` which seeds them and restores it afterwards. A resumed run therefore
 sees exactly the batches an uninterrupted one would. Batches are produced by a background thread
 (``prefetch``) so the accelerator does not wait for the CPU; arrays are (b, c, z, y, x) here and
 become channels-last only in ``to_keras``.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -23,13 +24,16 @@ from runner.preprocess import load_case, load_locations
 
 @contextlib.contextmanager
 def seeded_global_numpy(seed: int):
-    """Seed numpy's global generator for a block and restore its state afterwards."""
-    state = np.random.get_state()
+    """Seed numpy's and Python's global generators (batchgenerators draws from both) for a block,
+    and restore their states afterwards."""
+    state, py_state = np.random.get_state(), random.getstate()
     np.random.seed(seed % (2 ** 32))
+    random.seed(seed)
     try:
         yield
     finally:
         np.random.set_state(state)
+        random.setstate(py_state)
 
 
 def build_augmentation(aug: AugmentationSection, patch_size: list[int]):

@@ -60,10 +60,16 @@ def after_epoch(state: TrainState, value: float, sched: ScheduleSection) -> tupl
     if sched.time_budget_minutes is None and s.plateau_wait >= sched.plateau_patience:
         new_lr = max(s.learning_rate * sched.plateau_factor, sched.min_learning_rate)
         s = replace(s, learning_rate=new_lr, plateau_wait=0, cooldown=sched.plateau_cooldown)
+    return replace(s, stopped=stop_reason(s, sched)), improved
+
+
+def stop_reason(s: TrainState, sched: ScheduleSection) -> str:
+    """Why training should stop now ('' to go on); re-evaluated on resume, so raising max_epochs or
+    the time budget in the plan lets a finished run continue."""
     if s.stop_wait >= sched.early_stopping_patience:
-        s = replace(s, stopped=f"early stopping: no improvement for {s.stop_wait} epochs")
-    elif s.epoch >= sched.max_epochs:
-        s = replace(s, stopped=f"reached max_epochs = {sched.max_epochs}")
-    elif sched.time_budget_minutes is not None and s.elapsed_s >= sched.time_budget_minutes * 60:
-        s = replace(s, stopped=f"time budget of {sched.time_budget_minutes:g} min spent")
-    return s, improved
+        return f"early stopping: no improvement for {s.stop_wait} epochs"
+    if s.epoch >= sched.max_epochs:
+        return f"reached max_epochs = {sched.max_epochs}"
+    if sched.time_budget_minutes is not None and s.elapsed_s >= sched.time_budget_minutes * 60:
+        return f"time budget of {sched.time_budget_minutes:g} min spent"
+    return ""

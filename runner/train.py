@@ -15,7 +15,7 @@ from tqdm import tqdm
 from planner.dataset import atomic_write_text, load_dataset
 from planner.plan import Plan, load_plan
 from runner.preprocess import preprocess_dataset
-from runner.schedule import TrainState, after_epoch, budget_learning_rate
+from runner.schedule import TrainState, after_epoch, budget_learning_rate, stop_reason
 from runner.splits import load_or_make_splits
 
 HISTORY_FIELDS = ["epoch", "train_loss", "train_dice", "val_loss", "val_dice", "learning_rate", "seconds",
@@ -124,6 +124,7 @@ def train_fold(plan_path: Path, fold: int, resume: bool = False, restart: bool =
         model = compile_model(plan, tr.learning_rate)
     state = load_latest(fold_dir, model) if resume else None
     state = state or TrainState(learning_rate=tr.learning_rate)
+    state = TrainState(**{**state.__dict__, "stopped": stop_reason(state, sched)})
     history = _read_history(fold_dir / "history.csv")[: state.epoch]
     sampler = PatchSampler(pre, split["train"], tr.patch_size, tr.sampling.foreground_oversampling)
     augment = build_augmentation(tr.augmentation, tr.patch_size)

@@ -1,0 +1,221 @@
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from planner.dataset import Geometry, load_dataset, read_label, write_volume
+from planner.plan import load_plan, save_plan
+from runner.preprocess import (invert_probabilities, labels_to_classes, preprocess_dataset, preprocess_image,
+                               preprocessed_dir, preprocessing_key)
+from runner.splits import SplitError, load_or_make_splits, make_splits, validate_splits
+from tests.tiny import tiny_plan
+
+keras = pytest.importorskip("keras")
+
+
+def test_tversky_half_half_equals_soft_dice():
+    from runner.losses import soft_dice_loss, tversky_loss
+    rng = np.random.default_rng(0)
+    y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, (2, 4, 5, 6))]
+    p = rng.random((2, 4, 5, 6, 3)).astype(np.float32)
+    p /= p.sum(-1, keepdims=True)
+    tv = float(tversky_loss(y, p, 0.5, 0.5, 1e-6))
+    assert tv == pytest.approx(float(soft_dice_loss(y, p, 1e-6)), rel=1e-5)
+    # and by hand in numpy: 3 - sum_c 2TP / (|y| + |p|)
+    tp = (y * p).sum((1, 2, 3))
+    dice = 2 * tp / (y.sum((1, 2, 3)) + p.sum((1, 2, 3)))
+    assert tv == pytest.approx(float(np.mean(3 - dice.sum(-1))), rel=1e-4)
+    assert float(tversky_loss(y, p, 0.9, 0.1)) != pytest.approx(tv)
+
+
+def test_unet_matches_plan_topology():
+    from planner.plan import NetworkSection
+    from runner.model import build_unet
+    net = NetworkSection([4, 8, 16], [[1, 2, 2], [2, 2, 2]], [[1, 3, 3], [3, 3, 3], [3, 3, 3]], 2, "batch", 0.99, "relu", "transpose")
+    m = build_unet(net, 2, 4)
+    out = m.predict_on_batch(np.zeros((1, 8, 32, 32, 2), np.float32))
+    assert out.shape == (1, 8, 32, 32, 4) and np.allclose(out.sum(-1), 1, atol=1e-5)
+    assert m.get_layer("enc0_conv0").kernel.shape == (1, 3, 3, 2, 4)
+    assert m.get_layer("up0").strides == (1, 2, 2)
+    assert m.get_layer("enc2_conv1").filters == 16
+
+
+def test_preprocess_then_invert_restores_geometry_and_labels(phantoms, tmp_path):
+    plan = load_plan(tiny_plan(phantoms, tmp_path / "p.yaml"))
+    plan = plan.replace(resampling=dataclasses.replace(plan.resampling, target_spacing=[4.0, 2.0, 3.0]))
+    shape = (9, 23, 31)
+    g = Geometry((5.0, 1.3, 1.7), (12.0, -7.5, 3.25), (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0), shape)
+    label = np.zeros(shape, np.uint8)
+    label[2:7, 5:18, 4:14] = 1
+    label[3:6, 8:14, 18:28] = 3
+    image = (label.astype(np.float32) * 300 - 800)[None]
+    data, seg, props = preprocess_image(image, g, plan, "x", label)
+    assert data.shape[1:] == seg.shape == tuple(round(s * sp / t) for s, sp, t in zip(shape, g.spacing, [4.0, 2.0, 3.0]))
+    assert set(np.unique(seg)) <= {0, 1, 3}
+    onehot = np.moveaxis(np.eye(4, dtype=np.float32)[seg], -1, 0)
+    back = invert_probabilities(onehot, props, plan)
+    assert back.shape == (4,) + shape
+    restored = np.array([0, 1, 2, 3])[np.argmax(back, 0)]
+    dice = [2 * ((restored == k) & (label == k)).sum() / ((restored == k).sum() + (label == k).sum()) for k in (1, 3)]
+    assert min(dice) > 0.85, dice
+    out = tmp_path / "pred.nii.gz"
+    write_volume(restored.astype(np.uint8), Geometry.from_dict(props["geometry"]), out)
+    _, g2 = read_label(out)
+    assert g2.shape == shape and np.allclose(g2.spacing, g.spacing) and np.allclose(g2.direction, g.direction)
+    assert np.allclose(g2.origin, g.origin)
+
+
+def test_non_consecutive_labels_map_to_classes(phantoms, tmp_path):
+    plan = load_plan(tiny_plan(phantoms, tmp_path / "p.yaml"))
+    plan = plan.replace(dataset=dataclasses.replace(plan.dataset, labels={"background": 0, "a": 5, "b": 117}))
+    lab = np.array([[[0, 5, 117, 5]]])
+    assert labels_to_classes(lab, plan).tolist() == [[[0, 1, 2, 1]]]
+
+
+def test_cache_key_follows_preprocessing_fields_only(phantoms, tmp_path):
+    plan = load_plan(tiny_plan(phantoms, tmp_path / "p.yaml"))
+    longer = plan.replace(training=dataclasses.replace(plan.training, learning_rate=0.5))
+    finer = plan.replace(resampling=dataclasses.replace(plan.resampling, target_spacing=[1.0, 1.0, 1.0]))
+    assert preprocessing_key(plan) == preprocessing_key(longer) != preprocessing_key(finer)
+
+
+def _kill_preprocess(plan_path, base):
+    from planner.plan import load_plan
+    preprocess_dataset(load_plan(plan_path), base, workers=1, progress=False)
+
+
+def test_killed_preprocessing_leaves_no_trusted_case(phantoms, tmp_path):
+    plan_path = tiny_plan(phantoms, tmp_path / "p.yaml")
+    plan = load_plan(plan_path)
+    out = preprocessed_dir(plan, tmp_path)
+    proc = mp.get_context("spawn").Process(target=_kill_preprocess, args=(plan_path, tmp_path))
+    proc.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out.exists() and any(out.glob("*.json"))):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    for props in out.glob("phantom_*.json"):  # every case marked complete has complete arrays
+        cid = props.stem
+        np.load(out / f"{cid}.npy", allow_pickle=False)
+        np.load(out / f"{cid}_seg.npy", allow_pickle=False)
+    preprocess_dataset(plan, tmp_path, workers=1, progress=False)
+    assert len(list(out.glob("phantom_*.json"))) == 8
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp_") and p.stat().st_mtime > time.time()]
+
+
+def test_splits_seeded_written_once_and_validated(tmp_path):
+    ids = [f"c{i}" for i in range(11)]
+    s1 = make_splits(ids, 5, 1)
+    assert s1 == make_splits(ids, 5, 1) and s1 != make_splits(ids, 5, 2)
+    validate_splits(s1, ids, "x", 5)
+    assert sorted(c for s in s1 for c in s["val"]) == sorted(ids)
+    written = load_or_make_splits(tmp_path, ids, 5, 1)
+    assert (tmp_path / "splits.yaml").exists() and load_or_make_splits(tmp_path, ids, 5, 99) == written
+    bad = [dict(s) for s in s1]
+    dup = bad[1]["val"][0]
+    bad[0] = {"train": [c for c in bad[0]["train"] if c != dup], "val": bad[0]["val"] + [dup]}
+    with pytest.raises(SplitError, match="validated in folds"):
+        validate_splits(bad, ids, "x")
+    with pytest.raises(SplitError, match="not in the dataset"):
+        validate_splits([{"train": ["zz"], "val": ids}], ids, "x")
+
+
+def test_given_splits_file_is_used(hippocampus, tmp_path):
+    ds = load_dataset(hippocampus)
+    given = hippocampus / "splits_final.json"
+    splits = load_or_make_splits(tmp_path, [c.case_id for c in ds.cases], 5, 0, given)
+    assert splits == json.loads(given.read_text()) and len(splits[0]["val"]) == 52
+    assert not (tmp_path / "splits.yaml").exists()
+
+
+def test_augmentation_is_deterministic_with_a_seed(phantoms, tmp_path):
+    from runner.data import PatchSampler, build_augmentation, make_batch
+    plan_path = tiny_plan(phantoms, tmp_path / "p.yaml")
+    plan = load_plan(plan_path)
+    aug = dataclasses.replace(plan.training.augmentation, **{f: 1.0 for f in vars(plan.training.augmentation) if f.endswith("_p")})
+    plan = plan.replace(training=dataclasses.replace(plan.training, augmentation=aug))
+    pre = preprocess_dataset(plan, tmp_path, workers=1, progress=False)
+    ids = [c.case_id for c in load_dataset(phantoms).cases]
+    sampler = PatchSampler(pre, ids, plan.training.patch_size, 0.33)
+    transform = build_augmentation(plan.training.augmentation, plan.training.patch_size)
+    a = make_batch(sampler, transform, plan, 0, 3, 1)
+    b = make_batch(sampler, transform, plan, 0, 3, 1)
+    c = make_batch(sampler, transform, plan, 0, 3, 2)
+    plain = make_batch(sampler, None, plan, 0, 3, 1)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0]) and not np.array_equal(a[0], plain[0])
+    assert a[0].shape == (2, 8, 32, 32, 1) and a[1].shape == (2, 8, 32, 32, 4)
+    assert np.allclose(a[1].sum(-1), 1)
+
+
+def test_loss_falls_when_overfitting_one_case(phantoms, tmp_path):
+    from runner.data import PatchSampler, make_batch
+    from runner.train import compile_model
+    plan = load_plan(tiny_plan(phantoms, tmp_path / "p.yaml"))
+    plan = plan.replace(training=dataclasses.replace(plan.training, learning_rate=1e-2))
+    pre = preprocess_dataset(plan, tmp_path, workers=1, progress=False)
+    sampler = PatchSampler(pre, ["phantom_000"], plan.training.patch_size, 1.0)
+    x, y = make_batch(sampler, None, plan, 0, 0, 0)
+    model = compile_model(plan, 1e-2)
+    losses = [float(model.train_on_batch(x, y, return_dict=True)["loss"]) for _ in range(40)]
+    assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:3]), losses
+
+
+def _history(fold_dir: Path):
+    import csv
+    with open(fold_dir / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_resume_equivalence(phantoms, tmp_path):
+    from runner.train import FoldFinished, train_fold
+    a = tiny_plan(phantoms, tmp_path / "a" / "p.yaml", epochs=4, iterations=2, plateau_patience=1,
+                  plateau_cooldown=0, monitor="train_loss", plateau_min_delta=100.0)
+    fa = train_fold(a, 0, progress=False)
+    b = tiny_plan(phantoms, tmp_path / "b" / "p.yaml", epochs=4, iterations=2, plateau_patience=1,
+                  plateau_cooldown=0, monitor="train_loss", plateau_min_delta=100.0)
+    plan_b = load_plan(b)
+    save_plan(plan_b.replace(training=dataclasses.replace(plan_b.training, schedule=dataclasses.replace(
+        plan_b.training.schedule, max_epochs=2))), b)
+    train_fold(b, 0, progress=False)
+    save_plan(plan_b, b)  # the user raises max_epochs again and resumes
+    (b.parent / plan_b.dataset.work_dir / "fold_0" / "finished.json").unlink()
+    fb = train_fold(b, 0, resume=True, progress=False)
+    sa = json.loads((fa / "checkpoint_latest.json").read_text())["state"]
+    sb = json.loads((fb / "checkpoint_latest.json").read_text())["state"]
+    for k in ("epoch", "learning_rate", "lr_history", "plateau_wait", "stop_wait", "cooldown", "best_epoch", "stopped"):
+        assert sa[k] == sb[k], k
+    assert sa["epoch"] == 4 and sa["lr_history"][0] > sa["lr_history"][-1]  # the plateau rule fired
+    assert [r["learning_rate"] for r in _history(fa)] == [r["learning_rate"] for r in _history(fb)]
+    assert (fa / "checkpoint_best.weights.h5").exists() and (fa / "progress.png").exists()
+    with pytest.raises(FoldFinished):
+        train_fold(a, 0, progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        (fa / "finished.json").unlink()
+        train_fold(a, 0, progress=False)
+
+
+def test_time_budget_stops_and_keeps_a_usable_best_checkpoint(phantoms, tmp_path):
+    from runner.predict import load_fold_models
+    from runner.train import train_fold
+    p = tiny_plan(phantoms, tmp_path / "p.yaml", epochs=1000, iterations=2)
+    plan = load_plan(p)
+    plan = plan.replace(training=dataclasses.replace(plan.training, schedule=dataclasses.replace(
+        plan.training.schedule, time_budget_minutes=0.1)))
+    save_plan(plan, p)
+    t = time.perf_counter()
+    fold = train_fold(p, 0, progress=False)
+    assert time.perf_counter() - t < 120
+    done = json.loads((fold / "finished.json").read_text())
+    assert "time budget" in done["reason"] and done["epochs"] < 1000
+    lrs = [float(r["learning_rate"]) for r in _history(fold)]
+    assert lrs == sorted(lrs, reverse=True)  # decays over the budget
+    model = load_fold_models(plan, p.parent, [0])[0]
+    assert model.predict_on_batch(np.zeros((1, 8, 32, 32, 1), np.float32)).shape == (1, 8, 32, 32, 4)

@@ -1,0 +1,23 @@
+"""A tiny plan for CPU tests: small patches, few filters, a few iterations."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from planner.plan import load_plan, save_plan
+from planner.planning import plan_dataset
+
+
+def tiny_plan(dataset: Path, out: Path, epochs: int = 2, iterations: int = 3, folds: int = 2, **schedule) -> Path:
+    plan_dataset(dataset, out, preset="cpu", time_budget=None, progress=False, force=True)
+    plan = load_plan(out)
+    net = dataclasses.replace(plan.network, filters=[4, 8, 16], pool_sizes=[[1, 2, 2], [2, 2, 2]],
+                              kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3]])
+    sched = dataclasses.replace(plan.training.schedule, max_epochs=epochs, iterations_per_epoch=iterations,
+                                time_budget_minutes=None, validation_patches=2, **schedule)
+    tr = dataclasses.replace(plan.training, patch_size=[8, 32, 32], batch_size=2, schedule=sched)
+    plan = plan.replace(network=net, training=tr,
+                        cross_validation=dataclasses.replace(plan.cross_validation, folds=folds),
+                        inference=dataclasses.replace(plan.inference, mirroring=False))
+    save_plan(plan, out)
+    return out
