@@ -25,6 +25,17 @@ PAPER_SCHEDULE = ScheduleSection(max_epochs=1000, iterations_per_epoch=150, moni
                                  early_stopping_patience=100, validation_patches=8, time_budget_minutes=None)
 
 
+def gpu_present() -> bool:
+    """Whether nvidia-smi lists a GPU (the planner does not import TensorFlow to find out)."""
+    if not shutil.which("nvidia-smi"):
+        return False
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (subprocess.SubprocessError, OSError):
+        return False
+    return "GPU" in out
+
+
 def gpu_memory_budget(requested: float | None) -> tuple[float, str]:
     """(GB, where it came from): the flag, else the first GPU's memory from nvidia-smi, else 8."""
     if requested is not None:

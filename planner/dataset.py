@@ -141,22 +141,25 @@ def _nnunet_cases(img_dir: Path, lbl_dir: Path | None, ending: str, n_channels: 
 
 def _load_plain(root: Path, infer: bool) -> Dataset:
     img_dir, lbl_dir = root / "images", root / "labels"
-    stems: dict[str, Path] = {}
+    images: list[tuple[str, Path]] = []   # a list, not a dict: two files of one case id stay visible
     ending = None
     for p in sorted(img_dir.iterdir()):
         end = _ending(p.name)
         if end and not p.name.startswith("."):
-            stems[p.name[: -len(end)]] = p
+            images.append((p.name[: -len(end)], p))
             ending = ending or end
+    labels: dict[str, Path] = {}
     if lbl_dir.is_dir():
         for p in sorted(lbl_dir.iterdir()):
             end = _ending(p.name)
             if end and not p.name.startswith("."):
-                stems.setdefault(p.name[: -len(end)], img_dir / p.name)
+                labels[p.name[: -len(end)]] = p
                 ending = ending or end
     if ending is None:
         raise DatasetError(f"{img_dir}: no image files ({', '.join(ENDINGS)})")
-    cases = [Case(cid, (img,), lbl_dir / img.name) for cid, img in sorted(stems.items())]
+    known = {cid for cid, _ in images}
+    images += [(cid, img_dir / p.name) for cid, p in labels.items() if cid not in known]
+    cases = [Case(cid, (img,), labels.get(cid, lbl_dir / img.name)) for cid, img in sorted(images)]
     meta_path = root / "dataset.yaml"
     if meta_path.exists():
         meta = yaml.safe_load(meta_path.read_text()) or {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from planner.build import gpu_memory_budget, make_plan
+from planner.build import gpu_memory_budget, gpu_present, make_plan
 from planner.fingerprint import fingerprint_for
 from planner.memory import estimate_training_gb
 from planner.plan import PRESETS, Plan, load_plan, save_plan
@@ -16,12 +16,18 @@ def default_plan_path(dataset: Path) -> Path:
 
 def plan_dataset(dataset: Path, output: Path | None = None, gpu_memory: float | None = None,
                  preset: str | None = None, workers: int = 2, force: bool = False, device: str | None = None,
-                 time_budget: float | None = None, progress: bool = True) -> Path:
-    """Write the plan for ``dataset``; never overwrites an existing plan unless ``force``."""
+                 time_budget: float | None = None, progress: bool = True, probe: bool = True) -> Path:
+    """Write the plan for ``dataset``; never overwrites an existing plan unless ``force``.
+
+    With no device, preset or memory budget given and no GPU found, the plan is made for this CPU
+    (and says so); ``probe=False`` skips the CPU speed probe (tests)."""
     dataset = Path(dataset)
     output = Path(output) if output else default_plan_path(dataset)
     if output.exists() and not force:
         raise FileExistsError(f"{output} exists (hand edits would be lost); pass --force to overwrite it")
+    why = ""
+    if device is None and preset is None and gpu_memory is None and not gpu_present():
+        device, why = "cpu", " (no GPU found, so the plan is made for this CPU; --device gpu plans for a GPU)"
     preset = preset or ("cpu" if device == "cpu" else "default")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}'; known: {', '.join(PRESETS)}")
@@ -31,7 +37,8 @@ def plan_dataset(dataset: Path, output: Path | None = None, gpu_memory: float | 
     if preset == "cpu":
         from planner.cpu_plan import make_cpu_plan
         plan, reasons = make_cpu_plan(fp, output.stem, _rel(dataset, output), _rel(output.parent / "work" / output.stem, output),
-                                      time_budget=time_budget, splits_file=_splits(dataset, output))
+                                      time_budget=time_budget, splits_file=_splits(dataset, output), probe=probe,
+                                      why=why)
     else:
         gb, source = gpu_memory_budget(gpu_memory)
         plan, reasons = make_plan(fp, output.stem, _rel(dataset, output), _rel(output.parent / "work" / output.stem, output),

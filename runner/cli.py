@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output")
     s.add_argument("--gpu-memory", type=float, help="GB; default: nvidia-smi's first GPU, else 8")
     s.add_argument("--preset", default=None, help="default, miscnn-covid19 or cpu")
-    s.add_argument("--device", choices=["gpu", "cpu"], default=None, help="cpu: plan for throughput within a time budget")
+    s.add_argument("--device", choices=["gpu", "cpu"], default=None,
+                   help="cpu: plan for throughput within a time budget (the default when no GPU is found)")
     s.add_argument("--time-budget", type=float, default=None, help="minutes of training (cpu plans)")
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--force", action="store_true", help="overwrite an existing plan")

@@ -58,8 +58,10 @@ def load_fold_models(plan: Plan, base: Path, folds: list[int]):
     return models
 
 
-def predict_case(case: Case, plan: Plan, predict, progress: bool = False) -> tuple[np.ndarray, Geometry, np.ndarray, dict]:
-    """Label map (original label values) with the input's geometry, plus probabilities and timings."""
+def predict_case(case: Case, plan: Plan, predict, progress: bool = False,
+                 probabilities: bool = False) -> tuple[np.ndarray, Geometry, np.ndarray | None, dict]:
+    """Label map (original label values) with the input's geometry, the probabilities on the
+    original grid if asked for (else None), and the time of each step."""
     t = {}
     t0 = time.perf_counter()
     image, geom = read_image(case)
@@ -80,8 +82,12 @@ def predict_case(case: Case, plan: Plan, predict, progress: bool = False) -> tup
     bar.close()
     t["network_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    full = invert_probabilities(probs, props, plan)
-    labels = classes_to_labels(np.argmax(full, axis=0), plan)
+    if probabilities:
+        full = invert_probabilities(probs, props, plan, full=True)
+        labels = classes_to_labels(np.argmax(full, axis=0), plan)
+    else:
+        full = None
+        labels = classes_to_labels(invert_probabilities(probs, props, plan, full=False), plan)
     t["resample_back_s"] = time.perf_counter() - t0
     return labels, geom, full, t
 
@@ -105,7 +111,7 @@ def _predict_cases(cases, plan, models, out_dir: Path, tta: bool, save_probabili
     out_dir.mkdir(parents=True, exist_ok=True)
     timings = []
     for case in tqdm(cases, desc="predict", disable=not progress, unit="case"):
-        labels, geom, probs, t = predict_case(case, plan, predict, progress)
+        labels, geom, probs, t = predict_case(case, plan, predict, progress, probabilities=save_probabilities)
         t0 = time.perf_counter()
         write_volume(labels, geom, out_dir / f"{case.case_id}.nii.gz")
         if save_probabilities:

@@ -140,18 +140,26 @@ def classes_to_labels(classes: np.ndarray, plan: Plan) -> np.ndarray:
     return values[classes].astype(dtype)
 
 
-def invert_probabilities(probs: np.ndarray, props: dict, plan: Plan) -> np.ndarray:
-    """(K, z, y, x) probabilities at target spacing -> (K, original shape), background outside the crop."""
+def invert_probabilities(probs: np.ndarray, props: dict, plan: Plan, full: bool = True) -> np.ndarray:
+    """(K, z, y, x) probabilities at target spacing -> back on the original grid.
+
+    ``full=True``: (K, original shape) float32, background 1 outside the crop box. ``full=False``:
+    only the (original-shape) class-index map, which spares the K x volume array of the full grid.
+    """
     geom = Geometry.from_dict(props["geometry"])
     rs = plan.resampling
     back = resample(np.moveaxis(probs, 0, -1).astype(np.float32), rs.target_spacing, geom.spacing,
                     props["cropped_shape"], 1, rs.anisotropy_threshold, 1, vector=True)
-    back = np.moveaxis(back.reshape(tuple(props["cropped_shape"]) + (probs.shape[0],)), -1, 0)
-    full = np.zeros((probs.shape[0],) + tuple(geom.shape), np.float32)
-    full[0] = 1.0
+    back = back.reshape(tuple(props["cropped_shape"]) + (probs.shape[0],))
     sl = tuple(slice(a, b) for a, b in props["crop_box"])
-    full[(slice(None),) + sl] = back
-    return full
+    if not full:
+        classes = np.zeros(tuple(geom.shape), np.uint8 if probs.shape[0] < 256 else np.uint16)
+        classes[sl] = np.argmax(back, axis=-1)
+        return classes
+    out = np.zeros((probs.shape[0],) + tuple(geom.shape), np.float32)
+    out[0] = 1.0
+    out[(slice(None),) + sl] = np.moveaxis(back, -1, 0)
+    return out
 
 
 def class_locations(seg: np.ndarray, n_classes: int, rng: np.random.Generator) -> dict[str, np.ndarray]:

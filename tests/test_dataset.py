@@ -115,6 +115,26 @@ def test_ct_example_plain_layout_infers_labels(ct_example):
     assert np.allclose(np.array(g.direction).reshape(3, 3).diagonal(), (-1, -1, 1))
 
 
+def test_plain_layout_duplicate_and_missing(tmp_path):
+    root = tmp_path / "plain"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    img = np.zeros((4, 5, 6), np.int16) - 1000
+    img[1:3, 1:4, 1:5] = 40
+    lbl = (img > 0).astype(np.uint8)
+    g = _geom(img.shape)
+    for name in ("a.nii.gz", "a.nrrd", "b.mha"):
+        write_volume(img, g, root / "images" / name)
+    write_volume(lbl, g, root / "labels" / "a.nii.gz")
+    write_volume(lbl, g, root / "labels" / "c.nii.gz")
+    ds, problems = check_dataset(root, progress=False)
+    msgs = {(p.case, p.message) for p in problems}
+    assert ("a", "case id appears 2 times") in msgs
+    assert any(c == "b" and "label file missing" in m for c, m in msgs)
+    assert any(c == "c" and "image file missing" in m for c, m in msgs)
+    assert (root / "dataset.yaml").exists() and ds.labels == {"background": 0, "label_1": 1}
+
+
 def test_phantoms_are_deterministic_whatever_the_workers(tmp_path):
     from datasets.phantoms import make_phantoms
     a = make_phantoms(tmp_path / "a", cases=3, seed=5, scale=0.1, workers=1, progress=False)

@@ -186,11 +186,30 @@ def test_miscnn_preset_reproduces_the_paper(phantoms, tmp_path):
     assert (p.training.loss.tversky_alpha, p.training.loss.tversky_beta) == (0.5, 0.5)
 
 
-def test_planner_never_imports_tensorflow(phantoms, tmp_path):
+def test_choose_width_buys_enough_iterations():
+    from planner.cpu_plan import MIN_ITERATIONS, USABLE_SHARE, choose_width
+    seconds = [0.1, 0.3, 0.9]
+    budget = 900.0
+    pick = choose_width(seconds, budget)
+    assert budget * USABLE_SHARE / seconds[pick] >= MIN_ITERATIONS
+    assert all(budget * USABLE_SHARE / s < MIN_ITERATIONS for s in seconds[pick + 1:])
+    assert choose_width(seconds, 10.0) == 0  # nothing is fast enough: the fastest
+
+
+def test_cpu_plan_with_probe_and_no_tensorflow_in_the_planner(phantoms, tmp_path):
+    """No device, preset or budget and no GPU: a CPU plan, its width chosen by the probe, which runs
+    in a child process: the planner process itself never imports TensorFlow."""
     code = ("import sys; from planner.planning import plan_dataset; "
-            f"plan_dataset(__import__('pathlib').Path({str(phantoms)!r}), __import__('pathlib').Path({str(tmp_path / 'p.yaml')!r}), progress=False); "
+            f"plan_dataset(__import__('pathlib').Path({str(phantoms)!r}), __import__('pathlib').Path({str(tmp_path / 'p.yaml')!r}), progress=False, time_budget=2); "
             "from planner.planning import check_plan_report; check_plan_report(__import__('pathlib').Path("
             f"{str(tmp_path / 'p.yaml')!r})); "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')]; assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert r.returncode == 0, r.stderr[-2000:]
+    text = (tmp_path / "p.yaml").read_text()
+    plan = load_plan(tmp_path / "p.yaml")
+    assert plan.device == "cpu" and plan.training.schedule.time_budget_minutes == 2
+    from planner.build import gpu_present
+    assert "probe on this machine" in text and "s/step" in text
+    assert gpu_present() or "no GPU found" in text
+    assert plan.network.filters[0] in (8, 16, 32) and plan.training.schedule.iterations_per_epoch >= 10

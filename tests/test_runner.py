@@ -62,6 +62,7 @@ def test_preprocess_then_invert_restores_geometry_and_labels(phantoms, tmp_path)
     back = invert_probabilities(onehot, props, plan)
     assert back.shape == (4,) + shape
     restored = np.array([0, 1, 2, 3])[np.argmax(back, 0)]
+    assert np.array_equal(invert_probabilities(onehot, props, plan, full=False), np.argmax(back, 0))
     dice = [2 * ((restored == k) & (label == k)).sum() / ((restored == k).sum() + (label == k).sum()) for k in (1, 3)]
     assert min(dice) > 0.85, dice
     out = tmp_path / "pred.nii.gz"

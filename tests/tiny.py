@@ -9,7 +9,7 @@ from planner.planning import plan_dataset
 
 
 def tiny_plan(dataset: Path, out: Path, epochs: int = 2, iterations: int = 3, folds: int = 2, **schedule) -> Path:
-    plan_dataset(dataset, out, preset="cpu", time_budget=None, progress=False, force=True)
+    plan_dataset(dataset, out, preset="cpu", time_budget=None, progress=False, force=True, probe=False)
     plan = load_plan(out)
     net = dataclasses.replace(plan.network, filters=[4, 8, 16], pool_sizes=[[1, 2, 2], [2, 2, 2]],
                               kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3]])

@@ -1,0 +1,59 @@
+"""Fold 0 of nnU-Net's Hippocampus split under a CPU training time budget (issue 7).
+
+    python benchmarks/hippocampus_budget.py [--minutes 15] [--work /tmp/hippo_budget]
+
+Plans with `--device cpu --time-budget MINUTES` (speed probe included), trains fold 0 of
+../shared/data/Dataset004_Hippocampus/splits_final.json, predicts and evaluates the 52 validation
+cases, and prints mean Dice per class, iterations done, seconds per iteration and peak memory.
+Target: mean Dice >= 0.85 for anterior and posterior with 15 minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data" / "Dataset004_Hippocampus"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--minutes", type=float, default=15.0)
+    ap.add_argument("--work", default="/tmp/hippo_budget")
+    ap.add_argument("--fold", type=int, default=0)
+    a = ap.parse_args()
+    from benchmarks.common import peak_rss_gb
+    from planner.planning import plan_dataset
+    from runner.train import run_fold
+    plan_path = Path(a.work) / f"hippocampus_cpu_{a.minutes:g}min.yaml"
+    t = time.perf_counter()
+    plan_dataset(DATA, plan_path, device="cpu", time_budget=a.minutes, force=True, progress=False)
+    print(f"plan (with probe): {time.perf_counter() - t:.1f} s -> {plan_path}")
+    t = time.perf_counter()
+    run_fold(plan_path, a.fold, restart=True)
+    total = time.perf_counter() - t
+    fold = plan_path.parent / "work" / plan_path.stem / f"fold_{a.fold}"
+    with open(fold / "history.csv") as f:
+        hist = list(csv.DictReader(f))
+    done = json.loads((fold / "finished.json").read_text())
+    plan = yaml.safe_load(plan_path.read_text())
+    iters = int(plan["training"]["schedule"]["iterations_per_epoch"]) * len(hist)
+    s_it = sum(float(r["seconds_per_iteration"]) for r in hist) / len(hist)
+    summary = yaml.safe_load((fold / "validation" / "summary.yaml").read_text())
+    dice = {c: round(v["dice"]["mean"], 4) for c, v in summary["classes"].items()}
+    print(json.dumps({"minutes": a.minutes, "filters": plan["network"]["filters"], "patch": plan["training"]["patch_size"],
+                      "batch": plan["training"]["batch_size"], "epochs": len(hist), "iterations_about": iters,
+                      "seconds_per_iteration": round(s_it, 3), "best_epoch": done["best_epoch"],
+                      "validation_cases": summary["cases"], "mean_dice": dice,
+                      "run_seconds_total": round(total, 1), "peak_memory_gib": round(peak_rss_gb(), 2)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""5-fold cross-validation of ../shared/data/Dataset004_Hippocampus on this CPU under a fixed
+training budget per fold, then `segplan summarize` (issue 6).
+
+    python benchmarks/hippocampus_cv.py [--minutes 5] [--plan plans/hippocampus_cpu.yaml] [--work /tmp/hippo_cv]
+
+The committed plan is copied next to a work folder (its dataset path is rewritten to the shared
+data), its time budget set to --minutes, and the folds of nnU-Net's splits_final.json are run in
+turn. Prints the Table-1 summary, mean Dice per class and the time per epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data" / "Dataset004_Hippocampus"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--minutes", type=float, default=5.0)
+    ap.add_argument("--plan", default=str(ROOT / "plans" / "hippocampus_cpu.yaml"))
+    ap.add_argument("--work", default="/tmp/hippo_cv")
+    ap.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    a = ap.parse_args()
+    from planner.plan import load_plan, save_plan
+    from runner.report import summarize
+    from runner.train import run_fold
+    import dataclasses
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    plan = load_plan(a.plan)
+    sched = dataclasses.replace(plan.training.schedule, time_budget_minutes=a.minutes)
+    plan = plan.replace(training=dataclasses.replace(plan.training, schedule=sched),
+                        dataset=dataclasses.replace(plan.dataset, path=os.path.relpath(DATA, work), work_dir="work",
+                                                    splits_file=os.path.relpath(DATA / "splits_final.json", work)))
+    plan_path = work / "hippocampus_cv.yaml"
+    save_plan(plan, plan_path)
+    t = time.perf_counter()
+    for k in a.folds:
+        if not (work / "work" / f"fold_{k}" / "validation" / "summary.yaml").exists():
+            run_fold(plan_path, k, restart=True)
+    print(summarize(plan_path))
+    per_epoch = []
+    for k in a.folds:
+        with open(work / "work" / f"fold_{k}" / "history.csv") as f:
+            per_epoch += [float(r["seconds"]) for r in csv.DictReader(f)]
+    table = yaml.safe_load((work / "work" / "cv_summary.yaml").read_text())["folds"]
+    means = {}
+    for k in a.folds:
+        s = yaml.safe_load((work / "work" / f"fold_{k}" / "validation" / "summary.yaml").read_text())
+        for c, v in s["classes"].items():
+            means.setdefault(c, []).append(v["dice"]["mean"])
+    print(f"budget {a.minutes:g} min per fold; wall time {(time.perf_counter() - t) / 60:.1f} min; "
+          f"{sum(per_epoch) / len(per_epoch):.1f} s per epoch")
+    print("mean Dice over folds (mean over cases per fold): " +
+          ", ".join(f"{c} {sum(v) / len(v):.3f}" for c, v in means.items()))
+    print("average row of the Table-1 layout (medians): " +
+          ", ".join(f"{c} {v['dice']:.3f}" for c, v in table["average"].items()))
+
+
+if __name__ == "__main__":
+    main()
