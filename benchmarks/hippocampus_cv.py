@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("--plan", default=str(ROOT / "plans" / "hippocampus_cpu.yaml"))
     ap.add_argument("--work", default="/tmp/hippo_cv")
     ap.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--replan", action="store_true",
+                    help="plan anew for this CPU and --minutes (the probe picks the width the budget can train)")
     a = ap.parse_args()
     from planner.plan import load_plan, save_plan
     from runner.report import summarize
@@ -36,6 +38,10 @@ def main() -> None:
     import dataclasses
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    if a.replan:
+        from planner.planning import plan_dataset
+        a.plan = str(plan_dataset(DATA, work / "replanned.yaml", device="cpu", time_budget=a.minutes, force=True,
+                                  progress=False))
     plan = load_plan(a.plan)
     sched = dataclasses.replace(plan.training.schedule, time_budget_minutes=a.minutes)
     plan = plan.replace(training=dataclasses.replace(plan.training, schedule=sched),

@@ -67,8 +67,11 @@ def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, t
         reasons["network.filters"] = "no probe run: the narrowest candidate (8 doubling to 64)"
     net = dataclasses.replace(net, filters=candidates[pick]["filters"])
     iters = max(10, int(round(EPOCH_SECONDS / step_s))) if step_s else tr.schedule.iterations_per_epoch
+    patience = max(20, int(0.3 * minutes * 60 / (step_s * iters))) if step_s else tr.schedule.early_stopping_patience
     sched = dataclasses.replace(tr.schedule, time_budget_minutes=minutes, iterations_per_epoch=iters,
-                                max_epochs=max(tr.schedule.max_epochs, 10_000))
+                                max_epochs=max(tr.schedule.max_epochs, 10_000), early_stopping_patience=patience)
+    reasons["training.schedule.early_stopping_patience"] = ("about 30% of the budget's epochs: the budget, not an "
+                                                            "early plateau, should end a CPU run")
     plan = plan.replace(network=net, training=dataclasses.replace(tr, schedule=sched))
     reasons["training.schedule.time_budget_minutes"] = (f"{minutes:g} minutes of training{why}; the learning rate "
                                                         "decays over the budget and the best checkpoint is kept")

@@ -3,9 +3,6 @@ matrix), IoU, volumes in ml; optional 95% Hausdorff distance. Label groups (lung
 are evaluated as their union. Results as CSV per case and a YAML summary."""
 from __future__ import annotations
 
-import csv
-import io
-import math
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +10,7 @@ import yaml
 
 from planner.dataset import ENDINGS, atomic_write_text, read_label
 from planner.schema import to_plain
+from runner.tables import write_rows
 
 METRICS = ("dice", "sensitivity", "specificity", "iou", "pred_ml", "ref_ml")
 
@@ -106,27 +104,6 @@ def evaluate_folder(pred_dir: Path, ref_dir: Path, plan_path: Path | None = None
         summary["predictions_without_reference"] = missing
     atomic_write_text(Path(pred_dir) / "summary.yaml", yaml.safe_dump(to_plain(summary), sort_keys=False))
     return format_summary(summary)
-
-
-def write_rows(rows: list[dict], path: Path) -> None:
-    if not rows:
-        return
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, keys)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
-def read_rows(path: Path) -> list[dict]:
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        for k, v in r.items():
-            if k not in ("case", "class"):
-                r[k] = (v == "True") if v in ("True", "False") else float(v) if v not in ("", None) else math.nan
-    return rows
 
 
 def summarize_rows(rows: list[dict]) -> dict:

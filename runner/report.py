@@ -14,7 +14,7 @@ import yaml  # noqa: E402
 from planner.dataset import atomic_write_text, load_dataset, read_image, read_label  # noqa: E402
 from planner.plan import Plan, load_plan  # noqa: E402
 from planner.schema import to_plain  # noqa: E402
-from runner.evaluate import read_rows, write_rows  # noqa: E402
+from runner.tables import read_rows, write_rows  # noqa: E402
 
 TABLE_METRICS = ("dice", "sensitivity", "specificity")
 

@@ -1,8 +1,6 @@
 """train_fold / run_fold: one fold of the plan, with exact resume, then prediction of its validation cases."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import shutil
@@ -17,6 +15,7 @@ from planner.plan import Plan, load_plan
 from runner.preprocess import preprocess_dataset
 from runner.schedule import TrainState, after_epoch, budget_learning_rate, stop_reason
 from runner.splits import load_or_make_splits
+from runner.tables import read_rows, write_rows
 
 HISTORY_FIELDS = ["epoch", "train_loss", "train_dice", "val_loss", "val_dice", "learning_rate", "seconds",
                   "seconds_per_iteration"]
@@ -80,21 +79,6 @@ def _validate(model, val_batches, n_classes: int) -> tuple[float, float]:
     return float(np.mean(losses)), float(np.nanmean(dice)) if np.any(~np.isnan(dice)) else float("nan")
 
 
-def _write_history(rows: list[dict], path: Path) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, HISTORY_FIELDS)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
-def _read_history(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path) as f:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
-
-
 def train_fold(plan_path: Path, fold: int, resume: bool = False, restart: bool = False, workers: int = 2,
                progress: bool = True) -> Path:
     """Train fold ``fold``; returns the fold folder. See the README for the files it writes."""
@@ -125,7 +109,7 @@ def train_fold(plan_path: Path, fold: int, resume: bool = False, restart: bool =
     state = load_latest(fold_dir, model) if resume else None
     state = state or TrainState(learning_rate=tr.learning_rate)
     state = TrainState(**{**state.__dict__, "stopped": stop_reason(state, sched)})
-    history = _read_history(fold_dir / "history.csv")[: state.epoch]
+    history = read_rows(fold_dir / "history.csv")[: state.epoch]
     sampler = PatchSampler(pre, split["train"], tr.patch_size, tr.sampling.foreground_oversampling)
     augment = build_augmentation(tr.augmentation, tr.patch_size)
     val = validation_batches(pre, split["val"], plan, fold)
@@ -163,7 +147,7 @@ def train_fold(plan_path: Path, fold: int, resume: bool = False, restart: bool =
         if improved:
             save_best(fold_dir, model)
         save_latest(fold_dir, model, state)
-        _write_history(history, fold_dir / "history.csv")
+        write_rows(history, fold_dir / "history.csv", HISTORY_FIELDS)
         plot_progress(history, fold_dir / "progress.png")
         _log_tensorboard(writer, row)
         if progress:
