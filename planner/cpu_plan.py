@@ -17,6 +17,7 @@ import sys
 from planner import heuristics as H
 from planner.build import make_plan
 from planner.fingerprint import Fingerprint
+from planner.memory import estimate_for_plan
 from planner.plan import Plan
 
 CPU_BUDGET_GB = 1.0        # memory proxy that keeps the patch near the median image and steps short
@@ -73,6 +74,7 @@ def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, t
     reasons["training.schedule.early_stopping_patience"] = ("about 30% of the budget's epochs: the budget, not an "
                                                             "early plateau, should end a CPU run")
     plan = plan.replace(network=net, training=dataclasses.replace(tr, schedule=sched))
+    plan = plan.replace(memory=dataclasses.replace(plan.memory, estimate_gb=round(estimate_for_plan(plan), 2)))
     reasons["training.schedule.time_budget_minutes"] = (f"{minutes:g} minutes of training{why}; the learning rate "
                                                         "decays over the budget and the best checkpoint is kept")
     if step_s:

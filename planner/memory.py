@@ -61,3 +61,11 @@ def estimate_training_gb(patch: list[int], batch: int, filters: list[int], kerne
     act = activation_voxels(patch, filters, pool_sizes, convs_per_stage, n_classes) * act_bytes * batch
     weights = 16 * count_parameters(filters, kernel_sizes, pool_sizes, convs_per_stage, in_channels, n_classes)
     return (act * WORKSPACE_FACTOR + weights) / GB + OVERHEAD_GB
+
+
+def estimate_for_plan(plan) -> float:
+    """The estimate for a Plan's network, patch, batch and precision (GiB)."""
+    net, tr = plan.network, plan.training
+    return estimate_training_gb(tr.patch_size, tr.batch_size, net.filters, net.kernel_sizes, net.pool_sizes,
+                                net.convs_per_stage, len(plan.dataset.channels), len(plan.dataset.labels),
+                                tr.mixed_precision)

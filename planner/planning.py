@@ -6,7 +6,7 @@ from pathlib import Path
 
 from planner.build import gpu_memory_budget, gpu_present, make_plan
 from planner.fingerprint import fingerprint_for
-from planner.memory import estimate_training_gb
+from planner.memory import estimate_for_plan
 from planner.plan import PRESETS, Plan, load_plan, save_plan
 
 
@@ -56,23 +56,19 @@ def _splits(dataset: Path, plan_path: Path) -> str | None:
     return _rel(f, plan_path) if f.exists() else None
 
 
-def plan_estimate_gb(plan: Plan) -> float:
-    net = plan.network
-    return estimate_training_gb(plan.training.patch_size, plan.training.batch_size, net.filters, net.kernel_sizes,
-                                net.pool_sizes, net.convs_per_stage, len(plan.dataset.channels),
-                                len(plan.dataset.labels), plan.training.mixed_precision)
-
-
 def check_plan_report(path: Path) -> str:
     """Validate (raises SchemaError on problems) and report the memory estimate against the budget."""
     plan = load_plan(path)
-    est = plan_estimate_gb(plan)
+    est = estimate_for_plan(plan)
     budget = plan.memory.gpu_memory_gb
     lines = [f"{path}: valid plan '{plan.name}' ({plan.preset}, {plan.device})",
              f"  patch {plan.training.patch_size} x batch {plan.training.batch_size}, "
              f"{len(plan.network.filters)} stages {plan.network.filters[0]}..{max(plan.network.filters)} filters",
              f"  estimated training memory {est:.2f} GB of a {budget:g} GB budget"]
-    if est > budget:
+    if plan.device == "cpu":
+        lines[-1] = (f"  estimated training memory {est:.2f} GB (a CPU plan: system memory; its "
+                     f"{plan.training.schedule.time_budget_minutes} min budget is what limits it)")
+    elif est > budget:
         lines.append(f"  WARNING: the estimate exceeds the budget by {est - budget:.2f} GB: training may run out of "
                      "GPU memory; lower training.batch_size or training.patch_size, or re-plan with --gpu-memory")
     return "\n".join(lines)
