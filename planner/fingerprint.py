@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from planner.dataset import Case, Dataset, atomic_write_text, load_dataset, read_image, read_label
+from planner.dataset import Dataset, atomic_write_text, load_dataset, read_label, read_volume
 from planner.parallel import parallel_map
 from planner.schema import Reader, SchemaError, doc, dump_yaml, to_plain
 
@@ -80,14 +80,16 @@ def to_hu(arr: np.ndarray, convention: str, window=DEFAULT_WINDOW) -> np.ndarray
     return arr
 
 
-def nonzero_box(image: np.ndarray, ct_channels: list[bool]) -> tuple[tuple[int, int], ...]:
-    """Bounding box (z, y, x) of voxels non-zero in any non-CT channel; the whole volume if all CT."""
-    masks = [image[c] != 0 for c in range(image.shape[0]) if not ct_channels[c]]
+def nonzero_box(image, ct_channels: list[bool]) -> tuple[tuple[int, int], ...]:
+    """Bounding box (z, y, x) of voxels non-zero in any non-CT channel; the whole volume if all CT.
+    ``image`` is a (c, z, y, x) array or a list of (z, y, x) channels."""
+    shape = image[0].shape
+    masks = [image[c] != 0 for c in range(len(image)) if not ct_channels[c]]
     if not masks:
-        return tuple((0, s) for s in image.shape[1:])
+        return tuple((0, s) for s in shape)
     mask = np.logical_or.reduce(masks)
     if not mask.any():
-        return tuple((0, s) for s in image.shape[1:])
+        return tuple((0, s) for s in shape)
     box = []
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)
@@ -97,20 +99,32 @@ def nonzero_box(image: np.ndarray, ct_channels: list[bool]) -> tuple[tuple[int, 
 
 
 def _case_stats(args):
+    """One case: geometry, conventions, non-zero box, class voxel counts and a foreground sample.
+    Works on the arrays as stored (no float copy of the volume): only the sampled voxels are
+    converted to float32 and, for CT, to HU."""
     case, idx, seed, ct_flags, label_values, window = args
-    image, geom = read_image(case)
-    conventions = [detect_convention(image[c], ct_flags[c]) for c in range(image.shape[0])]
-    for c in range(image.shape[0]):
-        if ct_flags[c]:
-            image[c] = to_hu(image[c], conventions[c], window)
-    box = nonzero_box(image, ct_flags)
+    channels, geom = [], None
+    for path in case.image_files:
+        arr, g = read_volume(path)
+        geom = geom or g
+        channels.extend(list(arr) if arr.ndim == 4 else [arr])
+    conventions = [detect_convention(ch, ct_flags[c]) for c, ch in enumerate(channels)]
+    box = nonzero_box(channels, ct_flags)
     label, _ = read_label(case.label_file)
-    lut = {v: i for i, v in enumerate(label_values)}
-    counts = [int(np.count_nonzero(label == v)) for v in label_values]
-    fg = np.flatnonzero(label.ravel() > 0) if len(lut) > 1 else np.arange(label.size)
+    flat = label.ravel()
+    counts_all = np.bincount(flat.astype(np.intp, copy=False), minlength=max(label_values) + 1) if flat.min() >= 0 else None
+    counts = ([int(counts_all[v]) if v < counts_all.size else 0 for v in label_values] if counts_all is not None
+              else [int(np.count_nonzero(label == v)) for v in label_values])
+    fg = np.flatnonzero(flat > 0) if len(label_values) > 1 else None
     rng = np.random.default_rng([seed, idx])
-    pick = rng.choice(fg, size=min(SAMPLES_PER_CASE, fg.size), replace=False) if fg.size else fg
-    samples = [image[c].ravel()[pick].astype(np.float32) for c in range(image.shape[0])]
+    if fg is None:
+        pick = rng.integers(0, flat.size, size=min(SAMPLES_PER_CASE, flat.size))
+    else:
+        pick = fg[rng.integers(0, fg.size, size=min(SAMPLES_PER_CASE, fg.size))] if fg.size else fg
+    samples = []
+    for c, ch in enumerate(channels):
+        vals = ch.ravel()[pick].astype(np.float32)
+        samples.append(to_hu(vals, conventions[c], window) if ct_flags[c] else vals)
     cfp = CaseFingerprint(case.case_id, list(geom.spacing), list(geom.shape),
                           [b - a for a, b in box], list(geom.direction), conventions, counts)
     return cfp, samples

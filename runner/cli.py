@@ -95,7 +95,8 @@ def cmd_predict(a) -> int:
 
 def cmd_evaluate(a) -> int:
     from runner.evaluate import evaluate_folder
-    summary = evaluate_folder(Path(a.pred), Path(a.ref), Path(a.plan) if a.plan else None, hd95=a.hd95)
+    summary = evaluate_folder(Path(a.pred), Path(a.ref), Path(a.plan) if a.plan else None, hd95=a.hd95,
+                              nsd_tolerance=a.surface_dice)
     print(summary)
     return 0
 
@@ -168,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pred", required=True)
     s.add_argument("--ref", required=True)
     s.add_argument("--plan")
-    s.add_argument("--hd95", action="store_true")
+    s.add_argument("--hd95", action="store_true", help="95%% Hausdorff distance (mm)")
+    s.add_argument("--surface-dice", type=float, metavar="MM", help="normalised surface Dice at this tolerance")
     s.set_defaults(fn=cmd_evaluate)
     s = sub.add_parser("summarize", help="the cross-validation report over finished folds")
     s.add_argument("plan")

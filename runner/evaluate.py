@@ -1,5 +1,5 @@
 """Per case and class: Dice, sensitivity, specificity (the paper's formulas from the confusion
-matrix), IoU, volumes in ml; optional 95% Hausdorff distance. Label groups (lungs = left + right)
+matrix), IoU, volumes in ml; optional 95% Hausdorff distance and normalised surface Dice. Label groups (lungs = left + right)
 are evaluated as their union. Results as CSV per case and a YAML summary."""
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def confusion(pred: np.ndarray, ref: np.ndarray) -> tuple[int, int, int, int]:
     return tp, fp, fn, int(pred.size) - tp - fp - fn
 
 
-def mask_metrics(pred: np.ndarray, ref: np.ndarray, voxel_ml: float, spacing=None, hd95: bool = False) -> dict:
+def mask_metrics(pred: np.ndarray, ref: np.ndarray, voxel_ml: float, spacing=None, hd95: bool = False,
+                 nsd_tolerance: float | None = None) -> dict:
     """Dice = 2TP/(2TP+FP+FN), sensitivity = TP/(TP+FN), specificity = TN/(TN+FP), IoU = TP/(TP+FP+FN).
     Empty reference and empty prediction: Dice, IoU, sensitivity 1.0 and ``empty_reference`` set."""
     tp, fp, fn, tn = confusion(pred, ref)
@@ -33,36 +34,41 @@ def mask_metrics(pred: np.ndarray, ref: np.ndarray, voxel_ml: float, spacing=Non
            "specificity": tn / (tn + fp) if (tn + fp) else 1.0,
            "iou": tp / (tp + fp + fn) if (tp + fp + fn) else 1.0,
            "pred_ml": (tp + fp) * voxel_ml, "ref_ml": (tp + fn) * voxel_ml, "empty_reference": bool(empty)}
-    if hd95:
-        out["hd95_mm"] = hausdorff95(pred, ref, spacing)
+    if hd95 or nsd_tolerance is not None:
+        d_p, d_r = surface_distances(pred, ref, spacing)
+        if hd95:
+            out["hd95_mm"] = float(np.percentile(np.concatenate([d_p, d_r]), 95)) if d_p is not None else float("nan")
+        if nsd_tolerance is not None:
+            out["surface_dice"] = (float((np.sum(d_p <= nsd_tolerance) + np.sum(d_r <= nsd_tolerance)) / (d_p.size + d_r.size))
+                                   if d_p is not None else float(not pred.any() and not ref.any()))
     return out
 
 
-def hausdorff95(pred: np.ndarray, ref: np.ndarray, spacing) -> float:
-    """95th percentile of the symmetric surface distances in mm (NaN if either mask is empty)."""
+def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing):
+    """Distances (mm) from each surface voxel of ``pred`` to the surface of ``ref`` and back;
+    (None, None) if either mask is empty."""
     from scipy import ndimage
     if not pred.any() or not ref.any():
-        return float("nan")
+        return None, None
     def surface(m):
         return m & ~ndimage.binary_erosion(m)
     sp, sr = surface(pred), surface(ref)
-    d_to_r = ndimage.distance_transform_edt(~sr, sampling=spacing)[sp]
-    d_to_p = ndimage.distance_transform_edt(~sp, sampling=spacing)[sr]
-    return float(np.percentile(np.concatenate([d_to_r, d_to_p]), 95))
+    return (ndimage.distance_transform_edt(~sr, sampling=spacing)[sp],
+            ndimage.distance_transform_edt(~sp, sampling=spacing)[sr])
 
 
 def case_metrics(pred: np.ndarray, ref: np.ndarray, labels: dict[str, int], groups: dict[str, list[str]],
-                 spacing, hd95: bool = False) -> dict[str, dict]:
+                 spacing, hd95: bool = False, nsd_tolerance: float | None = None) -> dict[str, dict]:
     """Metrics per foreground label and per group, for one case (label values, not class indices)."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
     out = {}
     for name, value in labels.items():
         if value == 0:
             continue
-        out[name] = mask_metrics(pred == value, ref == value, voxel_ml, spacing, hd95)
+        out[name] = mask_metrics(pred == value, ref == value, voxel_ml, spacing, hd95, nsd_tolerance)
     for g, members in groups.items():
         vals = [labels[m] for m in members]
-        out[g] = mask_metrics(np.isin(pred, vals), np.isin(ref, vals), voxel_ml, spacing, hd95)
+        out[g] = mask_metrics(np.isin(pred, vals), np.isin(ref, vals), voxel_ml, spacing, hd95, nsd_tolerance)
     return out
 
 
@@ -76,6 +82,7 @@ def _case_files(folder: Path) -> dict[str, Path]:
 
 
 def evaluate_folder(pred_dir: Path, ref_dir: Path, plan_path: Path | None = None, hd95: bool = False,
+                    nsd_tolerance: float | None = None,
                     labels: dict[str, int] | None = None, groups: dict[str, list[str]] | None = None) -> str:
     """Evaluate every prediction that has a reference; writes metrics.csv and summary.yaml in pred_dir."""
     if plan_path is not None:
@@ -96,7 +103,7 @@ def evaluate_folder(pred_dir: Path, ref_dir: Path, plan_path: Path | None = None
         ref, rg = read_label(refs[cid])
         if pred.shape != ref.shape:
             raise ValueError(f"{preds[cid]}: shape {pred.shape} differs from the reference {ref.shape}")
-        for cls, m in case_metrics(pred, ref, labels, groups, rg.spacing, hd95).items():
+        for cls, m in case_metrics(pred, ref, labels, groups, rg.spacing, hd95, nsd_tolerance).items():
             rows.append({"case": cid, "class": cls, **m})
     write_rows(rows, Path(pred_dir) / "metrics.csv")
     summary = summarize_rows(rows)
@@ -112,7 +119,7 @@ def summarize_rows(rows: list[dict]) -> dict:
     for cls in dict.fromkeys(r["class"] for r in rows):
         sel = [r for r in rows if r["class"] == cls]
         entry = {}
-        for m in METRICS + ("hd95_mm",):
+        for m in METRICS + ("hd95_mm", "surface_dice"):
             vals = np.array([r[m] for r in sel if m in r], dtype=float)
             if vals.size:
                 entry[m] = {"mean": float(np.nanmean(vals)) if np.any(~np.isnan(vals)) else None,

@@ -146,9 +146,10 @@ def train_fold(plan_path: Path, fold: int, resume: bool = False, restart: bool =
         history.append(row)
         if improved:
             save_best(fold_dir, model)
-        save_latest(fold_dir, model, state)
+        # history first, checkpoint pointer last: a kill in between leaves a row that resume drops
         write_rows(history, fold_dir / "history.csv", HISTORY_FIELDS)
         plot_progress(history, fold_dir / "progress.png")
+        save_latest(fold_dir, model, state)
         _log_tensorboard(writer, row)
         if progress:
             print(f"fold {fold} epoch {row['epoch']}: loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, "

@@ -68,7 +68,22 @@ def test_label_groups_and_hd95():
     pred = ref.copy()
     pred[pred == 2] = 1  # right lung called left: per class wrong, lungs right
     m = case_metrics(pred, ref, {"background": 0, "left_lung": 1, "right_lung": 2}, {"lungs": ["left_lung", "right_lung"]},
-                     (2.0, 1.0, 1.0), hd95=True)
+                     (2.0, 1.0, 1.0), hd95=True, nsd_tolerance=1.0)
     assert m["lungs"]["dice"] == 1.0 and m["right_lung"]["dice"] == 0.0
     assert m["left_lung"]["dice"] == pytest.approx(2 * 16 / (32 + 16))
     assert m["lungs"]["hd95_mm"] == 0.0 and m["left_lung"]["hd95_mm"] > 0
+    assert m["lungs"]["surface_dice"] == 1.0 and m["right_lung"]["surface_dice"] == 0.0
+
+
+def test_surface_dice_by_hand():
+    ref = np.zeros((1, 1, 10), bool)
+    ref[0, 0, 2:6] = True
+    pred = np.zeros_like(ref)
+    pred[0, 0, 4:9] = True
+    # surfaces: every voxel of a one-voxel-thick line is surface; distances along x in mm
+    m = mask_metrics(pred, ref, 1.0, (1.0, 1.0, 1.0), hd95=True, nsd_tolerance=1.0)
+    d_pred = [min(abs(p - r) for r in range(2, 6)) for p in range(4, 9)]   # 0 0 1 2 3
+    d_ref = [min(abs(r - p) for p in range(4, 9)) for r in range(2, 6)]    # 2 1 0 0
+    within = sum(d <= 1.0 for d in d_pred + d_ref)
+    assert m["surface_dice"] == pytest.approx(within / 9)
+    assert m["hd95_mm"] == pytest.approx(np.percentile(d_pred + d_ref, 95))

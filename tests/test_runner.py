@@ -220,3 +220,32 @@ def test_time_budget_stops_and_keeps_a_usable_best_checkpoint(phantoms, tmp_path
     assert lrs == sorted(lrs, reverse=True)  # decays over the budget
     model = load_fold_models(plan, p.parent, [0])[0]
     assert model.predict_on_batch(np.zeros((1, 8, 32, 32, 1), np.float32)).shape == (1, 8, 32, 32, 4)
+
+
+def test_sigkill_during_training_resumes_losing_at_most_one_epoch(phantoms, tmp_path):
+    import subprocess
+    import sys
+    from runner.train import train_fold
+    from runner.tables import read_rows
+    p = tiny_plan(phantoms, tmp_path / "p.yaml", epochs=500, iterations=2)
+    fold = tmp_path / load_plan(p).dataset.work_dir / "fold_0"
+    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(p), "--fold", "0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
+    pointer = fold / "checkpoint_latest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if pointer.exists() and json.loads(pointer.read_text())["state"]["epoch"] >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = json.loads(pointer.read_text())["state"]  # never half-written
+    done = state["epoch"]
+    assert done >= 2 and (fold / json.loads(pointer.read_text())["weights"]).exists()
+    plan = load_plan(p)
+    save_plan(plan.replace(training=dataclasses.replace(plan.training, schedule=dataclasses.replace(
+        plan.training.schedule, max_epochs=done + 1))), p)
+    train_fold(p, 0, resume=True, progress=False)
+    rows = read_rows(fold / "history.csv")
+    assert [r["epoch"] for r in rows] == list(range(done + 1))
+    assert json.loads(pointer.read_text())["state"]["epoch"] == done + 1
