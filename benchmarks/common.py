@@ -4,6 +4,10 @@ from __future__ import annotations
 import resource
 import time
 from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HIPPOCAMPUS = ROOT.parent / "shared" / "data" / "Dataset004_Hippocampus"
 
 
 def peak_rss_gb(children: bool = True) -> float:

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data" / "Dataset004_Hippocampus"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import HIPPOCAMPUS as DATA, ROOT  # noqa: E402
 
 
 def main() -> None:

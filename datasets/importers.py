@@ -111,7 +111,7 @@ def import_msd(tar_path: str | Path, out: str | Path) -> Path:
 
 
 def _rel(p: str) -> str:
-    return str(PurePosixPath(p.lstrip("./")) if p.startswith("./") else PurePosixPath(p))
+    return p[2:] if p.startswith("./") else p
 
 
 def _extract_to(tf: tarfile.TarFile, by_name: dict, rel: str, tar_path, dest: Path) -> None:

@@ -1,6 +1,7 @@
 """Fingerprint -> Plan, for each preset; the reasons for each value become YAML comments."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 from pathlib import Path
@@ -70,11 +71,10 @@ def make_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, gpu_m
         else:
             norms.append(ChannelNormalization(st.name, "zscore", None, "case", 0.0, 1.0))
     groups = _label_groups(fp.labels)
-    schedule = PAPER_SCHEDULE.__class__(**{**PAPER_SCHEDULE.__dict__, "monitor": "val_loss"})
+    schedule = dataclasses.replace(PAPER_SCHEDULE, monitor="val_loss")
     if cpu:
-        schedule = schedule.__class__(**{**schedule.__dict__, "max_epochs": 200, "iterations_per_epoch": 25,
-                                         "plateau_patience": 5, "early_stopping_patience": 20,
-                                         "time_budget_minutes": 15.0})
+        schedule = dataclasses.replace(schedule, max_epochs=200, iterations_per_epoch=25, plateau_patience=5,
+                                       early_stopping_patience=20, time_budget_minutes=15.0)
         reasons["training.schedule.time_budget_minutes"] = "a CPU plan trains for a fixed time; the learning rate decays over it"
     reasons["training.sampling.foreground_oversampling"] = "nnU-Net's 1/3 of patches centred on foreground"
     plan = Plan(

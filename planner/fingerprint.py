@@ -16,7 +16,7 @@ import yaml
 
 from planner.dataset import Dataset, atomic_write_text, load_dataset, read_label, read_volume
 from planner.parallel import parallel_map
-from planner.schema import Reader, SchemaError, doc, dump_yaml, to_plain
+from planner.schema import Reader, SchemaError, doc, dump_yaml
 
 FINGERPRINT_VERSION = 1
 DEFAULT_WINDOW = (-1250.0, 250.0)
@@ -188,8 +188,3 @@ def fingerprint_for(dataset_dir: Path, cache: Path, workers: int = 1, progress: 
     fp = compute_fingerprint(ds, workers=workers, progress=progress)
     save_fingerprint(fp, cache)
     return fp, False
-
-
-def fingerprint_summary(fp: Fingerprint) -> dict:
-    return to_plain({"cases": len(fp.cases), "class_ratio": dict(zip(fp.labels, fp.class_ratio)),
-                     "conventions": {c.case_id: c.conventions for c in fp.cases}})

@@ -84,7 +84,7 @@ def nifti_nonfinite(path: Path) -> int:
         return bad
 
 
-def _check_case(case: Case, allowed: set[int], n_channels: int) -> list[Problem]:
+def _check_case(case: Case, allowed: set[int]) -> list[Problem]:
     probs: list[Problem] = []
 
     def add(sev: str, path, msg: str) -> None:
@@ -157,7 +157,7 @@ def check_dataset(root: str | Path, workers: int = 1, progress: bool = True) -> 
             problems.append(Problem("error", cid, str(ds.root), f"case id appears {n} times"))
     allowed = set(ds.labels.values())
     from planner.parallel import parallel_map
-    results = parallel_map(_check_one, [(c, allowed, ds.num_channels) for c in ds.cases], workers,
+    results = parallel_map(_check_one, [(c, allowed) for c in ds.cases], workers,
                            desc="check-dataset", progress=progress)
     for r in results:
         problems.extend(r)
@@ -167,9 +167,9 @@ def check_dataset(root: str | Path, workers: int = 1, progress: bool = True) -> 
 
 
 def _check_one(args) -> list[Problem]:
-    case, allowed, n_channels = args
+    case, allowed = args
     try:
-        return _check_case(case, allowed, n_channels)
+        return _check_case(case, allowed)
     except Exception as e:  # any unforeseen failure is reported against the case, never a traceback
         return [Problem("error", case.case_id, str(case.image_files[0]), f"could not be checked: {e!r}")]
 

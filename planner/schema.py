@@ -156,7 +156,7 @@ class Reader:
             return None
         hints = typing.get_type_hints(cls)
         names = [f.name for f in dataclasses.fields(cls)]
-        kwargs = {}
+        kwargs, missing = {}, False
         for k in data:
             if k not in names:
                 close = difflib.get_close_matches(str(k), names, n=1)
@@ -170,7 +170,8 @@ class Reader:
                 continue
             else:
                 self.error(sub, "missing")
-        if any(v is _BAD for v in kwargs.values()) or len(kwargs) + _n_defaults(cls, kwargs) < len(names):
+                missing = True
+        if missing or any(v is _BAD for v in kwargs.values()):
             return _BAD
         return cls(**kwargs)
 
@@ -242,8 +243,3 @@ _BAD = _Bad()
 
 def _kind(v: Any) -> str:
     return "nothing" if v is None else f"{type(v).__name__} {v!r}"[:80]
-
-
-def _n_defaults(cls: type, given: dict) -> int:
-    return sum(1 for f in dataclasses.fields(cls) if f.name not in given and
-               (f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING))

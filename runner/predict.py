@@ -149,8 +149,3 @@ def predict_validation(plan_path: Path, fold: int, progress: bool = True) -> str
     summary = evaluate_folder(out, ref_dir, None, labels=plan.dataset.labels, groups=plan.dataset.label_groups)
     print(f"fold {fold} validation ({len(cases)} cases):\n{summary}")
     return summary
-
-
-def geometry_of_file(path: Path) -> Geometry:
-    import SimpleITK as sitk
-    return geometry_of(sitk.ReadImage(str(path)))

@@ -227,7 +227,3 @@ def load_case(folder: Path, case_id: str, mmap: bool = True) -> tuple[np.ndarray
 def load_locations(folder: Path, case_id: str) -> dict[str, np.ndarray]:
     with np.load(folder / f"{case_id}_locs.npz", allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
-
-
-def read_case_for_prediction(case: Case) -> tuple[np.ndarray, Geometry]:
-    return read_image(case)

@@ -1,6 +1,7 @@
 """train_fold / run_fold: one fold of the plan, with exact resume, then prediction of its validation cases."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -108,7 +109,7 @@ def train_fold(plan_path: Path, fold: int, resume: bool = False, restart: bool =
         model = compile_model(plan, tr.learning_rate)
     state = load_latest(fold_dir, model) if resume else None
     state = state or TrainState(learning_rate=tr.learning_rate)
-    state = TrainState(**{**state.__dict__, "stopped": stop_reason(state, sched)})
+    state = dataclasses.replace(state, stopped=stop_reason(state, sched))
     history = read_rows(fold_dir / "history.csv")[: state.epoch]
     sampler = PatchSampler(pre, split["train"], tr.patch_size, tr.sampling.foreground_oversampling)
     augment = build_augmentation(tr.augmentation, tr.patch_size)
@@ -137,7 +138,7 @@ def train_fold(plan_path: Path, fold: int, resume: bool = False, restart: bool =
         bar.close()
         train_s = time.perf_counter() - t0
         val_loss, val_dice = _validate(model, val, n_cls)
-        state = TrainState(**{**state.__dict__, "learning_rate": lr, "elapsed_s": state.elapsed_s + train_s})
+        state = dataclasses.replace(state, learning_rate=lr, elapsed_s=state.elapsed_s + train_s)
         monitored = val_loss if sched.monitor == "val_loss" and not math.isnan(val_loss) else float(np.mean(losses))
         state, improved = after_epoch(state, monitored, sched)
         row = {"epoch": state.epoch - 1, "train_loss": float(np.mean(losses)), "train_dice": float(np.nanmean(dices)),

@@ -118,7 +118,8 @@ def test_patch_not_divisible_and_missing_dataset(phantom_plan, tmp_path):
     with pytest.raises(SchemaError) as e:
         load_plan(edited, check_paths=False)
     assert "training.patch_size.1" in str(e.value) and "not divisible" in str(e.value)
-    moved = _edit(edited, tmp_path / "sub" if (tmp_path / "sub").mkdir() is None else None, "path: ", "path: nowhere/")
+    (tmp_path / "sub").mkdir()
+    moved = _edit(edited, tmp_path / "sub", "path: ", "path: nowhere/")
     with pytest.raises(SchemaError) as e:
         load_plan(moved)
     assert "dataset.path" in str(e.value) and "does not exist" in str(e.value)
