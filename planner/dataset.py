@@ -26,6 +26,7 @@ import yaml
 
 ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 CT_NAMES = ("ct", "computed tomography")
+PLAIN_CT_SAMPLE = 5    # images looked at to decide whether a plain-layout channel is CT
 
 
 class DatasetError(ValueError):
@@ -176,11 +177,19 @@ def _load_plain(root: Path, infer: bool) -> Dataset:
 
 
 def _infer_plain_meta(cases: list[Case]) -> tuple[dict[int, str], dict[str, int]]:
-    """Channel count from the first image, label values from every label map, CT from HU values."""
+    """Channel count from the first image, label values from every label map. The channel is CT
+    when most images show a CT signature (HU air, the 0..255 windowed look or unsigned HU; see
+    planner.intensity), looked at in up to PLAIN_CT_SAMPLE images spread over the cases: one odd
+    first image must not decide for the dataset."""
+    from planner.intensity import detect_convention
     first = sitk.ReadImage(str(cases[0].image_files[0]))
     n_comp = first.GetNumberOfComponentsPerPixel()
-    arr = sitk.GetArrayViewFromImage(first)
-    looks_ct = n_comp == 1 and float(arr.min()) < -500 and float(arr.max()) > 200
+    looks_ct = False
+    if n_comp == 1:
+        picks = sorted({round(i * (len(cases) - 1) / max(PLAIN_CT_SAMPLE - 1, 1)) for i in range(PLAIN_CT_SAMPLE)})
+        votes = [detect_convention(sitk.GetArrayFromImage(sitk.ReadImage(str(cases[i].image_files[0]))), True)
+                 not in ("unknown", "other") for i in picks if Path(cases[i].image_files[0]).exists()]
+        looks_ct = bool(votes) and sum(votes) * 2 > len(votes)
     channels = {c: ("CT" if looks_ct else f"channel{c}") for c in range(n_comp)}
     values: set[int] = set()
     for case in cases:

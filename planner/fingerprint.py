@@ -15,11 +15,11 @@ import numpy as np
 import yaml
 
 from planner.dataset import Dataset, atomic_write_text, load_dataset, read_label, read_volume
+from planner.intensity import DEFAULT_WINDOW, detect_convention, to_hu
 from planner.parallel import parallel_map
 from planner.schema import Reader, SchemaError, doc, dump_yaml
 
-FINGERPRINT_VERSION = 1
-DEFAULT_WINDOW = (-1250.0, 250.0)
+FINGERPRINT_VERSION = 2    # 2: conventions by evidence (hu, windowed, shifted_hu, unknown)
 SAMPLES_PER_CASE = 10_000
 
 
@@ -30,7 +30,7 @@ class CaseFingerprint:
     shape: list[int] = doc("voxels (z, y, x)")
     cropped_shape: list[int] = doc("shape of the non-zero region (non-CT channels; CT volumes are not cropped)")
     direction: list[float] = doc("direction cosines as SimpleITK reports them")
-    conventions: list[str] = doc("per channel: hu, windowed (0..255) or other")
+    conventions: list[str] = doc("per channel: hu, windowed (0..255), shifted_hu (HU + 1024), unknown, or other (not CT)")
     class_voxels: list[int] = doc("voxels per label, in the order of the labels")
 
 
@@ -60,24 +60,6 @@ class Fingerprint:
     class_ratio: list[float] = doc("share of all voxels per label")
     class_presence: list[int] = doc("cases containing each label")
     seed: int = field(default=0, metadata={"doc": "seed of the foreground sample"})
-
-
-def detect_convention(arr: np.ndarray, is_ct: bool) -> str:
-    """'windowed' for CT already scaled to 0..255, 'hu' for CT in Hounsfield units, else 'other'."""
-    if not is_ct:
-        return "other"
-    lo, hi = float(arr.min()), float(arr.max())
-    if lo >= 0.0 and hi <= 255.0 and (hi > 1.5 or lo == hi):
-        return "windowed"
-    return "hu"
-
-
-def to_hu(arr: np.ndarray, convention: str, window=DEFAULT_WINDOW) -> np.ndarray:
-    """Bring a CT channel into HU: windowed values v in 0..255 -> lo + v / 255 * (hi - lo)."""
-    if convention == "windowed":
-        lo, hi = window
-        return (arr.astype(np.float32) * np.float32((hi - lo) / 255.0) + np.float32(lo))
-    return arr
 
 
 def nonzero_box(image, ct_channels: list[bool]) -> tuple[tuple[int, int], ...]:

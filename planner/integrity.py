@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from planner.dataset import Case, Dataset, DatasetError, Geometry, load_dataset, read_volume
+from planner.intensity import explain_convention
 
 SPACING_TOL = 1e-3   # relative
 ORIGIN_TOL = 1e-2    # mm
@@ -84,7 +85,7 @@ def nifti_nonfinite(path: Path) -> int:
         return bad
 
 
-def _check_case(case: Case, allowed: set[int]) -> list[Problem]:
+def _check_case(case: Case, allowed: set[int], ct_flags: list[bool] | None = None) -> list[Problem]:
     probs: list[Problem] = []
 
     def add(sev: str, path, msg: str) -> None:
@@ -108,6 +109,12 @@ def _check_case(case: Case, allowed: set[int]) -> list[Problem]:
             bad = max(int(np.count_nonzero(~np.isfinite(arr))), nifti_nonfinite(path))
             if bad:
                 add("error", path, f"{bad} NaN/Inf voxels")
+        channel = len(geoms)
+        if ct_flags and channel < len(ct_flags) and ct_flags[channel] and arr.ndim == 3:
+            conv, why = explain_convention(arr, True)
+            if conv == "unknown":
+                add("warning", path, f"CT values show no known unit: {why}; the plan will assume HU: set "
+                                     f"intensity.conventions.{case.case_id} to hu, windowed or shifted_hu")
         geoms.append((path, g))
     for path, g in geoms[1:]:
         for diff in compare_geometry(geoms[0][1], g):
@@ -157,7 +164,8 @@ def check_dataset(root: str | Path, workers: int = 1, progress: bool = True) -> 
             problems.append(Problem("error", cid, str(ds.root), f"case id appears {n} times"))
     allowed = set(ds.labels.values())
     from planner.parallel import parallel_map
-    results = parallel_map(_check_one, [(c, allowed) for c in ds.cases], workers,
+    ct_flags = [ds.is_ct(c) for c in range(ds.num_channels)]
+    results = parallel_map(_check_one, [(c, allowed, ct_flags) for c in ds.cases], workers,
                            desc="check-dataset", progress=progress)
     for r in results:
         problems.extend(r)
@@ -167,9 +175,9 @@ def check_dataset(root: str | Path, workers: int = 1, progress: bool = True) -> 
 
 
 def _check_one(args) -> list[Problem]:
-    case, allowed = args
+    case, allowed, ct_flags = args
     try:
-        return _check_case(case, allowed)
+        return _check_case(case, allowed, ct_flags)
     except Exception as e:  # any unforeseen failure is reported against the case, never a traceback
         return [Problem("error", case.case_id, str(case.image_files[0]), f"could not be checked: {e!r}")]
 
