@@ -15,6 +15,8 @@ from planner.plan import (SCHEMA_VERSION, AugmentationSection, ChannelNormalizat
                           Plan, ResamplingSection, SamplingSection, ScheduleSection, TrainingSection)
 from planner.memory import estimate_training_gb
 
+CONVS_PER_STAGE = 2
+DEFAULT_FOLDS = 5
 PAPER_AUGMENTATION = AugmentationSection(
     mirror_p=0.15, mirror_axes=[0, 1, 2], elastic_p=0.15, elastic_alpha=[0.0, 900.0], elastic_sigma=[9.0, 13.0],
     rotation_p=0.15, rotation_degrees=15.0, scaling_p=0.15, scaling_range=[0.85, 1.25], brightness_p=0.15,
@@ -63,7 +65,7 @@ def make_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, gpu_m
     cpu = preset == "cpu"
     first, cap = (8, 64) if cpu else (H.FIRST_FILTERS, H.MAX_FILTERS)
     fit = H.fit_patch_and_batch(median, spacing, gpu_memory_gb, n_in, n_cls, H.dataset_voxels(fp, spacing),
-                                reasons, first=first, cap=cap)
+                                reasons, first=first, cap=cap, convs_per_stage=CONVS_PER_STAGE)
     norms = []
     for i, st in enumerate(fp.channels):
         if st.is_ct:
@@ -71,7 +73,9 @@ def make_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, gpu_m
         else:
             norms.append(ChannelNormalization(st.name, "zscore", None, "case", 0.0, 1.0))
     groups = _label_groups(fp.labels)
-    schedule = dataclasses.replace(PAPER_SCHEDULE, monitor="val_loss")
+    schedule = PAPER_SCHEDULE
+    reasons["training.schedule.monitor"] = ("the training loss, as the paper and nnU-Net: the validation cases are the "
+                                            "cross-validation's test cases, so nothing is chosen on them")
     if cpu:
         schedule = dataclasses.replace(schedule, max_epochs=200, iterations_per_epoch=25, plateau_patience=5,
                                        early_stopping_patience=20, time_budget_minutes=15.0)
@@ -80,20 +84,46 @@ def make_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, gpu_m
     plan = Plan(
         schema_version=SCHEMA_VERSION, name=name, preset=preset, device="cpu" if cpu else "gpu",
         dataset=DatasetSection(dataset_rel, work_rel, list(fp.channel_names), dict(fp.labels), groups, splits_file),
-        intensity=IntensitySection(list(fp.windowed_range), _conventions(fp), norms),
+        intensity=IntensitySection(list(fp.windowed_range), _conventions(fp, reasons), norms),
         resampling=ResamplingSection(spacing, 3, "onehot_linear", 3.0, 0),
-        network=NetworkSection(fit["filters"], fit["pools"], fit["kernels"], 2, "batch", 0.99, "relu", "transpose"),
+        network=NetworkSection(fit["filters"], fit["pools"], fit["kernels"], CONVS_PER_STAGE, "batch", 0.99, "relu",
+                               "transpose"),
         training=TrainingSection(fit["patch"], fit["batch"], 1e-3, False, 12345, SamplingSection(0.33),
                                  PAPER_AUGMENTATION, PAPER_LOSS, schedule),
         inference=InferenceSection(0.5, "gaussian", not cpu, 2),
-        cross_validation=CrossValidationSection(5, 12345),
+        cross_validation=CrossValidationSection(_folds(fp, reasons), 12345),
         memory=MemorySection(gpu_memory_gb, budget_source, round(fit["estimate"], 2)))
-    reasons["intensity.conventions"] = "detected from the values: 0..255 CT is 'windowed', below 0 is 'hu'"
     return plan, reasons
 
 
-def _conventions(fp: Fingerprint) -> dict[str, str]:
-    return {c.case_id: c.conventions[0] for c in fp.cases if c.conventions and c.conventions[0] != "other"}
+def _folds(fp: Fingerprint, reasons: dict) -> int:
+    """nnU-Net's 5 folds, fewer where the dataset has fewer cases (each fold validates >= 1 case)."""
+    n = len(fp.cases)
+    if n < 2:
+        raise ValueError(f"the dataset has {n} case(s): cross-validation needs at least 2")
+    if n < DEFAULT_FOLDS:
+        reasons["cross_validation.folds"] = (f"only {n} cases: {n} folds of one validation case each "
+                                             f"instead of {DEFAULT_FOLDS}")
+    return min(DEFAULT_FOLDS, n)
+
+
+def _conventions(fp: Fingerprint, reasons: dict) -> dict[str, str]:
+    """Per CT case its detected unit; an 'unknown' case is assumed HU, and the plan says so beside it."""
+    out = {}
+    for c in fp.cases:
+        if not c.conventions or c.conventions[0] == "other":
+            continue
+        conv = c.conventions[0]
+        if conv == "unknown":
+            conv = "hu"
+            reasons[f"intensity.conventions.{c.case_id}"] = ("ASSUMED: its values show no known unit (no air below "
+                                                              "-500 HU, not the 0..255 windowed look, not HU + 1024; "
+                                                              "see `segplan check-dataset`); check the case and edit")
+        out[c.case_id] = conv
+    if out:
+        reasons["intensity.conventions"] = ("detected per case by evidence: 'hu' (air below -500), 'windowed' (whole "
+                                            "numbers 0..255, air near 0, window top reached), 'shifted_hu' (HU + 1024)")
+    return out
 
 
 def _label_groups(labels: dict[str, int]) -> dict[str, list[str]]:
@@ -118,19 +148,22 @@ def _miscnn(fp, name, dataset_rel, work_rel, gpu_memory_gb, budget_source, split
                "training.sampling.foreground_oversampling": "the paper: plain random crops"}
     filters, pools, kernels = [32, 64, 128, 256, 512], [[2, 2, 2]] * 4, [[3, 3, 3]] * 5
     n_in, n_cls = len(fp.channel_names), len(fp.labels)
-    est = estimate_training_gb([80, 160, 160], 2, filters, kernels, pools, 2, n_in, n_cls)
+    est = estimate_training_gb([80, 160, 160], 2, filters, kernels, pools, CONVS_PER_STAGE, n_in, n_cls)
     norms = [ChannelNormalization(n, "ct", [-1250.0, 250.0], "case", 0.0, 1.0) for n in fp.channel_names]
     plan = Plan(
         schema_version=SCHEMA_VERSION, name=name, preset="miscnn-covid19", device="gpu",
         dataset=DatasetSection(dataset_rel, work_rel, list(fp.channel_names), dict(fp.labels),
                                _label_groups(fp.labels), splits_file),
-        intensity=IntensitySection([-1250.0, 250.0], _conventions(fp), norms),
+        intensity=IntensitySection([-1250.0, 250.0], _conventions(fp, reasons), norms),
         resampling=ResamplingSection([2.70, 1.58, 1.58], 3, "onehot_linear", 3.0, 3),
-        network=NetworkSection(filters, [list(p) for p in pools], [list(k) for k in kernels], 2, "batch", 0.99,
+        network=NetworkSection(filters, [list(p) for p in pools], [list(k) for k in kernels], CONVS_PER_STAGE, "batch", 0.99,
                                "relu", "transpose"),
         training=TrainingSection([80, 160, 160], 2, 1e-3, False, 12345, SamplingSection(0.0), PAPER_AUGMENTATION,
                                  PAPER_LOSS, PAPER_SCHEDULE),
         inference=InferenceSection(0.5, "constant", False, 1),
-        cross_validation=CrossValidationSection(5, 12345),
+        cross_validation=CrossValidationSection(_folds(fp, reasons), 12345),
         memory=MemorySection(gpu_memory_gb, budget_source, round(est, 2)))
+    if est > gpu_memory_gb:
+        reasons["memory.estimate_gb"] = (f"DOES NOT FIT: the paper's configuration needs {est:.2f} GB of the "
+                                         f"{gpu_memory_gb:g} GB budget; lower training.batch_size or patch_size")
     return plan, reasons

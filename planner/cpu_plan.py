@@ -76,7 +76,7 @@ def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, t
     plan = plan.replace(network=net, training=dataclasses.replace(tr, schedule=sched))
     plan = plan.replace(memory=dataclasses.replace(plan.memory, estimate_gb=round(estimate_for_plan(plan), 2)))
     reasons["training.schedule.time_budget_minutes"] = (f"{minutes:g} minutes of training{why}; the learning rate "
-                                                        "decays over the budget and the best checkpoint is kept")
+                                                        "decays over the budget and the final weights are evaluated")
     if step_s:
         reasons["training.schedule.iterations_per_epoch"] = f"epochs of about {EPOCH_SECONDS:g} s at {step_s:.2f} s/step"
     reasons["training.schedule.max_epochs"] = "the time budget, not the epoch count, ends a CPU run"

@@ -18,6 +18,7 @@ FIRST_FILTERS = 32
 MAX_FILTERS = 512
 MAX_BATCH_SHARE = 0.05
 MIN_BATCH = 2
+MIN_PATCH = 8        # no axis of a patch is shrunk below this (or below the median image, if smaller)
 
 
 def target_spacing(spacings: np.ndarray, reasons: dict) -> list[float]:
@@ -61,39 +62,65 @@ def _divisible(patch: list[int], pools: list[list[int]]) -> list[int]:
     return [max(d, int(math.ceil(s / d)) * d) for s, d in zip(patch, div)]
 
 
+def _can_shrink(patch: list[int], pools: list[list[int]], floor: list[int]) -> list[bool]:
+    """Axes that can lose one pooling multiple and stay at or above their floor."""
+    div = [math.prod(p[a] for p in pools) for a in range(3)]
+    return [patch[a] - div[a] >= floor[a] for a in range(3)]
+
+
 def fit_patch_and_batch(median_shape: list[float], spacing: list[float], budget_gb: float, in_channels: int,
                         n_classes: int, dataset_voxels: float, reasons: dict, first: int = FIRST_FILTERS,
-                        cap: int = MAX_FILTERS, mixed_precision: bool = False) -> dict:
+                        cap: int = MAX_FILTERS, mixed_precision: bool = False, convs_per_stage: int = 2,
+                        min_batch: int = MIN_BATCH) -> dict:
     """nnU-Net's rule: a patch proportional to the median image in mm, shrunk along the axis largest
-    relative to the median shape until the estimate fits ``budget_gb``; the rest goes to the batch."""
-    patch = [max(int(math.ceil(m)), 1) for m in median_shape]   # proportional to the median image in mm
+    relative to the median shape until the estimate fits ``budget_gb``; the rest goes to the batch.
+
+    Always ends: every step takes one pooling multiple off an axis that stays at or above its floor
+    (MIN_PATCH voxels, or the median where that is smaller), so the patch strictly shrinks. When even
+    the smallest patch does not fit, the plan is that smallest patch and says so in ``reasons``
+    (key ``memory.estimate_gb``) and in the returned ``fits``."""
+    median_up = [max(int(math.ceil(m)), 1) for m in median_shape]
+    floor = [min(m, MIN_PATCH) for m in median_up]
+    patch = list(median_up)   # proportional to the median image in mm
+
+    def estimate(p, pools, kernels, filters, batch):
+        return estimate_training_gb(p, batch, filters, kernels, pools, convs_per_stage, in_channels, n_classes,
+                                    mixed_precision)
     while True:
         pools, kernels = topology(patch, spacing)
         patch = _divisible(patch, pools)
         filters = filters_for(len(pools) + 1, first, cap)
-        est = estimate_training_gb(patch, MIN_BATCH, filters, kernels, pools, 2, in_channels, n_classes, mixed_precision)
-        if est <= budget_gb or max(patch) <= 8:
+        est = estimate(patch, pools, kernels, filters, min_batch)
+        movable = _can_shrink(patch, pools, floor)
+        if est <= budget_gb or not any(movable):
             break
-        rel = np.array(patch) / np.array(median_shape)
+        rel = [p / m if ok else -1.0 for p, m, ok in zip(patch, median_shape, movable)]
         axis = int(np.argmax(rel))
-        div = math.prod(p[axis] for p in pools)
-        patch[axis] = max(patch[axis] - div, MIN_STAGE_VOXELS)
-    per_sample = (est - estimate_training_gb(patch, 1, filters, kernels, pools, 2, in_channels, n_classes, mixed_precision))
-    batch = MIN_BATCH
-    while estimate_training_gb(patch, batch + 1, filters, kernels, pools, 2, in_channels, n_classes, mixed_precision) <= budget_gb:
-        batch += 1
-    cap_batch = max(MIN_BATCH, int(MAX_BATCH_SHARE * dataset_voxels / np.prod(patch)))
+        patch[axis] -= math.prod(p[axis] for p in pools)
+    one = estimate(patch, pools, kernels, filters, 1)
+    per_sample = estimate(patch, pools, kernels, filters, 2) - one
+    # the estimate is linear in the batch: solve for it instead of counting up (a tiny patch under a
+    # large budget would otherwise take millions of steps)
+    batch = max(min_batch, int((budget_gb - (one - per_sample)) / per_sample)) if per_sample > 0 else min_batch
+    cap_batch = max(min_batch, int(MAX_BATCH_SHARE * dataset_voxels / np.prod(patch)))
     why_batch = f"fills the {budget_gb:g} GB budget"
     if batch > cap_batch:
         batch, why_batch = cap_batch, "capped so one batch covers at most 5% of the dataset's voxels"
-    batch = max(batch, MIN_BATCH)
-    est = estimate_training_gb(patch, batch, filters, kernels, pools, 2, in_channels, n_classes, mixed_precision)
+    est = estimate(patch, pools, kernels, filters, batch)
+    fits = est <= budget_gb
+    if batch == min_batch and not fits:
+        why_batch = f"the minimum of {min_batch}"
     reasons["training.patch_size"] = (f"median image {[round(m) for m in median_shape]} voxels at target spacing; "
                                       f"shrunk to fit {budget_gb:g} GB and made divisible by the pooling")
     reasons["training.batch_size"] = f"{why_batch}; about {per_sample:.2f} GB per extra sample"
     reasons["network.pool_sizes"] = "pool an axis while it stays >= 4 voxels and its spacing is within 2x of the finest"
     reasons["network.filters"] = f"{first} doubling per stage, capped at {cap}"
-    return {"patch": patch, "batch": batch, "pools": pools, "kernels": kernels, "filters": filters, "estimate": est}
+    if not fits:
+        reasons["memory.estimate_gb"] = (f"DOES NOT FIT: even the smallest patch the rules allow ({patch} x batch "
+                                         f"{batch}) needs {est:.2f} GB of the {budget_gb:g} GB budget; give more memory "
+                                         "(--gpu-memory) or a narrower network")
+    return {"patch": patch, "batch": batch, "pools": pools, "kernels": kernels, "filters": filters, "estimate": est,
+            "fits": fits}
 
 
 def ct_normalization(stats, reasons: dict, index: int) -> dict:

@@ -14,6 +14,7 @@ from planner.schema import Reader, SchemaError, doc, dump_yaml, load_yaml_with_l
 
 SCHEMA_VERSION = 1
 PRESETS = ("default", "miscnn-covid19", "cpu")
+PLAN_CONVENTIONS = ("hu", "windowed", "shifted_hu", "other")
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class ChannelNormalization:
 @dataclass(frozen=True)
 class IntensitySection:
     windowed_range: list[float] = doc("the HU window that 0..255 ('windowed') CT cases were scaled from; they are mapped back to HU with it")
-    conventions: dict[str, str] = doc("per case: 'hu' or 'windowed', as detected; edit to override")
+    conventions: dict[str, str] = doc("per CT case: 'hu', 'windowed' (0..255 from windowed_range) or 'shifted_hu' (HU + 1024), as detected; edit to override")
     normalization: list[ChannelNormalization] = doc("one entry per channel")
 
 
@@ -133,6 +134,10 @@ class InferenceSection:
     weighting: Literal["constant", "gaussian"] = doc("how overlapping windows are averaged")
     mirroring: bool = doc("test-time augmentation by flipping the mirror axes")
     batch_size: int = doc("windows per network call")
+    checkpoint: Literal["final", "best"] = doc(
+        "weights that predict the validation cases and new images: final (the paper, nnU-Net) or best (chosen by "
+        "training.schedule.monitor; with val_loss that choice is made on the validation cases, and the report says so)",
+        default="final")
 
 
 @dataclass(frozen=True)
@@ -212,6 +217,8 @@ def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
     ds, tr, net = plan.dataset, plan.training, plan.network
     if base_dir is not None and not (base_dir / ds.path).is_dir():
         r.error("dataset.path", f"folder {(base_dir / ds.path).resolve()} does not exist")
+    elif base_dir is not None:
+        _check_folds(plan, base_dir, r)
     if ds.labels.get("background", ds.labels.get(next(iter(ds.labels), ""), None)) != 0:
         r.error("dataset.labels", "the first label must be background with value 0")
     if len(set(ds.labels.values())) != len(ds.labels):
@@ -228,8 +235,8 @@ def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
         if n.std <= 0:
             r.error(f"intensity.normalization.{i}.std", "must be > 0")
     for case, conv in plan.intensity.conventions.items():
-        if conv not in ("hu", "windowed", "other"):
-            r.error(f"intensity.conventions.{case}", f"'{conv}' is not one of hu, windowed, other")
+        if conv not in PLAN_CONVENTIONS:
+            r.error(f"intensity.conventions.{case}", f"'{conv}' is not one of {', '.join(PLAN_CONVENTIONS)}")
     _positive_list(r, "resampling.target_spacing", plan.resampling.target_spacing, 3, float)
     _positive_list(r, "training.patch_size", tr.patch_size, 3, int)
     n_stages = len(net.filters)
@@ -284,6 +291,19 @@ def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
             r.error(f"training.augmentation.{f.name}", f"{v}: expected [low, high] with low <= high")
     if tr.loss.tversky_alpha < 0 or tr.loss.tversky_beta < 0 or tr.loss.tversky_weight < 0 or tr.loss.cross_entropy_weight < 0:
         r.error("training.loss", "weights, alpha and beta must be >= 0")
+
+
+def _check_folds(plan: Plan, base_dir: Path, r: Reader) -> None:
+    """Refuse more folds than cases before any work (each fold must validate at least one case)."""
+    from planner.dataset import DatasetError, load_dataset
+    try:
+        n = len(load_dataset(base_dir / plan.dataset.path, infer_plain=False).cases)
+    except DatasetError as e:
+        r.error("dataset.path", str(e))
+        return
+    if plan.cross_validation.folds > n:
+        r.error("cross_validation.folds", f"{plan.cross_validation.folds} folds need at least as many cases; the "
+                                          f"dataset has {n}: set folds to {n} or fewer")
 
 
 def _positive_list(r: Reader, key: str, values: list, n: int, kind: type) -> None:
