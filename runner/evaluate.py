@@ -1,6 +1,7 @@
 """Per case and class: Dice, sensitivity, specificity (the paper's formulas from the confusion
-matrix), IoU, volumes in ml; optional 95% Hausdorff distance and normalised surface Dice. Label groups (lungs = left + right)
-are evaluated as their union. Results as CSV per case and a YAML summary."""
+matrix), IoU, volumes in ml; optional 95% Hausdorff distance and normalised surface Dice (surface
+elements, Nikolov et al.). A label group (lungs = left + right) is the mean of its members, as the
+paper reports it, and its union is a row of its own. Results as CSV per case and a YAML summary."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,6 +14,7 @@ from planner.schema import to_plain
 from runner.tables import write_rows
 
 METRICS = ("dice", "sensitivity", "specificity", "iou", "pred_ml", "ref_ml")
+GROUP_MEAN_METRICS = ("dice", "sensitivity", "specificity", "iou", "hd95_mm", "surface_dice")
 
 
 def confusion(pred: np.ndarray, ref: np.ndarray) -> tuple[int, int, int, int]:
@@ -26,7 +28,12 @@ def confusion(pred: np.ndarray, ref: np.ndarray) -> tuple[int, int, int, int]:
 def mask_metrics(pred: np.ndarray, ref: np.ndarray, voxel_ml: float, spacing=None, hd95: bool = False,
                  nsd_tolerance: float | None = None) -> dict:
     """Dice = 2TP/(2TP+FP+FN), sensitivity = TP/(TP+FN), specificity = TN/(TN+FP), IoU = TP/(TP+FP+FN).
-    Empty reference and empty prediction: Dice, IoU, sensitivity 1.0 and ``empty_reference`` set."""
+    Empty reference and empty prediction: Dice, IoU, sensitivity 1.0 and ``empty_reference`` set.
+
+    HD95 and surface Dice follow Nikolov et al.'s surface-element definition (DeepMind's
+    surface-distance library; ``spacing`` in (z, y, x) like the arrays). Where either mask is empty
+    HD95 is undefined: NaN here, counted as such in the summary, never averaged away. Surface Dice is
+    then 1 if both are empty, else 0."""
     tp, fp, fn, tn = confusion(pred, ref)
     empty = tp + fn == 0
     out = {"dice": 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 1.0,
@@ -35,40 +42,54 @@ def mask_metrics(pred: np.ndarray, ref: np.ndarray, voxel_ml: float, spacing=Non
            "iou": tp / (tp + fp + fn) if (tp + fp + fn) else 1.0,
            "pred_ml": (tp + fp) * voxel_ml, "ref_ml": (tp + fn) * voxel_ml, "empty_reference": bool(empty)}
     if hd95 or nsd_tolerance is not None:
-        d_p, d_r = surface_distances(pred, ref, spacing)
+        import surface_distance
+        both = bool(pred.any() and ref.any())
+        dist = surface_distance.compute_surface_distances(ref, pred, tuple(float(s) for s in spacing)) if both else None
         if hd95:
-            out["hd95_mm"] = float(np.percentile(np.concatenate([d_p, d_r]), 95)) if d_p is not None else float("nan")
+            out["hd95_mm"] = float(surface_distance.compute_robust_hausdorff(dist, 95)) if both else float("nan")
         if nsd_tolerance is not None:
-            out["surface_dice"] = (float((np.sum(d_p <= nsd_tolerance) + np.sum(d_r <= nsd_tolerance)) / (d_p.size + d_r.size))
-                                   if d_p is not None else float(not pred.any() and not ref.any()))
+            out["surface_dice"] = (float(surface_distance.compute_surface_dice_at_tolerance(dist, nsd_tolerance))
+                                   if both else float(not pred.any() and not ref.any()))
     return out
 
 
-def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing):
-    """Distances (mm) from each surface voxel of ``pred`` to the surface of ``ref`` and back;
-    (None, None) if either mask is empty."""
-    from scipy import ndimage
-    if not pred.any() or not ref.any():
-        return None, None
-    def surface(m):
-        return m & ~ndimage.binary_erosion(m)
-    sp, sr = surface(pred), surface(ref)
-    return (ndimage.distance_transform_edt(~sr, sampling=spacing)[sp],
-            ndimage.distance_transform_edt(~sp, sampling=spacing)[sr])
+def missing_metrics(ref: np.ndarray, voxel_ml: float, hd95: bool, nsd_tolerance: float | None) -> dict:
+    """A reference without a prediction scores zero on every overlap metric (and is listed by name)."""
+    out = {"dice": 0.0, "sensitivity": 0.0, "specificity": 0.0, "iou": 0.0, "pred_ml": 0.0,
+           "ref_ml": int(np.count_nonzero(ref)) * voxel_ml, "empty_reference": not bool(ref.any())}
+    if hd95:
+        out["hd95_mm"] = float("nan")
+    if nsd_tolerance is not None:
+        out["surface_dice"] = 0.0
+    return out
 
 
-def case_metrics(pred: np.ndarray, ref: np.ndarray, labels: dict[str, int], groups: dict[str, list[str]],
+def case_metrics(pred: np.ndarray | None, ref: np.ndarray, labels: dict[str, int], groups: dict[str, list[str]],
                  spacing, hd95: bool = False, nsd_tolerance: float | None = None) -> dict[str, dict]:
-    """Metrics per foreground label and per group, for one case (label values, not class indices)."""
+    """Metrics per foreground label and per group, for one case (label values, not class indices).
+
+    A group (the paper's lungs = left + right) is scored as the paper does: under its own name the
+    mean of its members' metrics, so a left/right swap scores as wrong as it is; the union of its
+    members is its own row, ``<group>_union``. ``pred`` None: the prediction is missing."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
+
+    def score(p_mask, r_mask):
+        if p_mask is None:
+            return missing_metrics(r_mask, voxel_ml, hd95, nsd_tolerance)
+        return mask_metrics(p_mask, r_mask, voxel_ml, spacing, hd95, nsd_tolerance)
     out = {}
     for name, value in labels.items():
-        if value == 0:
-            continue
-        out[name] = mask_metrics(pred == value, ref == value, voxel_ml, spacing, hd95, nsd_tolerance)
+        if value != 0:
+            out[name] = score(None if pred is None else pred == value, ref == value)
     for g, members in groups.items():
+        rows = [out[m] for m in members]
+        out[g] = {m: float(np.mean([r[m] for r in rows])) for m in GROUP_MEAN_METRICS if m in rows[0]}
+        out[g] |= {"pred_ml": sum(r["pred_ml"] for r in rows), "ref_ml": sum(r["ref_ml"] for r in rows),
+                   "empty_reference": all(r["empty_reference"] for r in rows)}
         vals = [labels[m] for m in members]
-        out[g] = mask_metrics(np.isin(pred, vals), np.isin(ref, vals), voxel_ml, spacing, hd95, nsd_tolerance)
+        out[f"{g}_union"] = score(None if pred is None else np.isin(pred, vals), np.isin(ref, vals))
+    for m in out.values():
+        m["missing_prediction"] = pred is None
     return out
 
 
@@ -83,55 +104,87 @@ def _case_files(folder: Path) -> dict[str, Path]:
 
 def evaluate_folder(pred_dir: Path, ref_dir: Path, plan_path: Path | None = None, hd95: bool = False,
                     nsd_tolerance: float | None = None,
-                    labels: dict[str, int] | None = None, groups: dict[str, list[str]] | None = None) -> str:
-    """Evaluate every prediction that has a reference; writes metrics.csv and summary.yaml in pred_dir."""
+                    labels: dict[str, int] | None = None, groups: dict[str, list[str]] | None = None,
+                    notes: dict | None = None) -> str:
+    """Evaluate every reference against its prediction; writes metrics.csv and summary.yaml in pred_dir.
+
+    A reference with no prediction counts as Dice 0 (every overlap metric 0) and is listed under
+    ``missing_predictions``; predictions with no reference are listed too. ``notes`` (e.g. which
+    checkpoint predicted) are written into the summary beside the numbers."""
     if plan_path is not None:
         from planner.plan import load_plan
         plan = load_plan(plan_path, check_paths=False)
         labels, groups = plan.dataset.labels, plan.dataset.label_groups
     preds, refs = _case_files(pred_dir), _case_files(ref_dir)
+    if not refs:
+        raise FileNotFoundError(f"no reference label files in {ref_dir}")
     if labels is None:
         values = sorted({int(v) for p in refs.values() for v in np.unique(read_label(p)[0])} | {0})
         labels = {("background" if v == 0 else f"label_{v}"): v for v in values}
     groups = groups or {}
-    missing = sorted(set(refs) & set(preds) ^ set(preds))
     if not set(preds) & set(refs):
         raise FileNotFoundError(f"no prediction in {pred_dir} has a reference in {ref_dir}")
     rows = []
-    for cid in sorted(set(preds) & set(refs)):
-        pred, pg = read_label(preds[cid])
+    for cid in sorted(refs):
         ref, rg = read_label(refs[cid])
-        if pred.shape != ref.shape:
-            raise ValueError(f"{preds[cid]}: shape {pred.shape} differs from the reference {ref.shape}")
+        pred = None
+        if cid in preds:
+            pred, _ = read_label(preds[cid])
+            if pred.shape != ref.shape:
+                raise ValueError(f"{preds[cid]}: shape {pred.shape} differs from the reference {ref.shape}")
         for cls, m in case_metrics(pred, ref, labels, groups, rg.spacing, hd95, nsd_tolerance).items():
             rows.append({"case": cid, "class": cls, **m})
     write_rows(rows, Path(pred_dir) / "metrics.csv")
     summary = summarize_rows(rows)
-    if missing:
-        summary["predictions_without_reference"] = missing
+    summary["missing_predictions"] = sorted(set(refs) - set(preds))
+    summary["predictions_without_reference"] = sorted(set(preds) - set(refs))
+    summary |= notes or {}
     atomic_write_text(Path(pred_dir) / "summary.yaml", yaml.safe_dump(to_plain(summary), sort_keys=False))
     return format_summary(summary)
 
 
 def summarize_rows(rows: list[dict]) -> dict:
-    """Per class: mean and median of each metric over cases, and how many had an empty reference."""
+    """Per class: mean and median of each metric over cases, and how many had an empty reference.
+
+    A distance undefined for a case (HD95 with an empty mask) is never silently dropped: the entry
+    gives the mean over the ``defined`` cases and how many were ``undefined``."""
     out: dict = {"cases": len({r["case"] for r in rows}), "classes": {}}
     for cls in dict.fromkeys(r["class"] for r in rows):
         sel = [r for r in rows if r["class"] == cls]
         entry = {}
         for m in METRICS + ("hd95_mm", "surface_dice"):
             vals = np.array([r[m] for r in sel if m in r], dtype=float)
-            if vals.size:
-                entry[m] = {"mean": float(np.nanmean(vals)) if np.any(~np.isnan(vals)) else None,
-                            "median": float(np.nanmedian(vals)) if np.any(~np.isnan(vals)) else None}
+            if not vals.size:
+                continue
+            ok = vals[~np.isnan(vals)]
+            entry[m] = {"mean": float(ok.mean()) if ok.size else None,
+                        "median": float(np.median(ok)) if ok.size else None}
+            if ok.size < vals.size:
+                entry[m] |= {"defined": int(ok.size), "undefined": int(vals.size - ok.size)}
         entry["empty_reference_cases"] = int(sum(bool(r["empty_reference"]) for r in sel))
+        entry["missing_prediction_cases"] = int(sum(bool(r.get("missing_prediction", False)) for r in sel))
         out["classes"][cls] = entry
     return out
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"{summary['cases']} cases", f"{'class':<18}{'Dice':>8}{'Sens':>8}{'Spec':>8}{'IoU':>8}   (mean over cases)"]
+    cols = [("dice", "Dice"), ("sensitivity", "Sens"), ("specificity", "Spec"), ("iou", "IoU")]
+    first = next(iter(summary["classes"].values()), {})
+    cols += [(m, h) for m, h in (("hd95_mm", "HD95mm"), ("surface_dice", "NSD")) if m in first]
+    lines = [f"{summary['cases']} cases", f"{'class':<18}" + "".join(f"{h:>8}" for _, h in cols) + "   (mean over cases)"]
     for cls, e in summary["classes"].items():
-        vals = [e.get(m, {}).get("mean") for m in ("dice", "sensitivity", "specificity", "iou")]
+        vals = [e.get(m, {}).get("mean") for m, _ in cols]
         lines.append(f"{cls:<18}" + "".join(f"{v:>8.3f}" if v is not None else f"{'-':>8}" for v in vals))
+    for cls, e in summary["classes"].items():
+        for m, _ in cols:
+            if e.get(m, {}).get("undefined"):
+                lines.append(f"{cls}: {m} undefined for {e[m]['undefined']} case(s) (an empty mask); "
+                             f"the mean is over the other {e[m]['defined']}")
+    if summary.get("missing_predictions"):
+        lines.append(f"MISSING predictions, scored as Dice 0: {', '.join(summary['missing_predictions'])}")
+    if summary.get("predictions_without_reference"):
+        lines.append(f"predictions without a reference (not scored): {', '.join(summary['predictions_without_reference'])}")
+    if summary.get("selection_note"):
+        lines.append(f"NOTE: {summary['selection_note']}")
     return "\n".join(lines)
+

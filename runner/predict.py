@@ -1,6 +1,7 @@
 """`segplan predict` and the prediction of a fold's validation cases after training."""
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -39,21 +40,41 @@ def find_input_cases(folder: Path, n_channels: int) -> list[Case]:
     return [Case(next(p.name[: -len(e)] for e in ENDINGS if p.name.endswith(e)), (p,), None) for p in files]
 
 
+def fold_weights(plan: Plan, fold_dir: Path, fold: int) -> Path:
+    """The weights file of a fold that ``inference.checkpoint`` names: the final weights (what the
+    checkpoint pointer names once training has ended) or the best by the monitored loss."""
+    from runner.checkpoint import BEST, POINTER
+    if plan.inference.checkpoint == "best":
+        best = fold_dir / BEST
+        if not best.exists():
+            raise FileNotFoundError(f"fold {fold}: inference.checkpoint is 'best' but {best} does not exist")
+        return best
+    pointer = fold_dir / POINTER
+    if not pointer.exists():
+        raise FileNotFoundError(f"fold {fold} has no checkpoint in {fold_dir}; run `segplan run PLAN --fold {fold}` first")
+    return fold_dir / json.loads(pointer.read_text())["weights"]
+
+
+def selection_note(plan: Plan) -> str:
+    """What, if anything, of a fold's training was decided on its validation cases: said beside its numbers."""
+    sched = plan.training.schedule
+    if sched.monitor != "val_loss":
+        return ""
+    if plan.inference.checkpoint == "best":
+        return ("the checkpoint was CHOSEN ON THESE VALIDATION CASES (inference.checkpoint: best, monitor: val_loss): "
+                "the figures are optimistic, not a cross-validation estimate")
+    return ("the learning-rate plateau and early stopping watched these validation cases (monitor: val_loss): "
+            "slightly optimistic")
+
+
 def load_fold_models(plan: Plan, base: Path, folds: list[int]):
-    """The best checkpoint of each fold (the latest where no best exists)."""
+    """One Keras model per fold, with the weights ``inference.checkpoint`` names."""
+    from runner.model import build_unet
     models = []
     for k in folds:
-        fd = base / plan.dataset.work_dir / f"fold_{k}"
-        best = fd / "checkpoint_best.weights.h5"
-        if not best.exists():
-            import json
-            pointer = fd / "checkpoint_latest.json"
-            if not pointer.exists():
-                raise FileNotFoundError(f"fold {k} has no checkpoint in {fd}; run `segplan run PLAN --fold {k}` first")
-            best = fd / json.loads(pointer.read_text())["weights"]
-        from runner.model import build_unet
+        weights = fold_weights(plan, base / plan.dataset.work_dir / f"fold_{k}", k)
         model = build_unet(plan.network, len(plan.dataset.channels), len(plan.dataset.labels))
-        model.load_weights(str(best))
+        model.load_weights(str(weights))
         models.append(model)
     return models
 
@@ -146,6 +167,9 @@ def predict_validation(plan_path: Path, fold: int, progress: bool = True) -> str
             link = ref_dir / f"{c.case_id}.nii.gz"
             if not link.exists():
                 link.symlink_to(Path(c.label_file).resolve())
-    summary = evaluate_folder(out, ref_dir, None, labels=plan.dataset.labels, groups=plan.dataset.label_groups)
+    notes = {"checkpoint": plan.inference.checkpoint, "monitor": plan.training.schedule.monitor,
+             "selection_note": selection_note(plan)}
+    summary = evaluate_folder(out, ref_dir, None, labels=plan.dataset.labels, groups=plan.dataset.label_groups,
+                              notes=notes)
     print(f"fold {fold} validation ({len(cases)} cases):\n{summary}")
     return summary

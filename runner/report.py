@@ -31,10 +31,10 @@ def fold_table(rows_by_fold: dict[int, list[dict]], classes: list[str]) -> dict:
     return table
 
 
-def _markdown(table: dict, classes: list[str], missing: list[int]) -> str:
+def _markdown(table: dict, classes: list[str], missing: list[int], notes: list[str] | None = None) -> str:
     head = "| | " + " | ".join(f"{c} {m[:4]}" for c in classes for m in TABLE_METRICS) + " |"
     lines = ["# Cross-validation summary", "", "Median over each fold's validation cases (the paper's Table 1).", "",
-             head, "|" + "---|" * (1 + len(classes) * len(TABLE_METRICS))]
+             *(notes or []), head, "|" + "---|" * (1 + len(classes) * len(TABLE_METRICS))]
     for name, row in table.items():
         lines.append(f"| {name} | " + " | ".join(f"{row.get(c, {}).get(m, float('nan')):.3f}" for c in classes
                                                  for m in TABLE_METRICS) + " |")
@@ -98,6 +98,23 @@ def quantification(rows: list[dict], plan: Plan) -> list[dict]:
     return out
 
 
+def report_notes(plan: Plan, work: Path, folds: list[int]) -> list[str]:
+    """What a reader must know beside the numbers: how groups are scored, which checkpoint predicted,
+    whether anything was chosen on the validation cases, missing predictions."""
+    notes = []
+    for g, members in plan.dataset.label_groups.items():
+        notes.append(f"{g}: per case the mean of {' and '.join(members)} (the paper's definition); "
+                     f"{g}_union: their union, which forgives a {'/'.join(members)} swap")
+    for k in folds:
+        summary = work / f"fold_{k}" / "validation" / "summary.yaml"
+        meta = yaml.safe_load(summary.read_text()) if summary.exists() else {}
+        notes.append(f"fold {k}: predicted with the {meta.get('checkpoint', 'unrecorded')} checkpoint"
+                     + (f"; {meta['selection_note']}" if meta.get("selection_note") else ""))
+        if meta.get("missing_predictions"):
+            notes.append(f"fold {k}: MISSING predictions scored as Dice 0: {', '.join(meta['missing_predictions'])}")
+    return notes
+
+
 def summarize(plan_path: Path) -> str:
     """Write WORK/cv_summary.{yaml,md}, cv_boxplots.png, overlays/ and quantification.csv."""
     plan = load_plan(plan_path)
@@ -114,9 +131,10 @@ def summarize(plan_path: Path) -> str:
         return f"no finished fold in {work}: run `segplan run {plan_path} --fold K` first (missing {missing})"
     classes = list(dict.fromkeys(r["class"] for rows in rows_by_fold.values() for r in rows))
     table = fold_table(rows_by_fold, classes)
-    atomic_write_text(work / "cv_summary.yaml", yaml.safe_dump(to_plain({"folds": table, "missing_folds": missing}),
-                                                                sort_keys=False))
-    atomic_write_text(work / "cv_summary.md", _markdown(table, classes, missing))
+    notes = report_notes(plan, work, list(rows_by_fold))
+    atomic_write_text(work / "cv_summary.yaml", yaml.safe_dump(to_plain({"folds": table, "missing_folds": missing,
+                                                                         "notes": notes}), sort_keys=False))
+    atomic_write_text(work / "cv_summary.md", _markdown(table, classes, missing, [f"- {n}" for n in notes] + [""]))
     all_rows = [dict(r, fold=k) for k, rows in rows_by_fold.items() for r in rows]
     _boxplots(all_rows, classes, work / "cv_boxplots.png")
     write_rows(quantification(all_rows, plan), work / "quantification.csv")
@@ -127,5 +145,5 @@ def summarize(plan_path: Path) -> str:
         pred = work / f"fold_{int(r['fold'])}" / "validation" / f"{r['case']}.nii.gz"
         _overlay(plan, base, r["case"], pred, work / "overlays" / f"{tag}_{r['case']}.png",
                  f"{tag}: {r['case']} ({main_cls} Dice {r['dice']:.3f})")
-    return (_markdown(table, classes, missing) + f"\nwritten: {work / 'cv_summary.md'}, cv_summary.yaml, "
+    return (_markdown(table, classes, missing, [f"- {n}" for n in notes] + [""]) + f"\nwritten: {work / 'cv_summary.md'}, cv_summary.yaml, "
             "cv_boxplots.png, quantification.csv, overlays/")

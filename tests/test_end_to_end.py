@@ -15,6 +15,11 @@ from tests.tiny import tiny_plan
 pytest.importorskip("keras")
 
 
+def json_load(path: Path) -> dict:
+    import json
+    return json.loads(path.read_text())
+
+
 @pytest.mark.e2e
 def test_plan_run_predict_summarize(phantoms, tmp_path):
     plan_path = tiny_plan(phantoms, tmp_path / "plans" / "ph.yaml", epochs=2, iterations=3, folds=2)
@@ -29,12 +34,22 @@ def test_plan_run_predict_summarize(phantoms, tmp_path):
     with open(fold0 / "history.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
     assert any((fold0 / "tensorboard").iterdir())
+    # the CV figures come from the final weights, and the fold's summary says so
+    val = yaml.safe_load((fold0 / "validation" / "summary.yaml").read_text())
+    assert val["checkpoint"] == "final" and val["missing_predictions"] == [] and val["selection_note"] == ""
+    assert {"lungs", "lungs_union", "left_lung", "right_lung"} <= set(val["classes"])
     # a finished fold says so and does nothing
+    before = (fold0 / "history.csv").read_text()
     assert main(["run", str(plan_path), "--fold", "0"]) == 0
-    # a hand edit is honoured: 3 epochs instead of 2 after --restart
+    assert (fold0 / "history.csv").read_text() == before
+    # a hand edit is honoured: 3 epochs instead of 2 after --restart of the finished fold 0
     plan3 = plan.replace(training=dataclasses.replace(plan.training, schedule=dataclasses.replace(
         plan.training.schedule, max_epochs=3)))
     save_plan(plan3, plan_path)
+    assert main(["run", str(plan_path), "--fold", "0", "--restart"]) == 0
+    with open(fold0 / "history.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1, 2]
+    assert json_load(fold0 / "finished.json")["epochs"] == 3
     assert main(["run", str(plan_path), "--fold", "1"]) == 0
     with open(work / "fold_1" / "history.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
@@ -43,6 +58,9 @@ def test_plan_run_predict_summarize(phantoms, tmp_path):
     summary = yaml.safe_load((work / "cv_summary.yaml").read_text())
     assert set(summary["folds"]) == {"fold 0", "fold 1", "average"} and summary["missing_folds"] == []
     assert "lungs" in summary["folds"]["average"] and "dice" in summary["folds"]["average"]["lungs"]
+    assert "lungs_union" in summary["folds"]["average"]
+    report = (work / "cv_summary.md").read_text()
+    assert "mean of left_lung and right_lung" in report and "fold 1: predicted with the final checkpoint" in report
     assert (work / "cv_boxplots.png").stat().st_size > 1000 and len(list((work / "overlays").glob("*.png"))) == 2
     with open(work / "quantification.csv") as f:
         q = list(csv.DictReader(f))

@@ -61,29 +61,97 @@ def test_metrics_against_hand_computed():
     assert miss["dice"] == 0.0 and miss["empty_reference"]
 
 
-def test_label_groups_and_hd95():
+def test_label_groups_score_as_the_paper_and_union_is_its_own_row():
     ref = np.zeros((6, 6, 6), np.uint8)
     ref[1:3, 1:5, 1:3] = 1
     ref[1:3, 1:5, 3:5] = 2
     pred = ref.copy()
-    pred[pred == 2] = 1  # right lung called left: per class wrong, lungs right
-    m = case_metrics(pred, ref, {"background": 0, "left_lung": 1, "right_lung": 2}, {"lungs": ["left_lung", "right_lung"]},
-                     (2.0, 1.0, 1.0), hd95=True, nsd_tolerance=1.0)
-    assert m["lungs"]["dice"] == 1.0 and m["right_lung"]["dice"] == 0.0
-    assert m["left_lung"]["dice"] == pytest.approx(2 * 16 / (32 + 16))
-    assert m["lungs"]["hd95_mm"] == 0.0 and m["left_lung"]["hd95_mm"] > 0
-    assert m["lungs"]["surface_dice"] == 1.0 and m["right_lung"]["surface_dice"] == 0.0
+    pred[pred == 2] = 1  # right lung called left: per class wrong, the union right
+    labels = {"background": 0, "left_lung": 1, "right_lung": 2}
+    m = case_metrics(pred, ref, labels, {"lungs": ["left_lung", "right_lung"]}, (2.0, 1.0, 1.0), hd95=True,
+                     nsd_tolerance=1.0)
+    left = 2 * 16 / (32 + 16)
+    assert m["left_lung"]["dice"] == pytest.approx(left) and m["right_lung"]["dice"] == 0.0
+    assert m["lungs"]["dice"] == pytest.approx((left + 0.0) / 2)          # the paper: mean of left and right
+    assert m["lungs_union"]["dice"] == 1.0 and m["lungs_union"]["hd95_mm"] == 0.0
+    assert m["lungs"]["sensitivity"] == pytest.approx((m["left_lung"]["sensitivity"] + 0.0) / 2)
+    assert np.isnan(m["right_lung"]["hd95_mm"]) and m["right_lung"]["surface_dice"] == 0.0
+    # the issue's example: the whole left lung predicted as right
+    swap = ref.copy()
+    swap[ref == 1] = 2
+    s = case_metrics(swap, ref, labels, {"lungs": ["left_lung", "right_lung"]}, (1.0, 1.0, 1.0))
+    assert s["lungs_union"]["dice"] == 1.0 and s["lungs"]["dice"] == pytest.approx((0 + 2 * 16 / (16 + 32)) / 2)
 
 
-def test_surface_dice_by_hand():
-    ref = np.zeros((1, 1, 10), bool)
-    ref[0, 0, 2:6] = True
-    pred = np.zeros_like(ref)
-    pred[0, 0, 4:9] = True
-    # surfaces: every voxel of a one-voxel-thick line is surface; distances along x in mm
-    m = mask_metrics(pred, ref, 1.0, (1.0, 1.0, 1.0), hd95=True, nsd_tolerance=1.0)
-    d_pred = [min(abs(p - r) for r in range(2, 6)) for p in range(4, 9)]   # 0 0 1 2 3
-    d_ref = [min(abs(r - p) for p in range(4, 9)) for r in range(2, 6)]    # 2 1 0 0
-    within = sum(d <= 1.0 for d in d_pred + d_ref)
-    assert m["surface_dice"] == pytest.approx(within / 9)
-    assert m["hd95_mm"] == pytest.approx(np.percentile(d_pred + d_ref, 95))
+def _masks(seed: int, shape=(9, 14, 11)):
+    rng = np.random.default_rng(seed)
+    from scipy import ndimage
+    a = ndimage.gaussian_filter(rng.normal(size=shape), 1.5) > 0.05
+    b = ndimage.gaussian_filter(rng.normal(size=shape), 1.5) > 0.05
+    return a, b
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_overlap_metrics_match_miseval(seed):
+    """Dice, sensitivity, specificity and IoU against miseval (MIScnn's author's metric library)."""
+    miseval = pytest.importorskip("miseval")
+    pred, ref = _masks(seed)
+    m = mask_metrics(pred, ref, voxel_ml=0.001)
+    assert m["dice"] == pytest.approx(miseval.evaluate(ref, pred, metric="DSC"), abs=1e-9)
+    assert m["sensitivity"] == pytest.approx(miseval.evaluate(ref, pred, metric="SENS"), abs=1e-9)
+    assert m["specificity"] == pytest.approx(miseval.evaluate(ref, pred, metric="SPEC"), abs=1e-9)
+    assert m["iou"] == pytest.approx(miseval.evaluate(ref, pred, metric="IoU"), abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_surface_metrics_follow_surface_elements_in_zyx(seed):
+    """HD95 and surface Dice are DeepMind's surface-element definitions, with the spacing in the
+    arrays' (z, y, x) order: the same masks transposed to (x, y, z) with the spacing reversed give
+    the same numbers, and both equal the library called directly."""
+    import surface_distance
+    pred, ref = _masks(seed)
+    spacing = (3.0, 0.7, 1.1)
+    m = mask_metrics(pred, ref, 1.0, spacing, hd95=True, nsd_tolerance=1.5)
+    t = mask_metrics(pred.transpose(2, 1, 0), ref.transpose(2, 1, 0), 1.0, spacing[::-1], hd95=True, nsd_tolerance=1.5)
+    assert m["hd95_mm"] == pytest.approx(t["hd95_mm"]) and m["surface_dice"] == pytest.approx(t["surface_dice"])
+    d = surface_distance.compute_surface_distances(ref, pred, spacing)
+    assert m["hd95_mm"] == pytest.approx(surface_distance.compute_robust_hausdorff(d, 95))
+    assert m["surface_dice"] == pytest.approx(surface_distance.compute_surface_dice_at_tolerance(d, 1.5))
+    # spacing matters: the wrong axis order gives other numbers for these anisotropic masks
+    w = mask_metrics(pred, ref, 1.0, spacing[::-1], hd95=True, nsd_tolerance=1.5)
+    assert (w["hd95_mm"], w["surface_dice"]) != pytest.approx((m["hd95_mm"], m["surface_dice"]))
+
+
+def test_surface_dice_of_a_shifted_slab_by_hand():
+    """A slab moved by one slice of 2 mm: with a 1 mm tolerance only the side faces (which still touch)
+    agree; with 2 mm everything does. Surface-element areas make this exact."""
+    ref = np.zeros((12, 20, 20), bool)
+    ref[4:8, 5:15, 5:15] = True
+    pred = np.roll(ref, 1, axis=0)
+    m = mask_metrics(pred, ref, 1.0, (2.0, 1.0, 1.0), hd95=True, nsd_tolerance=2.0)
+    assert m["surface_dice"] == pytest.approx(1.0) and m["hd95_mm"] == pytest.approx(2.0)
+
+
+def test_missing_and_empty_cases_are_counted_not_dropped(tmp_path):
+    from planner.dataset import Geometry, write_volume
+    from runner.evaluate import evaluate_folder
+    g = Geometry((2.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (6, 8, 8))
+    ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
+    ref_dir.mkdir()
+    pred_dir.mkdir()
+    full = np.zeros((6, 8, 8), np.uint8)
+    full[1:5, 2:6, 2:6] = 1
+    for cid in ("a", "b", "c"):
+        write_volume(full, g, ref_dir / f"{cid}.nii.gz")
+    write_volume(full, g, pred_dir / "a.nii.gz")                      # perfect
+    write_volume(np.zeros_like(full), g, pred_dir / "b.nii.gz")       # empty prediction: HD95 undefined
+    write_volume(full, g, pred_dir / "z.nii.gz")                      # no reference
+    text = evaluate_folder(pred_dir, ref_dir, labels={"background": 0, "fg": 1}, hd95=True)
+    import yaml
+    summary = yaml.safe_load((pred_dir / "summary.yaml").read_text())
+    assert summary["missing_predictions"] == ["c"] and summary["predictions_without_reference"] == ["z"]
+    fg = summary["classes"]["fg"]
+    assert fg["dice"]["mean"] == pytest.approx((1.0 + 0.0 + 0.0) / 3)    # the missing case counts as 0
+    assert fg["hd95_mm"] == {"mean": 0.0, "median": 0.0, "defined": 1, "undefined": 2}
+    assert fg["missing_prediction_cases"] == 1
+    assert "MISSING predictions, scored as Dice 0: c" in text and "undefined for 2 case(s)" in text

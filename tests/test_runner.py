@@ -1,4 +1,5 @@
 import dataclasses
+import importlib.util
 import json
 import multiprocessing as mp
 import os
@@ -16,9 +17,11 @@ from runner.preprocess import (invert_probabilities, labels_to_classes, preproce
 from runner.splits import SplitError, load_or_make_splits, make_splits, validate_splits
 from tests.tiny import tiny_plan
 
-keras = pytest.importorskip("keras")
+# Keras-dependent tests are marked one by one: the pure-numpy tests of this module run without it
+needs_keras = pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="keras is not installed")
 
 
+@needs_keras
 def test_tversky_half_half_equals_soft_dice():
     from runner.losses import soft_dice_loss, tversky_loss
     rng = np.random.default_rng(0)
@@ -34,6 +37,7 @@ def test_tversky_half_half_equals_soft_dice():
     assert float(tversky_loss(y, p, 0.9, 0.1)) != pytest.approx(tv)
 
 
+@needs_keras
 def test_unet_matches_plan_topology():
     from planner.plan import NetworkSection
     from runner.model import build_unet
@@ -87,28 +91,45 @@ def test_cache_key_follows_preprocessing_fields_only(phantoms, tmp_path):
 
 
 def _kill_preprocess(plan_path, base):
+    """Preprocess in a child that dwells before marking each case complete, so the parent's kill
+    lands between a case's arrays and its properties file every time, not by luck of timing."""
+    import runner.preprocess as pre
     from planner.plan import load_plan
-    preprocess_dataset(load_plan(plan_path), base, workers=1, progress=False)
+    write = pre.atomic_write_text
+
+    def slow_marker(path, text):
+        if path.name.startswith("phantom_") and path.suffix == ".json":
+            time.sleep(1.0)
+        write(path, text)
+    pre.atomic_write_text = slow_marker
+    pre.preprocess_dataset(load_plan(plan_path), base, workers=1, progress=False)
 
 
 def test_killed_preprocessing_leaves_no_trusted_case(phantoms, tmp_path):
+    """Killed once a case's arrays are being written: every case marked complete has complete arrays,
+    the case caught half-way is not marked complete, and a rerun redoes it and clears the temp files."""
     plan_path = tiny_plan(phantoms, tmp_path / "p.yaml")
     plan = load_plan(plan_path)
     out = preprocessed_dir(plan, tmp_path)
     proc = mp.get_context("spawn").Process(target=_kill_preprocess, args=(plan_path, tmp_path))
     proc.start()
-    deadline = time.time() + 60
-    while time.time() < deadline and not (out.exists() and any(out.glob("*.json"))):
-        time.sleep(0.01)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out.exists() and any(out.glob("phantom_*.npy"))):
+        time.sleep(0.002)
     os.kill(proc.pid, signal.SIGKILL)
     proc.join()
-    for props in out.glob("phantom_*.json"):  # every case marked complete has complete arrays
-        cid = props.stem
+    arrays = {p.name.split(".")[0].removesuffix("_seg") for p in out.glob("phantom_*.npy")}
+    done = {p.stem for p in out.glob("phantom_*.json")}
+    assert arrays, "the kill must land after a case's arrays were written"
+    assert arrays - done, "a case caught between its arrays and its properties file must exist to test this"
+    for cid in done:  # every case marked complete has complete arrays
         np.load(out / f"{cid}.npy", allow_pickle=False)
         np.load(out / f"{cid}_seg.npy", allow_pickle=False)
     preprocess_dataset(plan, tmp_path, workers=1, progress=False)
     assert len(list(out.glob("phantom_*.json"))) == 8
-    assert not [p for p in out.iterdir() if p.name.startswith(".tmp_") and p.stat().st_mtime > time.time()]
+    for cid in arrays - done:  # the half-done case was redone in full
+        assert np.load(out / f"{cid}_seg.npy", allow_pickle=False).shape == np.load(out / f"{cid}.npy").shape[1:]
+    assert not list(out.glob(".tmp_*")), "temp files of the killed run are left behind"
 
 
 def test_splits_seeded_written_once_and_validated(tmp_path):
@@ -136,6 +157,7 @@ def test_given_splits_file_is_used(hippocampus, tmp_path):
     assert not (tmp_path / "splits.yaml").exists()
 
 
+@needs_keras
 def test_augmentation_is_deterministic_with_a_seed(phantoms, tmp_path):
     from runner.data import PatchSampler, build_augmentation, make_batch
     plan_path = tiny_plan(phantoms, tmp_path / "p.yaml")
@@ -156,6 +178,7 @@ def test_augmentation_is_deterministic_with_a_seed(phantoms, tmp_path):
     assert np.allclose(a[1].sum(-1), 1)
 
 
+@needs_keras
 def test_loss_falls_when_overfitting_one_case(phantoms, tmp_path):
     from runner.data import PatchSampler, make_batch
     from runner.train import compile_model
@@ -175,6 +198,7 @@ def _history(fold_dir: Path):
         return list(csv.DictReader(f))
 
 
+@needs_keras
 def test_resume_equivalence(phantoms, tmp_path):
     from runner.train import FoldFinished, train_fold
     a = tiny_plan(phantoms, tmp_path / "a" / "p.yaml", epochs=4, iterations=2, plateau_patience=1,
@@ -203,6 +227,7 @@ def test_resume_equivalence(phantoms, tmp_path):
         train_fold(a, 0, progress=False)
 
 
+@needs_keras
 def test_time_budget_stops_and_keeps_a_usable_best_checkpoint(phantoms, tmp_path):
     from runner.predict import load_fold_models
     from runner.train import train_fold
@@ -222,6 +247,7 @@ def test_time_budget_stops_and_keeps_a_usable_best_checkpoint(phantoms, tmp_path
     assert model.predict_on_batch(np.zeros((1, 8, 32, 32, 1), np.float32)).shape == (1, 8, 32, 32, 4)
 
 
+@needs_keras
 def test_sigkill_during_training_resumes_losing_at_most_one_epoch(phantoms, tmp_path):
     import subprocess
     import sys
