@@ -6,11 +6,14 @@ prints them as comments.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from planner.fingerprint import Fingerprint
 from planner.memory import estimate_training_gb
+
+if TYPE_CHECKING:  # the rules need no image I/O: SimpleITK stays out of their imports
+    from planner.fingerprint import Fingerprint
 
 MAX_POOLS = 5
 MIN_STAGE_VOXELS = 4

@@ -1,0 +1,167 @@
+"""Measured training memory and step time of segplan's U-Net beside the planner's estimate (issue 15).
+
+    KERAS_BACKEND=torch python benchmarks/gpu_memory.py [--grid full|tiny] [--out results.json]
+
+For each grid point (patch, batch, first-stage filters, precision) one process builds the plan's
+network (runner.model.build_unet, nnU-Net topology from planner.heuristics), compiles it with the
+plan's Tversky + cross-entropy loss and Adam, runs 2 warm-up and N timed training steps on random
+data, and records the backend's own peak of allocated device memory for that point
+(torch.cuda.max_memory_allocated after a reset, jax's peak_bytes_in_use, TensorFlow's
+get_memory_info peak) next to planner.memory.estimate_training_gb. It ends with the sliding-window
+prediction time of one paper-sized CT (320 x 320 x 128 voxels at the paper's 160 x 160 x 80 patch,
+half-patch overlap). Runs where keras has a GPU backend; on a CPU the memory column is empty.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+GRIDS = {
+    # (patch z y x, batch, first filters, precision)
+    "full": [([80, 160, 160], 2, 32, "float32"), ([80, 160, 160], 2, 32, "mixed_float16"),
+             ([80, 160, 160], 2, 32, "mixed_bfloat16"), ([40, 56, 40], 9, 32, "float32"),
+             ([32, 32, 32], 1, 8, "float32"), ([32, 32, 32], 4, 8, "float32"), ([32, 32, 32], 2, 16, "float32"),
+             ([32, 32, 32], 2, 32, "float32"), ([64, 64, 64], 2, 16, "float32"), ([64, 64, 64], 2, 32, "float32"),
+             ([64, 64, 64], 4, 32, "mixed_bfloat16"), ([64, 128, 128], 2, 32, "float32"),
+             ([96, 96, 96], 2, 32, "float32"), ([80, 160, 160], 4, 32, "mixed_bfloat16")],
+    "tiny": [([16, 32, 32], 2, 4, "float32"), ([16, 32, 32], 1, 8, "float32")],
+    # one point per process where the backend's peak cannot be reset (jax)
+    "paper_f32": [([80, 160, 160], 2, 32, "float32")],
+    "paper_bf16": [([80, 160, 160], 2, 32, "mixed_bfloat16")],
+}
+N_CLASSES = 4
+GB = 1024 ** 3
+
+
+def backend_peak_reset() -> None:
+    import keras
+    if keras.backend.backend() == "torch":
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+
+def backend_peak_gb() -> float | None:
+    """Peak device memory allocated since the last reset (GiB); None on a CPU."""
+    import keras
+    b = keras.backend.backend()
+    if b == "torch":
+        import torch
+        return torch.cuda.max_memory_allocated() / GB if torch.cuda.is_available() else None
+    if b == "jax":
+        import jax
+        dev = jax.devices()[0]
+        stats = dev.memory_stats() if dev.platform == "gpu" else None
+        return stats["peak_bytes_in_use"] / GB if stats else None
+    if b == "tensorflow":
+        import tensorflow as tf
+        if tf.config.list_physical_devices("GPU"):
+            return tf.config.experimental.get_memory_info("GPU:0")["peak"] / GB
+    return None
+
+
+def network(patch: list[int], width: int):
+    """The default planner's topology for an isotropic patch: nnU-Net pooling, 16x width at most."""
+    from planner import heuristics as H
+    from planner.plan import NetworkSection
+    pools, kernels = H.topology(patch, [1.0, 1.0, 1.0])
+    filters = H.filters_for(len(pools) + 1, width, 16 * width)
+    return NetworkSection(filters, pools, kernels, 2, "batch", 0.99, "relu", "transpose")
+
+
+def measure(patch, batch, width, precision, steps: int) -> dict:
+    import keras
+    from planner.memory import estimate_training_gb
+    from planner.plan import LossSection
+    from runner.losses import make_loss
+    from runner.model import build_unet
+    keras.mixed_precision.set_global_policy(precision)
+    net = network(patch, width)
+    est = estimate_training_gb(patch, batch, net.filters, net.kernel_sizes, net.pool_sizes, 2, 1, N_CLASSES,
+                               precision != "float32")
+    backend_peak_reset()
+    model = build_unet(net, 1, N_CLASSES)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=make_loss(LossSection(0.5, 0.5, 1.0, 1.0, 1e-6)))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch, *patch, 1)).astype(np.float32)
+    y = np.eye(N_CLASSES, dtype=np.float32)[rng.integers(0, N_CLASSES, size=(batch, *patch))]
+    times = []
+    for i in range(2 + steps):
+        t = time.perf_counter()
+        loss = float(model.train_on_batch(x, y))
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    peak = backend_peak_gb()
+    row = {"patch": patch, "batch": batch, "filters": net.filters, "precision": precision,
+           "step_s": round(statistics.median(times), 4), "loss_finite": bool(np.isfinite(loss)),
+           "measured_gb": None if peak is None else round(peak, 3), "estimate_gb": round(est, 3)}
+    if peak:
+        row["estimate_over_measured"] = round(est / peak, 3)
+    del model
+    gc.collect()
+    keras.backend.clear_session()
+    return row
+
+
+def window_time(volume_shape=(128, 320, 320), patch=(80, 160, 160)) -> dict:
+    """Sliding-window prediction of one paper-sized CT with the paper's network (float32, no mirroring)."""
+    import keras
+    from runner.infer import keras_predictor, sliding_window, window_starts
+    from runner.model import build_unet
+    keras.mixed_precision.set_global_policy("float32")
+    model = build_unet(network(list(patch), 32), 1, N_CLASSES)
+    vol = np.random.default_rng(1).normal(size=(1, *volume_shape)).astype(np.float32)
+    predict = keras_predictor([model])
+    predict(vol[None, :, :patch[0], :patch[1], :patch[2]])  # warm-up
+    t = time.perf_counter()
+    out = sliding_window(vol, list(patch), predict, N_CLASSES, 0.5, "constant", 1)
+    return {"volume": list(volume_shape), "patch": list(patch), "seconds": round(time.perf_counter() - t, 2),
+            "windows": int(np.prod([len(window_starts(s, p, 0.5)) for s, p in zip(volume_shape, patch)])),
+            "finite": bool(np.isfinite(out).all())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="full")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--no-window", action="store_true")
+    a = ap.parse_args()
+    import keras
+    info = {"backend": keras.backend.backend(), "keras": keras.__version__}
+    if info["backend"] == "torch":
+        import torch
+        info |= {"torch": torch.__version__,
+                 "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+    print(json.dumps(info), flush=True)
+    rows = []
+    for patch, batch, width, precision in GRIDS[a.grid]:
+        try:
+            row = measure(patch, batch, width, precision, a.steps)
+        except Exception as e:  # one point out of memory must not lose the others: record it and go on
+            row = {"patch": patch, "batch": batch, "width": width, "precision": precision, "error": repr(e)[:300]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    result = {"info": info, "grid": rows}
+    if not a.no_window:
+        result["sliding_window"] = window_time()
+        print(json.dumps(result["sliding_window"]), flush=True)
+    if a.out:
+        Path(a.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    main()
