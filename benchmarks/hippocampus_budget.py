@@ -30,7 +30,7 @@ def main() -> None:
     a = ap.parse_args()
     from benchmarks.common import peak_rss_gb
     from planner.planning import plan_dataset
-    from runner.train import run_fold
+    from runner.pipeline import run_fold
     plan_path = Path(a.work) / f"hippocampus_cpu_{a.minutes:g}min.yaml"
     t = time.perf_counter()
     plan_dataset(DATA, plan_path, device="cpu", time_budget=a.minutes, force=True, progress=False)

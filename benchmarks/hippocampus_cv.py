@@ -33,7 +33,8 @@ def main() -> None:
     a = ap.parse_args()
     from planner.plan import load_plan, save_plan
     from runner.report import summarize
-    from runner.train import run_fold
+    from runner.pipeline import run_fold
+    from runner.workspace import Workspace
     import dataclasses
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -48,19 +49,20 @@ def main() -> None:
                                                     splits_file=os.path.relpath(DATA / "splits_final.json", work)))
     plan_path = work / "hippocampus_cv.yaml"
     save_plan(plan, plan_path)
+    ws = Workspace(plan_path)
     t = time.perf_counter()
     for k in a.folds:
-        if not (work / "work" / f"fold_{k}" / "validation" / "summary.yaml").exists():
-            run_fold(plan_path, k, restart=True)
+        if not ws.fold(k).validation_summary.exists():
+            run_fold(ws, k, restart=True)
     print(summarize(plan_path))
     per_epoch = []
     for k in a.folds:
-        with open(work / "work" / f"fold_{k}" / "history.csv") as f:
+        with open(ws.fold(k).history) as f:
             per_epoch += [float(r["seconds"]) for r in csv.DictReader(f)]
-    table = yaml.safe_load((work / "work" / "cv_summary.yaml").read_text())["folds"]
+    table = yaml.safe_load(ws.cv_summary_yaml.read_text())["folds"]
     means = {}
     for k in a.folds:
-        s = yaml.safe_load((work / "work" / f"fold_{k}" / "validation" / "summary.yaml").read_text())
+        s = yaml.safe_load(ws.fold(k).validation_summary.read_text())
         for c, v in s["classes"].items():
             means.setdefault(c, []).append(v["dice"]["mean"])
     print(f"budget {a.minutes:g} min per fold; wall time {(time.perf_counter() - t) / 60:.1f} min; "

@@ -50,13 +50,9 @@ def main() -> None:
     plan_dataset(data, out, gpu_memory=8, workers=a.workers, progress=False)
     fp_s = time.perf_counter() - t
     print(f"fingerprint + plan: {fp_s:.1f} s ({fp_s / read_s:.2f}x the read time; target <= 1.5x)")
-    t = time.perf_counter()
+    t = time.perf_counter()  # another plan name: the cache is the dataset's, so it is reused
     plan_dataset(data, out.with_name("phantoms_4gb.yaml"), gpu_memory=4, workers=a.workers, progress=False)
-    import shutil
-    shutil.copyfile(out.with_name("phantoms.fingerprint.yaml"), out.with_name("phantoms_4gb.fingerprint.yaml"))
-    t = time.perf_counter()
-    plan_dataset(data, out.with_name("phantoms_4gb.yaml"), gpu_memory=4, workers=a.workers, progress=False, force=True)
-    print(f"re-plan from the cached fingerprint: {time.perf_counter() - t:.2f} s (target < 2 s)")
+    print(f"re-plan under another name from the cached fingerprint: {time.perf_counter() - t:.2f} s (target < 2 s)")
     print(f"peak memory: {peak_rss_gb():.2f} GiB (largest of this process and one worker; target < 2 GB)")
     print(f"plans: {out} and {out.with_name('phantoms_4gb.yaml')}")
 

@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -50,12 +49,13 @@ def main() -> None:
     from planner.plan import load_plan, save_plan
     from planner.planning import plan_dataset
     from runner.preprocess import preprocess_dataset
+    from runner.workspace import Workspace
     tmp = Path(tempfile.mkdtemp())
     small = make_phantoms(tmp / "small", cases=6, seed=1, scale=0.25, progress=False)
     p = plan_dataset(small, tmp / "small.yaml", device="cpu", time_budget=15, progress=False)
     plan = load_plan(p)
     aug_all = dataclasses.replace(plan.training.augmentation)
-    pre = preprocess_dataset(plan, p.parent, progress=False)
+    pre = preprocess_dataset(Workspace(p, plan), progress=False)
     ids = [f"phantom_{i:03d}" for i in range(6)]
     plain, aug = step_times(plan, pre, ids, a.steps)
     print(f"small CPU plan {plan.training.patch_size} x {plan.training.batch_size}, filters {plan.network.filters}: "
@@ -76,7 +76,7 @@ def main() -> None:
     p = plan_dataset(data, tmp / "big.yaml", gpu_memory=8, workers=2, progress=False)
     big = load_plan(p)
     t = time.perf_counter()
-    preprocess_dataset(big, p.parent, workers=2, progress=False)
+    preprocess_dataset(Workspace(p, big), workers=2, progress=False)
     pre_s = time.perf_counter() - t
     t = time.perf_counter()
     sitk_read_resample_write(data, big.resampling.target_spacing, tmp / "sitk_out", workers=2)

@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 
 import SimpleITK as sitk
 
-from planner.dataset import atomic_write_text
+from planner.fileio import atomic, write_json
 
 COVID_URLS = {
     "COVID-19-CT-Seg_20cases.zip": "https://zenodo.org/record/3757476/files/COVID-19-CT-Seg_20cases.zip",
@@ -34,10 +34,8 @@ def _nifti_members(zf: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
 
 
 def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path) -> None:
-    tmp = dest.with_name(".tmp_" + dest.name)
-    with zf.open(info) as src, open(tmp, "wb") as dst:
+    with atomic(dest) as tmp, zf.open(info) as src, open(tmp, "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
-    tmp.replace(dest)
 
 
 def import_covid19_ct_seg(images_zip: str | Path, masks_zip: str | Path, out: str | Path) -> Path:
@@ -63,7 +61,7 @@ def import_covid19_ct_seg(images_zip: str | Path, masks_zip: str | Path, out: st
             "numTraining": len(imgs), "file_ending": ".nii.gz",
             "reference": "Ma et al. 2020, COVID-19 CT Lung and Infection Segmentation Dataset, "
                          "doi:10.5281/zenodo.3757476", "licence": "CC BY-NC-SA 4.0 (coronacases), CC BY-NC-SA 3.0"}
-    atomic_write_text(out / "dataset.json", json.dumps(meta, indent=2))
+    write_json(out / "dataset.json", meta, indent=2)
     return out
 
 
@@ -106,7 +104,7 @@ def import_msd(tar_path: str | Path, out: str | Path) -> Path:
             "numTraining": len(msd["training"]), "file_ending": ".nii.gz"}
     if "background" not in meta["labels"]:
         meta["labels"] = {"background": 0} | {k: v for k, v in meta["labels"].items() if v != 0}
-    atomic_write_text(out / "dataset.json", json.dumps(meta, indent=2))
+    write_json(out / "dataset.json", meta, indent=2)
     return out
 
 
@@ -117,10 +115,8 @@ def _rel(p: str) -> str:
 def _extract_to(tf: tarfile.TarFile, by_name: dict, rel: str, tar_path, dest: Path) -> None:
     if rel not in by_name:
         raise ArchiveError(f"{tar_path}: member '{rel}' listed in dataset.json is missing")
-    tmp = dest.with_name(".tmp_" + dest.name)
-    with tf.extractfile(by_name[rel]) as src, open(tmp, "wb") as dst:
+    with atomic(dest) as tmp, tf.extractfile(by_name[rel]) as src, open(tmp, "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
-    tmp.replace(dest)
 
 
 def _extract_image(tf, by_name, rel, tar_path, folder: Path, case: str, n_chan: int, tmp_root: Path) -> None:
@@ -139,5 +135,6 @@ def _extract_image(tf, by_name, rel, tar_path, folder: Path, case: str, n_chan: 
         raise ArchiveError(f"{tar_path}: {rel} has {size[3]} volumes, dataset.json lists {n_chan} modalities")
     for c in range(n_chan):
         vol = sitk.Extract(img, size[:3] + [0], [0, 0, 0, c])
-        sitk.WriteImage(vol, str(folder / f"{case}_{c:04d}.nii.gz"), useCompression=True)
+        with atomic(folder / f"{case}_{c:04d}.nii.gz") as tmp_c:
+            sitk.WriteImage(vol, str(tmp_c), useCompression=True)
     tmp.unlink()

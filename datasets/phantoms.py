@@ -13,14 +13,13 @@ spacing), so a small scale gives the same anatomy in fewer voxels.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
-from planner.dataset import Geometry, atomic_write_text, to_sitk
+from planner.dataset import Geometry, centred_origin, write_volume
+from planner.fileio import write_json
 from planner.parallel import parallel_map
 
 LABELS = {"background": 0, "left_lung": 1, "right_lung": 2, "infection": 3}
@@ -180,13 +179,10 @@ def _write_case(args) -> dict:
     out, seed, index, scale = args
     spec = make_spec(seed, index, scale)
     image, label = render_case(spec, seed, index)
-    geom = Geometry(spec.spacing, tuple(-(n - 1) / 2 * s for n, s in zip(reversed(spec.shape), reversed(spec.spacing))),
-                    (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), spec.shape)
-    for arr, path in ((image, out / "imagesTr" / f"{spec.case_id}_0000.nii.gz"),
-                      (label, out / "labelsTr" / f"{spec.case_id}.nii.gz")):
-        tmp = path.with_name(".tmp_" + path.name)
-        sitk.WriteImage(to_sitk(arr, geom), str(tmp), useCompression=True)
-        tmp.replace(path)
+    geom = Geometry(spec.spacing, centred_origin(spec.shape, spec.spacing), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+                    spec.shape)
+    write_volume(image, geom, out / "imagesTr" / f"{spec.case_id}_0000.nii.gz")
+    write_volume(label, geom, out / "labelsTr" / f"{spec.case_id}.nii.gz")
     ratios = np.bincount(label.ravel(), minlength=4) / label.size
     return {"case": spec.case_id, "windowed": spec.windowed, "shape": list(spec.shape),
             "spacing": [round(s, 4) for s in spec.spacing], "class_ratio": [round(float(r), 5) for r in ratios],
@@ -206,7 +202,6 @@ def make_phantoms(out: str | Path, cases: int = 20, seed: int = 0, scale: float 
     meta = {"name": "segplan chest-CT phantoms", "channel_names": {"0": "CT"}, "labels": LABELS,
             "numTraining": cases, "file_ending": ".nii.gz",
             "description": f"synthetic chest CT, seed {seed}, scale {scale}; see datasets/phantoms.py"}
-    atomic_write_text(out / "dataset.json", json.dumps(meta, indent=2))
-    atomic_write_text(out / "phantoms.json", json.dumps(
-        [{k: v for k, v in i.items() if k != "spec"} for i in info], indent=1))
+    write_json(out / "dataset.json", meta, indent=2)
+    write_json(out / "phantoms.json", [{k: v for k, v in i.items() if k != "spec"} for i in info], indent=1)
     return out

@@ -1,10 +1,8 @@
 """Fingerprint -> Plan, for each preset; the reasons for each value become YAML comments."""
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 
@@ -54,16 +52,19 @@ def gpu_memory_budget(requested: float | None) -> tuple[float, str]:
 
 
 def make_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, gpu_memory_gb: float,
-              budget_source: str, preset: str = "default", splits_file: str | None = None) -> tuple[Plan, dict]:
-    """The plan for ``fp`` and the reasons behind its values."""
+              budget_source: str, preset: str = "default", splits_file: str | None = None,
+              first: int = H.FIRST_FILTERS, cap: int = H.MAX_FILTERS) -> tuple[Plan, dict]:
+    """The GPU plan for ``fp`` (presets default and miscnn-covid19) and the reasons behind its
+    values. The cpu preset starts from this plan with its own rules: planner.cpu_plan."""
     if preset == "miscnn-covid19":
         return _miscnn(fp, name, dataset_rel, work_rel, gpu_memory_gb, budget_source, splits_file)
+    if preset != "default":
+        raise ValueError(f"make_plan makes the default and miscnn-covid19 presets, not '{preset}' "
+                         "(planner.cpu_plan.make_cpu_plan makes cpu plans)")
     reasons: dict[str, str] = {}
     spacing = H.target_spacing(np.array([c.spacing for c in fp.cases]), reasons)
     median = H.median_resampled_shape(fp, spacing)
     n_in, n_cls = len(fp.channel_names), len(fp.labels)
-    cpu = preset == "cpu"
-    first, cap = (8, 64) if cpu else (H.FIRST_FILTERS, H.MAX_FILTERS)
     fit = H.fit_patch_and_batch(median, spacing, gpu_memory_gb, n_in, n_cls, H.dataset_voxels(fp, spacing),
                                 reasons, first=first, cap=cap, convs_per_stage=CONVS_PER_STAGE)
     norms = []
@@ -73,24 +74,19 @@ def make_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, gpu_m
         else:
             norms.append(ChannelNormalization(st.name, "zscore", None, "case", 0.0, 1.0))
     groups = _label_groups(fp.labels)
-    schedule = PAPER_SCHEDULE
     reasons["training.schedule.monitor"] = ("the training loss, as the paper and nnU-Net: the validation cases are the "
                                             "cross-validation's test cases, so nothing is chosen on them")
-    if cpu:
-        schedule = dataclasses.replace(schedule, max_epochs=200, iterations_per_epoch=25, plateau_patience=5,
-                                       early_stopping_patience=20, time_budget_minutes=15.0)
-        reasons["training.schedule.time_budget_minutes"] = "a CPU plan trains for a fixed time; the learning rate decays over it"
     reasons["training.sampling.foreground_oversampling"] = "nnU-Net's 1/3 of patches centred on foreground"
     plan = Plan(
-        schema_version=SCHEMA_VERSION, name=name, preset=preset, device="cpu" if cpu else "gpu",
+        schema_version=SCHEMA_VERSION, name=name, preset=preset, device="gpu",
         dataset=DatasetSection(dataset_rel, work_rel, list(fp.channel_names), dict(fp.labels), groups, splits_file),
         intensity=IntensitySection(list(fp.windowed_range), _conventions(fp, reasons), norms),
         resampling=ResamplingSection(spacing, 3, "onehot_linear", 3.0, 0),
         network=NetworkSection(fit["filters"], fit["pools"], fit["kernels"], CONVS_PER_STAGE, "batch", 0.99, "relu",
                                "transpose"),
         training=TrainingSection(fit["patch"], fit["batch"], 1e-3, False, 12345, SamplingSection(0.33),
-                                 PAPER_AUGMENTATION, PAPER_LOSS, schedule),
-        inference=InferenceSection(0.5, "gaussian", not cpu, 2),
+                                 PAPER_AUGMENTATION, PAPER_LOSS, PAPER_SCHEDULE),
+        inference=InferenceSection(0.5, "gaussian", True, 2),
         cross_validation=CrossValidationSection(_folds(fp, reasons), 12345),
         memory=MemorySection(gpu_memory_gb, budget_source, round(fit["estimate"], 2)))
     return plan, reasons

@@ -19,25 +19,41 @@ from planner.build import make_plan
 from planner.fingerprint import Fingerprint
 from planner.memory import estimate_for_plan
 from planner.plan import Plan
+from planner.schema import to_plain
 
 CPU_BUDGET_GB = 1.0        # memory proxy that keeps the patch near the median image and steps short
 DEFAULT_MINUTES = 15.0
-WIDTHS = (8, 16, 32)       # first-stage filters of the candidates; each doubles up to 8x
+WIDTHS = (8, 16, 32)       # first-stage filters of the candidates; each doubles up to WIDTH_GROWTH x
+WIDTH_GROWTH = 8
 MIN_ITERATIONS = 1500      # on Hippocampus, ~2000 iterations of batch 2 reached Dice 0.87 (5-minute run)
 USABLE_SHARE = 0.85        # share of the budget spent in training steps (validation, checkpoints: the rest)
 EPOCH_SECONDS = 5.0        # epochs this long: frequent best-checkpoint decisions at a small overhead
 PROBE_TIMEOUT_S = 300
+PROBE_STEPS = 3            # timed steps per candidate, after one warm-up step
+FALLBACK_ITERATIONS = 25   # without probe figures: epochs of this many iterations ...
+FALLBACK_PATIENCE = 20     # ... and early stopping after this many epochs without improvement
 
 
-def run_probe(candidates: list[dict], in_channels: int, n_classes: int) -> list[float] | None:
-    """Seconds per step of each candidate, measured by ``python -m runner.probe``; None on failure."""
-    spec = json.dumps({"candidates": candidates, "in_channels": in_channels, "n_classes": n_classes, "steps": 3})
+def run_probe(candidates: list[dict], network: dict, loss: dict, in_channels: int,
+              n_classes: int) -> tuple[list[float] | None, str]:
+    """Seconds per step of each candidate, measured by ``python -m runner.probe`` with the plan's own
+    network settings and loss; (None, why) when the probe failed (its error's last line)."""
+    spec = json.dumps({"candidates": candidates, "network": network, "loss": loss, "in_channels": in_channels,
+                       "n_classes": n_classes, "steps": PROBE_STEPS})
     try:
         r = subprocess.run([sys.executable, "-m", "runner.probe", spec], capture_output=True, text=True,
-                           timeout=PROBE_TIMEOUT_S, check=True)
-        return json.loads(r.stdout.strip().splitlines()[-1])
-    except (subprocess.SubprocessError, json.JSONDecodeError, IndexError, OSError):
-        return None
+                           timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return None, f"the probe took over {PROBE_TIMEOUT_S} s"
+    except OSError as e:
+        return None, f"the probe could not start ({e})"
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no error output"])[-1]
+        return None, f"the probe failed: {last}"
+    try:
+        return json.loads(r.stdout.strip().splitlines()[-1]), ""
+    except (json.JSONDecodeError, IndexError):
+        return None, f"the probe printed no timings: {r.stdout.strip()[-200:]!r}"
 
 
 def choose_width(seconds: list[float], budget_s: float) -> int:
@@ -47,15 +63,20 @@ def choose_width(seconds: list[float], budget_s: float) -> int:
 
 
 def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, time_budget: float | None = None,
-                  splits_file: str | None = None, probe: bool = True, why: str = "") -> tuple[Plan, dict]:
-    plan, reasons = make_plan(fp, name, dataset_rel, work_rel, CPU_BUDGET_GB,
-                              "CPU plan: a small memory proxy keeps steps short", preset="cpu", splits_file=splits_file)
+                  splits_file: str | None = None, probe: bool = True, why: str = "",
+                  memory_gb: float = CPU_BUDGET_GB) -> tuple[Plan, dict]:
+    """The GPU rules with a small memory proxy for the patch (``memory_gb``), then every CPU rule:
+    narrow networks, the width the probe picks, a training time budget, no mirroring at inference."""
+    plan, reasons = make_plan(fp, name, dataset_rel, work_rel, memory_gb,
+                              "CPU plan: a small memory proxy keeps steps short", splits_file=splits_file,
+                              first=WIDTHS[0], cap=WIDTHS[0] * WIDTH_GROWTH)
     minutes = float(time_budget or DEFAULT_MINUTES)
     tr, net = plan.training, plan.network
     n_stages = len(net.filters)
-    candidates = [{"filters": H.filters_for(n_stages, w, 8 * w), "pool_sizes": net.pool_sizes,
+    candidates = [{"filters": H.filters_for(n_stages, w, WIDTH_GROWTH * w), "pool_sizes": net.pool_sizes,
                    "kernel_sizes": net.kernel_sizes, "patch": tr.patch_size, "batch": tr.batch_size} for w in WIDTHS]
-    seconds = run_probe(candidates, len(fp.channel_names), len(fp.labels)) if probe else None
+    seconds, failed = (run_probe(candidates, to_plain(net), to_plain(tr.loss), len(fp.channel_names), len(fp.labels))
+                       if probe else (None, "no probe run (probe=False)"))
     if seconds:
         pick = choose_width(seconds, minutes * 60)
         figures = ", ".join(f"{c['filters'][0]}..{max(c['filters'])} filters {s:.2f} s/step "
@@ -65,15 +86,16 @@ def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, t
         step_s = seconds[pick]
     else:
         pick, step_s = 0, None
-        reasons["network.filters"] = "no probe run: the narrowest candidate (8 doubling to 64)"
+        reasons["network.filters"] = f"{failed}: the narrowest candidate ({WIDTHS[0]} doubling to {WIDTHS[0] * WIDTH_GROWTH})"
     net = dataclasses.replace(net, filters=candidates[pick]["filters"])
-    iters = max(10, int(round(EPOCH_SECONDS / step_s))) if step_s else tr.schedule.iterations_per_epoch
-    patience = max(20, int(0.3 * minutes * 60 / (step_s * iters))) if step_s else tr.schedule.early_stopping_patience
+    iters = max(10, int(round(EPOCH_SECONDS / step_s))) if step_s else FALLBACK_ITERATIONS
+    patience = max(20, int(0.3 * minutes * 60 / (step_s * iters))) if step_s else FALLBACK_PATIENCE
     sched = dataclasses.replace(tr.schedule, time_budget_minutes=minutes, iterations_per_epoch=iters,
                                 max_epochs=max(tr.schedule.max_epochs, 10_000), early_stopping_patience=patience)
     reasons["training.schedule.early_stopping_patience"] = ("about 30% of the budget's epochs: the budget, not an "
                                                             "early plateau, should end a CPU run")
-    plan = plan.replace(network=net, training=dataclasses.replace(tr, schedule=sched))
+    plan = plan.replace(preset="cpu", device="cpu", network=net, training=dataclasses.replace(tr, schedule=sched),
+                        inference=dataclasses.replace(plan.inference, mirroring=False))
     plan = plan.replace(memory=dataclasses.replace(plan.memory, estimate_gb=round(estimate_for_plan(plan), 2)))
     reasons["training.schedule.time_budget_minutes"] = (f"{minutes:g} minutes of training{why}; the learning rate "
                                                         "decays over the budget and the final weights are evaluated")
@@ -81,5 +103,6 @@ def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, t
         reasons["training.schedule.iterations_per_epoch"] = f"epochs of about {EPOCH_SECONDS:g} s at {step_s:.2f} s/step"
     reasons["training.schedule.max_epochs"] = "the time budget, not the epoch count, ends a CPU run"
     reasons["training.patch_size"] = ("the median image rounded up to the pooling, shrunk only to keep CPU steps "
-                                      f"short ({CPU_BUDGET_GB:g} GB memory proxy); it must still see the whole structure")
+                                      f"short ({memory_gb:g} GB memory proxy); it must still see the whole structure")
+    reasons["inference.mirroring"] = "off on a CPU: mirroring multiplies the prediction time by 8"
     return plan, reasons

@@ -24,7 +24,8 @@ import numpy as np
 import SimpleITK as sitk
 import yaml
 
-ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+from planner.fileio import ENDINGS, atomic, split_ending, write_text
+
 CT_NAMES = ("ct", "computed tomography")
 PLAIN_CT_SAMPLE = 5    # images looked at to decide whether a plain-layout channel is CT
 
@@ -78,13 +79,6 @@ class Dataset:
 
     def is_ct(self, channel: int) -> bool:
         return self.channel_names[channel].strip().lower() in CT_NAMES
-
-
-def _ending(name: str) -> str | None:
-    for end in ENDINGS:
-        if name.endswith(end):
-            return end
-    return None
 
 
 def load_dataset(root: str | Path, infer_plain: bool = True) -> Dataset:
@@ -145,17 +139,17 @@ def _load_plain(root: Path, infer: bool) -> Dataset:
     images: list[tuple[str, Path]] = []   # a list, not a dict: two files of one case id stay visible
     ending = None
     for p in sorted(img_dir.iterdir()):
-        end = _ending(p.name)
-        if end and not p.name.startswith("."):
-            images.append((p.name[: -len(end)], p))
-            ending = ending or end
+        parts = split_ending(p.name)
+        if parts:
+            images.append((parts[0], p))
+            ending = ending or parts[1]
     labels: dict[str, Path] = {}
     if lbl_dir.is_dir():
         for p in sorted(lbl_dir.iterdir()):
-            end = _ending(p.name)
-            if end and not p.name.startswith("."):
-                labels[p.name[: -len(end)]] = p
-                ending = ending or end
+            parts = split_ending(p.name)
+            if parts:
+                labels[parts[0]] = p
+                ending = ending or parts[1]
     if ending is None:
         raise DatasetError(f"{img_dir}: no image files ({', '.join(ENDINGS)})")
     known = {cid for cid, _ in images}
@@ -207,17 +201,9 @@ def _write_plain_meta(ds: Dataset, path: Path) -> None:
     if not os.stat(path.parent).st_mode & stat.S_IWUSR:
         return  # a read-only dataset folder (even for root): the inferred values are used in memory only
     try:
-        atomic_write_text(path, text)
+        write_text(path, text)
     except OSError:
         return  # unwritable all the same: the inferred values are used in memory only
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file under a temporary name and rename it, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # --- arrays and geometry: the only place where SimpleITK's (x, y, z) order is converted ----------
@@ -268,10 +254,20 @@ def read_label(path: Path) -> tuple[np.ndarray, Geometry]:
     return arr, geom
 
 
+def zyx_to_xyz(values) -> tuple:
+    """A per-axis tuple (spacing, size, ...) from segplan's (z, y, x) order to SimpleITK's (x, y, z)."""
+    return tuple(reversed(tuple(values)))
+
+
+def centred_origin(shape, spacing) -> tuple[float, float, float]:
+    """The (x, y, z) origin that puts the centre of a (z, y, x) grid at the world origin."""
+    return tuple(-(n - 1) / 2 * s for n, s in zip(zyx_to_xyz(shape), zyx_to_xyz(spacing)))
+
+
 def to_sitk(arr: np.ndarray, geom: Geometry) -> sitk.Image:
     """A (z, y, x) array as a SimpleITK image carrying ``geom``'s spacing, origin and direction."""
     img = sitk.GetImageFromArray(arr)
-    img.SetSpacing(tuple(float(v) for v in reversed(geom.spacing)))
+    img.SetSpacing(tuple(float(v) for v in zyx_to_xyz(geom.spacing)))
     img.SetOrigin(tuple(geom.origin))
     img.SetDirection(tuple(geom.direction))
     return img
@@ -283,7 +279,5 @@ def write_volume(arr: np.ndarray, geom: Geometry, path: Path) -> None:
     if tuple(arr.shape) != tuple(geom.shape):
         raise ValueError(f"{path}: array shape {arr.shape} differs from geometry shape {geom.shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    end = _ending(path.name) or path.suffix
-    tmp = path.with_name(f".tmp_{path.name[: -len(end)]}{end}")
-    sitk.WriteImage(to_sitk(arr, geom), str(tmp), useCompression=True)
-    tmp.replace(path)
+    with atomic(path) as tmp:
+        sitk.WriteImage(to_sitk(arr, geom), str(tmp), useCompression=True)

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from planner.dataset import Dataset, atomic_write_text, load_dataset, read_label, read_volume
-from planner.intensity import DEFAULT_WINDOW, detect_convention, to_hu
+from planner.dataset import Dataset, load_dataset, read_label, read_volume
+from planner.fileio import write_text
+from planner.intensity import DEFAULT_WINDOW, detect_convention, nonzero_box, to_hu
 from planner.parallel import parallel_map
 from planner.schema import Reader, SchemaError, doc, dump_yaml
 
@@ -60,24 +61,6 @@ class Fingerprint:
     class_ratio: list[float] = doc("share of all voxels per label")
     class_presence: list[int] = doc("cases containing each label")
     seed: int = field(default=0, metadata={"doc": "seed of the foreground sample"})
-
-
-def nonzero_box(image, ct_channels: list[bool]) -> tuple[tuple[int, int], ...]:
-    """Bounding box (z, y, x) of voxels non-zero in any non-CT channel; the whole volume if all CT.
-    ``image`` is a (c, z, y, x) array or a list of (z, y, x) channels."""
-    shape = image[0].shape
-    masks = [image[c] != 0 for c in range(len(image)) if not ct_channels[c]]
-    if not masks:
-        return tuple((0, s) for s in shape)
-    mask = np.logical_or.reduce(masks)
-    if not mask.any():
-        return tuple((0, s) for s in shape)
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        nz = np.flatnonzero(mask.any(axis=other))
-        box.append((int(nz[0]), int(nz[-1]) + 1))
-    return tuple(box)
 
 
 def _case_stats(args):
@@ -144,7 +127,7 @@ def compute_fingerprint(ds: Dataset, workers: int = 1, seed: int = 0, window=DEF
 
 
 def save_fingerprint(fp: Fingerprint, path: Path) -> None:
-    atomic_write_text(path, dump_yaml(fp, header="segplan dataset fingerprint (a cache: delete it to recompute)"))
+    write_text(path, dump_yaml(fp, header="segplan dataset fingerprint (a cache: delete it to recompute)"))
 
 
 def load_fingerprint(path: Path) -> Fingerprint:

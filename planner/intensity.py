@@ -1,4 +1,5 @@
-"""CT intensity conventions: which unit a case's values are in, decided by evidence, and the map to HU.
+"""Intensity rules shared by the planner and preprocessing: CT conventions decided by evidence, the
+map to HU, and the crop box of the non-zero region.
 
 COVID-19-CT-Seg mixes CTs in Hounsfield units with Radiopaedia cases already windowed to
 [-1250, 250] HU and scaled to 0..255; other archives store unsigned HU + 1024. Pooling or clipping
@@ -71,3 +72,21 @@ def to_hu(arr: np.ndarray, convention: str, window=DEFAULT_WINDOW) -> np.ndarray
     if convention == "shifted_hu":
         return arr.astype(np.float32) - np.float32(SHIFT)
     return arr
+
+
+def nonzero_box(image, ct_channels: list[bool]) -> tuple[tuple[int, int], ...]:
+    """Bounding box (z, y, x) of voxels non-zero in any non-CT channel; the whole volume if all CT.
+    ``image`` is a (c, z, y, x) array or a list of (z, y, x) channels."""
+    shape = image[0].shape
+    masks = [image[c] != 0 for c in range(len(image)) if not ct_channels[c]]
+    if not masks:
+        return tuple((0, s) for s in shape)
+    mask = np.logical_or.reduce(masks)
+    if not mask.any():
+        return tuple((0, s) for s in shape)
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        nz = np.flatnonzero(mask.any(axis=other))
+        box.append((int(nz[0]), int(nz[-1]) + 1))
+    return tuple(box)

@@ -16,7 +16,8 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], workers: int = 1, des
     """``[fn(x) for x in items]`` over ``workers`` processes, in order, with a tqdm bar.
 
     Each worker holds one item at a time, so peak memory is about ``workers`` x the largest item.
-    Processes are forked unless TensorFlow is already loaded (forking it is unsafe), then spawned.
+    Processes are forked unless a deep-learning framework is already loaded (forking its threads is
+    unsafe), then spawned.
     """
     items = list(items)
     bar = tqdm(total=len(items), desc=desc, disable=not progress, unit="case", dynamic_ncols=True)
@@ -27,7 +28,7 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], workers: int = 1, des
                 out.append(fn(x))
                 bar.update()
             return out
-        method = "spawn" if "tensorflow" in sys.modules else "fork"
+        method = "spawn" if {"tensorflow", "torch", "jax"} & set(sys.modules) else "fork"
         with mp.get_context(method).Pool(min(workers, len(items)), maxtasksperchild=8) as pool:
             out = []
             for r in pool.imap(fn, items, chunksize=1):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from planner.fileio import write_text
 from planner.schema import Reader, SchemaError, doc, dump_yaml, load_yaml_with_lines
 
 SCHEMA_VERSION = 1
@@ -30,11 +31,11 @@ class DatasetSection:
 @dataclass(frozen=True)
 class ChannelNormalization:
     channel: str = doc("channel name")
-    scheme: Literal["ct", "zscore", "none"] = doc("ct: clip to 'clip' HU, then z-score; zscore: per case over the non-zero region; none")
+    scheme: Literal["ct", "zscore", "none"] = doc("ct: clip to 'clip' HU, then z-score; zscore: per case over the crop box (the bounding box of the non-zero region); none")
     clip: list[float] | None = doc("[low, high] in HU (ct only)")
-    zscore: Literal["dataset", "case"] = doc("dataset: the mean/std below (nnU-Net); case: each case's own (MIScnn)")
-    mean: float = doc("dataset foreground mean after clipping (zscore: dataset)")
-    std: float = doc("dataset foreground std after clipping (zscore: dataset)")
+    zscore: Literal["dataset", "case"] = doc("dataset: the mean/std below (nnU-Net; ct only); case: each case's own (MIScnn)")
+    mean: float = doc("dataset foreground mean in HU, of the fingerprint's sample before clipping, as nnU-Net (zscore: dataset)")
+    std: float = doc("dataset foreground std in HU, likewise (zscore: dataset)")
 
 
 @dataclass(frozen=True)
@@ -178,10 +179,9 @@ def pool_divisor(network: NetworkSection) -> list[int]:
 
 
 def save_plan(plan: Plan, path: str | Path, reasons: dict[str, str] | None = None) -> None:
-    from planner.dataset import atomic_write_text
     header = (f"segplan plan '{plan.name}'. Edit by hand, then run `segplan check {Path(path).name}`.\n"
               "Axes are (z, y, x); paths are relative to this file.")
-    atomic_write_text(Path(path), dump_yaml(plan, reasons, header))
+    write_text(Path(path), dump_yaml(plan, reasons, header))
 
 
 def load_plan(path: str | Path, check_paths: bool = True) -> Plan:
@@ -201,14 +201,6 @@ def load_plan(path: str | Path, check_paths: bool = True) -> Plan:
     if reader.errors:
         raise SchemaError(reader.errors)
     return plan
-
-
-def validate_plan(plan: Plan, base_dir: Path | None = None, source: str = "<plan>") -> None:
-    """The checks of load_plan for a plan in memory."""
-    reader = Reader(source, {})
-    _validate(plan, reader, base_dir)
-    if reader.errors:
-        raise SchemaError(reader.errors)
 
 
 def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
@@ -234,6 +226,9 @@ def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
             r.error(f"intensity.normalization.{i}.clip", "a ct channel needs [low, high] with low < high")
         if n.std <= 0:
             r.error(f"intensity.normalization.{i}.std", "must be > 0")
+        if n.zscore == "dataset" and n.scheme != "ct":
+            r.error(f"intensity.normalization.{i}.zscore", f"'dataset' needs scheme: ct (dataset statistics are in HU); "
+                                                           f"scheme '{n.scheme}' normalises per case: use zscore: case")
     for case, conv in plan.intensity.conventions.items():
         if conv not in PLAN_CONVENTIONS:
             r.error(f"intensity.conventions.{case}", f"'{conv}' is not one of {', '.join(PLAN_CONVENTIONS)}")

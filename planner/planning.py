@@ -1,13 +1,15 @@
 """`segplan plan` and `segplan check`: fingerprint (cached) -> plan YAML; validate a hand-edited plan."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 from planner.build import gpu_memory_budget, gpu_present, make_plan
+from planner.cpu_plan import make_cpu_plan
 from planner.fingerprint import fingerprint_for
 from planner.memory import estimate_for_plan
-from planner.plan import PRESETS, Plan, load_plan, save_plan
+from planner.plan import PRESETS, load_plan, save_plan
 
 
 def default_plan_path(dataset: Path) -> Path:
@@ -32,10 +34,8 @@ def plan_dataset(dataset: Path, output: Path | None = None, gpu_memory: float | 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}'; known: {', '.join(PRESETS)}")
     output.parent.mkdir(parents=True, exist_ok=True)
-    cache = output.with_name(output.name.removesuffix(".yaml") + ".fingerprint.yaml")
-    fp, _ = fingerprint_for(dataset, cache, workers=workers, progress=progress)
+    fp, _ = fingerprint_for(dataset, fingerprint_cache(dataset, output.parent), workers=workers, progress=progress)
     if preset == "cpu":
-        from planner.cpu_plan import make_cpu_plan
         plan, reasons = make_cpu_plan(fp, output.stem, _rel(dataset, output), _rel(output.parent / "work" / output.stem, output),
                                       time_budget=time_budget, splits_file=_splits(dataset, output), probe=probe,
                                       why=why)
@@ -45,6 +45,14 @@ def plan_dataset(dataset: Path, output: Path | None = None, gpu_memory: float | 
                                   gb, source, preset, _splits(dataset, output))
     save_plan(plan, output, reasons)
     return output
+
+
+def fingerprint_cache(dataset: Path, plans_dir: Path) -> Path:
+    """The fingerprint cache of a dataset, beside the plans: named by the dataset (its folder name
+    and resolved path), so every plan of that dataset, under any name, reuses it; the cache itself
+    is checked against the files' names, sizes and times before it is trusted."""
+    resolved = str(Path(dataset).resolve())
+    return Path(plans_dir) / f"{Path(resolved).name}-{hashlib.sha1(resolved.encode()).hexdigest()[:8]}.fingerprint.yaml"
 
 
 def _rel(target: Path, plan_path: Path) -> str:

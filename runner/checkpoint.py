@@ -4,52 +4,43 @@ files it names intact; files of a half-written epoch are ignored and cleaned up 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 
-from planner.dataset import atomic_write_text
+from planner.fileio import atomic, save_npz, write_json
 from runner.schedule import TrainState
-
-POINTER = "checkpoint_latest.json"
-BEST = "checkpoint_best.weights.h5"
+from runner.workspace import Fold
 
 
-def save_latest(fold_dir: Path, model, state: TrainState) -> None:
-    fold_dir = Path(fold_dir)
+def save_latest(fold: Fold, model, state: TrainState) -> None:
     stem = f"ckpt_{state.epoch:05d}"
-    weights, opt = fold_dir / f"{stem}.weights.h5", fold_dir / f"{stem}.opt.npz"
-    model.save_weights(str(weights))
-    values = {f"v{i:04d}": np.asarray(v) for i, v in enumerate(model.optimizer.variables)}
-    tmp = fold_dir / f".tmp_{stem}.opt.npz"
-    np.savez(tmp, **values)
-    tmp.replace(opt)
-    atomic_write_text(fold_dir / POINTER, json.dumps({"weights": weights.name, "optimizer": opt.name,
-                                                      "state": state.to_dict()}, indent=1))
-    for old in fold_dir.glob("ckpt_*"):
+    weights, opt = fold.dir / f"{stem}.weights.h5", fold.dir / f"{stem}.opt.npz"
+    with atomic(weights) as tmp:
+        model.save_weights(str(tmp))
+    save_npz(opt, **{f"v{i:04d}": np.asarray(v) for i, v in enumerate(model.optimizer.variables)})
+    write_json(fold.pointer, {"weights": weights.name, "optimizer": opt.name, "state": state.to_dict()}, indent=1)
+    for old in fold.dir.glob("ckpt_*"):
         if not old.name.startswith(stem):
             old.unlink(missing_ok=True)
 
 
-def save_best(fold_dir: Path, model) -> None:
-    tmp = Path(fold_dir) / f"tmp_{BEST}"
-    model.save_weights(str(tmp))
-    tmp.replace(Path(fold_dir) / BEST)
+def save_best(fold: Fold, model) -> None:
+    with atomic(fold.best) as tmp:
+        model.save_weights(str(tmp))
 
 
-def load_latest(fold_dir: Path, model) -> TrainState | None:
+def load_latest(fold: Fold, model) -> TrainState | None:
     """Restore weights and optimiser state; None when there is no checkpoint."""
-    pointer = Path(fold_dir) / POINTER
-    if not pointer.exists():
+    if not fold.pointer.exists():
         return None
-    meta = json.loads(pointer.read_text())
+    meta = json.loads(fold.pointer.read_text())
     opt = model.optimizer
     opt.build(model.trainable_variables)
-    model.load_weights(str(Path(fold_dir) / meta["weights"]))
-    with np.load(Path(fold_dir) / meta["optimizer"], allow_pickle=False) as z:
+    model.load_weights(str(fold.dir / meta["weights"]))
+    with np.load(fold.dir / meta["optimizer"], allow_pickle=False) as z:
         saved = [z[k] for k in sorted(z.files)]
     if len(saved) != len(opt.variables):
-        raise ValueError(f"{pointer}: optimiser state has {len(saved)} variables, the model needs {len(opt.variables)}")
+        raise ValueError(f"{fold.pointer}: optimiser state has {len(saved)} variables, the model needs {len(opt.variables)}")
     for var, val in zip(opt.variables, saved):
         var.assign(val)
     return TrainState.from_dict(meta["state"])

@@ -66,23 +66,23 @@ def cmd_check(a) -> int:
 
 
 def cmd_preprocess(a) -> int:
-    from planner.plan import load_plan
     from runner.preprocess import preprocess_dataset
-    plan = load_plan(a.plan)
-    out = preprocess_dataset(plan, Path(a.plan).parent, workers=a.workers)
+    from runner.workspace import Workspace
+    out = preprocess_dataset(Workspace(Path(a.plan)), workers=a.workers)
     print(f"preprocessed cases in {out}")
     return 0
 
 
 def cmd_run(a) -> int:
-    from planner.plan import load_plan
-    plan = load_plan(a.plan)
-    folds = range(plan.cross_validation.folds) if a.fold == "all" else [int(a.fold)]
-    from runner.train import run_fold
+    from runner.pipeline import run_fold
+    from runner.workspace import Workspace
+    ws = Workspace(Path(a.plan))
+    n = ws.plan.cross_validation.folds
+    folds = range(n) if a.fold == "all" else [int(a.fold)]
     for k in folds:
-        if not 0 <= k < plan.cross_validation.folds:
-            return _fail(f"--fold {k}: the plan has folds 0..{plan.cross_validation.folds - 1}")
-        run_fold(Path(a.plan), k, resume=a.resume, restart=a.restart, workers=a.workers)
+        if not 0 <= k < n:
+            return _fail(f"--fold {k}: the plan has folds 0..{n - 1}")
+        run_fold(ws, k, resume=a.resume, restart=a.restart, workers=a.workers)
     return 0
 
 

@@ -21,6 +21,9 @@ import numpy as np
 from planner.plan import AugmentationSection, Plan
 from runner.preprocess import load_case, load_locations
 
+VALIDATION_FOREGROUND_SHARE = 0.5  # validation patches: half centred on foreground, so the loss sees the classes
+VALIDATION_STREAM = 999            # seeds the validation patches apart from the training batches (index 0..)
+
 
 @contextlib.contextmanager
 def seeded_global_numpy(seed: int):
@@ -105,11 +108,11 @@ class PatchSampler:
             start = [int(rng.integers(min(0, n - p), max(0, n - p) + 1)) for n, p in zip(shape, self.patch)]
         return crop_patch(data, seg, start, self.patch)
 
-    def batch(self, rng: np.random.Generator, size: int, fg_per_batch: bool = True) -> dict:
+    def batch(self, rng: np.random.Generator, size: int) -> dict:
         """A batch; like nnU-Net, at least one patch per batch is foreground when oversampling is on."""
         xs, ys = [], []
         for i in range(size):
-            x, y = self.sample(rng, force_fg=fg_per_batch and self.fg > 0 and i == size - 1)
+            x, y = self.sample(rng, force_fg=self.fg > 0 and i == size - 1)
             xs.append(x)
             ys.append(y[None])
         return {"data": np.stack(xs), "seg": np.stack(ys).astype(np.float32)}
@@ -150,7 +153,7 @@ def validation_batches(folder: Path, case_ids: list[str], plan: Plan, fold: int)
     """A fixed set of validation patches (half centred on foreground), the same every epoch."""
     if not case_ids:
         return []
-    sampler = PatchSampler(folder, case_ids, plan.training.patch_size, 0.5)
-    rng = np.random.default_rng([plan.training.seed, fold, 999])
+    sampler = PatchSampler(folder, case_ids, plan.training.patch_size, VALIDATION_FOREGROUND_SHARE)
+    rng = np.random.default_rng([plan.training.seed, fold, VALIDATION_STREAM])
     n, b = plan.training.schedule.validation_patches, plan.training.batch_size
     return [to_keras(sampler.batch(rng, min(b, n - i)), len(plan.dataset.labels)) for i in range(0, n, b)]

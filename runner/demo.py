@@ -12,8 +12,9 @@ def run_demo(workdir: Path, minutes: float = 4.0, cases: int = DEMO_CASES, scale
     """phantoms -> plan (CPU, time budget) -> fold 0 -> predict + evaluate its validation cases -> report."""
     from datasets.phantoms import make_phantoms
     from planner.planning import plan_dataset
+    from runner.pipeline import run_fold
     from runner.report import summarize
-    from runner.train import run_fold
+    from runner.workspace import Workspace
     t0 = time.perf_counter()
     workdir = Path(workdir)
     data = workdir / "phantoms"
@@ -24,14 +25,15 @@ def run_demo(workdir: Path, minutes: float = 4.0, cases: int = DEMO_CASES, scale
     if not plan_path.exists():
         print(f"[2/4] planning for this CPU with a {minutes:g}-minute training budget")
         plan_dataset(data, plan_path, device="cpu", time_budget=minutes, workers=2)
-    print(f"[3/4] training fold 0 (then predicting and evaluating its validation cases)")
-    run_fold(plan_path, 0, resume=(plan_path.parent / "work" / "phantoms" / "fold_0" / "checkpoint_latest.json").exists())
+    print("[3/4] training fold 0 (then predicting and evaluating its validation cases)")
+    ws = Workspace(plan_path)
+    fold = ws.fold(0)
+    run_fold(ws, 0, resume=fold.is_trained())
     print("[4/4] report")
     print(summarize(plan_path))
-    work = plan_path.parent / "work" / "phantoms"
     print(f"\ndone in {(time.perf_counter() - t0) / 60:.1f} min. Files:\n"
           f"  plan:        {plan_path}  (edit it, then `segplan run {plan_path} --fold 0 --restart`)\n"
-          f"  checkpoints: {work / 'fold_0'}  (checkpoint_best.weights.h5, history.csv, progress.png)\n"
-          f"  predictions: {work / 'fold_0' / 'validation'}  (metrics.csv, summary.yaml)\n"
-          f"  report:      {work / 'cv_summary.md'}, cv_boxplots.png, overlays/")
+          f"  checkpoints: {fold.dir}  ({fold.pointer.name}, {fold.history.name}, {fold.progress.name})\n"
+          f"  predictions: {fold.validation}  ({fold.validation_metrics.name}, {fold.validation_summary.name})\n"
+          f"  report:      {ws.cv_summary_md}, {ws.cv_boxplots.name}, {ws.overlays.name}/")
     return 0

@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from planner.dataset import ENDINGS, atomic_write_text, read_label
+from planner.dataset import read_label
+from planner.fileio import image_files, write_yaml
 from planner.schema import to_plain
 from runner.tables import write_rows
 
@@ -93,15 +93,6 @@ def case_metrics(pred: np.ndarray | None, ref: np.ndarray, labels: dict[str, int
     return out
 
 
-def _case_files(folder: Path) -> dict[str, Path]:
-    out = {}
-    for p in sorted(Path(folder).iterdir()):
-        for end in ENDINGS:
-            if p.name.endswith(end) and not p.name.startswith("."):
-                out[p.name[: -len(end)]] = p
-    return out
-
-
 def evaluate_folder(pred_dir: Path, ref_dir: Path, plan_path: Path | None = None, hd95: bool = False,
                     nsd_tolerance: float | None = None,
                     labels: dict[str, int] | None = None, groups: dict[str, list[str]] | None = None,
@@ -115,7 +106,7 @@ def evaluate_folder(pred_dir: Path, ref_dir: Path, plan_path: Path | None = None
         from planner.plan import load_plan
         plan = load_plan(plan_path, check_paths=False)
         labels, groups = plan.dataset.labels, plan.dataset.label_groups
-    preds, refs = _case_files(pred_dir), _case_files(ref_dir)
+    preds, refs = image_files(pred_dir), image_files(ref_dir)
     if not refs:
         raise FileNotFoundError(f"no reference label files in {ref_dir}")
     if labels is None:
@@ -139,7 +130,7 @@ def evaluate_folder(pred_dir: Path, ref_dir: Path, plan_path: Path | None = None
     summary["missing_predictions"] = sorted(set(refs) - set(preds))
     summary["predictions_without_reference"] = sorted(set(preds) - set(refs))
     summary |= notes or {}
-    atomic_write_text(Path(pred_dir) / "summary.yaml", yaml.safe_dump(to_plain(summary), sort_keys=False))
+    write_yaml(Path(pred_dir) / "summary.yaml", to_plain(summary))
     return format_summary(summary)
 
 

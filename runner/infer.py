@@ -81,11 +81,11 @@ def mirrored(predict: Callable[[np.ndarray], np.ndarray], axes: list[int]) -> Ca
     return tta
 
 
-def keras_predictor(models: list, compute_dtype=np.float32) -> Callable[[np.ndarray], np.ndarray]:
+def keras_predictor(models: list) -> Callable[[np.ndarray], np.ndarray]:
     """(b, c, z, y, x) -> (b, k, z, y, x), averaging the softmax of several Keras models (folds);
     the only place where channels-last is introduced at prediction time."""
     def predict(batch: np.ndarray) -> np.ndarray:
-        x = np.moveaxis(batch, 1, -1).astype(compute_dtype)
+        x = np.moveaxis(batch, 1, -1).astype(np.float32)
         out = sum(np.asarray(m.predict_on_batch(x), dtype=np.float32) for m in models) / len(models)
         return np.moveaxis(out, -1, 1)
     return predict

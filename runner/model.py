@@ -18,11 +18,10 @@ def _conv_block(x, filters: int, kernel, net: NetworkSection, name: str):
     return x
 
 
-def build_unet(net: NetworkSection, in_channels: int, n_classes: int, patch_size=None) -> keras.Model:
+def build_unet(net: NetworkSection, in_channels: int, n_classes: int) -> keras.Model:
     """Encoder: conv blocks with max-pooling; decoder: transposed convolution (or upsampling + conv),
     concatenation skip, conv block; 1x1x1 softmax head (float32 even under mixed precision)."""
-    shape = tuple(patch_size) if patch_size is not None else (None, None, None)
-    inputs = keras.Input(shape + (in_channels,), name="image")
+    inputs = keras.Input((None, None, None, in_channels), name="image")  # any patch the pooling divides
     x, skips = inputs, []
     last = len(net.filters) - 1
     for s, (f, k) in enumerate(zip(net.filters, net.kernel_sizes)):

@@ -8,6 +8,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from planner.fileio import save_figure  # noqa: E402
+
 
 def plot_progress(rows: list[dict], path: Path) -> None:
     """Loss and Dice of training and validation per epoch, learning rate on a log axis."""
@@ -26,7 +28,5 @@ def plot_progress(rows: list[dict], path: Path) -> None:
     a3.semilogy(ep, [r["learning_rate"] for r in rows])
     a3.set(title="learning rate", xlabel="epoch")
     fig.tight_layout()
-    tmp = Path(path).with_name(".tmp_" + Path(path).name)
-    fig.savefig(tmp, dpi=90, format="png")
+    save_figure(fig, path)
     plt.close(fig)
-    tmp.replace(path)

@@ -1,7 +1,6 @@
-"""`segplan predict` and the prediction of a fold's validation cases after training."""
+"""`segplan predict`: segment images with the trained folds, each built from its frozen plan."""
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
@@ -9,10 +8,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from planner.dataset import ENDINGS, Case, DatasetError, Geometry, geometry_of, load_dataset, read_image, write_volume
-from planner.plan import Plan, load_plan
+from planner.dataset import Case, DatasetError, Geometry, read_image, write_volume
+from planner.fileio import ENDINGS, image_files, save_npz
+from planner.plan import Plan
 from runner.infer import keras_predictor, mirrored, sliding_window
 from runner.preprocess import classes_to_labels, invert_probabilities, preprocess_image
+from runner.workspace import Fold, Workspace, weight_fields
+
+CHANNEL = re.compile(r"^(.*)_(\d{4})$")
 
 
 def find_input_cases(folder: Path, n_channels: int) -> list[Case]:
@@ -20,14 +23,13 @@ def find_input_cases(folder: Path, n_channels: int) -> list[Case]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"{folder}: no such input folder")
-    files = [p for p in sorted(folder.iterdir()) if any(p.name.endswith(e) for e in ENDINGS) and not p.name.startswith(".")]
+    files = image_files(folder)
     if not files:
         raise DatasetError(f"{folder}: no image files ({', '.join(ENDINGS)})")
-    pat = re.compile(r"^(.*)_(\d{4})(" + "|".join(re.escape(e) for e in ENDINGS) + ")$")
-    groups: dict[str, dict[int, Path]] = {}
-    if all(pat.match(p.name) for p in files):
-        for p in files:
-            m = pat.match(p.name)
+    if all(CHANNEL.match(stem) for stem in files):
+        groups: dict[str, dict[int, Path]] = {}
+        for stem, p in files.items():
+            m = CHANNEL.match(stem)
             groups.setdefault(m.group(1), {})[int(m.group(2))] = p
         cases = []
         for cid, ch in groups.items():
@@ -37,28 +39,22 @@ def find_input_cases(folder: Path, n_channels: int) -> list[Case]:
         return cases
     if n_channels != 1:
         raise DatasetError(f"{folder}: the plan needs {n_channels} channels per case as <case>_0000.. files")
-    return [Case(next(p.name[: -len(e)] for e in ENDINGS if p.name.endswith(e)), (p,), None) for p in files]
+    return [Case(stem, (p,), None) for stem, p in files.items()]
 
 
-def fold_weights(plan: Plan, fold_dir: Path, fold: int) -> Path:
+def fold_weights(plan: Plan, fold: Fold) -> Path:
     """The weights file of a fold that ``inference.checkpoint`` names: the final weights (what the
     checkpoint pointer names once training has ended) or the best by the monitored loss."""
-    from runner.checkpoint import BEST, POINTER
     if plan.inference.checkpoint == "best":
-        best = fold_dir / BEST
-        if not best.exists():
-            raise FileNotFoundError(f"fold {fold}: inference.checkpoint is 'best' but {best} does not exist")
-        return best
-    pointer = fold_dir / POINTER
-    if not pointer.exists():
-        raise FileNotFoundError(f"fold {fold} has no checkpoint in {fold_dir}; run `segplan run PLAN --fold {fold}` first")
-    return fold_dir / json.loads(pointer.read_text())["weights"]
+        if not fold.best.exists():
+            raise FileNotFoundError(f"fold {fold.index}: inference.checkpoint is 'best' but {fold.best} does not exist")
+        return fold.best
+    return fold.latest_weights()
 
 
 def selection_note(plan: Plan) -> str:
     """What, if anything, of a fold's training was decided on its validation cases: said beside its numbers."""
-    sched = plan.training.schedule
-    if sched.monitor != "val_loss":
+    if plan.training.schedule.monitor != "val_loss":
         return ""
     if plan.inference.checkpoint == "best":
         return ("the checkpoint was CHOSEN ON THESE VALIDATION CASES (inference.checkpoint: best, monitor: val_loss): "
@@ -67,16 +63,23 @@ def selection_note(plan: Plan) -> str:
             "slightly optimistic")
 
 
-def load_fold_models(plan: Plan, base: Path, folds: list[int]):
-    """One Keras model per fold, with the weights ``inference.checkpoint`` names."""
+def load_fold_models(ws: Workspace, folds: list[int]) -> tuple[Plan, list]:
+    """One Keras model per fold, each built from the fold's frozen plan with the weights that
+    ``inference.checkpoint`` names; and the plan to predict with (the folds must agree on it)."""
     from runner.model import build_unet
-    models = []
+    models, plans = [], []
     for k in folds:
-        weights = fold_weights(plan, base / plan.dataset.work_dir / f"fold_{k}", k)
+        plan = ws.fold_plan(k)
         model = build_unet(plan.network, len(plan.dataset.channels), len(plan.dataset.labels))
-        model.load_weights(str(weights))
+        model.load_weights(str(fold_weights(plan, ws.fold(k))))
         models.append(model)
-    return models
+        plans.append(plan)
+    first = {k: v for k, v in weight_fields(plans[0]).items() if not k.startswith("network.")}
+    for k, p in zip(folds[1:], plans[1:]):
+        if {a: b for a, b in weight_fields(p).items() if not a.startswith("network.")} != first:
+            raise ValueError(f"fold {k} was trained with other preprocessing or labels than fold {folds[0]}: "
+                             "predict with one of them (--folds)")
+    return plans[0], models
 
 
 def predict_case(case: Case, plan: Plan, predict, progress: bool = False,
@@ -113,19 +116,9 @@ def predict_case(case: Case, plan: Plan, predict, progress: bool = False,
     return labels, geom, full, t
 
 
-def predict_folder(plan_path: Path, input_dir: Path, output_dir: Path, folds: list[int] | None = None,
-                   tta: bool = True, save_probabilities: bool = False, progress: bool = True) -> list[dict]:
-    """Segment every case in ``input_dir`` with the averaged folds; returns per-case timings."""
-    plan = load_plan(plan_path)
-    base = Path(plan_path).parent
-    cases = find_input_cases(input_dir, len(plan.dataset.channels))
-    folds = folds if folds is not None else _finished_folds(plan, base)
-    if not folds:
-        raise FileNotFoundError(f"no trained fold in {base / plan.dataset.work_dir}; run `segplan run` first")
-    return _predict_cases(cases, plan, load_fold_models(plan, base, folds), Path(output_dir), tta, save_probabilities, progress)
-
-
-def _predict_cases(cases, plan, models, out_dir: Path, tta: bool, save_probabilities: bool, progress: bool) -> list[dict]:
+def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tta: bool = True,
+                  save_probabilities: bool = False, progress: bool = True) -> list[dict]:
+    """Segment ``cases`` into ``out_dir`` with the averaged models; returns per-case timings."""
     predict = keras_predictor(models)
     if tta and plan.inference.mirroring:
         predict = mirrored(predict, plan.training.augmentation.mirror_axes)
@@ -136,40 +129,20 @@ def _predict_cases(cases, plan, models, out_dir: Path, tta: bool, save_probabili
         t0 = time.perf_counter()
         write_volume(labels, geom, out_dir / f"{case.case_id}.nii.gz")
         if save_probabilities:
-            tmp = out_dir / f".tmp_{case.case_id}.npz"
-            np.savez_compressed(tmp, probabilities=probs.astype(np.float16))
-            tmp.replace(out_dir / f"{case.case_id}.npz")
+            save_npz(out_dir / f"{case.case_id}.npz", compressed=True, probabilities=probs.astype(np.float16))
         t["write_s"] = time.perf_counter() - t0
         timings.append({"case": case.case_id, **t})
     return timings
 
 
-def _finished_folds(plan: Plan, base: Path) -> list[int]:
-    work = base / plan.dataset.work_dir
-    return [k for k in range(plan.cross_validation.folds) if (work / f"fold_{k}" / "checkpoint_latest.json").exists()]
+def predict_folder(plan_path: Path, input_dir: Path, output_dir: Path, folds: list[int] | None = None,
+                   tta: bool = True, save_probabilities: bool = False, progress: bool = True) -> list[dict]:
+    """`segplan predict`: every case in ``input_dir`` with the averaged (by default all trained) folds."""
+    ws = Workspace(plan_path)
+    folds = folds if folds is not None else [f.index for f in ws.folds() if f.is_trained()]
+    if not folds:
+        raise FileNotFoundError(f"no trained fold in {ws.root}; run `segplan run` first")
+    plan, models = load_fold_models(ws, folds)
+    cases = find_input_cases(input_dir, len(plan.dataset.channels))
+    return predict_cases(cases, plan, models, Path(output_dir), tta, save_probabilities, progress)
 
-
-def predict_validation(plan_path: Path, fold: int, progress: bool = True) -> str:
-    """Predict the fold's validation cases into WORK/fold_K/validation/ and evaluate them."""
-    from runner.evaluate import evaluate_folder
-    from runner.train import fold_splits
-    plan = load_plan(plan_path)
-    base = Path(plan_path).parent
-    val_ids = set(fold_splits(plan, base)[fold]["val"])
-    ds = load_dataset(base / plan.dataset.path)
-    cases = [Case(c.case_id, c.image_files, None) for c in ds.cases if c.case_id in val_ids]
-    out = base / plan.dataset.work_dir / f"fold_{fold}" / "validation"
-    _predict_cases(cases, plan, load_fold_models(plan, base, [fold]), out, True, False, progress)
-    ref_dir = out / "reference"
-    ref_dir.mkdir(exist_ok=True)
-    for c in ds.cases:  # links to the references, so `segplan evaluate` can be re-run on the folder
-        if c.case_id in val_ids:
-            link = ref_dir / f"{c.case_id}.nii.gz"
-            if not link.exists():
-                link.symlink_to(Path(c.label_file).resolve())
-    notes = {"checkpoint": plan.inference.checkpoint, "monitor": plan.training.schedule.monitor,
-             "selection_note": selection_note(plan)}
-    summary = evaluate_folder(out, ref_dir, None, labels=plan.dataset.labels, groups=plan.dataset.label_groups,
-                              notes=notes)
-    print(f"fold {fold} validation ({len(cases)} cases):\n{summary}")
-    return summary

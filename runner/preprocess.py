@@ -8,34 +8,23 @@ Resampling goes through SimpleITK (multi-threaded): B-spline or linear for image
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from planner.dataset import Case, Geometry, atomic_write_text, load_dataset, read_image, read_label
-from planner.fingerprint import nonzero_box
-from planner.intensity import detect_convention, to_hu
+from planner.dataset import Geometry, read_image, read_label, zyx_to_xyz
+from planner.fileio import save_npy, save_npz, sweep_temporaries, write_json
+from planner.intensity import detect_convention, nonzero_box, to_hu
 from planner.parallel import parallel_map
 from planner.plan import Plan
-from planner.schema import to_plain
+from runner.workspace import Workspace, preprocessing_fields
 
 CLASS_LOCATIONS_PER_CLASS = 10_000
+CLASS_LOCATION_SEED = 0      # which stored voxels represent a large class: fixed, so a rerun stores the same
 
 _INTERP = {0: sitk.sitkNearestNeighbor, 1: sitk.sitkLinear, 3: sitk.sitkBSpline}
-
-
-def preprocessing_key(plan: Plan) -> str:
-    """Hash of the fields that change preprocessed data: a training edit reuses the cache."""
-    fields = to_plain({"intensity": plan.intensity, "resampling": plan.resampling, "labels": plan.dataset.labels,
-                       "channels": plan.dataset.channels, "dataset": plan.dataset.path})
-    return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def preprocessed_dir(plan: Plan, base: Path) -> Path:
-    return (base / plan.dataset.work_dir / "preprocessed" / preprocessing_key(plan)).resolve()
 
 
 def _resample_axes(arr: np.ndarray, old_sp, new_sp, new_shape, interp, vector: bool = False) -> np.ndarray:
@@ -46,10 +35,10 @@ def _resample_axes(arr: np.ndarray, old_sp, new_sp, new_shape, interp, vector: b
     nearest input voxel (SimpleITK's nearest-neighbour extrapolator), never a default value, so
     every voxel of the output comes from real data."""
     img = sitk.GetImageFromArray(arr, isVector=vector)
-    img.SetSpacing(tuple(float(s) for s in reversed(old_sp)))
-    origin = tuple(float(-0.5 * o + 0.5 * n) for o, n in zip(reversed(old_sp), reversed(new_sp)))
-    out = sitk.Resample(img, [int(s) for s in reversed(new_shape)], sitk.Transform(), interp, origin,
-                        tuple(float(s) for s in reversed(new_sp)), img.GetDirection(), 0.0, img.GetPixelID(),
+    img.SetSpacing(tuple(float(s) for s in zyx_to_xyz(old_sp)))
+    origin = tuple(float(-0.5 * o + 0.5 * n) for o, n in zip(zyx_to_xyz(old_sp), zyx_to_xyz(new_sp)))
+    out = sitk.Resample(img, [int(s) for s in zyx_to_xyz(new_shape)], sitk.Transform(), interp, origin,
+                        tuple(float(s) for s in zyx_to_xyz(new_sp)), img.GetDirection(), 0.0, img.GetPixelID(),
                         True)
     return sitk.GetArrayFromImage(out)
 
@@ -180,13 +169,6 @@ def class_locations(seg: np.ndarray, n_classes: int, rng: np.random.Generator) -
     return out
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(".tmp_" + path.name)
-    with open(tmp, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-    tmp.replace(path)
-
-
 def _preprocess_one(args) -> str:
     case, plan, out = args
     if (out / f"{case.case_id}.json").exists():
@@ -195,41 +177,36 @@ def _preprocess_one(args) -> str:
     label = read_label(case.label_file)[0] if case.label_file is not None else None
     data, seg, props = preprocess_image(image, geom, plan, case.case_id, label)
     del image, label
-    _save_npy(out / f"{case.case_id}.npy", data)
+    save_npy(out / f"{case.case_id}.npy", data)
     if seg is not None:
-        _save_npy(out / f"{case.case_id}_seg.npy", seg)
-        locs = class_locations(seg, len(plan.dataset.labels), np.random.default_rng(0))
-        tmp = out / f".tmp_{case.case_id}_locs.npz"
-        np.savez(tmp, **locs)
-        tmp.replace(out / f"{case.case_id}_locs.npz")
+        save_npy(out / f"{case.case_id}_seg.npy", seg)
+        locs = class_locations(seg, len(plan.dataset.labels), np.random.default_rng(CLASS_LOCATION_SEED))
+        save_npz(out / f"{case.case_id}_locs.npz", **locs)
     # the properties file is written last: its presence marks a complete case
-    atomic_write_text(out / f"{case.case_id}.json", json.dumps(props))
+    write_json(out / f"{case.case_id}.json", props)
     return case.case_id
 
 
-def preprocess_dataset(plan: Plan, base: Path, workers: int = 2, progress: bool = True) -> Path:
+def preprocess_dataset(ws: Workspace, workers: int = 2, progress: bool = True) -> Path:
     """Preprocess every training case not yet in the cache; returns the cache folder."""
-    out = preprocessed_dir(plan, base)
+    plan = ws.plan
+    out = ws.preprocessed
     out.mkdir(parents=True, exist_ok=True)
-    ds = load_dataset(base / plan.dataset.path)
-    atomic_write_text(out / "plan_fields.json", json.dumps(to_plain({"intensity": plan.intensity,
-                                                                       "resampling": plan.resampling}), indent=1))
-    for stale in out.glob(".tmp_*"):  # left by a killed run; the case they belong to is redone below
-        stale.unlink(missing_ok=True)
-    todo = [c for c in ds.cases if not (out / f"{c.case_id}.json").exists()]
+    write_json(out / "plan_fields.json", preprocessing_fields(plan), indent=1)
+    sweep_temporaries(out)  # left by a killed run; the case they belong to is redone below
+    todo = [c for c in ws.dataset.cases if not (out / f"{c.case_id}.json").exists()]
     parallel_map(_preprocess_one, [(c, plan, out) for c in todo], workers, desc="preprocess", progress=progress)
     return out
 
 
-def load_case(folder: Path, case_id: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """A preprocessed case: data (memory-mapped), seg, properties; refuses incomplete cases."""
+def load_case(folder: Path, case_id: str) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """A preprocessed case: data and seg (memory-mapped), properties; refuses incomplete cases."""
     props_path = folder / f"{case_id}.json"
     if not props_path.exists():
         raise FileNotFoundError(f"{folder}: case {case_id} is not (completely) preprocessed; run `segplan preprocess`")
-    mode = "r" if mmap else None
-    data = np.load(folder / f"{case_id}.npy", mmap_mode=mode, allow_pickle=False)
+    data = np.load(folder / f"{case_id}.npy", mmap_mode="r", allow_pickle=False)
     seg_path = folder / f"{case_id}_seg.npy"
-    seg = np.load(seg_path, mmap_mode=mode, allow_pickle=False) if seg_path.exists() else None
+    seg = np.load(seg_path, mmap_mode="r", allow_pickle=False) if seg_path.exists() else None
     return data, seg, json.loads(props_path.read_text())
 
 

@@ -13,18 +13,24 @@ import time
 import numpy as np
 
 
-def probe(candidates: list[dict], in_channels: int, n_classes: int, steps: int = 3) -> list[float]:
+def probe(candidates: list[dict], network: dict, loss: dict, in_channels: int, n_classes: int,
+          steps: int = 3) -> list[float]:
+    """Median seconds per training step of each candidate: the plan's network settings (``network``,
+    a NetworkSection as a dict) with the candidate's filters, and the plan's loss."""
+    import dataclasses
+
     import keras
     from planner.plan import LossSection, NetworkSection
     from runner.losses import make_loss
     from runner.model import build_unet
-    loss = make_loss(LossSection(0.5, 0.5, 1.0, 1.0, 1e-6))
+    base = NetworkSection(**network)
+    loss_fn = make_loss(LossSection(**loss))
     out = []
     rng = np.random.default_rng(0)
     for c in candidates:
-        net = NetworkSection(c["filters"], c["pool_sizes"], c["kernel_sizes"], 2, "batch", 0.99, "relu", "transpose")
+        net = dataclasses.replace(base, filters=c["filters"], pool_sizes=c["pool_sizes"], kernel_sizes=c["kernel_sizes"])
         model = build_unet(net, in_channels, n_classes)
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss_fn)
         x = rng.normal(size=(c["batch"], *c["patch"], in_channels)).astype(np.float32)
         y = np.eye(n_classes, dtype=np.float32)[rng.integers(0, n_classes, (c["batch"], *c["patch"]))]
         model.train_on_batch(x, y)  # warm-up: graph tracing
@@ -40,7 +46,8 @@ def probe(candidates: list[dict], in_channels: int, n_classes: int, steps: int =
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    print(json.dumps(probe(spec["candidates"], spec["in_channels"], spec["n_classes"], spec.get("steps", 3))))
+    print(json.dumps(probe(spec["candidates"], spec["network"], spec["loss"], spec["in_channels"], spec["n_classes"],
+                           spec.get("steps", 3))))
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from planner.dataset import atomic_write_text, load_dataset, read_image, read_label  # noqa: E402
-from planner.plan import Plan, load_plan  # noqa: E402
+from planner.dataset import read_image, read_label  # noqa: E402
+from planner.fileio import save_figure, write_text, write_yaml  # noqa: E402
+from planner.plan import Plan  # noqa: E402
 from planner.schema import to_plain  # noqa: E402
 from runner.tables import read_rows, write_rows  # noqa: E402
+from runner.workspace import Workspace  # noqa: E402
 
 TABLE_METRICS = ("dice", "sensitivity", "specificity")
 
@@ -51,14 +53,13 @@ def _boxplots(rows: list[dict], classes: list[str], path: Path) -> None:
         ax.set_xticks(range(1, len(classes) + 1), classes, rotation=30)
         ax.set(title=m, ylim=(0, 1.02))
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path)
     plt.close(fig)
 
 
-def _overlay(plan: Plan, base: Path, case_id: str, pred_path: Path, path: Path, title: str) -> None:
+def _overlay(ws: Workspace, case_id: str, pred_path: Path, path: Path, title: str) -> None:
     """Three axial slices through the foreground: image, reference, prediction (the paper's Figure 6)."""
-    ds = load_dataset(base / plan.dataset.path)
-    case = next(c for c in ds.cases if c.case_id == case_id)
+    case = next(c for c in ws.dataset.cases if c.case_id == case_id)
     img = read_image(case)[0][0]
     ref = read_label(case.label_file)[0]
     pred = read_label(pred_path)[0]
@@ -76,7 +77,7 @@ def _overlay(plan: Plan, base: Path, case_id: str, pred_path: Path, path: Path, 
             ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    save_figure(fig, path, dpi=80)
     plt.close(fig)
 
 
@@ -98,15 +99,15 @@ def quantification(rows: list[dict], plan: Plan) -> list[dict]:
     return out
 
 
-def report_notes(plan: Plan, work: Path, folds: list[int]) -> list[str]:
+def report_notes(ws: Workspace, folds: list[int]) -> list[str]:
     """What a reader must know beside the numbers: how groups are scored, which checkpoint predicted,
     whether anything was chosen on the validation cases, missing predictions."""
     notes = []
-    for g, members in plan.dataset.label_groups.items():
+    for g, members in ws.plan.dataset.label_groups.items():
         notes.append(f"{g}: per case the mean of {' and '.join(members)} (the paper's definition); "
                      f"{g}_union: their union, which forgives a {'/'.join(members)} swap")
     for k in folds:
-        summary = work / f"fold_{k}" / "validation" / "summary.yaml"
+        summary = ws.fold(k).validation_summary
         meta = yaml.safe_load(summary.read_text()) if summary.exists() else {}
         notes.append(f"fold {k}: predicted with the {meta.get('checkpoint', 'unrecorded')} checkpoint"
                      + (f"; {meta['selection_note']}" if meta.get("selection_note") else ""))
@@ -117,33 +118,30 @@ def report_notes(plan: Plan, work: Path, folds: list[int]) -> list[str]:
 
 def summarize(plan_path: Path) -> str:
     """Write WORK/cv_summary.{yaml,md}, cv_boxplots.png, overlays/ and quantification.csv."""
-    plan = load_plan(plan_path)
-    base = Path(plan_path).parent
-    work = base / plan.dataset.work_dir
+    ws = Workspace(plan_path)
+    plan = ws.plan
     rows_by_fold, missing = {}, []
-    for k in range(plan.cross_validation.folds):
-        metrics = work / f"fold_{k}" / "validation" / "metrics.csv"
-        if metrics.exists():
-            rows_by_fold[k] = read_rows(metrics)
+    for fold in ws.folds():
+        if fold.validation_metrics.exists():
+            rows_by_fold[fold.index] = read_rows(fold.validation_metrics)
         else:
-            missing.append(k)
+            missing.append(fold.index)
     if not rows_by_fold:
-        return f"no finished fold in {work}: run `segplan run {plan_path} --fold K` first (missing {missing})"
+        return f"no finished fold in {ws.root}: run `segplan run {plan_path} --fold K` first (missing {missing})"
     classes = list(dict.fromkeys(r["class"] for rows in rows_by_fold.values() for r in rows))
     table = fold_table(rows_by_fold, classes)
-    notes = report_notes(plan, work, list(rows_by_fold))
-    atomic_write_text(work / "cv_summary.yaml", yaml.safe_dump(to_plain({"folds": table, "missing_folds": missing,
-                                                                         "notes": notes}), sort_keys=False))
-    atomic_write_text(work / "cv_summary.md", _markdown(table, classes, missing, [f"- {n}" for n in notes] + [""]))
+    notes = report_notes(ws, list(rows_by_fold))
+    write_yaml(ws.cv_summary_yaml, to_plain({"folds": table, "missing_folds": missing, "notes": notes}))
+    markdown = _markdown(table, classes, missing, [f"- {n}" for n in notes] + [""])
+    write_text(ws.cv_summary_md, markdown)
     all_rows = [dict(r, fold=k) for k, rows in rows_by_fold.items() for r in rows]
-    _boxplots(all_rows, classes, work / "cv_boxplots.png")
-    write_rows(quantification(all_rows, plan), work / "quantification.csv")
+    _boxplots(all_rows, classes, ws.cv_boxplots)
+    write_rows(quantification(all_rows, plan), ws.quantification)
     main_cls = next((g for g in plan.dataset.label_groups), classes[0])
     ranked = sorted((r for r in all_rows if r["class"] == main_cls), key=lambda r: r["dice"])
-    (work / "overlays").mkdir(exist_ok=True)
+    ws.overlays.mkdir(exist_ok=True)
     for tag, r in (("worst", ranked[0]), ("best", ranked[-1])):
-        pred = work / f"fold_{int(r['fold'])}" / "validation" / f"{r['case']}.nii.gz"
-        _overlay(plan, base, r["case"], pred, work / "overlays" / f"{tag}_{r['case']}.png",
+        pred = ws.fold(int(r["fold"])).validation / f"{r['case']}.nii.gz"
+        _overlay(ws, r["case"], pred, ws.overlays / f"{tag}_{r['case']}.png",
                  f"{tag}: {r['case']} ({main_cls} Dice {r['dice']:.3f})")
-    return (_markdown(table, classes, missing, [f"- {n}" for n in notes] + [""]) + f"\nwritten: {work / 'cv_summary.md'}, cv_summary.yaml, "
-            "cv_boxplots.png, quantification.csv, overlays/")
+    return (markdown + f"\nwritten: {ws.cv_summary_md}, cv_summary.yaml, cv_boxplots.png, quantification.csv, overlays/")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from planner.dataset import atomic_write_text
+from planner.fileio import write_yaml
 
 
 class SplitError(ValueError):
@@ -48,20 +48,20 @@ def validate_splits(splits, case_ids: list[str], source: str, folds: int | None 
         raise SplitError(f"{source}: {len(splits)} folds, the plan says cross_validation.folds = {folds}")
 
 
-def load_or_make_splits(work_dir: Path, case_ids: list[str], folds: int, seed: int,
+def load_or_make_splits(path: Path, case_ids: list[str], folds: int, seed: int,
                         given: Path | None = None) -> list[dict[str, list[str]]]:
-    """The given split file, else WORK/splits.yaml, else a new seeded split written there."""
+    """The given split file, else the split at ``path`` (WORK/splits.yaml), else a new seeded split
+    written there."""
     if given is not None:
         splits = json.loads(Path(given).read_text()) if str(given).endswith(".json") else yaml.safe_load(Path(given).read_text())
         validate_splits(splits, case_ids, str(given), folds)
         return splits
-    path = Path(work_dir) / "splits.yaml"
+    path = Path(path)
     if path.exists():
         splits = yaml.safe_load(path.read_text())
         validate_splits(splits, case_ids, str(path), folds)
         return splits
     splits = make_splits(case_ids, folds, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, "# segplan cross-validation split; edit freely (e.g. patient-level folds), it is validated on use\n"
-                      + yaml.safe_dump(splits, sort_keys=False))
+    write_yaml(path, splits, "segplan cross-validation split; edit freely (e.g. patient-level folds), it is validated on use")
     return splits

@@ -6,7 +6,7 @@ import io
 import math
 from pathlib import Path
 
-from planner.dataset import atomic_write_text
+from planner.fileio import write_text
 
 TEXT_COLUMNS = ("case", "class")
 
@@ -20,7 +20,7 @@ def write_rows(rows: list[dict], path: Path, fields: list[str] | None = None) ->
     w = csv.DictWriter(buf, keys)
     w.writeheader()
     w.writerows(rows)
-    atomic_write_text(Path(path), buf.getvalue())
+    write_text(Path(path), buf.getvalue())
 
 
 def read_rows(path: Path) -> list[dict]:

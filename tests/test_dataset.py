@@ -1,10 +1,8 @@
 import json
 import tarfile
 import zipfile
-from pathlib import Path
 
 import numpy as np
-import pytest
 import SimpleITK as sitk
 
 from planner.dataset import Geometry, load_dataset, read_image, read_label, to_sitk, write_volume

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
-from planner.dataset import load_dataset, read_label, to_sitk, Geometry
+from planner.dataset import load_dataset
 from planner.plan import load_plan, save_plan
 from runner.cli import main
 from tests.tiny import tiny_plan

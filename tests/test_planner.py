@@ -7,10 +7,10 @@ import pytest
 import yaml
 
 from planner import heuristics as H
-from planner.build import make_plan
 from planner.dataset import load_dataset, read_image
-from planner.fingerprint import compute_fingerprint, detect_convention
-from planner.plan import Plan, load_plan, pool_divisor, save_plan
+from planner.fingerprint import compute_fingerprint
+from planner.intensity import detect_convention
+from planner.plan import load_plan, pool_divisor, save_plan
 from planner.planning import plan_dataset
 from planner.schema import SchemaError
 
@@ -157,18 +157,24 @@ def test_planner_on_hippocampus(hippocampus, tmp_path, monkeypatch):
     out = plan_dataset(hippocampus, tmp_path / "hippo.yaml", gpu_memory=8, workers=2, progress=False)
     plan = load_plan(out)
     assert plan.resampling.target_spacing == [1.0, 1.0, 1.0]
-    fp_cases = yaml.safe_load((tmp_path / "hippo.fingerprint.yaml").read_text())["cases"]
+    from planner.planning import fingerprint_cache
+    fp_cases = yaml.safe_load(fingerprint_cache(hippocampus, tmp_path).read_text())["cases"]
     median = np.median([c["cropped_shape"] for c in fp_cases], axis=0)
     div = pool_divisor(plan.network)
     for p, m, d in zip(plan.training.patch_size, median, div):
         assert p <= int(np.ceil(m / d) * d)
     assert plan.intensity.normalization[0].scheme == "zscore" and plan.dataset.splits_file.endswith("splits_final.json")
-    # re-planning reuses the cached fingerprint: computing one (reading any image) would fail here
+    # re-planning, under another name too, reuses the dataset's cached fingerprint: reading any
+    # image would fail here
     def no_reading(*a, **k):
         raise AssertionError("the fingerprint was recomputed instead of taken from the cache")
     monkeypatch.setattr("planner.fingerprint.compute_fingerprint", no_reading)
+    monkeypatch.setattr("planner.dataset.read_volume", no_reading)
+    monkeypatch.setattr("planner.fingerprint.read_volume", no_reading)
     plan_dataset(hippocampus, tmp_path / "hippo.yaml", gpu_memory=4, force=True, progress=False)
+    plan_dataset(hippocampus, tmp_path / "other_name.yaml", gpu_memory=6, progress=False)
     assert load_plan(tmp_path / "hippo.yaml").memory.gpu_memory_gb == 4
+    assert load_plan(tmp_path / "other_name.yaml").memory.gpu_memory_gb == 6
 
 
 def test_miscnn_preset_reproduces_the_paper(phantoms, tmp_path):

@@ -93,7 +93,10 @@ def test_every_fingerprint_gets_a_checkable_plan_in_under_a_second(tmp_path_fact
     ds = _dataset(root, len(fp.cases))
     t = time.perf_counter()
     with deadline(10):
-        plan, reasons = make_plan(fp, "p", ds.name, "work", budget, "test", preset=preset)
+        if preset == "cpu":
+            plan, reasons = make_cpu_plan(fp, "p", ds.name, "work", probe=False, memory_gb=budget)
+        else:
+            plan, reasons = make_plan(fp, "p", ds.name, "work", budget, "test", preset=preset)
     assert time.perf_counter() - t < 1.0
     tr = plan.training
     div = pool_divisor(plan.network)

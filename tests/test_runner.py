@@ -12,9 +12,9 @@ import pytest
 
 from planner.dataset import Geometry, load_dataset, read_label, write_volume
 from planner.plan import load_plan, save_plan
-from runner.preprocess import (invert_probabilities, labels_to_classes, preprocess_dataset, preprocess_image,
-                               preprocessed_dir, preprocessing_key)
+from runner.preprocess import invert_probabilities, labels_to_classes, preprocess_dataset, preprocess_image
 from runner.splits import SplitError, load_or_make_splits, make_splits, validate_splits
+from runner.workspace import Workspace, preprocessing_key
 from tests.tiny import tiny_plan
 
 # Keras-dependent tests are marked one by one: the pure-numpy tests of this module run without it
@@ -90,28 +90,27 @@ def test_cache_key_follows_preprocessing_fields_only(phantoms, tmp_path):
     assert preprocessing_key(plan) == preprocessing_key(longer) != preprocessing_key(finer)
 
 
-def _kill_preprocess(plan_path, base):
+def _kill_preprocess(plan_path):
     """Preprocess in a child that dwells before marking each case complete, so the parent's kill
     lands between a case's arrays and its properties file every time, not by luck of timing."""
     import runner.preprocess as pre
-    from planner.plan import load_plan
-    write = pre.atomic_write_text
+    write = pre.write_json
 
-    def slow_marker(path, text):
+    def slow_marker(path, data, indent=None):
         if path.name.startswith("phantom_") and path.suffix == ".json":
             time.sleep(1.0)
-        write(path, text)
-    pre.atomic_write_text = slow_marker
-    pre.preprocess_dataset(load_plan(plan_path), base, workers=1, progress=False)
+        write(path, data, indent)
+    pre.write_json = slow_marker
+    pre.preprocess_dataset(Workspace(plan_path), workers=1, progress=False)
 
 
 def test_killed_preprocessing_leaves_no_trusted_case(phantoms, tmp_path):
     """Killed once a case's arrays are being written: every case marked complete has complete arrays,
     the case caught half-way is not marked complete, and a rerun redoes it and clears the temp files."""
     plan_path = tiny_plan(phantoms, tmp_path / "p.yaml")
-    plan = load_plan(plan_path)
-    out = preprocessed_dir(plan, tmp_path)
-    proc = mp.get_context("spawn").Process(target=_kill_preprocess, args=(plan_path, tmp_path))
+    ws = Workspace(plan_path)
+    out = ws.preprocessed
+    proc = mp.get_context("spawn").Process(target=_kill_preprocess, args=(plan_path,))
     proc.start()
     deadline = time.time() + 120
     while time.time() < deadline and not (out.exists() and any(out.glob("phantom_*.npy"))):
@@ -125,7 +124,7 @@ def test_killed_preprocessing_leaves_no_trusted_case(phantoms, tmp_path):
     for cid in done:  # every case marked complete has complete arrays
         np.load(out / f"{cid}.npy", allow_pickle=False)
         np.load(out / f"{cid}_seg.npy", allow_pickle=False)
-    preprocess_dataset(plan, tmp_path, workers=1, progress=False)
+    preprocess_dataset(ws, workers=1, progress=False)
     assert len(list(out.glob("phantom_*.json"))) == 8
     for cid in arrays - done:  # the half-done case was redone in full
         assert np.load(out / f"{cid}_seg.npy", allow_pickle=False).shape == np.load(out / f"{cid}.npy").shape[1:]
@@ -138,8 +137,8 @@ def test_splits_seeded_written_once_and_validated(tmp_path):
     assert s1 == make_splits(ids, 5, 1) and s1 != make_splits(ids, 5, 2)
     validate_splits(s1, ids, "x", 5)
     assert sorted(c for s in s1 for c in s["val"]) == sorted(ids)
-    written = load_or_make_splits(tmp_path, ids, 5, 1)
-    assert (tmp_path / "splits.yaml").exists() and load_or_make_splits(tmp_path, ids, 5, 99) == written
+    written = load_or_make_splits(tmp_path / "splits.yaml", ids, 5, 1)
+    assert (tmp_path / "splits.yaml").exists() and load_or_make_splits(tmp_path / "splits.yaml", ids, 5, 99) == written
     bad = [dict(s) for s in s1]
     dup = bad[1]["val"][0]
     bad[0] = {"train": [c for c in bad[0]["train"] if c != dup], "val": bad[0]["val"] + [dup]}
@@ -152,7 +151,7 @@ def test_splits_seeded_written_once_and_validated(tmp_path):
 def test_given_splits_file_is_used(hippocampus, tmp_path):
     ds = load_dataset(hippocampus)
     given = hippocampus / "splits_final.json"
-    splits = load_or_make_splits(tmp_path, [c.case_id for c in ds.cases], 5, 0, given)
+    splits = load_or_make_splits(tmp_path / "splits.yaml", [c.case_id for c in ds.cases], 5, 0, given)
     assert splits == json.loads(given.read_text()) and len(splits[0]["val"]) == 52
     assert not (tmp_path / "splits.yaml").exists()
 
@@ -164,7 +163,7 @@ def test_augmentation_is_deterministic_with_a_seed(phantoms, tmp_path):
     plan = load_plan(plan_path)
     aug = dataclasses.replace(plan.training.augmentation, **{f: 1.0 for f in vars(plan.training.augmentation) if f.endswith("_p")})
     plan = plan.replace(training=dataclasses.replace(plan.training, augmentation=aug))
-    pre = preprocess_dataset(plan, tmp_path, workers=1, progress=False)
+    pre = preprocess_dataset(Workspace(plan_path, plan), workers=1, progress=False)
     ids = [c.case_id for c in load_dataset(phantoms).cases]
     sampler = PatchSampler(pre, ids, plan.training.patch_size, 0.33)
     transform = build_augmentation(plan.training.augmentation, plan.training.patch_size)
@@ -182,9 +181,10 @@ def test_augmentation_is_deterministic_with_a_seed(phantoms, tmp_path):
 def test_loss_falls_when_overfitting_one_case(phantoms, tmp_path):
     from runner.data import PatchSampler, make_batch
     from runner.train import compile_model
-    plan = load_plan(tiny_plan(phantoms, tmp_path / "p.yaml"))
+    plan_path = tiny_plan(phantoms, tmp_path / "p.yaml")
+    plan = load_plan(plan_path)
     plan = plan.replace(training=dataclasses.replace(plan.training, learning_rate=1e-2))
-    pre = preprocess_dataset(plan, tmp_path, workers=1, progress=False)
+    pre = preprocess_dataset(Workspace(plan_path, plan), workers=1, progress=False)
     sampler = PatchSampler(pre, ["phantom_000"], plan.training.patch_size, 1.0)
     x, y = make_batch(sampler, None, plan, 0, 0, 0)
     model = compile_model(plan, 1e-2)
@@ -203,16 +203,16 @@ def test_resume_equivalence(phantoms, tmp_path):
     from runner.train import FoldFinished, train_fold
     a = tiny_plan(phantoms, tmp_path / "a" / "p.yaml", epochs=4, iterations=2, plateau_patience=1,
                   plateau_cooldown=0, monitor="train_loss", plateau_min_delta=100.0)
-    fa = train_fold(a, 0, progress=False)
+    fa = train_fold(Workspace(a), 0, progress=False).dir
     b = tiny_plan(phantoms, tmp_path / "b" / "p.yaml", epochs=4, iterations=2, plateau_patience=1,
                   plateau_cooldown=0, monitor="train_loss", plateau_min_delta=100.0)
     plan_b = load_plan(b)
     save_plan(plan_b.replace(training=dataclasses.replace(plan_b.training, schedule=dataclasses.replace(
         plan_b.training.schedule, max_epochs=2))), b)
-    train_fold(b, 0, progress=False)
+    train_fold(Workspace(b), 0, progress=False)
     save_plan(plan_b, b)  # the user raises max_epochs again and resumes
     (b.parent / plan_b.dataset.work_dir / "fold_0" / "finished.json").unlink()
-    fb = train_fold(b, 0, resume=True, progress=False)
+    fb = train_fold(Workspace(b), 0, resume=True, progress=False).dir
     sa = json.loads((fa / "checkpoint_latest.json").read_text())["state"]
     sb = json.loads((fb / "checkpoint_latest.json").read_text())["state"]
     for k in ("epoch", "learning_rate", "lr_history", "plateau_wait", "stop_wait", "cooldown", "best_epoch", "stopped"):
@@ -221,10 +221,10 @@ def test_resume_equivalence(phantoms, tmp_path):
     assert [r["learning_rate"] for r in _history(fa)] == [r["learning_rate"] for r in _history(fb)]
     assert (fa / "checkpoint_best.weights.h5").exists() and (fa / "progress.png").exists()
     with pytest.raises(FoldFinished):
-        train_fold(a, 0, progress=False)
+        train_fold(Workspace(a), 0, progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
         (fa / "finished.json").unlink()
-        train_fold(a, 0, progress=False)
+        train_fold(Workspace(a), 0, progress=False)
 
 
 @needs_keras
@@ -237,13 +237,13 @@ def test_time_budget_stops_and_keeps_a_usable_best_checkpoint(phantoms, tmp_path
         plan.training.schedule, time_budget_minutes=0.1)))
     save_plan(plan, p)
     t = time.perf_counter()
-    fold = train_fold(p, 0, progress=False)
+    fold = train_fold(Workspace(p), 0, progress=False).dir
     assert time.perf_counter() - t < 120
     done = json.loads((fold / "finished.json").read_text())
     assert "time budget" in done["reason"] and done["epochs"] < 1000
     lrs = [float(r["learning_rate"]) for r in _history(fold)]
     assert lrs == sorted(lrs, reverse=True)  # decays over the budget
-    model = load_fold_models(plan, p.parent, [0])[0]
+    model = load_fold_models(Workspace(p), [0])[1][0]
     assert model.predict_on_batch(np.zeros((1, 8, 32, 32, 1), np.float32)).shape == (1, 8, 32, 32, 4)
 
 
@@ -271,7 +271,7 @@ def test_sigkill_during_training_resumes_losing_at_most_one_epoch(phantoms, tmp_
     plan = load_plan(p)
     save_plan(plan.replace(training=dataclasses.replace(plan.training, schedule=dataclasses.replace(
         plan.training.schedule, max_epochs=done + 1))), p)
-    train_fold(p, 0, resume=True, progress=False)
+    train_fold(Workspace(p), 0, resume=True, progress=False)
     rows = read_rows(fold / "history.csv")
     assert [r["epoch"] for r in rows] == list(range(done + 1))
     assert json.loads(pointer.read_text())["state"]["epoch"] == done + 1

@@ -1,0 +1,94 @@
+"""Crash-safe file writes and file-name rules, in one place.
+
+Every file segplan writes goes to a temporary name in the same folder (``.tmp_<name>``: hidden, the
+same ending, so SimpleITK and numpy still see the format) and is renamed when complete. A kill at
+any moment leaves either the old file or the new one, never half of one; leftovers all start with
+``TEMP_PREFIX`` and can be swept. Image formats and the case id of a file name live here too.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import yaml
+
+TEMP_PREFIX = ".tmp_"
+ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+def temp_path(path: Path) -> Path:
+    return Path(path).with_name(TEMP_PREFIX + Path(path).name)
+
+
+@contextlib.contextmanager
+def atomic(path: Path) -> Iterator[Path]:
+    """Yield a temporary path to write; rename it to ``path`` if the block succeeds, else remove it."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path, data: Any, indent: int | None = None) -> None:
+    write_text(path, json.dumps(data, indent=indent))
+
+
+def write_yaml(path: Path, data: Any, header: str = "") -> None:
+    """Plain data (dicts, lists, numbers, text) as YAML, keys in their order, under a '#' header."""
+    head = "".join(f"# {line}\n" for line in header.splitlines())
+    write_text(path, head + yaml.safe_dump(data, sort_keys=False))
+
+
+def save_npy(path: Path, arr: np.ndarray) -> None:
+    with atomic(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
+
+
+def save_npz(path: Path, compressed: bool = False, **arrays: np.ndarray) -> None:
+    with atomic(path) as tmp, open(tmp, "wb") as f:
+        (np.savez_compressed if compressed else np.savez)(f, **arrays)
+
+
+def save_figure(fig, path: Path, dpi: int = 90) -> None:
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+
+
+def sweep_temporaries(folder: Path) -> int:
+    """Remove what a killed writer left in ``folder``; returns how many files."""
+    n = 0
+    for p in Path(folder).glob(TEMP_PREFIX + "*"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def split_ending(name: str) -> tuple[str, str] | None:
+    """('case_001', '.nii.gz') for 'case_001.nii.gz'; None for hidden files and other formats."""
+    if name.startswith("."):
+        return None
+    for end in ENDINGS:
+        if name.endswith(end):
+            return name[: -len(end)], end
+    return None
+
+
+def image_files(folder: Path) -> dict[str, Path]:
+    """Image files of a folder by name without ending, sorted."""
+    out = {}
+    for p in sorted(Path(folder).iterdir()):
+        parts = split_ending(p.name)
+        if parts:
+            out[parts[0]] = p
+    return out

@@ -1,0 +1,44 @@
+"""Orchestration: a fold is trained, then its validation cases are predicted and evaluated. The
+steps (train.py, predict.py, evaluate.py) know nothing of each other; this module strings them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from planner.dataset import Case
+from runner.evaluate import evaluate_folder
+from runner.predict import load_fold_models, predict_cases, selection_note
+from runner.train import FoldFinished, train_fold
+from runner.workspace import Workspace
+
+
+def predict_validation(ws: Workspace, k: int, progress: bool = True) -> str:
+    """Predict fold k's validation cases into its validation/ folder and evaluate them there."""
+    fold = ws.fold(k)
+    val_ids = set(ws.splits()[k]["val"])
+    cases = [c for c in ws.dataset.cases if c.case_id in val_ids]
+    plan, models = load_fold_models(ws, [k])
+    predict_cases([Case(c.case_id, c.image_files, None) for c in cases], plan, models, fold.validation, True, False,
+                  progress)
+    fold.validation_reference.mkdir(exist_ok=True)
+    for c in cases:  # links to the references, so `segplan evaluate` can be re-run on the folder
+        link = fold.validation_reference / f"{c.case_id}.nii.gz"
+        if not link.exists():
+            link.symlink_to(Path(c.label_file).resolve())
+    notes = {"checkpoint": plan.inference.checkpoint, "monitor": plan.training.schedule.monitor,
+             "selection_note": selection_note(plan)}
+    summary = evaluate_folder(fold.validation, fold.validation_reference, labels=plan.dataset.labels,
+                              groups=plan.dataset.label_groups, notes=notes)
+    print(f"fold {k} validation ({len(cases)} cases):\n{summary}")
+    return summary
+
+
+def run_fold(ws: Workspace, k: int, resume: bool = False, restart: bool = False, workers: int = 2) -> None:
+    """`segplan run`: train fold k (unless finished), then predict and evaluate its validation cases."""
+    trained = True
+    try:
+        train_fold(ws, k, resume=resume, restart=restart, workers=workers)
+    except FoldFinished as e:
+        print(f"segplan: {e}")
+        trained = False
+    if trained or not ws.fold(k).validation_summary.exists():
+        predict_validation(ws, k)

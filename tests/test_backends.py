@@ -1,0 +1,72 @@
+"""Keras 3 on another backend, with no TensorFlow at all (issue 15): plan, run, resume, predict,
+evaluate and summarize through the command line under JAX (or PyTorch), and the weights it trains
+predict under TensorFlow."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner.workspace import Workspace
+from tests.tiny import tiny_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+OTHER = next((b for b in ("jax", "torch") if importlib.util.find_spec(b)), None)
+
+SCRIPT = """
+import importlib.abc, sys
+class NoTensorFlow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "tensorflow":
+            raise ImportError("tensorflow is blocked in this test")
+sys.meta_path.insert(0, NoTensorFlow())
+import dataclasses
+from runner.cli import main
+from planner.plan import load_plan, save_plan
+plan_path, inp, out = sys.argv[1:4]
+assert main(["run", plan_path, "--fold", "0"]) == 0
+plan = load_plan(plan_path)
+save_plan(plan.replace(training=dataclasses.replace(plan.training, schedule=dataclasses.replace(
+    plan.training.schedule, max_epochs=3))), plan_path)
+assert main(["run", plan_path, "--fold", "0", "--resume"]) == 0
+assert main(["predict", plan_path, "-i", inp, "-o", out]) == 0
+assert main(["summarize", plan_path]) == 0
+import keras
+print("BACKEND", keras.backend.backend(), "tensorflow" in sys.modules)
+"""
+
+
+@pytest.mark.e2e
+def test_every_command_runs_on_another_backend_without_tensorflow(phantoms, tmp_path):
+    if OTHER is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run a non-TensorFlow backend: install the test extra (it brings jax)")
+        pytest.skip("neither jax nor torch is installed (pip install -e '.[test]' brings jax)")
+    plan_path = tiny_plan(phantoms, tmp_path / "p.yaml", epochs=2, iterations=2)
+    ws = Workspace(plan_path)
+    case = ws.dataset.cases[0]
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / case.image_files[0].name).symlink_to(case.image_files[0])
+    env = {**os.environ, "KERAS_BACKEND": OTHER}
+    r = subprocess.run([sys.executable, "-c", SCRIPT, str(plan_path), str(inp), str(tmp_path / "out")], env=env,
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert f"BACKEND {OTHER} False" in r.stdout
+    fold = ws.fold(0)
+    assert json.loads(fold.finished.read_text())["epochs"] == 3            # resumed to the raised max_epochs
+    assert fold.validation_summary.exists() and ws.cv_summary_md.exists()
+    assert (tmp_path / "out" / f"{case.case_id}.nii.gz").exists()
+    assert not fold.tensorboard.exists()                                   # a TensorFlow-only extra, skipped
+    # the weights are Keras weights: TensorFlow (this process) predicts with them
+    from runner.predict import predict_folder
+    predict_folder(plan_path, inp, tmp_path / "out_tf", folds=[0], progress=False)
+    from planner.dataset import read_label
+    a = read_label(tmp_path / "out" / f"{case.case_id}.nii.gz")[0]
+    b = read_label(tmp_path / "out_tf" / f"{case.case_id}.nii.gz")[0]
+    assert a.shape == b.shape and (a == b).mean() > 0.99, (a == b).mean()
