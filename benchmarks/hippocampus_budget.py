@@ -36,6 +36,7 @@ def main() -> None:
     from benchmarks.common import peak_rss_gb
     from planner.planning import plan_dataset
     from runner.pipeline import run_fold
+    from runner.workspace import Workspace
     plan_path = Path(a.work) / f"hippocampus_cpu_{a.minutes:g}min.yaml"
     t = time.perf_counter()
     plan_dataset(DATA, plan_path, device="cpu", time_budget=a.minutes, force=True, progress=False)
@@ -47,16 +48,17 @@ def main() -> None:
         save_plan(p.replace(training=dataclasses.replace(p.training, schedule=dataclasses.replace(
             p.training.schedule, monitor=a.monitor))), plan_path)
     t = time.perf_counter()
-    run_fold(plan_path, a.fold, restart=True)
+    ws = Workspace(plan_path)
+    run_fold(ws, a.fold, restart=True)
     total = time.perf_counter() - t
-    fold = plan_path.parent / "work" / plan_path.stem / f"fold_{a.fold}"
-    with open(fold / "history.csv") as f:
+    fold = ws.fold(a.fold)
+    with open(fold.history) as f:
         hist = list(csv.DictReader(f))
-    done = json.loads((fold / "finished.json").read_text())
+    done = json.loads(fold.finished.read_text())
     plan = yaml.safe_load(plan_path.read_text())
     iters = int(plan["training"]["schedule"]["iterations_per_epoch"]) * len(hist)
     s_it = sum(float(r["seconds_per_iteration"]) for r in hist) / len(hist)
-    summary = yaml.safe_load((fold / "validation" / "summary.yaml").read_text())
+    summary = yaml.safe_load(fold.validation_summary.read_text())
     dice = {c: round(v["dice"]["mean"], 4) for c, v in summary["classes"].items()}
     best_dice = _best_checkpoint_dice(plan_path, a.fold, fold)
     print(json.dumps({"minutes": a.minutes, "filters": plan["network"]["filters"], "patch": plan["training"]["patch_size"],
@@ -67,7 +69,7 @@ def main() -> None:
                       "run_seconds_total": round(total, 1), "peak_memory_gib": round(peak_rss_gb(), 2)}, indent=1))
 
 
-def _best_checkpoint_dice(plan_path: Path, fold: int, fold_dir: Path) -> dict:
+def _best_checkpoint_dice(plan_path: Path, fold: int, fold_files) -> dict:
     """Predict the fold's validation cases again with checkpoint_best and evaluate them."""
     import dataclasses
     from planner.plan import load_plan, save_plan
@@ -76,14 +78,14 @@ def _best_checkpoint_dice(plan_path: Path, fold: int, fold_dir: Path) -> dict:
     plan = load_plan(plan_path)
     best_plan = plan_path.with_name(plan_path.stem + "_best.yaml")
     save_plan(plan.replace(inference=dataclasses.replace(plan.inference, checkpoint="best")), best_plan)
-    ref = fold_dir / "validation" / "reference"
-    images = fold_dir / "validation_best_inputs"
+    ref = fold_files.validation_reference
+    images = fold_files.dir / "validation_best_inputs"
     images.mkdir(exist_ok=True)
     for r in ref.iterdir():
         link = images / r.name.replace(".nii.gz", "_0000.nii.gz")
         if not link.exists():
             link.symlink_to(DATA / "imagesTr" / link.name)
-    out = fold_dir / "validation_best"
+    out = fold_files.dir / "validation_best"
     # the copy keeps dataset.work_dir, so it finds the same fold folder and its checkpoint_best
     predict_folder(best_plan, images, out, folds=[fold], progress=False)
     evaluate_folder(out, ref, labels=plan.dataset.labels, groups=plan.dataset.label_groups)

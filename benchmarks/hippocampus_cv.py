@@ -54,7 +54,7 @@ def main() -> None:
     for k in a.folds:
         if not ws.fold(k).validation_summary.exists():
             run_fold(ws, k, restart=True)
-    print(summarize(plan_path))
+    print(summarize(ws))
     per_epoch = []
     for k in a.folds:
         with open(ws.fold(k).history) as f:

@@ -74,8 +74,8 @@ def make_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, gpu_m
         else:
             norms.append(ChannelNormalization(st.name, "zscore", None, "case", 0.0, 1.0))
     groups = _label_groups(fp.labels)
-    reasons["training.schedule.monitor"] = ("the training loss, as the paper and nnU-Net: the validation cases are the "
-                                            "cross-validation's test cases, so nothing is chosen on them")
+    reasons["training.schedule.monitor"] = ("nothing is chosen on the validation cases: they are the cross-validation's "
+                                            "test cases")
     reasons["training.sampling.foreground_oversampling"] = "nnU-Net's 1/3 of patches centred on foreground"
     plan = Plan(
         schema_version=SCHEMA_VERSION, name=name, preset=preset, device="gpu",

@@ -103,7 +103,8 @@ def cmd_evaluate(a) -> int:
 
 def cmd_summarize(a) -> int:
     from runner.report import summarize
-    print(summarize(Path(a.plan)))
+    from runner.workspace import Workspace
+    print(summarize(Workspace(Path(a.plan))))
     return 0
 
 

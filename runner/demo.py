@@ -30,7 +30,7 @@ def run_demo(workdir: Path, minutes: float = 4.0, cases: int = DEMO_CASES, scale
     fold = ws.fold(0)
     run_fold(ws, 0, resume=fold.is_trained())
     print("[4/4] report")
-    print(summarize(plan_path))
+    print(summarize(ws))
     print(f"\ndone in {(time.perf_counter() - t0) / 60:.1f} min. Files:\n"
           f"  plan:        {plan_path}  (edit it, then `segplan run {plan_path} --fold 0 --restart`)\n"
           f"  checkpoints: {fold.dir}  ({fold.pointer.name}, {fold.history.name}, {fold.progress.name})\n"

@@ -116,9 +116,8 @@ def report_notes(ws: Workspace, folds: list[int]) -> list[str]:
     return notes
 
 
-def summarize(plan_path: Path) -> str:
+def summarize(ws: Workspace) -> str:
     """Write WORK/cv_summary.{yaml,md}, cv_boxplots.png, overlays/ and quantification.csv."""
-    ws = Workspace(plan_path)
     plan = ws.plan
     rows_by_fold, missing = {}, []
     for fold in ws.folds():
@@ -127,7 +126,7 @@ def summarize(plan_path: Path) -> str:
         else:
             missing.append(fold.index)
     if not rows_by_fold:
-        return f"no finished fold in {ws.root}: run `segplan run {plan_path} --fold K` first (missing {missing})"
+        return f"no finished fold in {ws.root}: run `segplan run {ws.plan_path} --fold K` first (missing {missing})"
     classes = list(dict.fromkeys(r["class"] for rows in rows_by_fold.values() for r in rows))
     table = fold_table(rows_by_fold, classes)
     notes = report_notes(ws, list(rows_by_fold))
