@@ -23,19 +23,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def step_times(plan, pre, ids, steps: int) -> tuple[float, float]:
-    from runner.data import PatchSampler, build_augmentation, prefetch
+    """Seconds per iteration without and with the plan's augmentation, batches made as in training."""
+    from runner.batches import batch_stream
     from runner.train import compile_model
     model = compile_model(plan, 1e-3)
-    sampler = PatchSampler(pre, ids, plan.training.patch_size, 0.33)
+    off = dataclasses.replace(plan.training.augmentation,
+                              **{f: 0.0 for f in vars(plan.training.augmentation) if f.endswith("_p")})
     out = []
-    for aug in (None, build_augmentation(plan.training.augmentation, plan.training.patch_size)):
-        batches = prefetch(sampler, aug, plan, 0, 0, steps + 1)
-        x, y = next(batches)
-        model.train_on_batch(x, y)  # trace
-        t = time.perf_counter()
-        for x, y in batches:
-            model.train_on_batch(x, y)
-        out.append((time.perf_counter() - t) / steps)
+    for p in (plan.replace(training=dataclasses.replace(plan.training, augmentation=off)), plan):
+        with batch_stream(pre, ids, p, 0, p.training.workers) as epoch_batches:
+            batches = epoch_batches(0, steps + 1)
+            x, y = next(batches)
+            model.train_on_batch(x, y)  # trace
+            t = time.perf_counter()
+            for x, y in batches:
+                model.train_on_batch(x, y)
+            out.append((time.perf_counter() - t) / steps)
     return out[0], out[1]
 
 

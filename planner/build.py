@@ -1,6 +1,7 @@
 """Fingerprint -> Plan, for each preset; the reasons for each value become YAML comments."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -14,6 +15,7 @@ from planner.plan import (SCHEMA_VERSION, AugmentationSection, ChannelNormalizat
 from planner.memory import estimate_training_gb
 
 CONVS_PER_STAGE = 2
+MAX_BATCH_WORKERS = 8
 DEFAULT_FOLDS = 5
 PAPER_AUGMENTATION = AugmentationSection(
     mirror_p=0.15, mirror_axes=[0, 1, 2], elastic_p=0.15, elastic_alpha=[0.0, 900.0], elastic_sigma=[9.0, 13.0],
@@ -85,11 +87,18 @@ def make_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, gpu_m
         network=NetworkSection(fit["filters"], fit["pools"], fit["kernels"], CONVS_PER_STAGE, "batch", 0.99, "relu",
                                "transpose"),
         training=TrainingSection(fit["patch"], fit["batch"], 1e-3, False, 12345, SamplingSection(0.33),
-                                 PAPER_AUGMENTATION, PAPER_LOSS, PAPER_SCHEDULE),
+                                 PAPER_AUGMENTATION, PAPER_LOSS, PAPER_SCHEDULE, batch_workers(reasons)),
         inference=InferenceSection(0.5, "gaussian", True, 2),
         cross_validation=CrossValidationSection(_folds(fp, reasons), 12345),
         memory=MemorySection(gpu_memory_gb, budget_source, round(fit["estimate"], 2)))
     return plan, reasons
+
+
+def batch_workers(reasons: dict) -> int:
+    """All but one of this machine's cores make batches (the last one feeds the accelerator), at most 8."""
+    cores = os.cpu_count() or 2
+    reasons["training.workers"] = f"{cores} CPU cores on the planning machine: all but one, at most {MAX_BATCH_WORKERS}"
+    return max(1, min(MAX_BATCH_WORKERS, cores - 1))
 
 
 def _folds(fp: Fingerprint, reasons: dict) -> int:
@@ -155,7 +164,7 @@ def _miscnn(fp, name, dataset_rel, work_rel, gpu_memory_gb, budget_source, split
         network=NetworkSection(filters, [list(p) for p in pools], [list(k) for k in kernels], CONVS_PER_STAGE, "batch", 0.99,
                                "relu", "transpose"),
         training=TrainingSection([80, 160, 160], 2, 1e-3, False, 12345, SamplingSection(0.0), PAPER_AUGMENTATION,
-                                 PAPER_LOSS, PAPER_SCHEDULE),
+                                 PAPER_LOSS, PAPER_SCHEDULE, batch_workers(reasons)),
         inference=InferenceSection(0.5, "constant", False, 1),
         cross_validation=CrossValidationSection(_folds(fp, reasons), 12345),
         memory=MemorySection(gpu_memory_gb, budget_source, round(est, 2)))

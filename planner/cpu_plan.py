@@ -94,7 +94,8 @@ def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, t
                                 max_epochs=max(tr.schedule.max_epochs, 10_000), early_stopping_patience=patience)
     reasons["training.schedule.early_stopping_patience"] = ("about 30% of the budget's epochs: the budget, not an "
                                                             "early plateau, should end a CPU run")
-    plan = plan.replace(preset="cpu", device="cpu", network=net, training=dataclasses.replace(tr, schedule=sched),
+    plan = plan.replace(preset="cpu", device="cpu", network=net,
+                        training=dataclasses.replace(tr, schedule=sched, workers=0),
                         inference=dataclasses.replace(plan.inference, mirroring=False))
     plan = plan.replace(memory=dataclasses.replace(plan.memory, estimate_gb=round(estimate_for_plan(plan), 2)))
     reasons["training.schedule.time_budget_minutes"] = (f"{minutes:g} minutes of training{why}; the learning rate "
@@ -105,4 +106,6 @@ def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, t
     reasons["training.patch_size"] = ("the median image rounded up to the pooling, shrunk only to keep CPU steps "
                                       f"short ({memory_gb:g} GB memory proxy); it must still see the whole structure")
     reasons["inference.mirroring"] = "off on a CPU: mirroring multiplies the prediction time by 8"
+    reasons["training.workers"] = ("0, a thread: on a CPU the training step needs the cores, and small batches cost "
+                                   "more to send between processes than to make (benchmarks/batch_pipeline.py)")
     return plan, reasons

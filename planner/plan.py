@@ -127,6 +127,8 @@ class TrainingSection:
     augmentation: AugmentationSection = doc("batchgenerators transforms, applied on the fly")
     loss: LossSection = doc("multi-class Tversky + categorical cross-entropy")
     schedule: ScheduleSection = doc("")
+    workers: int = doc("processes that make augmented batches ahead of the training step (0: one thread of the "
+                       "training process); the batches are the same whatever the number", default=1)
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,8 @@ def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
                                                     f"axis {'zyx'[a]}; use {max(d, round(p / d) * d)}")
     if net.convs_per_stage < 1:
         r.error("network.convs_per_stage", "must be >= 1")
+    if tr.workers < 0:
+        r.error("training.workers", f"{tr.workers} must be >= 0")
     for key, v in (("training.batch_size", tr.batch_size), ("inference.batch_size", plan.inference.batch_size),
                    ("training.schedule.max_epochs", tr.schedule.max_epochs),
                    ("training.schedule.iterations_per_epoch", tr.schedule.iterations_per_epoch),

@@ -3,18 +3,16 @@
 Every batch is a pure function of (seed, fold, epoch, index): the sampler draws from its own
 ``numpy.random.Generator``, and batchgenerators (which draws from numpy's and Python's global generators) runs
 inside ``seeded_global_numpy`` which seeds them and restores it afterwards. A resumed run therefore
-sees exactly the batches an uninterrupted one would. Batches are produced by a background thread
-(``prefetch``) so the accelerator does not wait for the CPU; arrays are (b, c, z, y, x) here and
-become channels-last only in ``to_keras``.
+sees exactly the batches an uninterrupted one would, and so does a run with another number of
+batch workers (runner.batches). Arrays are (b, c, z, y, x) here and become channels-last only in
+``to_keras``.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import random
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -126,27 +124,22 @@ def to_keras(batch: dict, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def make_batch(sampler: PatchSampler, augment, plan: Plan, fold: int, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+def augmented_batch(sampler: PatchSampler, augment, plan: Plan, fold: int, epoch: int, index: int) -> dict:
+    """Batch ``index`` of ``epoch`` of ``fold``, before the Keras layout: a pure function of
+    (seed, fold, epoch, index), whichever process or thread makes it. The seg stays compact
+    (int8/int16) so worker processes send little back; one-hot happens in ``to_keras``."""
     seed = [plan.training.seed, fold, epoch, index]
     rng = np.random.default_rng(seed)
     batch = sampler.batch(rng, plan.training.batch_size)
     if augment is not None:
         with seeded_global_numpy(int(rng.integers(2 ** 31))):
             batch = augment(**batch)
-    return to_keras(batch, len(plan.dataset.labels))
+    seg = np.rint(batch["seg"]).astype(np.int8 if len(plan.dataset.labels) < 128 else np.int16)
+    return {"data": batch["data"].astype(np.float32, copy=False), "seg": seg}
 
 
-def prefetch(sampler: PatchSampler, augment, plan: Plan, fold: int, epoch: int, n: int, depth: int = 3) -> Iterator:
-    """The epoch's ``n`` batches, produced ``depth`` ahead by one background thread (one thread keeps
-    the seeded global-numpy block race-free)."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        futures = [pool.submit(make_batch, sampler, augment, plan, fold, epoch, i) for i in range(min(depth, n))]
-        for i in range(n):
-            batch = futures[i].result()
-            if i + depth < n:
-                futures.append(pool.submit(make_batch, sampler, augment, plan, fold, epoch, i + depth))
-            futures[i] = None
-            yield batch
+def make_batch(sampler: PatchSampler, augment, plan: Plan, fold: int, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    return to_keras(augmented_batch(sampler, augment, plan, fold, epoch, index), len(plan.dataset.labels))
 
 
 def validation_batches(folder: Path, case_ids: list[str], plan: Plan, fold: int) -> list[tuple[np.ndarray, np.ndarray]]:

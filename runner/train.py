@@ -13,6 +13,10 @@ from tqdm import tqdm
 from planner.fileio import write_json
 from planner.plan import Plan
 from runner import backend
+from runner.batches import batch_stream
+from runner.checkpoint import load_latest, save_best, save_latest
+from runner.data import validation_batches
+from runner.plots import plot_progress
 from runner.preprocess import preprocess_dataset
 from runner.schedule import TrainState, after_epoch, budget_learning_rate, stop_reason
 from runner.tables import read_rows, write_rows
@@ -82,10 +86,6 @@ def train_fold(ws: Workspace, k: int, resume: bool = False, restart: bool = Fals
     plan = ws.freeze(k)  # the fold's own plan: frozen network/preprocessing/labels, live schedule
     pre = preprocess_dataset(ws, workers=workers, progress=progress)
     split = ws.splits()[k]
-
-    from runner.checkpoint import load_latest, save_best, save_latest
-    from runner.data import PatchSampler, build_augmentation, prefetch, validation_batches
-    from runner.plots import plot_progress
     tr, sched = plan.training, plan.training.schedule
     with backend.distribution_scope():
         model = compile_model(plan, tr.learning_rate)
@@ -93,9 +93,20 @@ def train_fold(ws: Workspace, k: int, resume: bool = False, restart: bool = Fals
     state = state or TrainState(learning_rate=tr.learning_rate)
     state = dataclasses.replace(state, stopped=stop_reason(state, sched))
     history = read_rows(fold.history)[: state.epoch]
-    sampler = PatchSampler(pre, split["train"], tr.patch_size, tr.sampling.foreground_oversampling)
-    augment = build_augmentation(tr.augmentation, tr.patch_size)
     val = validation_batches(pre, split["val"], plan, k)
+    if not state.stopped:
+        with batch_stream(pre, split["train"], plan, k, tr.workers) as epoch_batches:
+            state = _train_epochs(model, plan, fold, k, state, history, epoch_batches, val, progress)
+    write_json(fold.finished, {"reason": state.stopped, "epochs": state.epoch, "best_epoch": state.best_epoch,
+                               "training_seconds": round(state.elapsed_s, 1)})
+    print(f"fold {k}: {state.stopped}; best epoch {state.best_epoch}; files in {fold.dir}")
+    return fold
+
+
+def _train_epochs(model, plan: Plan, fold: Fold, k: int, state: TrainState, history: list[dict], epoch_batches,
+                  val, progress: bool) -> TrainState:
+    """Epochs until the schedule says stop; after each: history, plot, checkpoint (pointer last)."""
+    tr, sched = plan.training, plan.training.schedule
     writer = backend.metrics_writer(fold.tensorboard)
     budget_s = sched.time_budget_minutes * 60 if sched.time_budget_minutes is not None else math.inf
     while not state.stopped:
@@ -104,7 +115,7 @@ def train_fold(ws: Workspace, k: int, resume: bool = False, restart: bool = Fals
         model.optimizer.learning_rate.assign(lr)
         t0 = time.perf_counter()
         losses, dices = [], []
-        bar = tqdm(prefetch(sampler, augment, plan, k, state.epoch, sched.iterations_per_epoch),
+        bar = tqdm(epoch_batches(state.epoch, sched.iterations_per_epoch),
                    total=sched.iterations_per_epoch, desc=f"fold {k} epoch {state.epoch}", disable=not progress,
                    dynamic_ncols=True, leave=False)
         for x, y in bar:
@@ -137,7 +148,4 @@ def train_fold(ws: Workspace, k: int, resume: bool = False, restart: bool = Fals
             print(f"fold {k} epoch {row['epoch']}: loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, "
                   f"val Dice {val_dice:.3f}, lr {lr:.2e}, {row['seconds_per_iteration']:.2f} s/it"
                   + (" *best*" if improved else ""))
-    write_json(fold.finished, {"reason": state.stopped, "epochs": state.epoch, "best_epoch": state.best_epoch,
-                               "training_seconds": round(state.elapsed_s, 1)})
-    print(f"fold {k}: {state.stopped}; best epoch {state.best_epoch}; files in {fold.dir}")
-    return fold
+    return state
