@@ -1,10 +1,15 @@
 """Everything that depends on Keras' backend, in one place. The model, loss, training step,
 checkpoints and inference are plain Keras (``keras.ops``) and run on TensorFlow, JAX or PyTorch;
-TensorFlow-only extras (MirroredStrategy over several GPUs, TensorBoard logs) are used when the
-backend is TensorFlow and skipped otherwise, so nothing else in segplan imports TensorFlow."""
+the TensorFlow-only extra (TensorBoard logs) is used when the backend is TensorFlow and skipped
+otherwise, so nothing else in segplan imports TensorFlow.
+
+Training uses one device. Keras 3's ``train_on_batch`` under TensorFlow's MirroredStrategy gives
+every replica the whole batch instead of a share (and ``predict_on_batch`` returns one copy of the
+output per replica): tested on two logical CPU devices, it computes the same step at twice the cost
+and broke validation. Several GPUs are used as one fold per GPU (CUDA_VISIBLE_DEVICES) until the
+step distributes its data itself."""
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 
@@ -31,16 +36,6 @@ def has_gpu() -> bool:
 def mixed_policy() -> str:
     """float16 with loss scaling on a GPU; bfloat16 on a CPU (no loss scaling needed)."""
     return "mixed_float16" if has_gpu() else "mixed_bfloat16"
-
-
-def distribution_scope():
-    """TensorFlow's MirroredStrategy when it sees several GPUs (the batch is split across them);
-    otherwise a no-op context."""
-    if name() != "tensorflow":
-        return contextlib.nullcontext()
-    import tensorflow as tf
-    gpus = tf.config.list_physical_devices("GPU")
-    return (tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()).scope()
 
 
 def metrics_writer(path: Path):

@@ -87,8 +87,7 @@ def train_fold(ws: Workspace, k: int, resume: bool = False, restart: bool = Fals
     pre = preprocess_dataset(ws, workers=workers, progress=progress)
     split = ws.splits()[k]
     tr, sched = plan.training, plan.training.schedule
-    with backend.distribution_scope():
-        model = compile_model(plan, tr.learning_rate)
+    model = compile_model(plan, tr.learning_rate)
     state = load_latest(fold, model) if resume else None
     state = state or TrainState(learning_rate=tr.learning_rate)
     state = dataclasses.replace(state, stopped=stop_reason(state, sched))
