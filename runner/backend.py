@@ -10,8 +10,39 @@ and broke validation. Several GPUs are used as one fold per GPU (CUDA_VISIBLE_DE
 step distributes its data itself."""
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def muted_stderr():
+    """Silence file descriptor 2 for a block (C++ libraries write there directly, past Python)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def load_quietly() -> None:
+    """Import Keras (TensorFlow with it) and let TensorFlow find its devices with stderr muted: its
+    start-up notices (oneDNN, CUDA stubs, "failed call to cuInit" on a machine without a GPU) are
+    written before its logging is set up, where TF_CPP_MIN_LOG_LEVEL does not reach them. An import
+    error still raises, after stderr is back."""
+    with muted_stderr():
+        import keras
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+            tf.config.list_physical_devices()
 
 
 def name() -> str:

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+
+KERAS_COMMANDS = ("run", "predict", "demo")
 
 
 def _fail(msg: str) -> int:
@@ -16,7 +20,7 @@ def _fail(msg: str) -> int:
 def cmd_check_dataset(a) -> int:
     from planner.integrity import check_dataset, problems_to_json
     t = time.perf_counter()
-    ds, problems = check_dataset(a.dataset, workers=a.workers, progress=not a.json)
+    ds, problems = check_dataset(a.dataset, workers=a.workers, progress=a.bars and not a.json)
     errors = [p for p in problems if p.severity == "error"]
     if a.json:
         print(json.dumps({"dataset": str(a.dataset), "cases": len(ds.cases) if ds else 0, "ok": not errors,
@@ -32,7 +36,7 @@ def cmd_check_dataset(a) -> int:
 
 def cmd_make_phantoms(a) -> int:
     from datasets.phantoms import make_phantoms
-    out = make_phantoms(a.out, cases=a.cases, seed=a.seed, scale=a.scale, workers=a.workers)
+    out = make_phantoms(a.out, cases=a.cases, seed=a.seed, scale=a.scale, workers=a.workers, progress=a.bars)
     print(f"wrote {a.cases} phantoms to {out}")
     return 0
 
@@ -54,7 +58,7 @@ def cmd_plan(a) -> int:
     from planner.planning import plan_dataset
     path = plan_dataset(Path(a.dataset), Path(a.output) if a.output else None, gpu_memory=a.gpu_memory,
                         preset=a.preset, workers=a.workers, force=a.force, device=a.device,
-                        time_budget=a.time_budget)
+                        time_budget=a.time_budget, progress=a.bars)
     print(f"plan written to {path}; edit it, then: segplan check {path}")
     return 0
 
@@ -68,7 +72,7 @@ def cmd_check(a) -> int:
 def cmd_preprocess(a) -> int:
     from runner.preprocess import preprocess_dataset
     from runner.workspace import Workspace
-    out = preprocess_dataset(Workspace(Path(a.plan)), workers=a.workers)
+    out = preprocess_dataset(Workspace(Path(a.plan)), workers=a.workers, progress=a.bars)
     print(f"preprocessed cases in {out}")
     return 0
 
@@ -82,14 +86,14 @@ def cmd_run(a) -> int:
     for k in folds:
         if not 0 <= k < n:
             return _fail(f"--fold {k}: the plan has folds 0..{n - 1}")
-        run_fold(ws, k, resume=a.resume, restart=a.restart, workers=a.workers)
+        run_fold(ws, k, resume=a.resume, restart=a.restart, workers=a.workers, progress=a.bars)
     return 0
 
 
 def cmd_predict(a) -> int:
     from runner.predict import predict_folder
     predict_folder(Path(a.plan), Path(a.input), Path(a.output), folds=a.folds, tta=not a.no_tta,
-                   save_probabilities=a.save_probabilities)
+                   save_probabilities=a.save_probabilities, progress=a.bars)
     return 0
 
 
@@ -110,11 +114,13 @@ def cmd_summarize(a) -> int:
 
 def cmd_demo(a) -> int:
     from runner.demo import run_demo
-    return run_demo(Path(a.workdir), minutes=a.minutes)
+    return run_demo(Path(a.workdir), minutes=a.minutes, progress=a.bars)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="segplan", description="Plan and run 3D medical image segmentation.")
+    p.add_argument("--verbose", action="store_true",
+                   help="keep TensorFlow's start-up messages (hidden by default: they are notices, not problems)")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("check-dataset", help="report every problem of a dataset folder")
     s.add_argument("dataset")
@@ -187,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     from planner.dataset import DatasetError
     from planner.schema import SchemaError
     args = build_parser().parse_args(argv)
+    if not args.verbose and args.command in KERAS_COMMANDS:
+        from runner.backend import load_quietly
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's later INFO/WARNING lines
+        load_quietly()                                     # and the start-up ones that ignore it
+    # progress bars on a terminal; in a log file (a pipe, `> log`) one line per epoch / case instead
+    args.bars = sys.stderr.isatty()
     try:
         return args.fn(args)
     except SchemaError as e:

@@ -8,7 +8,8 @@ DEMO_CASES = 12
 DEMO_SCALE = 0.25
 
 
-def run_demo(workdir: Path, minutes: float = 4.0, cases: int = DEMO_CASES, scale: float = DEMO_SCALE) -> int:
+def run_demo(workdir: Path, minutes: float = 4.0, cases: int = DEMO_CASES, scale: float = DEMO_SCALE,
+             progress: bool = True) -> int:
     """phantoms -> plan (CPU, time budget) -> fold 0 -> predict + evaluate its validation cases -> report."""
     from datasets.phantoms import make_phantoms
     from planner.planning import plan_dataset
@@ -20,15 +21,15 @@ def run_demo(workdir: Path, minutes: float = 4.0, cases: int = DEMO_CASES, scale
     data = workdir / "phantoms"
     if not (data / "dataset.json").exists():
         print(f"[1/4] making {cases} chest-CT phantoms (scale {scale}) in {data}")
-        make_phantoms(data, cases=cases, seed=0, scale=scale, workers=2)
+        make_phantoms(data, cases=cases, seed=0, scale=scale, workers=2, progress=progress)
     plan_path = workdir / "plans" / "phantoms.yaml"
     if not plan_path.exists():
         print(f"[2/4] planning for this CPU with a {minutes:g}-minute training budget")
-        plan_dataset(data, plan_path, device="cpu", time_budget=minutes, workers=2)
+        plan_dataset(data, plan_path, device="cpu", time_budget=minutes, workers=2, progress=progress)
     print("[3/4] training fold 0 (then predicting and evaluating its validation cases)")
     ws = Workspace(plan_path)
     fold = ws.fold(0)
-    run_fold(ws, 0, resume=fold.is_trained())
+    run_fold(ws, 0, resume=fold.is_trained(), progress=progress)
     print("[4/4] report")
     print(summarize(ws))
     print(f"\ndone in {(time.perf_counter() - t0) / 60:.1f} min. Files:\n"

@@ -32,13 +32,14 @@ def predict_validation(ws: Workspace, k: int, progress: bool = True) -> str:
     return summary
 
 
-def run_fold(ws: Workspace, k: int, resume: bool = False, restart: bool = False, workers: int = 2) -> None:
+def run_fold(ws: Workspace, k: int, resume: bool = False, restart: bool = False, workers: int = 2,
+             progress: bool = True) -> None:
     """`segplan run`: train fold k (unless finished), then predict and evaluate its validation cases."""
     trained = True
     try:
-        train_fold(ws, k, resume=resume, restart=restart, workers=workers)
+        train_fold(ws, k, resume=resume, restart=restart, workers=workers, progress=progress)
     except FoldFinished as e:
         print(f"segplan: {e}")
         trained = False
     if trained or not ws.fold(k).validation_summary.exists():
-        predict_validation(ws, k)
+        predict_validation(ws, k, progress)

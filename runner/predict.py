@@ -132,6 +132,9 @@ def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tt
             save_npz(out_dir / f"{case.case_id}.npz", compressed=True, probabilities=probs.astype(np.float16))
         t["write_s"] = time.perf_counter() - t0
         timings.append({"case": case.case_id, **t})
+        if not progress:  # no bar (a log file): one line per case
+            print(f"predicted {case.case_id} in {sum(t.values()):.1f} s -> {out_dir / (case.case_id + '.nii.gz')}",
+                  flush=True)
     return timings
 
 

@@ -143,8 +143,7 @@ def _train_epochs(model, plan: Plan, fold: Fold, k: int, state: TrainState, hist
         plot_progress(history, fold.progress)
         save_latest(fold, model, state)
         backend.log_scalars(writer, row)
-        if progress:
-            print(f"fold {k} epoch {row['epoch']}: loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, "
+        print(f"fold {k} epoch {row['epoch']}: loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, "
                   f"val Dice {val_dice:.3f}, lr {lr:.2e}, {row['seconds_per_iteration']:.2f} s/it"
-                  + (" *best*" if improved else ""))
+                  + (" *best*" if improved else ""), flush=True)
     return state
