@@ -1,17 +1,22 @@
-"""Analytic estimate of the training memory of segplan's Keras 3D U-Net (no TensorFlow needed).
+"""Estimate of the GPU training memory of segplan's Keras 3D U-Net (no TensorFlow needed).
 
-Counted per sample (float32, or 2 bytes with mixed precision), for each stage at its resolution:
-every convolution keeps its output, the batch-norm output and the activation output for the
-backward pass (3 tensors of F channels); the decoder adds the up-sampled tensor (F) and the
-concatenation (2F); the head keeps the logits and softmax. Weights cost 16 bytes per parameter
-(weights, gradients, Adam's two moments, float32). A workspace factor covers cuDNN scratch space
-and allocator fragmentation, and a fixed overhead the CUDA context and TensorFlow's runtime.
+The shape of the model is analytic: counted per sample, for each stage at its resolution, every
+convolution keeps its output, the batch-norm output and the activation output for the backward
+pass (3 tensors of F channels); the decoder adds the up-sampled tensor (F) and the concatenation
+(2F); the head keeps the logits and softmax. Weights cost 16 bytes per parameter (weights,
+gradients, Adam's two moments, float32). The bytes each kept activation value costs are measured,
+not assumed: fitted by benchmarks/memory_fit.py to the peak allocated memory of one training step
+per grid point on an H200 under Keras 3.15 on PyTorch 2.11 (benchmarks/results/
+gpu_memory_torch.json; every point over 1 GB within 3% of the fit). Mixed precision saves less
+than half: Keras keeps float32 copies beside the 16-bit activations. A fixed overhead covers the
+CUDA context and the framework's runtime, which an allocator's peak does not count. Not calibrated
+on TensorFlow's GPU allocator (no TensorFlow GPU was at hand) nor for CPU plans.
 """
 from __future__ import annotations
 
 import math
 
-WORKSPACE_FACTOR = 1.3
+GPU_BYTES_PER_ACTIVATION = {False: 6.6, True: 4.8}   # float32 / mixed precision, fitted (see above)
 OVERHEAD_GB = 0.8
 GB = 1024 ** 3
 
@@ -57,10 +62,9 @@ def estimate_training_gb(patch: list[int], batch: int, filters: list[int], kerne
                          pool_sizes: list[list[int]], convs_per_stage: int, in_channels: int, n_classes: int,
                          mixed_precision: bool = False) -> float:
     """Estimated GPU memory in GiB for one training step of (network, patch, batch)."""
-    act_bytes = 2 if mixed_precision else 4
-    act = activation_voxels(patch, filters, pool_sizes, convs_per_stage, n_classes) * act_bytes * batch
+    act = activation_voxels(patch, filters, pool_sizes, convs_per_stage, n_classes) * batch
     weights = 16 * count_parameters(filters, kernel_sizes, pool_sizes, convs_per_stage, in_channels, n_classes)
-    return (act * WORKSPACE_FACTOR + weights) / GB + OVERHEAD_GB
+    return (act * GPU_BYTES_PER_ACTIVATION[bool(mixed_precision)] + weights) / GB + OVERHEAD_GB
 
 
 def estimate_for_plan(plan) -> float:
