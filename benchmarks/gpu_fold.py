@@ -31,7 +31,7 @@ def main() -> None:
     a = ap.parse_args()
     import keras
     from datasets.phantoms import make_phantoms
-    from planner.plan import load_plan, save_plan
+    from planner.plan_file import load_plan, save_plan
     from planner.planning import plan_dataset
     from runner import backend
     from runner.data import PatchSampler, build_augmentation, make_batch

@@ -43,7 +43,7 @@ def main() -> None:
     print(f"plan (with probe): {time.perf_counter() - t:.1f} s -> {plan_path}")
     if a.monitor:
         import dataclasses
-        from planner.plan import load_plan, save_plan
+        from planner.plan_file import load_plan, save_plan
         p = load_plan(plan_path)
         save_plan(p.replace(training=dataclasses.replace(p.training, schedule=dataclasses.replace(
             p.training.schedule, monitor=a.monitor))), plan_path)
@@ -72,7 +72,7 @@ def main() -> None:
 def _best_checkpoint_dice(plan_path: Path, fold: int, fold_files) -> dict:
     """Predict the fold's validation cases again with checkpoint_best and evaluate them."""
     import dataclasses
-    from planner.plan import load_plan, save_plan
+    from planner.plan_file import load_plan, save_plan
     from runner.evaluate import evaluate_folder
     from runner.predict import predict_folder
     plan = load_plan(plan_path)

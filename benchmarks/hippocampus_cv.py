@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--replan", action="store_true",
                     help="plan anew for this CPU and --minutes (the probe picks the width the budget can train)")
     a = ap.parse_args()
-    from planner.plan import load_plan, save_plan
+    from planner.plan_file import load_plan, save_plan
     from runner.report import summarize
     from runner.pipeline import run_fold
     from runner.workspace import Workspace

@@ -43,7 +43,7 @@ def main() -> None:
     from benchmarks.common import peak_rss_gb
     from datasets.phantoms import make_phantoms
     from planner.dataset import load_dataset
-    from planner.plan import load_plan
+    from planner.plan_file import load_plan
     from planner.planning import plan_dataset
     data = Path(a.phantoms)
     if not (data / "dataset.json").exists():

@@ -49,7 +49,7 @@ def main() -> None:
     a = ap.parse_args()
     from benchmarks.common import peak_rss_gb
     from datasets.phantoms import make_phantoms
-    from planner.plan import load_plan, save_plan
+    from planner.plan_file import load_plan, save_plan
     from planner.planning import plan_dataset
     from runner.preprocess import preprocess_dataset
     from runner.workspace import Workspace

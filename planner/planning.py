@@ -9,7 +9,8 @@ from planner.build import gpu_memory_budget, gpu_present, make_plan
 from planner.cpu_plan import make_cpu_plan
 from planner.fingerprint import fingerprint_for
 from planner.memory import estimate_for_plan
-from planner.plan import PRESETS, load_plan, save_plan
+from planner.plan import PRESETS
+from planner.plan_file import load_plan, save_plan
 
 
 def default_plan_path(dataset: Path) -> Path:

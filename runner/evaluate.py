@@ -103,7 +103,7 @@ def evaluate_folder(pred_dir: Path, ref_dir: Path, plan_path: Path | None = None
     ``missing_predictions``; predictions with no reference are listed too. ``notes`` (e.g. which
     checkpoint predicted) are written into the summary beside the numbers."""
     if plan_path is not None:
-        from planner.plan import load_plan
+        from planner.plan_file import load_plan
         plan = load_plan(plan_path, check_paths=False)
         labels, groups = plan.dataset.labels, plan.dataset.label_groups
     preds, refs = image_files(pred_dir), image_files(ref_dir)

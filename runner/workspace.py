@@ -23,7 +23,8 @@ from functools import cached_property
 from pathlib import Path
 
 from planner.dataset import Dataset, load_dataset
-from planner.plan import Plan, load_plan, save_plan
+from planner.plan import Plan
+from planner.plan_file import load_plan, save_plan
 from planner.schema import to_plain
 
 CHECKPOINT_POINTER = "checkpoint_latest.json"

@@ -27,7 +27,7 @@ class NoTensorFlow(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, NoTensorFlow())
 import dataclasses
 from runner.cli import main
-from planner.plan import load_plan, save_plan
+from planner.plan_file import load_plan, save_plan
 plan_path, inp, out = sys.argv[1:4]
 assert main(["run", plan_path, "--fold", "0"]) == 0
 plan = load_plan(plan_path)

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from planner.plan import load_plan
+from planner.plan_file import load_plan
 from runner.batches import batch_stream
 from runner.preprocess import preprocess_dataset
 from runner.workspace import Workspace

@@ -77,7 +77,7 @@ def test_plain_layout_decides_ct_on_most_images_and_check_names_unknown_cases(tm
     unknown = [p for p in problems if "no known unit" in p.message]
     assert [p.case for p in unknown] == ["a_odd"] and unknown[0].severity == "warning"
     # the plan says which convention it assumed for that case, and why
-    from planner.plan import load_plan
+    from planner.plan_file import load_plan
     from planner.planning import plan_dataset
     out = plan_dataset(ds, tmp_path / "p.yaml", gpu_memory=4, progress=False)
     text = out.read_text()

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from planner.plan import load_plan, save_plan
+from planner.plan_file import load_plan, save_plan
 from runner.workspace import Workspace
 from tests.tiny import tiny_plan
 

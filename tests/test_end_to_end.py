@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from planner.dataset import load_dataset
-from planner.plan import load_plan, save_plan
+from planner.plan_file import load_plan, save_plan
 from runner.cli import main
 from tests.tiny import tiny_plan
 

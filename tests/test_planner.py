@@ -10,7 +10,8 @@ from planner import heuristics as H
 from planner.dataset import load_dataset, read_image
 from planner.fingerprint import compute_fingerprint
 from planner.intensity import detect_convention
-from planner.plan import load_plan, pool_divisor, save_plan
+from planner.plan import pool_divisor
+from planner.plan_file import load_plan, save_plan
 from planner.planning import plan_dataset
 from planner.schema import SchemaError
 

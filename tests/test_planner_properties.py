@@ -19,7 +19,8 @@ from planner import heuristics as H
 from planner.build import make_plan
 from planner.cpu_plan import make_cpu_plan
 from planner.fingerprint import FINGERPRINT_VERSION, CaseFingerprint, ChannelStats, Fingerprint
-from planner.plan import load_plan, pool_divisor, save_plan
+from planner.plan import pool_divisor
+from planner.plan_file import load_plan, save_plan
 from planner.planning import check_plan_report
 
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from planner.dataset import Geometry
-from planner.plan import load_plan
+from planner.plan_file import load_plan
 from runner.preprocess import invert_probabilities, preprocess_image, resample
 
 PLAN = Path(__file__).resolve().parents[1] / "plans" / "hippocampus.yaml"

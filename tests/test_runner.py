@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from planner.dataset import Geometry, load_dataset, read_label, write_volume
-from planner.plan import load_plan, save_plan
+from planner.plan_file import load_plan, save_plan
 from runner.preprocess import invert_probabilities, labels_to_classes, preprocess_dataset, preprocess_image
 from runner.splits import SplitError, load_or_make_splits, make_splits, validate_splits
 from runner.workspace import Workspace, preprocessing_key

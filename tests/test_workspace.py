@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from planner.plan import load_plan, save_plan
+from planner.plan_file import load_plan, save_plan
 from planner.schema import SchemaError
 from runner.workspace import PlanChanged, Workspace, changed_keys
 from tests.tiny import tiny_plan

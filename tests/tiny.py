@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from planner.plan import load_plan, save_plan
+from planner.plan_file import load_plan, save_plan
 from planner.planning import plan_dataset
 
 

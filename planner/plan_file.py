@@ -1,0 +1,147 @@
+"""Plan files: commented YAML written atomically, read back with every problem named by key and line.
+
+``load_plan`` refuses, naming the key and its line: unknown or misspelled keys, wrong types, sizes
+that are not positive, a patch the pooling does not divide, probabilities outside [0, 1], unknown
+presets, schemes or conventions, a missing dataset, more folds than cases, an unknown schema version.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from planner.fileio import write_text
+from planner.plan import PLAN_CONVENTIONS, PRESETS, SCHEMA_VERSION, Plan, pool_divisor
+from planner.schema import Reader, SchemaError, dump_yaml, load_yaml_with_lines
+
+
+def save_plan(plan: Plan, path: str | Path, reasons: dict[str, str] | None = None) -> None:
+    header = (f"segplan plan '{plan.name}'. Edit by hand, then run `segplan check {Path(path).name}`.\n"
+              "Axes are (z, y, x); paths are relative to this file.")
+    write_text(Path(path), dump_yaml(plan, reasons, header))
+
+
+def load_plan(path: str | Path, check_paths: bool = True) -> Plan:
+    """Read and validate a plan; raise SchemaError listing every problem with its key and line."""
+    path = Path(path)
+    if not path.exists():
+        raise SchemaError([f"{path}: no such plan file"])
+    data, lines = load_yaml_with_lines(path)
+    reader = Reader(str(path), lines)
+    if isinstance(data, dict) and data.get("schema_version") not in (None, SCHEMA_VERSION):
+        reader.error("schema_version", f"version {data.get('schema_version')!r} is unknown; this segplan reads {SCHEMA_VERSION}")
+        raise SchemaError(reader.errors)
+    plan = reader.build(Plan, data)
+    if reader.errors:
+        raise SchemaError(reader.errors)
+    _validate(plan, reader, path.parent if check_paths else None)
+    if reader.errors:
+        raise SchemaError(reader.errors)
+    return plan
+
+
+def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
+    if plan.preset not in PRESETS:
+        r.error("preset", f"unknown preset '{plan.preset}'; known: {', '.join(PRESETS)}")
+    ds, tr, net = plan.dataset, plan.training, plan.network
+    if base_dir is not None and not (base_dir / ds.path).is_dir():
+        r.error("dataset.path", f"folder {(base_dir / ds.path).resolve()} does not exist")
+    elif base_dir is not None:
+        _check_folds(plan, base_dir, r)
+    if ds.labels.get("background", ds.labels.get(next(iter(ds.labels), ""), None)) != 0:
+        r.error("dataset.labels", "the first label must be background with value 0")
+    if len(set(ds.labels.values())) != len(ds.labels):
+        r.error("dataset.labels", "two labels share a value")
+    for g, members in ds.label_groups.items():
+        for m in members:
+            if m not in ds.labels:
+                r.error(f"dataset.label_groups.{g}", f"'{m}' is not one of the labels {list(ds.labels)}")
+    if len(plan.intensity.normalization) != len(ds.channels):
+        r.error("intensity.normalization", f"{len(plan.intensity.normalization)} entries for {len(ds.channels)} channels")
+    for i, n in enumerate(plan.intensity.normalization):
+        if n.scheme == "ct" and (n.clip is None or len(n.clip) != 2 or n.clip[0] >= n.clip[1]):
+            r.error(f"intensity.normalization.{i}.clip", "a ct channel needs [low, high] with low < high")
+        if n.std <= 0:
+            r.error(f"intensity.normalization.{i}.std", "must be > 0")
+        if n.zscore == "dataset" and n.scheme != "ct":
+            r.error(f"intensity.normalization.{i}.zscore", f"'dataset' needs scheme: ct (dataset statistics are in HU); "
+                                                           f"scheme '{n.scheme}' normalises per case: use zscore: case")
+    for case, conv in plan.intensity.conventions.items():
+        if conv not in PLAN_CONVENTIONS:
+            r.error(f"intensity.conventions.{case}", f"'{conv}' is not one of {', '.join(PLAN_CONVENTIONS)}")
+    _positive_list(r, "resampling.target_spacing", plan.resampling.target_spacing, 3, float)
+    _positive_list(r, "training.patch_size", tr.patch_size, 3, int)
+    n_stages = len(net.filters)
+    if n_stages < 1 or any(f <= 0 for f in net.filters):
+        r.error("network.filters", "needs at least one stage, every count > 0")
+    if len(net.pool_sizes) != n_stages - 1:
+        r.error("network.pool_sizes", f"{len(net.pool_sizes)} entries; {n_stages} stages need {n_stages - 1}")
+    if len(net.kernel_sizes) != n_stages:
+        r.error("network.kernel_sizes", f"{len(net.kernel_sizes)} entries; {n_stages} stages need {n_stages}")
+    for i, p in enumerate(net.pool_sizes):
+        if len(p) != 3 or any(v not in (1, 2) for v in p):
+            r.error(f"network.pool_sizes.{i}", f"{p}: each entry is 3 values of 1 or 2")
+    for i, k in enumerate(net.kernel_sizes):
+        if len(k) != 3 or any(v not in (1, 3, 5) for v in k):
+            r.error(f"network.kernel_sizes.{i}", f"{k}: each entry is 3 values of 1, 3 or 5")
+    if len(tr.patch_size) == 3 and all(len(p) == 3 for p in net.pool_sizes):
+        div = pool_divisor(net)
+        for a, (p, d) in enumerate(zip(tr.patch_size, div)):
+            if d and p % d:
+                r.error(f"training.patch_size.{a}", f"{p} is not divisible by the network's total pooling {d} on "
+                                                    f"axis {'zyx'[a]}; use {max(d, round(p / d) * d)}")
+    if net.convs_per_stage < 1:
+        r.error("network.convs_per_stage", "must be >= 1")
+    if tr.workers < 0:
+        r.error("training.workers", f"{tr.workers} must be >= 0")
+    for key, v in (("training.batch_size", tr.batch_size), ("inference.batch_size", plan.inference.batch_size),
+                   ("training.schedule.max_epochs", tr.schedule.max_epochs),
+                   ("training.schedule.iterations_per_epoch", tr.schedule.iterations_per_epoch),
+                   ("cross_validation.folds", plan.cross_validation.folds)):
+        if v < 1:
+            r.error(key, f"{v} must be >= 1")
+    for key, v in (("training.learning_rate", tr.learning_rate), ("training.schedule.min_learning_rate", tr.schedule.min_learning_rate)):
+        if v <= 0:
+            r.error(key, f"{v} must be > 0")
+    if tr.schedule.time_budget_minutes is not None and tr.schedule.time_budget_minutes <= 0:
+        r.error("training.schedule.time_budget_minutes", "must be > 0 or null")
+    if not 0 < tr.schedule.plateau_factor <= 1:
+        r.error("training.schedule.plateau_factor", "must be in (0, 1]")
+    probs = {"training.sampling.foreground_oversampling": tr.sampling.foreground_oversampling,
+             "inference.overlap": plan.inference.overlap}
+    probs |= {f"training.augmentation.{f.name}": getattr(tr.augmentation, f.name)
+              for f in dataclasses.fields(tr.augmentation) if f.name.endswith("_p")}
+    for key, v in probs.items():
+        if not 0.0 <= v <= 1.0:
+            r.error(key, f"{v} is a probability/fraction and must be within [0, 1]")
+    if plan.inference.overlap >= 1.0:
+        r.error("inference.overlap", "must be < 1")
+    for i, a in enumerate(tr.augmentation.mirror_axes):
+        if a not in (0, 1, 2):
+            r.error(f"training.augmentation.mirror_axes.{i}", f"{a}: axes are 0, 1, 2")
+    for f in dataclasses.fields(tr.augmentation):
+        v = getattr(tr.augmentation, f.name)
+        if isinstance(v, list) and f.name != "mirror_axes" and (len(v) != 2 or v[0] > v[1]):
+            r.error(f"training.augmentation.{f.name}", f"{v}: expected [low, high] with low <= high")
+    if tr.loss.tversky_alpha < 0 or tr.loss.tversky_beta < 0 or tr.loss.tversky_weight < 0 or tr.loss.cross_entropy_weight < 0:
+        r.error("training.loss", "weights, alpha and beta must be >= 0")
+
+
+def _check_folds(plan: Plan, base_dir: Path, r: Reader) -> None:
+    """Refuse more folds than cases before any work (each fold must validate at least one case)."""
+    from planner.dataset import DatasetError, load_dataset
+    try:
+        n = len(load_dataset(base_dir / plan.dataset.path, infer_plain=False).cases)
+    except DatasetError as e:
+        r.error("dataset.path", str(e))
+        return
+    if plan.cross_validation.folds > n:
+        r.error("cross_validation.folds", f"{plan.cross_validation.folds} folds need at least as many cases; the "
+                                          f"dataset has {n}: set folds to {n} or fewer")
+
+
+def _positive_list(r: Reader, key: str, values: list, n: int, kind: type) -> None:
+    if len(values) != n:
+        r.error(key, f"expected {n} values (z, y, x), found {len(values)}")
+    for i, v in enumerate(values):
+        if v <= 0:
+            r.error(f"{key}.{i}", f"{v} must be > 0")
