@@ -93,7 +93,8 @@ def cmd_run(a) -> int:
 def cmd_predict(a) -> int:
     from runner.predict import predict_folder
     predict_folder(Path(a.plan), Path(a.input), Path(a.output), folds=a.folds, tta=not a.no_tta,
-                   save_probabilities=a.save_probabilities, progress=a.bars)
+                   save_probabilities=a.save_probabilities, progress=a.bars,
+                   postprocessing=not a.no_postprocessing)
     return 0
 
 
@@ -109,6 +110,13 @@ def cmd_summarize(a) -> int:
     from runner.report import summarize
     from runner.workspace import Workspace
     print(summarize(Workspace(Path(a.plan))))
+    return 0
+
+
+def cmd_postprocess(a) -> int:
+    from runner.postprocess import postprocess_cv
+    from runner.workspace import Workspace
+    print(postprocess_cv(Workspace(Path(a.plan)))[1])
     return 0
 
 
@@ -171,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--folds", type=int, nargs="+", default=None)
     s.add_argument("--no-tta", action="store_true")
     s.add_argument("--save-probabilities", action="store_true")
+    s.add_argument("--no-postprocessing", action="store_true", help="skip WORK/postprocessing.yaml")
     s.set_defaults(fn=cmd_predict)
     s = sub.add_parser("evaluate", help="Dice, sensitivity, specificity, IoU, volumes per case and class")
     s.add_argument("--pred", required=True)
@@ -182,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("summarize", help="the cross-validation report over finished folds")
     s.add_argument("plan")
     s.set_defaults(fn=cmd_summarize)
+    s = sub.add_parser("postprocess", help="decide the postprocessing on the cross-validation predictions "
+                                           "(summarize does it too)")
+    s.add_argument("plan")
+    s.set_defaults(fn=cmd_postprocess)
     s = sub.add_parser("demo", help="phantoms -> plan -> fold 0 -> predict -> evaluate, on a CPU")
     s.add_argument("workdir", nargs="?", default="segplan_demo")
     s.add_argument("--minutes", type=float, default=4.0, help="training time budget")

@@ -117,8 +117,10 @@ def predict_case(case: Case, plan: Plan, predict, progress: bool = False,
 
 
 def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tta: bool = True,
-                  save_probabilities: bool = False, progress: bool = True) -> list[dict]:
-    """Segment ``cases`` into ``out_dir`` with the averaged models; returns per-case timings."""
+                  save_probabilities: bool = False, progress: bool = True, post=None) -> list[dict]:
+    """Segment ``cases`` into ``out_dir`` with the averaged models (then ``post``, a Postprocessing,
+    if given); returns per-case timings."""
+    from runner.postprocess import apply
     predict = keras_predictor(models)
     if tta and plan.inference.mirroring:
         predict = mirrored(predict, plan.training.augmentation.mirror_axes)
@@ -127,6 +129,8 @@ def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tt
     for case in tqdm(cases, desc="predict", disable=not progress, unit="case"):
         labels, geom, probs, t = predict_case(case, plan, predict, progress, probabilities=save_probabilities)
         t0 = time.perf_counter()
+        if post is not None:
+            labels = apply(labels, post)
         write_volume(labels, geom, out_dir / f"{case.case_id}.nii.gz")
         if save_probabilities:
             save_npz(out_dir / f"{case.case_id}.npz", compressed=True, probabilities=probs.astype(np.float16))
@@ -139,13 +143,19 @@ def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tt
 
 
 def predict_folder(plan_path: Path, input_dir: Path, output_dir: Path, folds: list[int] | None = None,
-                   tta: bool = True, save_probabilities: bool = False, progress: bool = True) -> list[dict]:
-    """`segplan predict`: every case in ``input_dir`` with the averaged (by default all trained) folds."""
+                   tta: bool = True, save_probabilities: bool = False, progress: bool = True,
+                   postprocessing: bool = True) -> list[dict]:
+    """`segplan predict`: every case in ``input_dir`` with the averaged (by default all trained) folds,
+    then the postprocessing decided on cross-validation (WORK/postprocessing.yaml) unless told not to."""
+    from runner.postprocess import load
     ws = Workspace(plan_path)
     folds = folds if folds is not None else [f.index for f in ws.folds() if f.is_trained()]
     if not folds:
         raise FileNotFoundError(f"no trained fold in {ws.root}; run `segplan run` first")
     plan, models = load_fold_models(ws, folds)
     cases = find_input_cases(input_dir, len(plan.dataset.channels))
-    return predict_cases(cases, plan, models, Path(output_dir), tta, save_probabilities, progress)
+    post = load(ws.postprocessing, plan.dataset.labels) if postprocessing and ws.postprocessing.exists() else None
+    if post is not None:
+        print(f"postprocessing: {', '.join(r.keep_largest for r in post.rules) or 'none'} ({ws.postprocessing})")
+    return predict_cases(cases, plan, models, Path(output_dir), tta, save_probabilities, progress, post)
 

@@ -15,6 +15,7 @@ from planner.dataset import read_image, read_label  # noqa: E402
 from planner.fileio import save_figure, write_text, write_yaml  # noqa: E402
 from planner.plan import Plan  # noqa: E402
 from planner.schema import to_plain  # noqa: E402
+from runner.postprocess import current, postprocessed_rows  # noqa: E402
 from runner.tables import read_rows, write_rows  # noqa: E402
 from runner.workspace import Workspace  # noqa: E402
 
@@ -129,9 +130,14 @@ def summarize(ws: Workspace) -> str:
         return f"no finished fold in {ws.root}: run `segplan run {ws.plan_path} --fold K` first (missing {missing})"
     classes = list(dict.fromkeys(r["class"] for rows in rows_by_fold.values() for r in rows))
     table = fold_table(rows_by_fold, classes)
-    notes = report_notes(ws, list(rows_by_fold))
-    write_yaml(ws.cv_summary_yaml, to_plain({"folds": table, "missing_folds": missing, "notes": notes}))
-    markdown = _markdown(table, classes, missing, [f"- {n}" for n in notes] + [""])
+    post, said = current(ws, sorted(rows_by_fold))
+    notes = report_notes(ws, list(rows_by_fold)) + [said]
+    # both rows: as predicted, and after the postprocessing the folds chose
+    table_post = fold_table(postprocessed_rows(ws, post), classes) if post.rules else {}
+    write_yaml(ws.cv_summary_yaml, to_plain({"folds": table, "folds_postprocessed": table_post,
+                                             "missing_folds": missing, "notes": notes}))
+    shown = table | {f"{name} (postprocessed)": row for name, row in table_post.items()}
+    markdown = _markdown(shown, classes, missing, [f"- {n}" for n in notes] + [""])
     write_text(ws.cv_summary_md, markdown)
     all_rows = [dict(r, fold=k) for k, rows in rows_by_fold.items() for r in rows]
     _boxplots(all_rows, classes, ws.cv_boxplots)

@@ -221,3 +221,7 @@ class Workspace:
     @property
     def quantification(self) -> Path:
         return self.root / "quantification.csv"
+
+    @property
+    def postprocessing(self) -> Path:
+        return self.root / "postprocessing.yaml"

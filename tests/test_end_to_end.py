@@ -60,6 +60,13 @@ def test_plan_run_predict_summarize(phantoms, tmp_path):
     assert "lungs" in summary["folds"]["average"] and "dice" in summary["folds"]["average"]["lungs"]
     assert "lungs_union" in summary["folds"]["average"]
     report = (work / "cv_summary.md").read_text()
+    # postprocessing decided on the folds' predictions, written beside the report, applied by predict
+    from runner.postprocess import load
+    post = load(work / "postprocessing.yaml", plan.dataset.labels)
+    assert post.folds == [0, 1] and set(post.tried) >= {"foreground", "left_lung", "lungs"}
+    assert bool(summary["folds_postprocessed"]) == bool(post.rules)
+    assert ("average (postprocessed)" in report) == bool(post.rules)
+    assert "postprocessing decided on folds [0, 1]" in report
     assert "mean of left_lung and right_lung" in report and "fold 1: predicted with the final checkpoint" in report
     assert (work / "cv_boxplots.png").stat().st_size > 1000 and len(list((work / "overlays").glob("*.png"))) == 2
     with open(work / "quantification.csv") as f:
@@ -76,6 +83,7 @@ def test_plan_run_predict_summarize(phantoms, tmp_path):
     sitk.WriteImage(img, str(inp / "new_0000.nii.gz"))
     out = tmp_path / "out"
     assert main(["predict", str(plan_path), "-i", str(inp), "-o", str(out), "--save-probabilities"]) == 0
+    assert main(["predict", str(plan_path), "-i", str(inp), "-o", str(tmp_path / "raw"), "--no-postprocessing"]) == 0
     pred = sitk.ReadImage(str(out / "new.nii.gz"))
     assert pred.GetSize() == img.GetSize() and np.allclose(pred.GetSpacing(), img.GetSpacing())
     assert np.allclose(pred.GetOrigin(), img.GetOrigin()) and np.allclose(pred.GetDirection(), img.GetDirection())
