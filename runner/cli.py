@@ -91,6 +91,13 @@ def cmd_run(a) -> int:
 
 
 def cmd_predict(a) -> int:
+    if (a.plan is None) == (a.model is None):
+        return _fail("predict needs a plan (its work folder's folds) or --model BUNDLE.zip, one of the two")
+    if a.model is not None:
+        from runner.bundle import predict_with_bundle
+        predict_with_bundle(Path(a.model), Path(a.input), Path(a.output), tta=not a.no_tta,
+                            postprocessing=not a.no_postprocessing, progress=a.bars)
+        return 0
     from runner.predict import predict_folder
     predict_folder(Path(a.plan), Path(a.input), Path(a.output), folds=a.folds, tta=not a.no_tta,
                    save_probabilities=a.save_probabilities, progress=a.bars,
@@ -110,6 +117,13 @@ def cmd_summarize(a) -> int:
     from runner.report import summarize
     from runner.workspace import Workspace
     print(summarize(Workspace(Path(a.plan))))
+    return 0
+
+
+def cmd_export(a) -> int:
+    from runner.bundle import export
+    print(f"wrote {export(Path(a.plan), Path(a.output), a.folds)}; on another machine: "
+          f"segplan predict --model {Path(a.output).name} -i IN -o OUT")
     return 0
 
 
@@ -172,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--restart", action="store_true", help="start a finished or begun fold over")
     s.add_argument("--workers", type=int, default=2)
     s.set_defaults(fn=cmd_run)
-    s = sub.add_parser("predict", help="segment new images with the trained folds")
-    s.add_argument("plan")
+    s = sub.add_parser("predict", help="segment new images with the trained folds or a model bundle")
+    s.add_argument("plan", nargs="?", help="a plan whose folds are trained (or use --model)")
+    s.add_argument("--model", help="a bundle written by `segplan export` (no dataset or work folder needed)")
     s.add_argument("-i", "--input", required=True)
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--folds", type=int, nargs="+", default=None)
@@ -191,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("summarize", help="the cross-validation report over finished folds")
     s.add_argument("plan")
     s.set_defaults(fn=cmd_summarize)
+    s = sub.add_parser("export", help="write a model bundle (zip) that predicts without the dataset or work folder")
+    s.add_argument("plan")
+    s.add_argument("-o", "--output", required=True, help="NAME.zip")
+    s.add_argument("--folds", type=int, nargs="+", default=None, help="default: all folds (each must have finished)")
+    s.set_defaults(fn=cmd_export)
     s = sub.add_parser("postprocess", help="decide the postprocessing on the cross-validation predictions "
                                            "(summarize does it too)")
     s.add_argument("plan")

@@ -63,23 +63,28 @@ def selection_note(plan: Plan) -> str:
             "slightly optimistic")
 
 
-def load_fold_models(ws: Workspace, folds: list[int]) -> tuple[Plan, list]:
-    """One Keras model per fold, each built from the fold's frozen plan with the weights that
-    ``inference.checkpoint`` names; and the plan to predict with (the folds must agree on it)."""
+def build_models(plans: list[Plan], weights: list[Path], folds: list[int]) -> tuple[Plan, list]:
+    """One Keras model per fold from its plan and weights file (Keras weights: nothing unpickled or
+    executed); the plan to predict with, which the folds' preprocessing and labels must agree on."""
     from runner.model import build_unet
-    models, plans = [], []
-    for k in folds:
-        plan = ws.fold_plan(k)
+    models = []
+    for plan, w in zip(plans, weights):
         model = build_unet(plan.network, len(plan.dataset.channels), len(plan.dataset.labels))
-        model.load_weights(str(fold_weights(plan, ws.fold(k))))
+        model.load_weights(str(w))
         models.append(model)
-        plans.append(plan)
     first = {k: v for k, v in weight_fields(plans[0]).items() if not k.startswith("network.")}
     for k, p in zip(folds[1:], plans[1:]):
         if {a: b for a, b in weight_fields(p).items() if not a.startswith("network.")} != first:
             raise ValueError(f"fold {k} was trained with other preprocessing or labels than fold {folds[0]}: "
                              "predict with one of them (--folds)")
     return plans[0], models
+
+
+def load_fold_models(ws: Workspace, folds: list[int]) -> tuple[Plan, list]:
+    """The folds' models, each built from the fold's frozen plan with the weights that
+    ``inference.checkpoint`` names."""
+    plans = [ws.fold_plan(k) for k in folds]
+    return build_models(plans, [fold_weights(p, ws.fold(k)) for p, k in zip(plans, folds)], folds)
 
 
 def predict_case(case: Case, plan: Plan, predict, progress: bool = False,

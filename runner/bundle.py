@@ -1,0 +1,120 @@
+"""A model bundle: everything needed to predict, in one zip that travels to another machine or
+hospital without the dataset or the work folder (issue 13).
+
+Layout inside the zip (``BUNDLE_VERSION`` 1)::
+
+    manifest.json               bundle version, segplan version, folds, SHA-256 of every other file
+    folds/K/plan.yaml           fold K's frozen plan (network, preprocessing, labels, channels)
+    folds/K/model.weights.h5    the weights its plan's inference.checkpoint names
+    postprocessing.yaml         the postprocessing decided on cross-validation, if any
+    cv_summary.yaml             the cross-validation report, if any
+
+Only YAML (safe loading) and Keras weight files are read from a bundle: nothing is unpickled or
+executed. A changed or missing file, a fold without its files, or an unknown bundle version is
+refused before any work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tempfile
+import zipfile
+from importlib import metadata
+from pathlib import Path
+
+from planner.fileio import atomic
+from planner.plan_file import load_plan, save_plan
+from runner.predict import build_models, find_input_cases, fold_weights, predict_cases
+from runner.workspace import Workspace
+
+BUNDLE_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be trusted or used; the message says which file and why."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export(plan_path: Path, out: Path, folds: list[int] | None = None) -> Path:
+    """Write the bundle of the finished ``folds`` (default: all of the plan's) to ``out``."""
+    ws = Workspace(plan_path)
+    folds = list(range(ws.plan.cross_validation.folds)) if folds is None else list(folds)
+    unfinished = [k for k in folds if not ws.fold(k).is_finished()]
+    if unfinished:
+        raise BundleError(f"folds {unfinished} have not finished training in {ws.root}: finish them "
+                          f"(`segplan run {plan_path} --fold K`) or export --folds with the finished ones")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="segplan_export_") as staging:
+        files: dict[str, Path] = {}
+        for k in folds:
+            plan = ws.fold_plan(k)  # the frozen network/preprocessing with the live inference settings
+            files[f"folds/{k}/plan.yaml"] = Path(staging) / f"plan_{k}.yaml"
+            save_plan(plan.replace(dataset=dataclasses.replace(plan.dataset, path=".", work_dir=".", splits_file=None)),
+                      files[f"folds/{k}/plan.yaml"])
+            files[f"folds/{k}/model.weights.h5"] = fold_weights(plan, ws.fold(k))
+        for name, path in (("postprocessing.yaml", ws.postprocessing), ("cv_summary.yaml", ws.cv_summary_yaml)):
+            if path.exists():
+                files[name] = path
+        manifest = {"bundle_version": BUNDLE_VERSION, "segplan_version": metadata.version("segplan"),
+                    "plan": ws.plan.name, "folds": folds, "inference": {"checkpoint": ws.plan.inference.checkpoint},
+                    "files": {name: _sha256(path) for name, path in files.items()}}
+        with atomic(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+            for name, path in files.items():
+                z.write(path, name)
+            z.writestr(MANIFEST, json.dumps(manifest, indent=1))
+    return out
+
+
+def open_bundle(bundle: Path, into: Path) -> dict:
+    """Unpack ``bundle`` into ``into`` and return its manifest, after checking every file."""
+    try:
+        with zipfile.ZipFile(bundle) as z:
+            names = set(z.namelist())
+            if MANIFEST not in names:
+                raise BundleError(f"{bundle}: no {MANIFEST}: not a segplan bundle")
+            manifest = json.loads(z.read(MANIFEST))
+            if manifest.get("bundle_version") != BUNDLE_VERSION:
+                raise BundleError(f"{bundle}: bundle version {manifest.get('bundle_version')!r} is unknown; this "
+                                  f"segplan reads version {BUNDLE_VERSION}")
+            for name in manifest["files"]:
+                if name not in names:
+                    raise BundleError(f"{bundle}: {name} is listed in the manifest but missing")
+                if Path(name).is_absolute() or ".." in Path(name).parts:
+                    raise BundleError(f"{bundle}: unsafe member name {name!r}")
+                z.extract(name, into)
+    except (zipfile.BadZipFile, json.JSONDecodeError, KeyError) as e:
+        raise BundleError(f"{bundle}: not a readable segplan bundle ({e})") from e
+    for name, digest in manifest["files"].items():
+        if _sha256(Path(into) / name) != digest:
+            raise BundleError(f"{bundle}: {name} was changed after export (SHA-256 differs from the manifest)")
+    for k in manifest["folds"]:
+        for part in ("plan.yaml", "model.weights.h5"):
+            if f"folds/{k}/{part}" not in manifest["files"]:
+                raise BundleError(f"{bundle}: fold {k} has no {part}")
+    return manifest
+
+
+def predict_with_bundle(bundle: Path, input_dir: Path, output_dir: Path, tta: bool = True,
+                        postprocessing: bool = True, progress: bool = True) -> list[dict]:
+    """`segplan predict --model BUNDLE`: the bundle's folds, averaged, on every case of ``input_dir``."""
+    from runner.postprocess import load as load_postprocessing
+    with tempfile.TemporaryDirectory(prefix="segplan_bundle_") as tmp:
+        root = Path(tmp)
+        manifest = open_bundle(Path(bundle), root)
+        folds = manifest["folds"]
+        plans = [load_plan(root / f"folds/{k}/plan.yaml", check_paths=False) for k in folds]
+        cases = find_input_cases(input_dir, len(plans[0].dataset.channels))  # wrong channel count: refused here
+        plan, models = build_models(plans, [root / f"folds/{k}/model.weights.h5" for k in folds], folds)
+        post_file = root / "postprocessing.yaml"
+        post = load_postprocessing(post_file, plan.dataset.labels) if postprocessing and post_file.exists() else None
+        return predict_cases(cases, plan, models, Path(output_dir), tta, False, progress, post)
