@@ -128,6 +128,8 @@ class TrainingSection:
     schedule: ScheduleSection = doc("")
     workers: int = doc("processes that make augmented batches ahead of the training step (0: one thread of the "
                        "training process); the batches are the same whatever the number", default=1)
+    initial_weights: str | None = doc("Keras weights to start from (relative to this file; layers whose shape "
+                                      "differs, e.g. another class count, start from scratch); null: random", default=None)
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,8 @@ def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
                                                     f"axis {'zyx'[a]}; use {max(d, round(p / d) * d)}")
     if net.convs_per_stage < 1:
         r.error("network.convs_per_stage", "must be >= 1")
+    if base_dir is not None and tr.initial_weights is not None and not (base_dir / tr.initial_weights).is_file():
+        r.error("training.initial_weights", f"file {(base_dir / tr.initial_weights).resolve()} does not exist")
     if tr.workers < 0:
         r.error("training.workers", f"{tr.workers} must be >= 0")
     for key, v in (("training.batch_size", tr.batch_size), ("inference.batch_size", plan.inference.batch_size),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from planner.build import gpu_memory_budget, gpu_present, make_plan
 from planner.cpu_plan import make_cpu_plan
+from planner.finetune import plan_from_bundle
 from planner.fingerprint import fingerprint_for
 from planner.memory import estimate_for_plan
 from planner.plan import PRESETS
@@ -19,7 +20,8 @@ def default_plan_path(dataset: Path) -> Path:
 
 def plan_dataset(dataset: Path, output: Path | None = None, gpu_memory: float | None = None,
                  preset: str | None = None, workers: int = 2, force: bool = False, device: str | None = None,
-                 time_budget: float | None = None, progress: bool = True, probe: bool = True) -> Path:
+                 time_budget: float | None = None, progress: bool = True, probe: bool = True,
+                 from_bundle: Path | None = None) -> Path:
     """Write the plan for ``dataset``; never overwrites an existing plan unless ``force``.
 
     With no device, preset or memory budget given and no GPU found, the plan is made for this CPU
@@ -44,6 +46,8 @@ def plan_dataset(dataset: Path, output: Path | None = None, gpu_memory: float | 
         gb, source = gpu_memory_budget(gpu_memory)
         plan, reasons = make_plan(fp, output.stem, _rel(dataset, output), _rel(output.parent / "work" / output.stem, output),
                                   gb, source, preset, _splits(dataset, output))
+    if from_bundle is not None:
+        plan = plan_from_bundle(plan, reasons, Path(from_bundle), output)
     save_plan(plan, output, reasons)
     return output
 

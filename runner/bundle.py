@@ -16,32 +16,19 @@ refused before any work.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import tempfile
 import zipfile
 from importlib import metadata
 from pathlib import Path
 
+from planner.bundle_file import BUNDLE_VERSION, MANIFEST, BundleError, open_bundle, sha256
 from planner.fileio import atomic
 from planner.plan_file import load_plan, save_plan
 from runner.predict import build_models, find_input_cases, fold_weights, predict_cases
 from runner.workspace import Workspace
 
-BUNDLE_VERSION = 1
-MANIFEST = "manifest.json"
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be trusted or used; the message says which file and why."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+__all__ = ["BundleError", "export", "open_bundle", "predict_with_bundle"]
 
 
 def export(plan_path: Path, out: Path, folds: list[int] | None = None) -> Path:
@@ -67,41 +54,12 @@ def export(plan_path: Path, out: Path, folds: list[int] | None = None) -> Path:
                 files[name] = path
         manifest = {"bundle_version": BUNDLE_VERSION, "segplan_version": metadata.version("segplan"),
                     "plan": ws.plan.name, "folds": folds, "inference": {"checkpoint": ws.plan.inference.checkpoint},
-                    "files": {name: _sha256(path) for name, path in files.items()}}
+                    "files": {name: sha256(path) for name, path in files.items()}}
         with atomic(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
             for name, path in files.items():
                 z.write(path, name)
             z.writestr(MANIFEST, json.dumps(manifest, indent=1))
     return out
-
-
-def open_bundle(bundle: Path, into: Path) -> dict:
-    """Unpack ``bundle`` into ``into`` and return its manifest, after checking every file."""
-    try:
-        with zipfile.ZipFile(bundle) as z:
-            names = set(z.namelist())
-            if MANIFEST not in names:
-                raise BundleError(f"{bundle}: no {MANIFEST}: not a segplan bundle")
-            manifest = json.loads(z.read(MANIFEST))
-            if manifest.get("bundle_version") != BUNDLE_VERSION:
-                raise BundleError(f"{bundle}: bundle version {manifest.get('bundle_version')!r} is unknown; this "
-                                  f"segplan reads version {BUNDLE_VERSION}")
-            for name in manifest["files"]:
-                if name not in names:
-                    raise BundleError(f"{bundle}: {name} is listed in the manifest but missing")
-                if Path(name).is_absolute() or ".." in Path(name).parts:
-                    raise BundleError(f"{bundle}: unsafe member name {name!r}")
-                z.extract(name, into)
-    except (zipfile.BadZipFile, json.JSONDecodeError, KeyError) as e:
-        raise BundleError(f"{bundle}: not a readable segplan bundle ({e})") from e
-    for name, digest in manifest["files"].items():
-        if _sha256(Path(into) / name) != digest:
-            raise BundleError(f"{bundle}: {name} was changed after export (SHA-256 differs from the manifest)")
-    for k in manifest["folds"]:
-        for part in ("plan.yaml", "model.weights.h5"):
-            if f"folds/{k}/{part}" not in manifest["files"]:
-                raise BundleError(f"{bundle}: fold {k} has no {part}")
-    return manifest
 
 
 def predict_with_bundle(bundle: Path, input_dir: Path, output_dir: Path, tta: bool = True,

@@ -89,6 +89,8 @@ def train_fold(ws: Workspace, k: int, resume: bool = False, restart: bool = Fals
     tr, sched = plan.training, plan.training.schedule
     model = compile_model(plan, tr.learning_rate)
     state = load_latest(fold, model) if resume else None
+    if state is None and tr.initial_weights:  # a fresh fold of a fine-tuning plan: start from those weights
+        model.load_weights(str(ws.base / tr.initial_weights), skip_mismatch=True)
     state = state or TrainState(learning_rate=tr.learning_rate)
     state = dataclasses.replace(state, stopped=stop_reason(state, sched))
     history = read_rows(fold.history)[: state.epoch]

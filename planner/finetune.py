@@ -1,0 +1,51 @@
+"""Plans that start from a trained model bundle (`segplan plan NEW_DATASET --from MODEL.zip`).
+
+What the weights depend on is kept from the bundle: the network, the target spacing and
+resampling, the normalisation of each channel (scheme, clip and statistics: the weights were
+trained on that input distribution), and the channel count. Everything else (patch, batch, labels,
+schedule, folds, ...) is planned for the new dataset. A different class count is allowed: the
+network's last layer is then trained from scratch, and the plan says so.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+
+from planner.bundle_file import BundleError, open_bundle
+from planner.memory import estimate_for_plan
+from planner.plan import Plan, pool_divisor
+from planner.plan_file import load_plan
+
+INITIAL_WEIGHTS_SUFFIX = ".initial.weights.h5"
+
+
+def plan_from_bundle(new: Plan, reasons: dict, bundle: Path, plan_path: Path) -> Plan:
+    """``new`` (planned for the new dataset) with the bundle's network, spacing and normalisation,
+    and ``training.initial_weights`` pointing at fold 0's weights, copied beside ``plan_path``."""
+    with tempfile.TemporaryDirectory(prefix="segplan_from_") as tmp:
+        manifest = open_bundle(Path(bundle), Path(tmp))
+        k = manifest["folds"][0]
+        old = load_plan(Path(tmp) / f"folds/{k}/plan.yaml", check_paths=False)
+        if len(old.dataset.channels) != len(new.dataset.channels):
+            raise BundleError(f"{bundle}: trained on {len(old.dataset.channels)} channels "
+                              f"({', '.join(old.dataset.channels)}); this dataset has {len(new.dataset.channels)}")
+        weights = Path(plan_path).with_name(Path(plan_path).stem + INITIAL_WEIGHTS_SUFFIX)
+        weights.write_bytes((Path(tmp) / f"folds/{k}/model.weights.h5").read_bytes())
+    norms = [dataclasses.replace(o, channel=n.channel) for o, n in zip(old.intensity.normalization,
+                                                                       new.intensity.normalization)]
+    div = pool_divisor(old.network)
+    patch = [max(d, -(-p // d) * d) for p, d in zip(new.training.patch_size, div)]
+    plan = new.replace(network=old.network, resampling=old.resampling,
+                       intensity=dataclasses.replace(new.intensity, normalization=norms,
+                                                     windowed_range=old.intensity.windowed_range),
+                       training=dataclasses.replace(new.training, patch_size=patch, initial_weights=weights.name))
+    plan = plan.replace(memory=dataclasses.replace(plan.memory, estimate_gb=round(estimate_for_plan(plan), 2)))
+    src = f"{Path(bundle).name} (fold {k} of plan '{old.name}')"
+    for key in ("network.filters", "resampling.target_spacing", "intensity.normalization"):
+        reasons[key] = f"kept from {src}: the weights depend on it"
+    reasons["training.patch_size"] = f"planned for this dataset, rounded to the kept network's pooling {div}"
+    head = (f"; the last layer is trained from scratch: {len(new.dataset.labels)} classes here, "
+            f"{len(old.dataset.labels)} in the bundle" if len(old.dataset.labels) != len(new.dataset.labels) else "")
+    reasons["training.initial_weights"] = f"fold {k}'s weights from {src}, copied beside this plan{head}"
+    return plan
