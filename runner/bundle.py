@@ -62,6 +62,34 @@ def export(plan_path: Path, out: Path, folds: list[int] | None = None) -> Path:
     return out
 
 
+SERVING_FORMATS = {"savedmodel": "tf_saved_model", "onnx": "onnx"}
+
+
+def export_network(plan_path: Path, out: Path, fmt: str, folds: list[int] | None = None) -> list[Path]:
+    """The network alone, per fold, for serving stacks: ``out/fold_K`` as a TensorFlow SavedModel, or
+    ``out/fold_K.onnx`` (ONNX needs the optional tf2onnx). Input (b, z, y, x, c) float32 with
+    free spatial size divisible by the pooling; output the softmax (b, z, y, x, classes). The
+    preprocessing and the sliding window stay segplan's (or the bundle's) job."""
+    if fmt not in SERVING_FORMATS:
+        raise ValueError(f"--format {fmt}: one of {', '.join(SERVING_FORMATS)} (or none, for a segplan bundle)")
+    ws = Workspace(plan_path)
+    folds = [f.index for f in ws.folds() if f.is_finished()] if folds is None else list(folds)
+    if not folds:
+        raise BundleError(f"no finished fold in {ws.root} to export")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for k in folds:
+        plan, (model,) = build_models([ws.fold_plan(k)], [fold_weights(ws.fold_plan(k), ws.fold(k))], [k])
+        target = out / (f"fold_{k}.onnx" if fmt == "onnx" else f"fold_{k}")
+        try:
+            model.export(str(target), format=SERVING_FORMATS[fmt], verbose=False)
+        except ImportError as e:
+            raise ValueError(f"--format {fmt} needs an optional package: {e}") from e
+        written.append(target)
+    return written
+
+
 def predict_with_bundle(bundle: Path, input_dir: Path, output_dir: Path, tta: bool = True,
                         postprocessing: bool = True, progress: bool = True) -> list[dict]:
     """`segplan predict --model BUNDLE`: the bundle's folds, averaged, on every case of ``input_dir``."""

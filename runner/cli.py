@@ -121,6 +121,11 @@ def cmd_summarize(a) -> int:
 
 
 def cmd_export(a) -> int:
+    if a.format:
+        from runner.bundle import export_network
+        for path in export_network(Path(a.plan), Path(a.output), a.format, a.folds):
+            print(f"wrote {path}")
+        return 0
     from runner.bundle import export
     print(f"wrote {export(Path(a.plan), Path(a.output), a.folds)}; on another machine: "
           f"segplan predict --model {Path(a.output).name} -i IN -o OUT")
@@ -210,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_summarize)
     s = sub.add_parser("export", help="write a model bundle (zip) that predicts without the dataset or work folder")
     s.add_argument("plan")
-    s.add_argument("-o", "--output", required=True, help="NAME.zip")
+    s.add_argument("-o", "--output", required=True, help="NAME.zip (a bundle) or, with --format, a folder")
+    s.add_argument("--format", choices=["savedmodel", "onnx"], default=None,
+                   help="the network alone for serving stacks, one per fold (onnx needs tf2onnx)")
     s.add_argument("--folds", type=int, nargs="+", default=None, help="default: all folds (each must have finished)")
     s.set_defaults(fn=cmd_export)
     s = sub.add_parser("postprocess", help="decide the postprocessing on the cross-validation predictions "

@@ -48,6 +48,15 @@ def test_bundle_predicts_like_the_work_folder_and_refuses_what_it_cannot_trust(p
     inp.mkdir()
     shutil.copy(image, inp / image.name)
     assert main(["predict", str(plan_path), "-i", str(inp), "-o", str(tmp_path / "from_work")]) == 0
+    # the network alone, for serving stacks: the SavedModel computes what Keras computes
+    assert main(["export", str(plan_path), "-o", str(tmp_path / "served"), "--format", "savedmodel",
+                 "--folds", "0"]) == 0
+    import tensorflow as tf
+    from runner.predict import load_fold_models
+    _, (model,) = load_fold_models(Workspace(plan_path), [0])
+    x = np.random.default_rng(0).normal(size=(1, 8, 32, 32, 1)).astype(np.float32)
+    served = tf.saved_model.load(str(tmp_path / "served" / "fold_0"))
+    assert np.allclose(np.asarray(served.serve(x)), model.predict_on_batch(x), atol=1e-5)
     shutil.rmtree(tmp_path / "plans")                       # the work folder and plan are gone
     assert main(["predict", "--model", str(bundle), "-i", str(inp), "-o", str(tmp_path / "from_bundle")]) == 0
     a = read_label(tmp_path / "from_work" / f"{case.case_id}.nii.gz")[0]
