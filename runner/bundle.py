@@ -81,7 +81,8 @@ def export_network(plan_path: Path, out: Path, fmt: str, folds: list[int] | None
     written = []
     for k in folds:
         plan, (model,) = build_models([ws.fold_plan(k)], [fold_weights(ws.fold_plan(k), ws.fold(k))], [k])
-        target = out / (f"fold_{k}.onnx" if fmt == "onnx" else f"fold_{k}")
+        name = ws.fold(k).dir.name  # fold_K, as in the work folder
+        target = out / (f"{name}.onnx" if fmt == "onnx" else name)
         try:
             model.export(str(target), format=SERVING_FORMATS[fmt], verbose=False)
         except ImportError as e:
