@@ -25,6 +25,7 @@ from pathlib import Path
 from planner.bundle_file import BUNDLE_VERSION, MANIFEST, BundleError, open_bundle, sha256
 from planner.fileio import atomic
 from planner.plan_file import load_plan, save_plan
+from runner import postprocess
 from runner.predict import build_models, find_input_cases, fold_weights, predict_cases
 from runner.workspace import Workspace
 
@@ -80,7 +81,8 @@ def export_network(plan_path: Path, out: Path, fmt: str, folds: list[int] | None
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for k in folds:
-        plan, (model,) = build_models([ws.fold_plan(k)], [fold_weights(ws.fold_plan(k), ws.fold(k))], [k])
+        fold_plan = ws.fold_plan(k)
+        plan, (model,) = build_models([fold_plan], [fold_weights(fold_plan, ws.fold(k))], [k])
         name = ws.fold(k).dir.name  # fold_K, as in the work folder
         target = out / (f"{name}.onnx" if fmt == "onnx" else name)
         try:
@@ -94,7 +96,6 @@ def export_network(plan_path: Path, out: Path, fmt: str, folds: list[int] | None
 def predict_with_bundle(bundle: Path, input_dir: Path, output_dir: Path, tta: bool = True,
                         postprocessing: bool = True, progress: bool = True) -> list[dict]:
     """`segplan predict --model BUNDLE`: the bundle's folds, averaged, on every case of ``input_dir``."""
-    from runner.postprocess import load as load_postprocessing
     with tempfile.TemporaryDirectory(prefix="segplan_bundle_") as tmp:
         root = Path(tmp)
         manifest = open_bundle(Path(bundle), root)
@@ -103,5 +104,5 @@ def predict_with_bundle(bundle: Path, input_dir: Path, output_dir: Path, tta: bo
         cases = find_input_cases(input_dir, len(plans[0].dataset.channels))  # wrong channel count: refused here
         plan, models = build_models(plans, [root / f"folds/{k}/model.weights.h5" for k in folds], folds)
         post_file = root / "postprocessing.yaml"
-        post = load_postprocessing(post_file, plan.dataset.labels) if postprocessing and post_file.exists() else None
+        post = postprocess.load(post_file, plan.dataset.labels) if postprocessing and post_file.exists() else None
         return predict_cases(cases, plan, models, Path(output_dir), tta, False, progress, post)

@@ -70,17 +70,22 @@ def _mean_dice(cases: list[tuple[np.ndarray, np.ndarray]], labels: dict[str, int
             for n, v in labels.items() if v != 0}
 
 
+def out_of_fold(ws: Workspace):
+    """(fold, case id, prediction path or None, reference path) of every evaluated validation case."""
+    for fold in ws.folds():
+        if fold.validation_summary.exists():
+            preds = image_files(fold.validation)
+            for cid, ref in image_files(fold.validation_reference).items():
+                yield fold.index, cid, preds.get(cid), ref
+
+
 def decide(ws: Workspace) -> Postprocessing:
     """Try each candidate rule on the out-of-fold predictions, keep those that help, in order."""
     cases, folds = [], []
-    for fold in ws.folds():
-        if not fold.validation_summary.exists():
-            continue
-        folds.append(fold.index)
-        preds = image_files(fold.validation)
-        for cid, ref in image_files(fold.validation_reference).items():
-            if cid in preds:
-                cases.append((read_label(preds[cid])[0], read_label(ref)[0]))
+    for k, _, pred, ref in out_of_fold(ws):
+        folds += [] if k in folds else [k]
+        if pred is not None:
+            cases.append((read_label(pred)[0], read_label(ref)[0]))
     if not cases:
         raise FileNotFoundError(f"no out-of-fold predictions in {ws.root}: run the folds first")
     labels = ws.plan.dataset.labels
@@ -104,17 +109,12 @@ def decide(ws: Workspace) -> Postprocessing:
 def postprocessed_rows(ws: Workspace, post: Postprocessing) -> dict[int, list[dict]]:
     """Per fold, the metric rows of its validation cases after ``post`` (the report's second row)."""
     plan = ws.plan
-    out = {}
-    for fold in ws.folds():
-        if not fold.validation_summary.exists():
-            continue
-        preds, rows = image_files(fold.validation), []
-        for cid, ref_path in image_files(fold.validation_reference).items():
-            ref, geom = read_label(ref_path)
-            pred = apply(read_label(preds[cid])[0], post) if cid in preds else None
-            for cls, m in case_metrics(pred, ref, plan.dataset.labels, plan.dataset.label_groups, geom.spacing).items():
-                rows.append({"case": cid, "class": cls, **m})
-        out[fold.index] = rows
+    out: dict[int, list[dict]] = {}
+    for k, cid, pred_path, ref_path in out_of_fold(ws):
+        ref, geom = read_label(ref_path)
+        pred = apply(read_label(pred_path)[0], post) if pred_path is not None else None
+        for cls, m in case_metrics(pred, ref, plan.dataset.labels, plan.dataset.label_groups, geom.spacing).items():
+            out.setdefault(k, []).append({"case": cid, "class": cls, **m})
     return out
 
 

@@ -11,6 +11,7 @@ from tqdm import tqdm
 from planner.dataset import Case, DatasetError, Geometry, read_image, write_volume
 from planner.fileio import ENDINGS, image_files, save_npz
 from planner.plan import Plan
+from runner import postprocess
 from runner.infer import keras_predictor, mirrored, sliding_window
 from runner.preprocess import classes_to_labels, invert_probabilities, preprocess_image
 from runner.workspace import Fold, Workspace, weight_fields
@@ -125,7 +126,6 @@ def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tt
                   save_probabilities: bool = False, progress: bool = True, post=None) -> list[dict]:
     """Segment ``cases`` into ``out_dir`` with the averaged models (then ``post``, a Postprocessing,
     if given); returns per-case timings."""
-    from runner.postprocess import apply
     predict = keras_predictor(models)
     if tta and plan.inference.mirroring:
         predict = mirrored(predict, plan.training.augmentation.mirror_axes)
@@ -135,7 +135,7 @@ def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tt
         labels, geom, probs, t = predict_case(case, plan, predict, progress, probabilities=save_probabilities)
         t0 = time.perf_counter()
         if post is not None:
-            labels = apply(labels, post)
+            labels = postprocess.apply(labels, post)
         write_volume(labels, geom, out_dir / f"{case.case_id}.nii.gz")
         if save_probabilities:
             save_npz(out_dir / f"{case.case_id}.npz", compressed=True, probabilities=probs.astype(np.float16))
@@ -152,14 +152,14 @@ def predict_folder(plan_path: Path, input_dir: Path, output_dir: Path, folds: li
                    postprocessing: bool = True) -> list[dict]:
     """`segplan predict`: every case in ``input_dir`` with the averaged (by default all trained) folds,
     then the postprocessing decided on cross-validation (WORK/postprocessing.yaml) unless told not to."""
-    from runner.postprocess import load
     ws = Workspace(plan_path)
     folds = folds if folds is not None else [f.index for f in ws.folds() if f.is_trained()]
     if not folds:
         raise FileNotFoundError(f"no trained fold in {ws.root}; run `segplan run` first")
     plan, models = load_fold_models(ws, folds)
     cases = find_input_cases(input_dir, len(plan.dataset.channels))
-    post = load(ws.postprocessing, plan.dataset.labels) if postprocessing and ws.postprocessing.exists() else None
+    post = (postprocess.load(ws.postprocessing, plan.dataset.labels)
+            if postprocessing and ws.postprocessing.exists() else None)
     if post is not None:
         print(f"postprocessing: {', '.join(r.keep_largest for r in post.rules) or 'none'} ({ws.postprocessing})")
     return predict_cases(cases, plan, models, Path(output_dir), tta, save_probabilities, progress, post)
