@@ -1,20 +1,40 @@
 #!/usr/bin/env bash
 # One short GPU check (issue 15), for a machine with python3, CUDA torch and jax, numpy, scipy, pyyaml
-# and tqdm but no TensorFlow and no internet: keras and its two missing dependencies come as wheels
-# in .whl/ (git-ignored; README "Measured on a GPU" gives the download command). Writes its figures
-# under ${OUT:-benchmarks/results}/. About 4 minutes on an H200.
+# and tqdm but no TensorFlow and no internet. Brought along in .whl/ (git-ignored, README "Measured on
+# a GPU" says how to fill it): keras and the small wheels, SimpleITK as simpleitk.tar.xz (its wheel is
+# 51 MB, xz makes it 28), and the Hippocampus dataset as hippocampus.tar.xz (its .nii files, 14 MB).
+#   benchmarks/gpu_check.sh [grid] [probe] [hippocampus]     (no argument: all three)
+# grid: the memory model's calibration grid and one paper-sized prediction (~4 min on an H200);
+# probe: `segplan plan --probe` for an 8 GB budget, then that plan trained under an 8 GB cap;
+# hippocampus: a 3-minute Hippocampus fold 0 from a GPU plan, evaluated on its 52 validation cases.
+# Writes its figures under ${OUT:-benchmarks/results}/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results}
-mkdir -p "$out"
+steps=${*:-grid probe hippocampus}
+mkdir -p "$out" /tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+[ -f .whl/simpleitk.tar.xz ] && tar xJf .whl/simpleitk.tar.xz -C /tmp/site
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 KERAS_BACKEND=torch
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-# the whole grid and one paper-sized prediction under PyTorch (its peak is reset per point)
-KERAS_BACKEND=torch timeout 300 python3 benchmarks/gpu_memory.py --grid full --out "$out/gpu_memory_torch.json" \
-  2>&1 | tee "$out/gpu_memory_torch.log"
-# the paper's network under JAX, one point per process (its peak cannot be reset)
-for g in paper_f32 paper_bf16; do
-  XLA_PYTHON_CLIENT_PREALLOCATE=false KERAS_BACKEND=jax timeout 120 python3 benchmarks/gpu_memory.py --grid $g \
-    --no-window --out "$out/gpu_memory_jax_$g.json" 2>&1 | tail -3 | tee -a "$out/gpu_memory_jax.log"
+for step in $steps; do
+  case $step in
+  grid)
+    # the whole grid and one paper-sized prediction under PyTorch (its peak is reset per point)
+    timeout 300 python3 benchmarks/gpu_memory.py --grid full --out "$out/gpu_memory_torch.json" \
+      2>&1 | tee "$out/gpu_memory_torch.log"
+    # the paper's network under JAX, one point per process (its peak cannot be reset)
+    for g in paper_f32 paper_bf16; do
+      XLA_PYTHON_CLIENT_PREALLOCATE=false KERAS_BACKEND=jax timeout 120 python3 benchmarks/gpu_memory.py --grid $g \
+        --no-window --out "$out/gpu_memory_jax_$g.json" 2>&1 | tail -3 | tee -a "$out/gpu_memory_jax.log"
+    done ;;
+  probe)
+    timeout 240 python3 benchmarks/gpu_fold.py --gpu-memory 8 --epochs 2 --iterations 30 --probe --cap \
+      --out "$out/gpu_probe_8gb.json" 2>&1 | grep -v "^\s*$" | tail -40 | tee "$out/gpu_probe_8gb.log" ;;
+  hippocampus)
+    rm -rf /tmp/hip && mkdir -p /tmp/hip && tar xJf .whl/hippocampus.tar.xz -C /tmp/hip || exit 1
+    find /tmp/hip -name '*.nii' -print0 | xargs -0 -P 16 -n 20 gzip -1
+    timeout 330 python3 benchmarks/hippocampus_budget.py --device gpu --gpu-memory 8 --minutes 3 --no-best \
+      --data /tmp/hip/Dataset004_Hippocampus --work /tmp/hip_work 2>&1 | tail -40 | tee "$out/gpu_hippocampus_3min.log" ;;
+  esac
 done

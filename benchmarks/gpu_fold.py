@@ -4,7 +4,11 @@ validation cases. Prints (and writes to --out) the plan's patch/batch/estimate, 
 of allocated GPU memory against the budget, seconds per iteration, how long the batch pipeline
 takes per batch on its own, and the validation Dice.
 
-    KERAS_BACKEND=torch python benchmarks/gpu_fold.py --gpu-memory 8 --epochs 3 --iterations 40
+    KERAS_BACKEND=torch python benchmarks/gpu_fold.py --gpu-memory 8 --epochs 3 --iterations 40 [--probe] [--cap]
+
+``--probe`` plans with `segplan plan --probe` (patch and batch fitted by measured peaks); ``--cap``
+limits this process to the budget (torch.cuda.set_per_process_memory_fraction), so a plan that does
+not fit an 8 GB card fails here with an out-of-memory error even on a larger GPU.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=10)
     ap.add_argument("--scale", type=float, default=0.35)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--probe", action="store_true")
+    ap.add_argument("--cap", action="store_true")
     a = ap.parse_args()
     import keras
     from datasets.phantoms import make_phantoms
@@ -41,7 +47,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     t = time.perf_counter()
     data = make_phantoms(tmp / "phantoms", cases=a.cases, seed=0, scale=a.scale, workers=8, progress=False)
-    plan_path = plan_dataset(data, tmp / "plans" / "gpu.yaml", gpu_memory=a.gpu_memory, progress=False, workers=8)
+    plan_path = plan_dataset(data, tmp / "plans" / "gpu.yaml", gpu_memory=a.gpu_memory, progress=False, workers=8,
+                             device="gpu", gpu_probe=a.probe)
+    print(f"plan{' with --probe' if a.probe else ''}: {time.perf_counter() - t:.1f} s", flush=True)
     plan = load_plan(plan_path)
     sched = dataclasses.replace(plan.training.schedule, max_epochs=a.epochs, iterations_per_epoch=a.iterations)
     save_plan(plan.replace(training=dataclasses.replace(plan.training, schedule=sched)), plan_path)
@@ -58,16 +66,20 @@ def main() -> None:
     for i in range(5):
         make_batch(sampler, augment, plan, 0, 0, i)
     pipeline_s = (time.perf_counter() - t) / 5
-    torch_peak = None
+    torch_peak = reserved_peak = None
     if backend.name() == "torch":
         import torch
         torch.cuda.reset_peak_memory_stats()
+        if a.cap:
+            total = torch.cuda.get_device_properties(0).total_memory / 1024 ** 3
+            torch.cuda.set_per_process_memory_fraction(min(1.0, plan.memory.gpu_memory_gb / total))
     t = time.perf_counter()
     run_fold(ws, 0)
     run_s = time.perf_counter() - t
     if backend.name() == "torch":
         import torch
         torch_peak = torch.cuda.max_memory_allocated() / 1024 ** 3
+        reserved_peak = torch.cuda.max_memory_reserved() / 1024 ** 3
     fold = ws.fold(0)
     with open(fold.history) as f:
         hist = list(csv.DictReader(f))
@@ -77,6 +89,8 @@ def main() -> None:
               "patch": plan.training.patch_size, "batch": plan.training.batch_size, "filters": plan.network.filters,
               "budget_gb": plan.memory.gpu_memory_gb, "estimate_gb": plan.memory.estimate_gb,
               "peak_allocated_gb": None if torch_peak is None else round(torch_peak, 2),
+              "peak_reserved_gb": None if reserved_peak is None else round(reserved_peak, 2),
+              "measured_by_probe_gb": plan.memory.measured_gb, "capped_to_budget": a.cap,
               "budget_used": None if torch_peak is None else round(torch_peak / plan.memory.gpu_memory_gb, 2),
               "epochs": len(hist), "seconds_per_iteration": [float(r["seconds_per_iteration"]) for r in hist],
               "pipeline_seconds_per_batch_one_thread": round(pipeline_s, 3), "run_seconds": round(run_s, 1),

@@ -10,15 +10,13 @@ in a separate process (``runner.probe``), so the planner itself never imports Te
 from __future__ import annotations
 
 import dataclasses
-import json
-import subprocess
-import sys
 
 from planner import heuristics as H
 from planner.build import make_plan
 from planner.fingerprint import Fingerprint
 from planner.memory import estimate_for_plan
 from planner.plan import Plan
+from planner.probing import run_probe
 from planner.schema import to_plain
 
 CPU_BUDGET_GB = 1.0        # memory proxy that keeps the patch near the median image and steps short
@@ -28,32 +26,9 @@ WIDTH_GROWTH = 8
 MIN_ITERATIONS = 1500      # on Hippocampus, ~2000 iterations of batch 2 reached Dice 0.87 (5-minute run)
 USABLE_SHARE = 0.85        # share of the budget spent in training steps (validation, checkpoints: the rest)
 EPOCH_SECONDS = 5.0        # epochs this long: frequent best-checkpoint decisions at a small overhead
-PROBE_TIMEOUT_S = 300
 PROBE_STEPS = 3            # timed steps per candidate, after one warm-up step
 FALLBACK_ITERATIONS = 25   # without probe figures: epochs of this many iterations ...
 FALLBACK_PATIENCE = 20     # ... and early stopping after this many epochs without improvement
-
-
-def run_probe(candidates: list[dict], network: dict, loss: dict, in_channels: int,
-              n_classes: int) -> tuple[list[float] | None, str]:
-    """Seconds per step of each candidate, measured by ``python -m runner.probe`` with the plan's own
-    network settings and loss; (None, why) when the probe failed (its error's last line)."""
-    spec = json.dumps({"candidates": candidates, "network": network, "loss": loss, "in_channels": in_channels,
-                       "n_classes": n_classes, "steps": PROBE_STEPS})
-    try:
-        r = subprocess.run([sys.executable, "-m", "runner.probe", spec], capture_output=True, text=True,
-                           timeout=PROBE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return None, f"the probe took over {PROBE_TIMEOUT_S} s"
-    except OSError as e:
-        return None, f"the probe could not start ({e})"
-    if r.returncode != 0:
-        last = (r.stderr.strip().splitlines() or ["no error output"])[-1]
-        return None, f"the probe failed: {last}"
-    try:
-        return json.loads(r.stdout.strip().splitlines()[-1]), ""
-    except (json.JSONDecodeError, IndexError):
-        return None, f"the probe printed no timings: {r.stdout.strip()[-200:]!r}"
 
 
 def choose_width(seconds: list[float], budget_s: float) -> int:
@@ -75,8 +50,11 @@ def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, t
     n_stages = len(net.filters)
     candidates = [{"filters": H.filters_for(n_stages, w, WIDTH_GROWTH * w), "pool_sizes": net.pool_sizes,
                    "kernel_sizes": net.kernel_sizes, "patch": tr.patch_size, "batch": tr.batch_size} for w in WIDTHS]
-    seconds, failed = (run_probe(candidates, to_plain(net), to_plain(tr.loss), len(fp.channel_names), len(fp.labels))
-                       if probe else (None, "no probe run (probe=False)"))
+    measured, failed = (run_probe(candidates, to_plain(net), to_plain(tr.loss), len(fp.channel_names), len(fp.labels),
+                                  steps=PROBE_STEPS) if probe else (None, "no probe run (probe=False)"))
+    if measured and (len(measured) < len(candidates) or any(m["oom"] for m in measured)):
+        measured, failed = None, "the probe ran out of memory"
+    seconds = [m["seconds"] for m in measured] if measured else None
     if seconds:
         pick = choose_width(seconds, minutes * 60)
         figures = ", ".join(f"{c['filters'][0]}..{max(c['filters'])} filters {s:.2f} s/step "

@@ -155,6 +155,8 @@ class MemorySection:
     gpu_memory_gb: float = doc("budget the patch and batch were fitted to")
     budget_source: str = doc("where the budget came from")
     estimate_gb: float = doc("planner/memory.py's estimate of training memory for this patch and batch")
+    measured_gb: float | None = doc("peak GPU memory of one training step at this patch and batch, measured by "
+                                    "`segplan plan --probe` (null: not measured)", default=None)
 
 
 @dataclass(frozen=True)

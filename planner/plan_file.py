@@ -95,6 +95,8 @@ def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
         r.error("training.initial_weights", f"file {(base_dir / tr.initial_weights).resolve()} does not exist")
     if tr.workers < 0:
         r.error("training.workers", f"{tr.workers} must be >= 0")
+    if plan.memory.measured_gb is not None and plan.memory.measured_gb <= 0:
+        r.error("memory.measured_gb", f"{plan.memory.measured_gb} must be > 0 or null")
     for key, v in (("training.batch_size", tr.batch_size), ("inference.batch_size", plan.inference.batch_size),
                    ("training.schedule.max_epochs", tr.schedule.max_epochs),
                    ("training.schedule.iterations_per_epoch", tr.schedule.iterations_per_epoch),

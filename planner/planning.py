@@ -1,6 +1,7 @@
 """`segplan plan` and `segplan check`: fingerprint (cached) -> plan YAML; validate a hand-edited plan."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -12,6 +13,7 @@ from planner.fingerprint import fingerprint_for
 from planner.memory import estimate_for_plan
 from planner.plan import PRESETS
 from planner.plan_file import load_plan, save_plan
+from planner.probing import fit_by_probe
 
 
 def default_plan_path(dataset: Path) -> Path:
@@ -21,11 +23,13 @@ def default_plan_path(dataset: Path) -> Path:
 def plan_dataset(dataset: Path, output: Path | None = None, gpu_memory: float | None = None,
                  preset: str | None = None, workers: int = 2, force: bool = False, device: str | None = None,
                  time_budget: float | None = None, progress: bool = True, probe: bool = True,
-                 from_bundle: Path | None = None) -> Path:
+                 from_bundle: Path | None = None, gpu_probe: bool = False) -> Path:
     """Write the plan for ``dataset``; never overwrites an existing plan unless ``force``.
 
     With no device, preset or memory budget given and no GPU found, the plan is made for this CPU
-    (and says so); ``probe=False`` skips the CPU speed probe (tests)."""
+    (and says so); ``probe=False`` skips the CPU speed probe (tests). ``gpu_probe`` fits a GPU plan's
+    patch and batch by measured peaks on this machine's GPU (planner/probing.py); without a GPU the
+    fitted memory model stands and the plan says so."""
     dataset = Path(dataset)
     output = Path(output) if output else default_plan_path(dataset)
     if output.exists() and not force:
@@ -44,12 +48,32 @@ def plan_dataset(dataset: Path, output: Path | None = None, gpu_memory: float | 
                                       why=why)
     else:
         gb, source = gpu_memory_budget(gpu_memory)
-        plan, reasons = make_plan(fp, output.stem, _rel(dataset, output), _rel(output.parent / "work" / output.stem, output),
-                                  gb, source, preset, _splits(dataset, output))
+
+        def replan(model_gb: float):
+            plan, reasons = make_plan(fp, output.stem, _rel(dataset, output),
+                                      _rel(output.parent / "work" / output.stem, output), model_gb, source, preset,
+                                      _splits(dataset, output))
+            return plan.replace(memory=dataclasses.replace(plan.memory, gpu_memory_gb=gb)), reasons
+        plan, reasons = _gpu_plan(replan, gb, gpu_probe)
     if from_bundle is not None:
         plan = plan_from_bundle(plan, reasons, Path(from_bundle), output)
     save_plan(plan, output, reasons)
     return output
+
+
+def _gpu_plan(replan, gb: float, gpu_probe: bool):
+    """The model's plan, or with ``gpu_probe`` on a machine with a GPU, the plan fitted by measured peaks."""
+    if not gpu_probe:
+        return replan(gb)
+    if not gpu_present():
+        plan, reasons = replan(gb)
+        reasons["memory.measured_gb"] = ("not measured: --probe found no GPU here, so the fitted memory model "
+                                         "(planner/memory.py) sized the patch and batch")
+        return plan, reasons
+    plan, reasons, peak, lines = fit_by_probe(replan, gb)
+    plan = plan.replace(memory=dataclasses.replace(plan.memory, measured_gb=peak))
+    reasons["memory.measured_gb"] = "segplan plan --probe on this GPU: " + "; ".join(lines)
+    return plan, reasons
 
 
 def fingerprint_cache(dataset: Path, plans_dir: Path) -> Path:
@@ -81,7 +105,10 @@ def check_plan_report(path: Path) -> str:
     if plan.device == "cpu":
         lines[-1] = (f"  estimated training memory {est:.2f} GB (a CPU plan: system memory; its "
                      f"{plan.training.schedule.time_budget_minutes} min budget is what limits it)")
-    elif est > budget:
+    if plan.memory.measured_gb is not None:
+        lines.append(f"  measured by --probe when planned: {plan.memory.measured_gb:g} GB peak for the planned patch "
+                     "and batch (re-plan with --probe after editing them)")
+    elif plan.device == "gpu" and est > budget:
         lines.append(f"  WARNING: the estimate exceeds the budget by {est - budget:.2f} GB: training may run out of "
                      "GPU memory; lower training.batch_size or training.patch_size, or re-plan with --gpu-memory")
     return "\n".join(lines)

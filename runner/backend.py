@@ -86,3 +86,26 @@ def log_scalars(writer, row: dict) -> None:
             if k != "epoch" and not (isinstance(v, float) and math.isnan(v)):
                 tf.summary.scalar(k, v, step=row["epoch"])
     writer.flush()
+
+
+def accelerator_peak_gb() -> float | None:
+    """The backend's own peak of GPU memory held by this process so far (GiB), None without a GPU:
+    PyTorch's reserved peak (what its caching allocator took from the card), JAX's
+    ``peak_bytes_in_use``, TensorFlow's ``get_memory_info`` peak."""
+    if not has_gpu():
+        return None
+    backend = name()
+    if backend == "torch":
+        import torch
+        return torch.cuda.max_memory_reserved() / 1024 ** 3
+    if backend == "jax":
+        import jax
+        return jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 1024 ** 3
+    import tensorflow as tf
+    return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 1024 ** 3
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether an exception is the backend running out of device memory (each words it its own way)."""
+    text = f"{type(error).__name__}: {error}".lower()
+    return any(s in text for s in ("out of memory", "resource_exhausted", "resourceexhausted", "oom when allocating"))

@@ -58,7 +58,7 @@ def cmd_plan(a) -> int:
     from planner.planning import plan_dataset
     path = plan_dataset(Path(a.dataset), Path(a.output) if a.output else None, gpu_memory=a.gpu_memory,
                         preset=a.preset, workers=a.workers, force=a.force, device=a.device,
-                        time_budget=a.time_budget, progress=a.bars, from_bundle=a.from_bundle)
+                        time_budget=a.time_budget, progress=a.bars, from_bundle=a.from_bundle, gpu_probe=a.probe)
     print(f"plan written to {path}; edit it, then: segplan check {path}")
     return 0
 
@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--time-budget", type=float, default=None, help="minutes of training (cpu plans)")
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--force", action="store_true", help="overwrite an existing plan")
+    s.add_argument("--probe", action="store_true",
+                   help="GPU plans: fit patch and batch by measured peaks on this GPU (10%% margin) instead of the model")
     s.add_argument("--from", dest="from_bundle", metavar="MODEL.zip",
                    help="fine-tune: keep the bundle's network, spacing and normalisation, start from its weights")
     s.set_defaults(fn=cmd_plan)

@@ -1,8 +1,10 @@
-"""A short speed probe: seconds per training step of candidate networks on this machine.
+"""A short probe: seconds per training step, and on a GPU the peak memory, of candidate networks.
 
-Run as a separate process by the planner (which must not import TensorFlow itself):
-``python -m runner.probe CANDIDATES_JSON`` prints one JSON line with the seconds per step of each
-candidate, measured over a few steps after one warm-up step on random data.
+Run as a separate process by the planner (which must not import TensorFlow itself, and whose
+measurement must not inherit another candidate's allocations):
+``python -m runner.probe SPEC_JSON`` prints one JSON line with, per candidate, its seconds per step
+(median over a few steps after one warm-up step on random data), the backend's GPU memory peak in
+GiB (None on a CPU), and ``oom: true`` when the step ran out of device memory.
 """
 from __future__ import annotations
 
@@ -14,40 +16,53 @@ import numpy as np
 
 
 def probe(candidates: list[dict], network: dict, loss: dict, in_channels: int, n_classes: int,
-          steps: int = 3) -> list[float]:
-    """Median seconds per training step of each candidate: the plan's network settings (``network``,
-    a NetworkSection as a dict) with the candidate's filters, and the plan's loss."""
+          steps: int = 3, mixed_precision: bool = False) -> list[dict]:
+    """Measure each candidate: the plan's network settings (``network``, a NetworkSection as a
+    dict) with the candidate's filters/pools/kernels, at its patch and batch, with the plan's loss."""
     import dataclasses
 
     import keras
     from planner.plan import LossSection, NetworkSection
+    from runner import backend
     from runner.losses import make_loss
     from runner.model import build_unet
+    keras.mixed_precision.set_global_policy(backend.mixed_policy() if mixed_precision else "float32")
     base = NetworkSection(**network)
     loss_fn = make_loss(LossSection(**loss))
     out = []
     rng = np.random.default_rng(0)
     for c in candidates:
         net = dataclasses.replace(base, filters=c["filters"], pool_sizes=c["pool_sizes"], kernel_sizes=c["kernel_sizes"])
-        model = build_unet(net, in_channels, n_classes)
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss_fn)
         x = rng.normal(size=(c["batch"], *c["patch"], in_channels)).astype(np.float32)
         y = np.eye(n_classes, dtype=np.float32)[rng.integers(0, n_classes, (c["batch"], *c["patch"]))]
-        model.train_on_batch(x, y)  # warm-up: graph tracing
-        times = []
-        for _ in range(steps):
-            t = time.perf_counter()
-            model.train_on_batch(x, y)
-            times.append(time.perf_counter() - t)
-        out.append(float(np.median(times)))
+        try:
+            model = build_unet(net, in_channels, n_classes)
+            model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss_fn)
+            model.train_on_batch(x, y)  # warm-up: graph tracing
+            times = []
+            for _ in range(steps):
+                t = time.perf_counter()
+                model.train_on_batch(x, y)
+                times.append(time.perf_counter() - t)
+        except Exception as e:  # only the device running out of memory is a result; anything else is an error
+            if not backend.is_out_of_memory(e):
+                raise
+            out.append({"seconds": None, "peak_gb": backend.accelerator_peak_gb(), "oom": True})
+            break  # the allocator's state after an out-of-memory error is no base for another measurement
+        peak = backend.accelerator_peak_gb()
+        out.append({"seconds": float(np.median(times)), "peak_gb": None if peak is None else round(peak, 3),
+                    "oom": False})
+        del model
         keras.backend.clear_session()
     return out
 
 
 def main() -> None:
+    from runner import backend
+    backend.load_quietly()
     spec = json.loads(sys.argv[1])
     print(json.dumps(probe(spec["candidates"], spec["network"], spec["loss"], spec["in_channels"], spec["n_classes"],
-                           spec.get("steps", 3))))
+                           spec.get("steps", 3), spec.get("mixed_precision", False))))
 
 
 if __name__ == "__main__":

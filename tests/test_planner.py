@@ -101,6 +101,7 @@ def _edit(path: Path, tmp_path: Path, old: str, new: str) -> Path:
     ("preset: default", "preset: nnunet-fancy", "preset", "unknown preset"),
     ("schema_version: 1", "schema_version: 7", "schema_version", "version 7 is unknown"),
     ("target_spacing: [", "target_spacing: [-1.0, ", "resampling.target_spacing.0", "must be > 0"),
+    ("measured_gb: null", "measured_gb: -1", "memory.measured_gb", "must be > 0 or null"),
 ])
 def test_validation_errors_name_key_and_line(phantom_plan, tmp_path, old, new, key, words):
     edited = _edit(phantom_plan, tmp_path, old, new)

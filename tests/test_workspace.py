@@ -90,15 +90,15 @@ def test_check_refuses_dataset_zscore_without_ct(phantoms, tmp_path):
 
 
 def test_failed_probe_says_why(phantoms, tmp_path, monkeypatch):
-    from planner import cpu_plan
+    from planner import cpu_plan, probing
     from planner.fingerprint import compute_fingerprint
     from planner.dataset import load_dataset
     fp = compute_fingerprint(load_dataset(phantoms), progress=False)
-    monkeypatch.setattr(cpu_plan, "PROBE_TIMEOUT_S", 60)
+    monkeypatch.setattr(probing, "PROBE_TIMEOUT_S", 60)
     bad = {"filters": [1], "pool_sizes": [], "kernel_sizes": [[3, 3, 3]], "convs_per_stage": 2,
            "normalization": "batch", "batchnorm_momentum": 0.99, "activation": "relu", "upsampling": "transpose",
            "unknown_setting": 1}
-    seconds, why = cpu_plan.run_probe([{"filters": [4], "pool_sizes": [], "kernel_sizes": [[3, 3, 3]],
+    seconds, why = probing.run_probe([{"filters": [4], "pool_sizes": [], "kernel_sizes": [[3, 3, 3]],
                                         "patch": [8, 8, 8], "batch": 1}], bad, {}, 1, 2)
     assert seconds is None and why.startswith("the probe failed:") and "unknown_setting" in why
     plan, reasons = cpu_plan.make_cpu_plan(fp, "p", "ds", "work", probe=False)
