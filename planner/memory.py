@@ -18,6 +18,10 @@ import math
 
 GPU_BYTES_PER_ACTIVATION = {False: 6.6, True: 4.8}   # float32 / mixed precision, fitted (see above)
 OVERHEAD_GB = 0.8
+# on a CPU (TensorFlow, peak resident memory of a process; benchmarks/memory_calibration.py,
+# benchmarks/results/cpu_memory.json): bytes per kept activation value and the runtime's own memory
+CPU_BYTES_PER_ACTIVATION = {False: 4.0, True: 4.0}
+CPU_RUNTIME_GB = 0.6
 GB = 1024 ** 3
 
 
@@ -60,10 +64,13 @@ def activation_voxels(patch: list[int], filters: list[int], pool_sizes: list[lis
 
 def estimate_training_gb(patch: list[int], batch: int, filters: list[int], kernel_sizes: list[list[int]],
                          pool_sizes: list[list[int]], convs_per_stage: int, in_channels: int, n_classes: int,
-                         mixed_precision: bool = False) -> float:
-    """Estimated GPU memory in GiB for one training step of (network, patch, batch)."""
+                         mixed_precision: bool = False, device: str = "gpu") -> float:
+    """Estimated memory in GiB for one training step of (network, patch, batch): GPU memory, or on
+    ``device="cpu"`` the peak resident memory of a process that trains it."""
     act = activation_voxels(patch, filters, pool_sizes, convs_per_stage, n_classes) * batch
     weights = 16 * count_parameters(filters, kernel_sizes, pool_sizes, convs_per_stage, in_channels, n_classes)
+    if device == "cpu":
+        return (act * CPU_BYTES_PER_ACTIVATION[bool(mixed_precision)] + weights) / GB + CPU_RUNTIME_GB
     return (act * GPU_BYTES_PER_ACTIVATION[bool(mixed_precision)] + weights) / GB + OVERHEAD_GB
 
 

@@ -120,6 +120,20 @@ def cmd_summarize(a) -> int:
     return 0
 
 
+def cmd_submit(a) -> int:
+    from runner.cluster import Resources, submit
+    folds = None if a.folds == ["all"] else [int(k) for k in a.folds]
+    res = Resources(a.partition, a.gpus_per_job, a.cpus_per_job, a.mem, a.time)
+    print("\n".join(submit(Path(a.plan), folds, a.executor, res, dry_run=a.dry_run)))
+    return 0
+
+
+def cmd_status(a) -> int:
+    from runner.status import status
+    print(status(Path(a.plan)))
+    return 0
+
+
 def cmd_export(a) -> int:
     if a.format:
         from runner.bundle import export_network
@@ -215,6 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("summarize", help="the cross-validation report over finished folds")
     s.add_argument("plan")
     s.set_defaults(fn=cmd_summarize)
+    s = sub.add_parser("submit", help="preprocess, the folds and summarize as jobs (SLURM via submitit, or local)")
+    s.add_argument("plan")
+    s.add_argument("--folds", nargs="+", default=["all"], help="all (default) or fold numbers")
+    s.add_argument("--executor", choices=["slurm", "local"], default="slurm")
+    s.add_argument("--partition", default=None)
+    s.add_argument("--gpus-per-job", type=int, default=1, help="GPUs of each fold job (0: CPU only)")
+    s.add_argument("--cpus-per-job", type=int, default=8)
+    s.add_argument("--mem", type=float, default=32.0, help="GB of memory per job")
+    s.add_argument("--time", type=float, default=24.0, help="hours per job; a fold stopped by it requeues itself")
+    s.add_argument("--dry-run", action="store_true", help="print what would be submitted")
+    s.set_defaults(fn=cmd_submit)
+    s = sub.add_parser("status", help="each fold: not started, queued, training (epoch, ETA), finished, failed")
+    s.add_argument("plan")
+    s.set_defaults(fn=cmd_status)
     s = sub.add_parser("export", help="write a model bundle (zip) that predicts without the dataset or work folder")
     s.add_argument("plan")
     s.add_argument("-o", "--output", required=True, help="NAME.zip (a bundle) or, with --format, a folder")
@@ -236,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from planner.dataset import DatasetError
     from planner.schema import SchemaError
+    from runner.locks import Busy
     args = build_parser().parse_args(argv)
     if not args.verbose and args.command in KERAS_COMMANDS:
         from runner.backend import load_quietly
@@ -248,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     except SchemaError as e:
         print("segplan: the plan has problems:\n  " + "\n  ".join(e.problems), file=sys.stderr)
         return 2
-    except (DatasetError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (DatasetError, FileExistsError, FileNotFoundError, ValueError, Busy) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         return _fail("interrupted; `segplan run PLAN --fold K --resume` continues a training run")

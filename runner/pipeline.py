@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from planner.dataset import Case
+from planner.fileio import write_text
 from runner.evaluate import evaluate_folder
+from runner.locks import hold
 from runner.predict import load_fold_models, predict_cases, selection_note
 from runner.train import FoldFinished, train_fold
 from runner.workspace import Workspace
@@ -34,12 +36,24 @@ def predict_validation(ws: Workspace, k: int, progress: bool = True) -> str:
 
 def run_fold(ws: Workspace, k: int, resume: bool = False, restart: bool = False, workers: int = 2,
              progress: bool = True) -> None:
-    """`segplan run`: train fold k (unless finished), then predict and evaluate its validation cases."""
-    trained = True
-    try:
-        train_fold(ws, k, resume=resume, restart=restart, workers=workers, progress=progress)
-    except FoldFinished as e:
-        print(f"segplan: {e}")
-        trained = False
-    if trained or not ws.fold(k).validation_summary.exists():
-        predict_validation(ws, k, progress)
+    """`segplan run`: train fold k (unless finished), then predict and evaluate its validation cases.
+
+    The fold is locked while this runs (a second run of it, on any node sharing the work folder,
+    refuses with the holder's host and pid); an error is kept in the fold's failed.txt for
+    `segplan status` and removed by the next run that succeeds."""
+    fold = ws.fold(k)
+    with hold(fold.lock, f"fold {k} of {ws.plan.name}"):
+        try:
+            trained = True
+            try:
+                train_fold(ws, k, resume=resume, restart=restart, workers=workers, progress=progress)
+            except FoldFinished as e:
+                print(f"segplan: {e}")
+                trained = False
+            if trained or not fold.validation_summary.exists():
+                predict_validation(ws, k, progress)
+        except BaseException as e:
+            if fold.dir.exists() and not isinstance(e, (KeyboardInterrupt, SystemExit)):
+                write_text(fold.failed, f"{type(e).__name__}: {e}".splitlines()[0] + "\n")
+            raise
+        fold.failed.unlink(missing_ok=True)

@@ -19,6 +19,7 @@ from planner.fileio import save_npy, save_npz, sweep_temporaries, write_json
 from planner.intensity import detect_convention, nonzero_box, to_hu
 from planner.parallel import parallel_map
 from planner.plan import Plan
+from runner.locks import exclusive
 from runner.workspace import Workspace, preprocessing_fields
 
 CLASS_LOCATIONS_PER_CLASS = 10_000
@@ -192,10 +193,12 @@ def preprocess_dataset(ws: Workspace, workers: int = 2, progress: bool = True) -
     plan = ws.plan
     out = ws.preprocessed
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "plan_fields.json", preprocessing_fields(plan), indent=1)
-    sweep_temporaries(out)  # left by a killed run; the case they belong to is redone below
-    todo = [c for c in ws.dataset.cases if not (out / f"{c.case_id}.json").exists()]
-    parallel_map(_preprocess_one, [(c, plan, out) for c in todo], workers, desc="preprocess", progress=progress)
+    # one process at a time per cache (jobs on several nodes): the next one finds the cases done
+    with exclusive(out / ".lock", f"the preprocessing cache {out}"):
+        write_json(out / "plan_fields.json", preprocessing_fields(plan), indent=1)
+        sweep_temporaries(out)  # left by a killed run; the case they belong to is redone below
+        todo = [c for c in ws.dataset.cases if not (out / f"{c.case_id}.json").exists()]
+        parallel_map(_preprocess_one, [(c, plan, out) for c in todo], workers, desc="preprocess", progress=progress)
     return out
 
 

@@ -95,6 +95,16 @@ class Fold:
         return self.dir / FINISHED
 
     @property
+    def lock(self) -> Path:
+        """Held while the fold trains (runner/locks.py); beside the folder, which --restart deletes."""
+        return self.dir.parent / f".{self.dir.name}.lock"
+
+    @property
+    def failed(self) -> Path:
+        """The last error of a run of this fold that failed (removed when a run succeeds)."""
+        return self.dir / "failed.txt"
+
+    @property
     def history(self) -> Path:
         return self.dir / HISTORY
 
@@ -162,10 +172,14 @@ class Workspace:
         return self.root / "splits.yaml"
 
     def splits(self) -> list[dict[str, list[str]]]:
+        """The folds' cases; a new split is written once, under a lock (jobs on several nodes)."""
+        from runner.locks import exclusive
         from runner.splits import load_or_make_splits
         given = self.base / self.plan.dataset.splits_file if self.plan.dataset.splits_file else None
-        return load_or_make_splits(self.splits_file, [c.case_id for c in self.dataset.cases],
-                                   self.plan.cross_validation.folds, self.plan.cross_validation.seed, given)
+        self.root.mkdir(parents=True, exist_ok=True)
+        with exclusive(self.root / ".splits.lock", "the split file"):
+            return load_or_make_splits(self.splits_file, [c.case_id for c in self.dataset.cases],
+                                       self.plan.cross_validation.folds, self.plan.cross_validation.seed, given)
 
     def fold(self, k: int) -> Fold:
         if not 0 <= k < self.plan.cross_validation.folds:
@@ -221,6 +235,11 @@ class Workspace:
     @property
     def quantification(self) -> Path:
         return self.root / "quantification.csv"
+
+    @property
+    def cluster(self) -> Path:
+        """Jobs submitted by `segplan submit` (jobs.yaml) and their logs (logs/)."""
+        return self.root / "cluster"
 
     @property
     def postprocessing(self) -> Path:
