@@ -23,3 +23,33 @@ def timed(label: str, out: dict):
     yield
     out[label] = time.perf_counter() - t
     print(f"{label}: {out[label]:.1f} s")
+
+
+def _tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants (Linux /proc)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return total
+
+
+def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.1) -> tuple[float, float]:
+    """Run a command; (wall seconds, peak GiB of its whole process tree, sampled every ``interval``)."""
+    import subprocess
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss_bytes(proc.pid))
+        time.sleep(interval)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}")
+    return time.perf_counter() - t, peak / 1024 ** 3

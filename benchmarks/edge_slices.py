@@ -20,7 +20,8 @@ import numpy as np
 from datasets.phantoms import make_spec
 from planner.dataset import Geometry
 from planner.plan import ResamplingSection
-from runner.preprocess import invert_probabilities, target_shape
+from runner.preprocess import invert_probabilities
+from runner.resampling import target_shape
 
 
 def lost_along(shape, spacing, target, axis: int) -> int:

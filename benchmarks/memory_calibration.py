@@ -8,10 +8,10 @@ this machine), records its resident memory (the runtime), builds the default pla
 that patch (benchmarks/gpu_memory.network), compiles it with the plan's loss and Adam, runs one
 warm-up and one timed step on random data, and records its peak resident memory (ru_maxrss). The
 step's share is peak - runtime. Then it fits, by least squares over the points, the bytes per kept
-activation value (float32 and bfloat16 separately) and the runtime, prints each point's estimate
-against its measurement and, with --out, writes both: the constants belong in planner/memory.py
-(CPU_BYTES_PER_ACTIVATION, CPU_RUNTIME_GB), and tests/test_memory_model.py holds the planner to the
-committed table. The GPU grid is benchmarks/gpu_memory.py.
+activation value (float32 and bfloat16 separately) and the process's fixed memory, prints each
+point's estimate against its measurement and, with --out, writes both: the constants belong in
+planner/memory.py (CPU_BYTES_PER_ACTIVATION, CPU_PROCESS_GB), and tests/test_memory_model.py holds
+the planner to the committed table. The GPU grid is benchmarks/gpu_memory.py.
 """
 from __future__ import annotations
 
@@ -90,15 +90,15 @@ def rows_with_counts(rows: list[dict]) -> list[dict]:
 
 
 def fit(rows: list[dict]) -> dict:
-    """Bytes per activation value per precision (least squares through the origin of the step's
-    memory less weights and optimiser state) and the runtime (median over the processes)."""
-    out = {"runtime_gb": round(statistics.median(r["runtime_gb"] for r in rows), 2)}
-    for mixed in (False, True):
-        sel = [r for r in rows if r["mixed"] == mixed]
-        a = np.array([r["activations"] for r in sel], float)
-        b = np.array([r["step_gb"] * GB - r["weight_bytes"] for r in sel], float)
-        out["float32" if not mixed else "mixed"] = round(float(a @ b / (a @ a)), 2) if len(sel) else None
-    return out
+    """The process's fixed memory (runtime plus what a step costs whatever its size) and the bytes
+    per activation value per precision: least squares of peak - weights and optimiser state =
+    fixed + bytes x activations, each point weighted by 1 / its peak (relative error counts)."""
+    a = np.array([[1.0, r["activations"] / GB * (not r["mixed"]), r["activations"] / GB * r["mixed"]] for r in rows])
+    b = np.array([r["peak_gb"] - r["weight_bytes"] / GB for r in rows])
+    w = 1.0 / np.array([r["peak_gb"] for r in rows])
+    fixed, f32, mixed = np.linalg.lstsq(a * w[:, None], b * w, rcond=None)[0]
+    return {"process_gb": round(float(fixed), 2), "float32": round(float(f32), 2), "mixed": round(float(mixed), 2),
+            "runtime_gb": round(statistics.median(r["runtime_gb"] for r in rows), 2)}
 
 
 def main() -> None:
@@ -106,12 +106,13 @@ def main() -> None:
     ap.add_argument("--grid", choices=sorted(GRIDS), default="full")
     ap.add_argument("--out", default=None)
     ap.add_argument("--point", help=argparse.SUPPRESS)  # the child's entry
+    ap.add_argument("--rows", type=Path, help="refit the JSON lines of an earlier run instead of measuring")
     a = ap.parse_args()
     if a.point:
         print(json.dumps(measure_point(*json.loads(a.point))))
         return
-    rows = []
-    for point in GRIDS[a.grid]:
+    rows = [json.loads(line) for line in a.rows.read_text().splitlines() if line.strip()] if a.rows else []
+    for point in [] if a.rows else GRIDS[a.grid]:
         r = subprocess.run([sys.executable, __file__, "--point", json.dumps(point)], capture_output=True, text=True)
         if r.returncode != 0:
             print(f"{point}: failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}", flush=True)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from planner import heuristics as H
 from planner.build import make_plan
 from planner.fingerprint import Fingerprint
-from planner.memory import estimate_for_plan
+from planner.memory import estimate_cpu_run_gb
 from planner.plan import Plan
 from planner.probing import run_probe
 from planner.schema import to_plain
@@ -75,7 +77,7 @@ def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, t
     plan = plan.replace(preset="cpu", device="cpu", network=net,
                         training=dataclasses.replace(tr, schedule=sched, workers=0),
                         inference=dataclasses.replace(plan.inference, mirroring=False))
-    plan = plan.replace(memory=dataclasses.replace(plan.memory, estimate_gb=round(estimate_for_plan(plan), 2)))
+    plan = plan.replace(memory=dataclasses.replace(plan.memory, estimate_gb=_run_memory(plan, fp, reasons)))
     reasons["training.schedule.time_budget_minutes"] = (f"{minutes:g} minutes of training{why}; the learning rate "
                                                         "decays over the budget and the final weights are evaluated")
     if step_s:
@@ -87,3 +89,15 @@ def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, t
     reasons["training.workers"] = ("0, a thread: on a CPU the training step needs the cores, and small batches cost "
                                    "more to send between processes than to make (benchmarks/batch_pipeline.py)")
     return plan, reasons
+
+
+def _run_memory(plan: Plan, fp: Fingerprint, reasons: dict) -> float:
+    """What a user's machine needs: the peak of the whole `segplan run` (planner/memory.py)."""
+    target = plan.resampling.target_spacing
+    at_target = [float(np.prod(np.array(c.cropped_shape) * np.array(c.spacing) / np.array(target))) for c in fp.cases]
+    total, parts = estimate_cpu_run_gb(plan, sum(at_target), max(at_target),
+                                       max(float(np.prod(c.shape)) for c in fp.cases))
+    reasons["memory.estimate_gb"] = ("peak memory of the whole `segplan run` on this CPU: "
+                                     + ", ".join(f"{k} {v:.2f} GB" for k, v in parts.items())
+                                     + " (training: the model fitted to benchmarks/results/cpu_memory.json)")
+    return round(total, 2)

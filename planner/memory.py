@@ -18,10 +18,12 @@ import math
 
 GPU_BYTES_PER_ACTIVATION = {False: 6.6, True: 4.8}   # float32 / mixed precision, fitted (see above)
 OVERHEAD_GB = 0.8
-# on a CPU (TensorFlow, peak resident memory of a process; benchmarks/memory_calibration.py,
-# benchmarks/results/cpu_memory.json): bytes per kept activation value and the runtime's own memory
-CPU_BYTES_PER_ACTIVATION = {False: 4.0, True: 4.0}
-CPU_RUNTIME_GB = 0.6
+# on a CPU (TensorFlow, peak resident memory of the training process; fitted by
+# benchmarks/memory_calibration.py to benchmarks/results/cpu_memory.json: 12 points, all within 5%):
+# bytes per kept activation value, and the process's fixed memory (the runtime, ~0.75 GB, plus
+# what a step costs whatever its size)
+CPU_BYTES_PER_ACTIVATION = {False: 3.61, True: 3.41}
+CPU_PROCESS_GB = 0.93
 GB = 1024 ** 3
 
 
@@ -70,13 +72,27 @@ def estimate_training_gb(patch: list[int], batch: int, filters: list[int], kerne
     act = activation_voxels(patch, filters, pool_sizes, convs_per_stage, n_classes) * batch
     weights = 16 * count_parameters(filters, kernel_sizes, pool_sizes, convs_per_stage, in_channels, n_classes)
     if device == "cpu":
-        return (act * CPU_BYTES_PER_ACTIVATION[bool(mixed_precision)] + weights) / GB + CPU_RUNTIME_GB
+        return (act * CPU_BYTES_PER_ACTIVATION[bool(mixed_precision)] + weights) / GB + CPU_PROCESS_GB
     return (act * GPU_BYTES_PER_ACTIVATION[bool(mixed_precision)] + weights) / GB + OVERHEAD_GB
 
 
 def estimate_for_plan(plan) -> float:
-    """The estimate for a Plan's network, patch, batch and precision (GiB)."""
+    """The training-step estimate for a Plan's network, patch, batch and precision (GiB): GPU memory
+    for a GPU plan, the training process's resident memory for a CPU plan."""
     net, tr = plan.network, plan.training
     return estimate_training_gb(tr.patch_size, tr.batch_size, net.filters, net.kernel_sizes, net.pool_sizes,
                                 net.convs_per_stage, len(plan.dataset.channels), len(plan.dataset.labels),
-                                tr.mixed_precision)
+                                tr.mixed_precision, device=plan.device)
+
+
+def estimate_cpu_run_gb(plan, dataset_voxels: float, largest_voxels: float, largest_original_voxels: float
+                        ) -> tuple[float, dict[str, float]]:
+    """Peak resident memory of a whole `segplan run` of a CPU plan (GiB) and its parts: the training
+    process (model, step, runtime), the preprocessed cache it reads (memory-mapped float32 images
+    and int8 labels, every training case touched), and the prediction of the largest case (class
+    probabilities and their weights at the target spacing, then back on the original grid)."""
+    k, c = len(plan.dataset.labels), len(plan.dataset.channels)
+    parts = {"training": estimate_for_plan(plan),
+             "cache": dataset_voxels * (4 * c + 1) / GB,
+             "prediction": (largest_voxels * (k + 1 + c) + largest_original_voxels * (k + c)) * 4 / GB}
+    return sum(parts.values()), parts

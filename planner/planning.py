@@ -103,8 +103,9 @@ def check_plan_report(path: Path) -> str:
              f"{len(plan.network.filters)} stages {plan.network.filters[0]}..{max(plan.network.filters)} filters",
              f"  estimated training memory {est:.2f} GB of a {budget:g} GB budget"]
     if plan.device == "cpu":
-        lines[-1] = (f"  estimated training memory {est:.2f} GB (a CPU plan: system memory; its "
-                     f"{plan.training.schedule.time_budget_minutes} min budget is what limits it)")
+        lines[-1] = (f"  estimated peak memory of `segplan run`: {plan.memory.estimate_gb:g} GB of system memory "
+                     f"(training process {est:.2f} GB); a CPU plan's "
+                     f"{plan.training.schedule.time_budget_minutes} min budget is what limits it")
     if plan.memory.measured_gb is not None:
         lines.append(f"  measured by --probe when planned: {plan.memory.measured_gb:g} GB peak for the planned patch "
                      "and batch (re-plan with --probe after editing them)")

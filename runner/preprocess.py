@@ -3,8 +3,7 @@
 Forward: common intensity unit (HU for CT) -> crop to the non-zero region -> clip / z-score ->
 resample to the target spacing. Inverse (for predictions): resample class probabilities back to
 the cropped grid -> un-crop -> argmax -> original label values, written with the original geometry.
-Resampling goes through SimpleITK (multi-threaded): B-spline or linear for images, LabelLinear
-(per-label linear, never invents a class) for labels; an anisotropic axis is done separately.
+Resampling: runner/resampling.py.
 """
 from __future__ import annotations
 
@@ -12,63 +11,18 @@ import json
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
-from planner.dataset import Geometry, read_image, read_label, zyx_to_xyz
+from planner.dataset import Geometry, read_image, read_label
 from planner.fileio import save_npy, save_npz, sweep_temporaries, write_json
 from planner.intensity import detect_convention, nonzero_box, to_hu
 from planner.parallel import parallel_map
 from planner.plan import Plan
 from runner.locks import exclusive
+from runner.resampling import resample, target_shape
 from runner.workspace import Workspace, preprocessing_fields
 
 CLASS_LOCATIONS_PER_CLASS = 10_000
 CLASS_LOCATION_SEED = 0      # which stored voxels represent a large class: fixed, so a rerun stores the same
-
-_INTERP = {0: sitk.sitkNearestNeighbor, 1: sitk.sitkLinear, 3: sitk.sitkBSpline}
-
-
-def _resample_axes(arr: np.ndarray, old_sp, new_sp, new_shape, interp, vector: bool = False) -> np.ndarray:
-    """Resample a (z, y, x) array (or (z, y, x, k) vector) so voxel corners stay aligned.
-
-    The two grids cover the same extent only up to rounding of the shape, so the last output voxel
-    can lie past the last input voxel (37 slices at 2.7 mm back to 101 at 1 mm): such voxels take the
-    nearest input voxel (SimpleITK's nearest-neighbour extrapolator), never a default value, so
-    every voxel of the output comes from real data."""
-    img = sitk.GetImageFromArray(arr, isVector=vector)
-    img.SetSpacing(tuple(float(s) for s in zyx_to_xyz(old_sp)))
-    origin = tuple(float(-0.5 * o + 0.5 * n) for o, n in zip(zyx_to_xyz(old_sp), zyx_to_xyz(new_sp)))
-    out = sitk.Resample(img, [int(s) for s in zyx_to_xyz(new_shape)], sitk.Transform(), interp, origin,
-                        tuple(float(s) for s in zyx_to_xyz(new_sp)), img.GetDirection(), 0.0, img.GetPixelID(),
-                        True)
-    return sitk.GetArrayFromImage(out)
-
-
-def resample(arr: np.ndarray, old_sp, new_sp, new_shape, order: int, anisotropy_threshold: float,
-             anisotropic_order: int, label: bool = False, vector: bool = False) -> np.ndarray:
-    """Resample one volume; along an axis over ``anisotropy_threshold`` x coarser than the others
-    (in either grid) do the other axes first, then that axis with ``anisotropic_order``."""
-    old_sp, new_sp, new_shape = list(old_sp), list(new_sp), list(new_shape)
-    if list(arr.shape[:3]) == new_shape and np.allclose(old_sp, new_sp):
-        return arr
-    interp = sitk.sitkLabelLinear if label else _INTERP.get(order, sitk.sitkBSpline)
-    coarse = None
-    for sp in (old_sp, new_sp):
-        a = int(np.argmax(sp))
-        if sp[a] > anisotropy_threshold * max(s for i, s in enumerate(sp) if i != a):
-            coarse = a
-    if coarse is None:
-        return _resample_axes(arr, old_sp, new_sp, new_shape, interp, vector)
-    mid_sp, mid_shape = list(new_sp), list(new_shape)
-    mid_sp[coarse], mid_shape[coarse] = old_sp[coarse], arr.shape[coarse]
-    mid = _resample_axes(arr, old_sp, mid_sp, mid_shape, interp, vector)
-    z_interp = sitk.sitkNearestNeighbor if (label or anisotropic_order == 0) else _INTERP.get(anisotropic_order, sitk.sitkLinear)
-    return _resample_axes(mid, mid_sp, new_sp, new_shape, z_interp, vector)
-
-
-def target_shape(shape, spacing, target) -> list[int]:
-    return [max(1, int(round(s * sp / t))) for s, sp, t in zip(shape, spacing, target)]
-
 
 def normalize(image: np.ndarray, plan: Plan) -> np.ndarray:
     """Clip / z-score each channel as the plan says (in place on a float32 array)."""
@@ -124,11 +78,12 @@ def labels_to_classes(label: np.ndarray, plan: Plan) -> np.ndarray:
     """Label values (possibly non-consecutive, e.g. 0..117) -> class indices 0..K-1 (uint8/16)."""
     values = list(plan.dataset.labels.values())
     lut_size = max(max(values), int(label.max()) if label.size else 0) + 1
-    lut = np.zeros(lut_size, np.int32)
+    lut = np.zeros(lut_size, np.uint8 if len(values) < 256 else np.uint16)
     for i, v in enumerate(values):
         lut[v] = i
-    out = lut[label.astype(np.int64)]
-    return out.astype(np.uint8 if len(values) < 256 else np.uint16)
+    if label.dtype.kind not in "iu" or (label.size and label.min() < 0):
+        label = label.astype(np.int64)   # float or signed label files: whole values checked on reading
+    return lut[label]                    # indexed in the label's own integer type: no 8-byte copy
 
 
 def classes_to_labels(classes: np.ndarray, plan: Plan) -> np.ndarray:

@@ -21,3 +21,35 @@ def test_every_large_measured_point_within_ten_percent():
     for r in rows:
         est = (r["activations"] * GPU_BYTES_PER_ACTIVATION[r["mixed"]] + r["weight_bytes"]) / GB
         assert est == pytest.approx(r["measured_gb"], rel=0.10), (r["patch"], r["batch"], r["precision"])
+
+
+def _cpu_rows():
+    import json
+    from pathlib import Path
+
+    from benchmarks.memory_calibration import rows_with_counts
+    table = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cpu_memory.json").read_text())
+    return rows_with_counts(table["grid"])
+
+
+def test_cpu_constants_are_the_fit_of_the_cpu_measurements():
+    from benchmarks.memory_calibration import fit
+    from planner.memory import CPU_BYTES_PER_ACTIVATION, CPU_PROCESS_GB
+    fitted = fit(_cpu_rows())
+    assert CPU_PROCESS_GB == pytest.approx(fitted["process_gb"], abs=0.02)
+    assert CPU_BYTES_PER_ACTIVATION[False] == pytest.approx(fitted["float32"], rel=0.02)
+    assert CPU_BYTES_PER_ACTIVATION[True] == pytest.approx(fitted["mixed"], rel=0.02)
+
+
+def test_every_cpu_grid_point_within_twenty_percent():
+    """The issue's goal for CPU plans: every measured point (32^3 .. 80x160x160, batch 1..9,
+    8..32 first filters, float32 and bfloat16) within +-20% of the planner's estimate."""
+    from planner.memory import estimate_training_gb
+    rows = _cpu_rows()
+    assert len(rows) >= 10 and {r["mixed"] for r in rows} == {False, True}
+    for r in rows:
+        from benchmarks.gpu_memory import network
+        net = network(r["patch"], r["filters"][0])
+        est = estimate_training_gb(r["patch"], r["batch"], net.filters, net.kernel_sizes, net.pool_sizes, 2, 1, 4,
+                                   r["mixed"], device="cpu")
+        assert est == pytest.approx(r["peak_gb"], rel=0.20), (r["patch"], r["batch"], r["precision"])
