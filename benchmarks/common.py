@@ -25,31 +25,38 @@ def timed(label: str, out: dict):
     print(f"{label}: {out[label]:.1f} s")
 
 
-def _tree_rss_bytes(pid: int) -> int:
-    """Resident memory of a process and all its descendants (Linux /proc)."""
-    total, todo = 0, [pid]
+def _tree_memory_bytes(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of a process and all its descendants (Linux /proc). PSS shares each page among
+    the processes that map it, so forked workers (which share their parent's pages) are not
+    counted twice; RSS sums them as if they were not shared."""
+    rss = pss = 0
+    todo = [pid]
     while todo:
         p = todo.pop()
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
             for task in Path(f"/proc/{p}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
-    return total
+    return rss, pss
 
 
-def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.1) -> tuple[float, float]:
-    """Run a command; (wall seconds, peak GiB of its whole process tree, sampled every ``interval``)."""
+def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.1) -> tuple[float, float, float]:
+    """Run a command; (wall seconds, peak GiB of its whole process tree by PSS, and by RSS),
+    sampled every ``interval`` seconds."""
     import subprocess
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env)
-    peak = 0
+    peak_rss = peak_pss = 0
     while proc.poll() is None:
-        peak = max(peak, _tree_rss_bytes(proc.pid))
+        rss, pss = _tree_memory_bytes(proc.pid)
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
         time.sleep(interval)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}")
-    return time.perf_counter() - t, peak / 1024 ** 3
+    return time.perf_counter() - t, peak_pss / 1024 ** 3, peak_rss / 1024 ** 3

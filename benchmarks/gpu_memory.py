@@ -81,22 +81,29 @@ def network(patch: list[int], width: int):
     return NetworkSection(filters, pools, kernels, 2, "batch", 0.99, "relu", "transpose")
 
 
-def measure(patch, batch, width, precision, steps: int) -> dict:
+def compiled_model(net, patch, batch):
+    """The grid point's U-Net compiled with the plan's loss and Adam, and one random batch for it."""
     import keras
-    from planner.memory import estimate_training_gb
     from planner.plan import LossSection
     from runner.losses import make_loss
     from runner.model import build_unet
-    keras.mixed_precision.set_global_policy(precision)
-    net = network(patch, width)
-    est = estimate_training_gb(patch, batch, net.filters, net.kernel_sizes, net.pool_sizes, 2, 1, N_CLASSES,
-                               precision != "float32")
-    backend_peak_reset()
     model = build_unet(net, 1, N_CLASSES)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=make_loss(LossSection(0.5, 0.5, 1.0, 1.0, 1e-6)))
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, *patch, 1)).astype(np.float32)
     y = np.eye(N_CLASSES, dtype=np.float32)[rng.integers(0, N_CLASSES, size=(batch, *patch))]
+    return model, x, y
+
+
+def measure(patch, batch, width, precision, steps: int) -> dict:
+    import keras
+    from planner.memory import estimate_training_gb
+    keras.mixed_precision.set_global_policy(precision)
+    net = network(patch, width)
+    est = estimate_training_gb(patch, batch, net.filters, net.kernel_sizes, net.pool_sizes, 2, 1, N_CLASSES,
+                               precision != "float32")
+    backend_peak_reset()
+    model, x, y = compiled_model(net, patch, batch)
     times = []
     for i in range(2 + steps):
         t = time.perf_counter()

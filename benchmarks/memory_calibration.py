@@ -53,18 +53,11 @@ def measure_point(patch, batch, width, precision) -> dict:
     from runner import backend
     backend.load_quietly()
     import keras
-    from benchmarks.gpu_memory import network
-    from planner.plan import LossSection
-    from runner.losses import make_loss
-    from runner.model import build_unet
+    from benchmarks.gpu_memory import compiled_model, network
     runtime = rss_gb()
     keras.mixed_precision.set_global_policy(precision)
     net = network(patch, width)
-    model = build_unet(net, 1, N_CLASSES)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=make_loss(LossSection(0.5, 0.5, 1.0, 1.0, 1e-6)))
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(batch, *patch, 1)).astype(np.float32)
-    y = np.eye(N_CLASSES, dtype=np.float32)[rng.integers(0, N_CLASSES, size=(batch, *patch))]
+    model, x, y = compiled_model(net, patch, batch)
     times = []
     for _ in range(2):
         t = time.perf_counter()

@@ -7,8 +7,9 @@ Makes (or reuses) N full-size synthetic chest CTs (`segplan make-phantoms`, 512-
 environment with nnU-Net v2 is given (`--nnunet-python`; or nnunetv2 is importable here: an optional
 benchmark extra, never a dependency of segplan), nnU-Net fingerprints, plans and preprocesses them
 first (3d_fullres, `-np WORKERS`) and its target spacing is given to segplan too; otherwise segplan
-uses --spacing. Each tool runs as its own command; wall time and the peak resident memory of its
-whole process tree (sampled every 0.1 s) are printed, with the ratios. Same machine, same run.
+uses --spacing. Each tool runs as its own command; wall time and the peak memory of its whole
+process tree (PSS, so forked workers' shared pages count once; sampled every 0.1 s) are printed,
+with the ratios. Same machine, same run.
 """
 from __future__ import annotations
 
@@ -35,15 +36,15 @@ def nnunet(python: str, dataset: Path, work: Path, workers: int) -> dict:
         (raw / name).symlink_to(dataset.resolve())
     env = dict(os.environ, nnUNet_raw=str(raw), nnUNet_preprocessed=str(pre), nnUNet_results=str(res))
     bin_dir = Path(python).parent
-    plan_s, plan_gb = run_measured([str(bin_dir / "nnUNetv2_extract_fingerprint"), "-d", "901", "-np", str(workers)],
-                                   env)
-    s2, gb2 = run_measured([str(bin_dir / "nnUNetv2_plan_experiment"), "-d", "901"], env)
+    plan_s, plan_gb, _ = run_measured([str(bin_dir / "nnUNetv2_extract_fingerprint"), "-d", "901", "-np",
+                                       str(workers)], env)
+    s2, gb2, _ = run_measured([str(bin_dir / "nnUNetv2_plan_experiment"), "-d", "901"], env)
     plans = json.loads((pre / name / "nnUNetPlans.json").read_text())
     spacing = plans["configurations"]["3d_fullres"]["spacing"]
-    pre_s, pre_gb = run_measured([str(bin_dir / "nnUNetv2_preprocess"), "-d", "901", "-c", "3d_fullres",
-                                  "-np", str(workers)], env)
+    pre_s, pre_gb, pre_rss = run_measured([str(bin_dir / "nnUNetv2_preprocess"), "-d", "901", "-c", "3d_fullres",
+                                           "-np", str(workers)], env)
     return {"spacing": spacing, "plan_s": plan_s + s2, "plan_gb": max(plan_gb, gb2), "preprocess_s": pre_s,
-            "preprocess_gb": pre_gb}
+            "preprocess_gb": pre_gb, "preprocess_rss_gb": pre_rss}
 
 
 def segplan(dataset: Path, work: Path, spacing: list[float], workers: int) -> dict:
@@ -51,12 +52,13 @@ def segplan(dataset: Path, work: Path, spacing: list[float], workers: int) -> di
     from planner.plan_file import load_plan, save_plan
     plan_path = work / "plans" / "speed.yaml"
     cli = [sys.executable, "-m", "runner.cli"]
-    plan_s, plan_gb = run_measured(cli + ["plan", str(dataset), "-o", str(plan_path), "--device", "gpu",
-                                          "--gpu-memory", "8", "--force", "--workers", str(workers)])
+    plan_s, plan_gb, _ = run_measured(cli + ["plan", str(dataset), "-o", str(plan_path), "--device", "gpu",
+                                             "--gpu-memory", "8", "--force", "--workers", str(workers)])
     plan = load_plan(plan_path)
     save_plan(plan.replace(resampling=dataclasses.replace(plan.resampling, target_spacing=list(spacing))), plan_path)
-    pre_s, pre_gb = run_measured(cli + ["preprocess", str(plan_path), "--workers", str(workers)])
-    return {"spacing": spacing, "plan_s": plan_s, "plan_gb": plan_gb, "preprocess_s": pre_s, "preprocess_gb": pre_gb}
+    pre_s, pre_gb, pre_rss = run_measured(cli + ["preprocess", str(plan_path), "--workers", str(workers)])
+    return {"spacing": spacing, "plan_s": plan_s, "plan_gb": plan_gb, "preprocess_s": pre_s, "preprocess_gb": pre_gb,
+            "preprocess_rss_gb": pre_rss}
 
 
 def main() -> None:

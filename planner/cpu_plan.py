@@ -29,13 +29,16 @@ MIN_ITERATIONS = 1500      # on Hippocampus, ~2000 iterations of batch 2 reached
 USABLE_SHARE = 0.85        # share of the budget spent in training steps (validation, checkpoints: the rest)
 EPOCH_SECONDS = 5.0        # epochs this long: frequent best-checkpoint decisions at a small overhead
 PROBE_STEPS = 3            # timed steps per candidate, after one warm-up step
+MAX_CASE_SECONDS = 120.0   # a CPU plan predicts a median case within 2 minutes (inference weighs on the width)
 FALLBACK_ITERATIONS = 25   # without probe figures: epochs of this many iterations ...
 FALLBACK_PATIENCE = 20     # ... and early stopping after this many epochs without improvement
 
 
-def choose_width(seconds: list[float], budget_s: float) -> int:
-    """Index of the widest candidate reaching MIN_ITERATIONS in the budget (the fastest if none does)."""
-    ok = [i for i, s in enumerate(seconds) if budget_s * USABLE_SHARE / s >= MIN_ITERATIONS]
+def choose_width(seconds: list[float], budget_s: float, case_seconds: list[float] | None = None) -> int:
+    """Index of the widest candidate reaching MIN_ITERATIONS in the budget and predicting a median
+    case within MAX_CASE_SECONDS (the fastest to train if none does)."""
+    ok = [i for i, s in enumerate(seconds) if budget_s * USABLE_SHARE / s >= MIN_ITERATIONS
+          and (case_seconds is None or case_seconds[i] <= MAX_CASE_SECONDS)]
     return max(ok) if ok else min(range(len(seconds)), key=lambda i: seconds[i])
 
 
@@ -57,12 +60,20 @@ def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, t
     if measured and (len(measured) < len(candidates) or any(m["oom"] for m in measured)):
         measured, failed = None, "the probe ran out of memory"
     seconds = [m["seconds"] for m in measured] if measured else None
+    windows = H.window_count(H.median_resampled_shape(fp, plan.resampling.target_spacing), tr.patch_size,
+                             plan.inference.overlap)
     if seconds:
-        pick = choose_width(seconds, minutes * 60)
+        case_s = [windows * m["window_seconds"] for m in measured]
+        pick = choose_width(seconds, minutes * 60, case_s)
         figures = ", ".join(f"{c['filters'][0]}..{max(c['filters'])} filters {s:.2f} s/step "
-                            f"(~{int(minutes * 60 * USABLE_SHARE / s)} iterations)" for c, s in zip(candidates, seconds))
+                            f"(~{int(minutes * 60 * USABLE_SHARE / s)} iterations), {p:.1f} s per median case"
+                            for c, s, p in zip(candidates, seconds, case_s))
         reasons["network.filters"] = (f"probe on this machine, patch {tr.patch_size} x batch {tr.batch_size}: {figures}; "
-                                      f"chose the widest reaching {MIN_ITERATIONS} iterations in {minutes:g} min")
+                                      f"chose the widest reaching {MIN_ITERATIONS} iterations in {minutes:g} min and "
+                                      f"predicting a median case within {MAX_CASE_SECONDS:g} s")
+        reasons["inference.overlap"] = (f"a median case is {windows} windows of {tr.patch_size}: about "
+                                        f"{case_s[pick]:.1f} s of network time to predict on this machine (probe, "
+                                        f"{measured[pick]['window_seconds']:.2f} s per window, no mirroring)")
         step_s = seconds[pick]
     else:
         pick, step_s = 0, None

@@ -140,3 +140,17 @@ def median_resampled_shape(fp: Fingerprint, spacing: list[float]) -> list[float]
 
 def dataset_voxels(fp: Fingerprint, spacing: list[float]) -> float:
     return float(sum(np.prod(np.array(c.cropped_shape) * np.array(c.spacing) / np.array(spacing)) for c in fp.cases))
+
+
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Start positions along one axis: step = patch x (1 - overlap), spread to cover [0, size) exactly."""
+    if size <= patch:
+        return [0]
+    step = max(1, int(patch * (1.0 - overlap)))
+    n = int(np.ceil((size - patch) / step)) + 1
+    return [int(round(i * (size - patch) / (n - 1))) for i in range(n)]
+
+
+def window_count(shape: list[float], patch: list[int], overlap: float) -> int:
+    """Sliding windows that cover a volume of ``shape`` (what predicting it costs, in network calls)."""
+    return math.prod(len(window_starts(int(round(s)), p, overlap)) for s, p in zip(shape, patch))

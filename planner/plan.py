@@ -154,7 +154,8 @@ class CrossValidationSection:
 class MemorySection:
     gpu_memory_gb: float = doc("budget the patch and batch were fitted to")
     budget_source: str = doc("where the budget came from")
-    estimate_gb: float = doc("planner/memory.py's estimate of training memory for this patch and batch")
+    estimate_gb: float = doc("planner/memory.py's estimate: GPU memory of a training step (GPU plans); the peak "
+                             "system memory of the whole `segplan run` (CPU plans)")
     measured_gb: float | None = doc("peak GPU memory of one training step at this patch and batch, measured by "
                                     "`segplan plan --probe` (null: not measured)", default=None)
 

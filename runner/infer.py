@@ -10,14 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-
-def window_starts(size: int, patch: int, overlap: float) -> list[int]:
-    """Start positions along one axis: step = patch x (1 - overlap), spread to cover [0, size) exactly."""
-    if size <= patch:
-        return [0]
-    step = max(1, int(patch * (1.0 - overlap)))
-    n = int(np.ceil((size - patch) / step)) + 1
-    return [int(round(i * (size - patch) / (n - 1))) for i in range(n)]
+from planner.heuristics import window_starts
 
 
 def gaussian_weights(patch: list[int], sigma_scale: float = 1.0 / 8) -> np.ndarray:

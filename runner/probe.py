@@ -3,7 +3,8 @@
 Run as a separate process by the planner (which must not import TensorFlow itself, and whose
 measurement must not inherit another candidate's allocations):
 ``python -m runner.probe SPEC_JSON`` prints one JSON line with, per candidate, its seconds per step
-(median over a few steps after one warm-up step on random data), the backend's GPU memory peak in
+(median over a few steps after one warm-up step on random data), seconds to predict one window
+(what inference costs per window, without mirroring), the backend's GPU memory peak in
 GiB (None on a CPU), and ``oom: true`` when the step ran out of device memory.
 """
 from __future__ import annotations
@@ -44,14 +45,21 @@ def probe(candidates: list[dict], network: dict, loss: dict, in_channels: int, n
                 t = time.perf_counter()
                 model.train_on_batch(x, y)
                 times.append(time.perf_counter() - t)
+            one = x[:1]
+            model.predict_on_batch(one)  # warm-up of the inference graph
+            window = []
+            for _ in range(2):
+                t = time.perf_counter()
+                model.predict_on_batch(one)
+                window.append(time.perf_counter() - t)
         except Exception as e:  # only the device running out of memory is a result; anything else is an error
             if not backend.is_out_of_memory(e):
                 raise
             out.append({"seconds": None, "peak_gb": backend.accelerator_peak_gb(), "oom": True})
             break  # the allocator's state after an out-of-memory error is no base for another measurement
         peak = backend.accelerator_peak_gb()
-        out.append({"seconds": float(np.median(times)), "peak_gb": None if peak is None else round(peak, 3),
-                    "oom": False})
+        out.append({"seconds": float(np.median(times)), "window_seconds": float(np.median(window)),
+                    "peak_gb": None if peak is None else round(peak, 3), "oom": False})
         del model
         keras.backend.clear_session()
     return out

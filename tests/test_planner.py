@@ -206,6 +206,16 @@ def test_choose_width_buys_enough_iterations():
     assert choose_width(seconds, 10.0) == 0  # nothing is fast enough: the fastest
 
 
+def test_choose_width_weighs_what_a_case_costs_to_predict():
+    """The widest network that trains enough is not chosen when predicting a median case with it
+    would take longer than MAX_CASE_SECONDS on this machine (a big CT at fine spacing)."""
+    from planner.cpu_plan import MAX_CASE_SECONDS, choose_width
+    seconds, budget = [0.1, 0.2, 0.3], 3600.0
+    assert choose_width(seconds, budget) == 2
+    assert choose_width(seconds, budget, [30.0, 90.0, 3 * MAX_CASE_SECONDS]) == 1
+    assert choose_width(seconds, budget, [2 * MAX_CASE_SECONDS] * 3) == 0
+
+
 def test_cpu_plan_with_probe_and_no_tensorflow_in_the_planner(phantoms, tmp_path):
     """No device, preset or budget and no GPU: a CPU plan, its width chosen by the probe, which runs
     in a child process: the planner process itself never imports TensorFlow."""
@@ -220,6 +230,7 @@ def test_cpu_plan_with_probe_and_no_tensorflow_in_the_planner(phantoms, tmp_path
     plan = load_plan(tmp_path / "p.yaml")
     assert plan.device == "cpu" and plan.training.schedule.time_budget_minutes == 2
     from planner.build import gpu_present
-    assert "probe on this machine" in text and "s/step" in text
+    assert "probe on this machine" in text and "s/step" in text and "s per median case" in text
+    assert "windows of" in text and "s per window" in text   # what a case costs to predict, in the plan
     assert gpu_present() or "no GPU found" in text
     assert plan.network.filters[0] in (8, 16, 32) and plan.training.schedule.iterations_per_epoch >= 10
