@@ -3,6 +3,13 @@ writing, with peak memory, for a small CPU plan and for the paper's network with
 patch (issue 5). The networks are untrained: speed does not depend on the weights.
 
     python benchmarks/inference_speed.py [--phantoms /tmp/segplan_phantoms20] [--case 0] [--skip-paper]
+                                         [--nnunet-python /path/to/venv/bin/python]
+
+With ``--nnunet-python`` (an environment with nnU-Net v2; never a dependency of segplan), nnU-Net
+first plans the phantoms (for its spacing, given to segplan's CPU plan too), then predicts the same
+case through its own pipeline with a network of the CPU plan's depth, filters, pooling and patch,
+half overlap, no mirroring (benchmarks/nnunet_predict.py), and the ratio is printed: the same
+network and windows, so the difference is each tool's own work around them.
 
 Targets: network time at least half the total; faster than nnU-Net v2 on the same volume and CPU
 (about 16 s to preprocess one such CT and 18-20 s per 56x192x192 window, same overlap, no mirroring).
@@ -19,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def run(plan, case, out: Path, label: str) -> None:
+def run(plan, case, out: Path, label: str) -> float:
     from planner.dataset import write_volume
     from runner.infer import keras_predictor
     from runner.model import build_unet
@@ -32,6 +39,25 @@ def run(plan, case, out: Path, label: str) -> None:
     total = sum(t.values())
     print(f"{label}: total {total:.1f} s = " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in t.items())
           + f"; network share {100 * t['network_s'] / total:.0f}%; volume {geom.shape} (z, y, x)")
+    return total
+
+
+def nnunet_case(python: str, plans_file: Path, data: Path, case, plan, out: Path) -> float:
+    """nnU-Net's seconds for the case with the network of ``plan`` (benchmarks/nnunet_predict.py)."""
+    import json
+    import subprocess
+    net = plan.network
+    spec = {"plans": str(plans_file), "dataset_json": str(data / "dataset.json"), "image": str(case.image_files[0]),
+            "out": str(out / f"nnunet_{case.case_id}"), "patch": plan.training.patch_size,
+            "spacing": plan.resampling.target_spacing, "features": net.filters, "pools": net.pool_sizes,
+            "kernels": net.kernel_sizes}
+    r = subprocess.run([python, str(Path(__file__).with_name("nnunet_predict.py")), json.dumps(spec)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"nnU-Net's prediction failed: {r.stderr.strip()[-2000:]}")
+    seconds = json.loads(r.stdout.strip().splitlines()[-1])["seconds"]
+    print(f"nnU-Net v2, same network and windows: total {seconds:.1f} s")
+    return seconds
 
 
 def main() -> None:
@@ -39,6 +65,7 @@ def main() -> None:
     ap.add_argument("--phantoms", default="/tmp/segplan_phantoms20")
     ap.add_argument("--case", type=int, default=0)
     ap.add_argument("--skip-paper", action="store_true")
+    ap.add_argument("--nnunet-python", default=None)
     a = ap.parse_args()
     from benchmarks.common import peak_rss_gb
     from datasets.phantoms import make_phantoms
@@ -52,9 +79,20 @@ def main() -> None:
     case = load_dataset(data).cases[a.case]
     p = plan_dataset(data, tmp / "cpu.yaml", device="cpu", time_budget=15, workers=2, progress=False)
     cpu = load_plan(p)
-    inf = dataclasses.replace(cpu.inference, mirroring=False, overlap=0.5)
-    run(cpu.replace(inference=inf), case, tmp, f"small CPU plan (patch {cpu.training.patch_size}, "
-                                               f"filters {cpu.network.filters}, spacing {cpu.resampling.target_spacing})")
+    plans_file = None
+    if a.nnunet_python:
+        import json
+        from benchmarks.preprocess_speed import nnunet_plans
+        plans_file = nnunet_plans(a.nnunet_python, data, tmp / "nnunet", 2)[0]
+        spacing = json.loads(plans_file.read_text())["configurations"]["3d_fullres"]["spacing"]
+        cpu = cpu.replace(resampling=dataclasses.replace(cpu.resampling, target_spacing=list(spacing)))
+    inf = dataclasses.replace(cpu.inference, mirroring=False, overlap=0.5, weighting="gaussian")
+    cpu = cpu.replace(inference=inf)
+    ours = run(cpu, case, tmp, f"small CPU plan (patch {cpu.training.patch_size}, filters {cpu.network.filters}, "
+                               f"spacing {cpu.resampling.target_spacing})")
+    if plans_file is not None:
+        theirs = nnunet_case(a.nnunet_python, plans_file, data, case, cpu, tmp)
+        print(f"whole-case prediction: segplan {theirs / ours:.2f}x faster than nnU-Net v2")
     if not a.skip_paper:
         p = plan_dataset(data, tmp / "paper.yaml", preset="miscnn-covid19", progress=False)
         paper = load_plan(p)

@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import run_measured  # noqa: E402
 
 
-def nnunet(python: str, dataset: Path, work: Path, workers: int) -> dict:
-    """nnU-Net v2's fingerprint + plan, then its 3d_fullres preprocessing, timed separately."""
+def nnunet_plans(python: str, dataset: Path, work: Path, workers: int) -> tuple[Path, float, float, dict]:
+    """nnU-Net v2's fingerprint and plan of ``dataset``: (its plans file, seconds, peak GiB, the
+    environment naming its folders)."""
     raw, pre, res = work / "raw", work / "preprocessed", work / "results"
     for d in (raw, pre, res):
         d.mkdir(parents=True, exist_ok=True)
@@ -39,11 +40,17 @@ def nnunet(python: str, dataset: Path, work: Path, workers: int) -> dict:
     plan_s, plan_gb, _ = run_measured([str(bin_dir / "nnUNetv2_extract_fingerprint"), "-d", "901", "-np",
                                        str(workers)], env)
     s2, gb2, _ = run_measured([str(bin_dir / "nnUNetv2_plan_experiment"), "-d", "901"], env)
-    plans = json.loads((pre / name / "nnUNetPlans.json").read_text())
-    spacing = plans["configurations"]["3d_fullres"]["spacing"]
+    return pre / name / "nnUNetPlans.json", plan_s + s2, max(plan_gb, gb2), env
+
+
+def nnunet(python: str, dataset: Path, work: Path, workers: int) -> dict:
+    """nnU-Net v2's fingerprint + plan, then its 3d_fullres preprocessing, timed separately."""
+    plans_file, plan_s, plan_gb, env = nnunet_plans(python, dataset, work, workers)
+    spacing = json.loads(plans_file.read_text())["configurations"]["3d_fullres"]["spacing"]
+    bin_dir = Path(python).parent
     pre_s, pre_gb, pre_rss = run_measured([str(bin_dir / "nnUNetv2_preprocess"), "-d", "901", "-c", "3d_fullres",
                                            "-np", str(workers)], env)
-    return {"spacing": spacing, "plan_s": plan_s + s2, "plan_gb": max(plan_gb, gb2), "preprocess_s": pre_s,
+    return {"spacing": spacing, "plan_s": plan_s, "plan_gb": plan_gb, "preprocess_s": pre_s,
             "preprocess_gb": pre_gb, "preprocess_rss_gb": pre_rss}
 
 
