@@ -3,11 +3,12 @@ checkpoints and inference are plain Keras (``keras.ops``) and run on TensorFlow,
 the TensorFlow-only extra (TensorBoard logs) is used when the backend is TensorFlow and skipped
 otherwise, so nothing else in segplan imports TensorFlow.
 
-Training uses one device. Keras 3's ``train_on_batch`` under TensorFlow's MirroredStrategy gives
-every replica the whole batch instead of a share (and ``predict_on_batch`` returns one copy of the
-output per replica): tested on two logical CPU devices, it computes the same step at twice the cost
-and broke validation. Several GPUs are used as one fold per GPU (CUDA_VISIBLE_DEVICES) until the
-step distributes its data itself."""
+Several devices train one fold through Keras' distribution API (``keras.distribution.DataParallel``,
+JAX backend): each device computes its share of the global batch and the gradients are combined
+(``segplan run --data-parallel``). Keras 3's ``train_on_batch`` under TensorFlow's MirroredStrategy
+instead gives every replica the whole batch (and ``predict_on_batch`` one copy of the output per
+replica): tested on two logical CPU devices, it computed the same step at twice the cost, so it is
+not used; on TensorFlow or PyTorch several GPUs train one fold each."""
 from __future__ import annotations
 
 import contextlib
@@ -109,3 +110,33 @@ def is_out_of_memory(error: BaseException) -> bool:
     """Whether an exception is the backend running out of device memory (each words it its own way)."""
     text = f"{type(error).__name__}: {error}".lower()
     return any(s in text for s in ("out of memory", "resource_exhausted", "resourceexhausted", "oom when allocating"))
+
+
+@contextlib.contextmanager
+def distributed(batch_size: int, enabled: bool, validation_patches: int = 0):
+    """Within the block, with ``enabled``: the global batch split over every local device along its
+    first axis (weights replicated), via ``keras.distribution.DataParallel`` (JAX backend only:
+    Keras' distribution API). Prints what it does; the distribution is unset after the block, so
+    prediction runs on one device as usual."""
+    if not enabled:
+        yield
+        return
+    if name() != "jax":
+        raise ValueError(f"--data-parallel needs KERAS_BACKEND=jax (Keras' distribution API); on {name()} run "
+                         "one fold per GPU instead (README: Scaling out)")
+    import keras
+    devices = keras.distribution.list_devices()
+    if batch_size % len(devices):
+        raise ValueError(f"training.batch_size {batch_size} does not split evenly over {len(devices)} devices")
+    if validation_patches % batch_size:
+        raise ValueError(f"training.schedule.validation_patches {validation_patches} is not a multiple of "
+                         f"training.batch_size {batch_size}: its last batch would not split over the devices")
+    dist = keras.distribution.DataParallel(devices=devices)
+    axis = dist.get_data_layout((batch_size, 1)).axes[0]
+    print(f"data parallel: batch {batch_size} split along '{axis}' over {len(devices)} devices "
+          f"({batch_size // len(devices)} samples each: {', '.join(devices)})")
+    keras.distribution.set_distribution(dist)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(None)

@@ -86,7 +86,8 @@ def cmd_run(a) -> int:
     for k in folds:
         if not 0 <= k < n:
             return _fail(f"--fold {k}: the plan has folds 0..{n - 1}")
-        run_fold(ws, k, resume=a.resume, restart=a.restart, workers=a.workers, progress=a.bars)
+        run_fold(ws, k, resume=a.resume, restart=a.restart, workers=a.workers, progress=a.bars,
+                 data_parallel=a.data_parallel)
     return 0
 
 
@@ -124,7 +125,7 @@ def cmd_submit(a) -> int:
     from runner.cluster import Resources, submit
     folds = None if a.folds == ["all"] else [int(k) for k in a.folds]
     res = Resources(a.partition, a.gpus_per_job, a.cpus_per_job, a.mem, a.time)
-    print("\n".join(submit(Path(a.plan), folds, a.executor, res, dry_run=a.dry_run)))
+    print("\n".join(submit(Path(a.plan), folds, a.executor, res, dry_run=a.dry_run, data_parallel=a.data_parallel)))
     return 0
 
 
@@ -207,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fold", required=True, help="0..folds-1 or all")
     s.add_argument("--resume", action="store_true", help="continue from checkpoint_latest")
     s.add_argument("--restart", action="store_true", help="start a finished or begun fold over")
+    s.add_argument("--data-parallel", action="store_true",
+                   help="split each batch over every local device (KERAS_BACKEND=jax; Keras' distribution API)")
     s.add_argument("--workers", type=int, default=2)
     s.set_defaults(fn=cmd_run)
     s = sub.add_parser("predict", help="segment new images with the trained folds or a model bundle")
@@ -239,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mem", type=float, default=32.0, help="GB of memory per job")
     s.add_argument("--time", type=float, default=24.0, help="hours per job; a fold stopped by it requeues itself")
     s.add_argument("--dry-run", action="store_true", help="print what would be submitted")
+    s.add_argument("--data-parallel", action="store_true", help="each fold job splits its batches over its GPUs (JAX)")
     s.set_defaults(fn=cmd_submit)
     s = sub.add_parser("status", help="each fold: not started, queued, training (epoch, ETA), finished, failed")
     s.add_argument("plan")

@@ -53,8 +53,8 @@ class FoldJob:
     calls ``checkpoint`` when the job is about to be stopped (time limit, preemption) and requeues
     what it returns: the same job, which then resumes from the fold's latest checkpoint."""
 
-    def __init__(self, plan_path: str, fold: int):
-        self.plan_path, self.fold = plan_path, fold
+    def __init__(self, plan_path: str, fold: int, data_parallel: bool = False):
+        self.plan_path, self.fold, self.data_parallel = plan_path, fold, data_parallel
 
     def __call__(self) -> dict:
         from runner.backend import load_quietly
@@ -62,13 +62,14 @@ class FoldJob:
         load_quietly()  # the job's log: segplan's lines, not TensorFlow's start-up notices
         ws = Workspace(Path(self.plan_path))
         f = ws.fold(self.fold)
-        run_fold(ws, self.fold, resume=f.is_trained(), workers=ws.plan.training.workers or 1, progress=False)
+        run_fold(ws, self.fold, resume=f.is_trained(), workers=ws.plan.training.workers or 1, progress=False,
+                 data_parallel=self.data_parallel)
         summary = yaml.safe_load(f.validation_summary.read_text())
         return {c: v["dice"]["mean"] for c, v in summary["classes"].items()}
 
     def checkpoint(self, *args, **kwargs):
         import submitit
-        return submitit.helpers.DelayedSubmission(FoldJob(self.plan_path, self.fold))
+        return submitit.helpers.DelayedSubmission(FoldJob(self.plan_path, self.fold, self.data_parallel))
 
 
 def folds_to_run(ws: Workspace, folds: list[int]) -> tuple[list[int], list[str]]:
@@ -86,7 +87,7 @@ def folds_to_run(ws: Workspace, folds: list[int]) -> tuple[list[int], list[str]]
 
 
 def submit(plan_path: Path, folds: list[int] | None = None, executor: str = "slurm",
-           resources: Resources = Resources(), dry_run: bool = False) -> list[str]:
+           resources: Resources = Resources(), dry_run: bool = False, data_parallel: bool = False) -> list[str]:
     """Submit the plan's jobs; returns the lines to print (ids, log folder, how to follow them)."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor '{executor}': one of {', '.join(EXECUTORS)}")
@@ -115,7 +116,7 @@ def submit(plan_path: Path, folds: list[int] | None = None, executor: str = "slu
     _wait_local(executor, jobs["preprocess"])
     for k in todo:
         _configure(ex, executor, resources, f"segplan-{name}-fold{k}", gpu=True, after=[jobs["preprocess"]])
-        jobs[k] = ex.submit(FoldJob(str(plan_path), k))
+        jobs[k] = ex.submit(FoldJob(str(plan_path), k, data_parallel))
         _wait_local(executor, jobs[k])
     _configure(ex, executor, resources, f"segplan-{name}-summarize", gpu=False,
                after=[jobs[k] for k in todo] or [jobs["preprocess"]])

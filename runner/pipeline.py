@@ -35,7 +35,7 @@ def predict_validation(ws: Workspace, k: int, progress: bool = True) -> str:
 
 
 def run_fold(ws: Workspace, k: int, resume: bool = False, restart: bool = False, workers: int = 2,
-             progress: bool = True) -> None:
+             progress: bool = True, data_parallel: bool = False) -> None:
     """`segplan run`: train fold k (unless finished), then predict and evaluate its validation cases.
 
     The fold is locked while this runs (a second run of it, on any node sharing the work folder,
@@ -46,7 +46,8 @@ def run_fold(ws: Workspace, k: int, resume: bool = False, restart: bool = False,
         try:
             trained = True
             try:
-                train_fold(ws, k, resume=resume, restart=restart, workers=workers, progress=progress)
+                train_fold(ws, k, resume=resume, restart=restart, workers=workers, progress=progress,
+                           data_parallel=data_parallel)
             except FoldFinished as e:
                 print(f"segplan: {e}")
                 trained = False

@@ -80,12 +80,18 @@ def _start(ws: Workspace, k: int, resume: bool, restart: bool) -> Fold:
 
 
 def train_fold(ws: Workspace, k: int, resume: bool = False, restart: bool = False, workers: int = 2,
-               progress: bool = True) -> Fold:
-    """Train fold ``k`` of the workspace's plan; returns the fold. See the README for its files."""
+               progress: bool = True, data_parallel: bool = False) -> Fold:
+    """Train fold ``k`` of the workspace's plan; returns the fold. See the README for its files.
+    ``data_parallel``: every local device trains on its share of each batch (runner/backend.py)."""
     fold = _start(ws, k, resume, restart)
     plan = ws.freeze(k)  # the fold's own plan: frozen network/preprocessing/labels, live schedule
     pre = preprocess_dataset(ws, workers=workers, progress=progress)
     split = ws.splits()[k]
+    with backend.distributed(plan.training.batch_size, data_parallel, plan.training.schedule.validation_patches):
+        return _train(ws, k, fold, plan, pre, split, resume, progress)
+
+
+def _train(ws: Workspace, k: int, fold: Fold, plan: Plan, pre, split: dict, resume: bool, progress: bool) -> Fold:
     tr, sched = plan.training, plan.training.schedule
     model = compile_model(plan, tr.learning_rate)
     state = load_latest(fold, model) if resume else None

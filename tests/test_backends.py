@@ -70,3 +70,43 @@ def test_every_command_runs_on_another_backend_without_tensorflow(phantoms, tmp_
     a = read_label(tmp_path / "out" / f"{case.case_id}.nii.gz")[0]
     b = read_label(tmp_path / "out_tf" / f"{case.case_id}.nii.gz")[0]
     assert a.shape == b.shape and (a == b).mean() > 0.99, (a == b).mean()
+
+
+DATA_PARALLEL = SCRIPT.split("import dataclasses")[0] + """
+import dataclasses, json
+from runner.cli import main
+from planner.plan_file import load_plan, save_plan
+plan_path, single_path = sys.argv[1:3]
+assert main(["run", single_path, "--fold", "0"]) == 0
+assert main(["run", plan_path, "--fold", "0", "--data-parallel"]) == 0
+plan = load_plan(plan_path)
+save_plan(plan.replace(training=dataclasses.replace(plan.training, schedule=dataclasses.replace(
+    plan.training.schedule, max_epochs=3))), plan_path)
+assert main(["run", plan_path, "--fold", "0", "--resume", "--data-parallel"]) == 0
+"""
+
+
+@pytest.mark.e2e
+def test_data_parallel_over_two_devices_trains_resumes_and_matches_one_device(phantoms, tmp_path):
+    """Keras' DataParallel (JAX) over two logical CPU devices: the batch of 2 is split, one sample
+    per device (the layout Keras reports); training, checkpoint and resume work, and the losses are
+    those of one device with the same global batch: the split changes where the step is computed,
+    not what (batch norm over the global batch, gradients combined)."""
+    if importlib.util.find_spec("jax") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the data-parallel test: install the test extra (it brings jax)")
+        pytest.skip("jax is not installed (pip install -e '.[test]' brings it)")
+    plan_path = tiny_plan(phantoms, tmp_path / "dp" / "p.yaml", epochs=2, iterations=2)
+    single = tiny_plan(phantoms, tmp_path / "one" / "p.yaml", epochs=2, iterations=2)
+    env = {**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    r = subprocess.run([sys.executable, "-c", DATA_PARALLEL, str(plan_path), str(single)], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "data parallel: batch 2 split along 'batch' over 2 devices (1 samples each" in r.stdout
+    ws, one = Workspace(plan_path), Workspace(single)
+    assert json.loads(ws.fold(0).finished.read_text())["epochs"] == 3 and ws.fold(0).validation_summary.exists()
+    from runner.tables import read_rows
+    dp, sd = read_rows(ws.fold(0).history), read_rows(one.fold(0).history)
+    assert len(dp) == 3 and len(sd) == 2
+    for a, b in zip(dp[:2], sd):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3), (a, b)

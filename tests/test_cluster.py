@@ -118,9 +118,10 @@ def test_submit_local_runs_preprocess_folds_and_summary_and_resubmit_skips(phant
 
 def test_fold_job_requeues_as_itself():
     from runner.cluster import FoldJob
-    job = FoldJob("/x/plan.yaml", 3)
+    job = FoldJob("/x/plan.yaml", 3, data_parallel=True)
     again = job.checkpoint()
-    assert isinstance(again.function, FoldJob) and (again.function.plan_path, again.function.fold) == ("/x/plan.yaml", 3)
+    assert isinstance(again.function, FoldJob)
+    assert (again.function.plan_path, again.function.fold, again.function.data_parallel) == ("/x/plan.yaml", 3, True)
 
 
 def test_a_fold_job_stopped_by_the_scheduler_requeues_and_continues_at_the_next_epoch(phantoms, tmp_path):

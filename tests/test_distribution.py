@@ -1,5 +1,5 @@
 """Precision, proven on a CPU (issue 15): mixed precision trains in bfloat16 with float32 weights,
-softmax and loss. (Multi-device training is not offered: see runner/backend.py.)"""
+softmax and loss. (Several devices: tests/test_backends.py, Keras' DataParallel on JAX.)"""
 from __future__ import annotations
 
 import dataclasses
