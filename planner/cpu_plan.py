@@ -104,8 +104,7 @@ def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, t
 
 def _run_memory(plan: Plan, fp: Fingerprint, reasons: dict) -> float:
     """What a user's machine needs: the peak of the whole `segplan run` (planner/memory.py)."""
-    target = plan.resampling.target_spacing
-    at_target = [float(np.prod(np.array(c.cropped_shape) * np.array(c.spacing) / np.array(target))) for c in fp.cases]
+    at_target = H.case_voxels(fp, plan.resampling.target_spacing)
     total, parts = estimate_cpu_run_gb(plan, sum(at_target), max(at_target),
                                        max(float(np.prod(c.shape)) for c in fp.cases))
     reasons["memory.estimate_gb"] = ("peak memory of the whole `segplan run` on this CPU: "

@@ -138,8 +138,13 @@ def median_resampled_shape(fp: Fingerprint, spacing: list[float]) -> list[float]
     return [float(v) for v in np.median(shapes, axis=0)]
 
 
+def case_voxels(fp: Fingerprint, spacing: list[float]) -> list[float]:
+    """Voxels of each case's (cropped) image at ``spacing``."""
+    return [float(np.prod(np.array(c.cropped_shape) * np.array(c.spacing) / np.array(spacing))) for c in fp.cases]
+
+
 def dataset_voxels(fp: Fingerprint, spacing: list[float]) -> float:
-    return float(sum(np.prod(np.array(c.cropped_shape) * np.array(c.spacing) / np.array(spacing)) for c in fp.cases))
+    return sum(case_voxels(fp, spacing))
 
 
 def window_starts(size: int, patch: int, overlap: float) -> list[int]:

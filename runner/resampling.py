@@ -17,8 +17,12 @@ from planner.dataset import zyx_to_xyz
 _INTERP = {0: sitk.sitkNearestNeighbor, 1: sitk.sitkLinear, 3: sitk.sitkBSpline}
 
 
-def _resample_axes(arr: np.ndarray, old_sp, new_sp, new_shape, interp, vector: bool = False) -> np.ndarray:
-    """Resample a (z, y, x) array (or (z, y, x, k) vector) so voxel corners stay aligned.
+def _resample_axes(arr: np.ndarray, old_sp, new_sp, new_shape, interp, vector: bool = False,
+                   start=(0, 0, 0), out_start=(0, 0, 0), pixel=None) -> np.ndarray:
+    """SimpleITK's own 3D resampling of a (z, y, x) array (or (z, y, x, k) vector) on grids whose
+    voxel corners stay aligned: the reference the fast paths below are tested against, and the
+    per-class blocks of ``label_linear`` (``arr`` starting at input voxel ``start``, the output at
+    output voxel ``out_start`` of the same two grids; ``pixel``: the output type, else the input's).
 
     The two grids cover the same extent only up to rounding of the shape, so the last output voxel
     can lie past the last input voxel (37 slices at 2.7 mm back to 101 at 1 mm): such voxels take the
@@ -26,10 +30,12 @@ def _resample_axes(arr: np.ndarray, old_sp, new_sp, new_shape, interp, vector: b
     every voxel of the output comes from real data."""
     img = sitk.GetImageFromArray(arr, isVector=vector)
     img.SetSpacing(tuple(float(s) for s in zyx_to_xyz(old_sp)))
-    origin = tuple(float(-0.5 * o + 0.5 * n) for o, n in zip(zyx_to_xyz(old_sp), zyx_to_xyz(new_sp)))
+    img.SetOrigin(tuple(float(a * o) for a, o in zip(zyx_to_xyz(start), zyx_to_xyz(old_sp))))
+    origin = tuple(float(-0.5 * o + 0.5 * n + b * n)
+                   for o, n, b in zip(zyx_to_xyz(old_sp), zyx_to_xyz(new_sp), zyx_to_xyz(out_start)))
     out = sitk.Resample(img, [int(s) for s in zyx_to_xyz(new_shape)], sitk.Transform(), interp, origin,
-                        tuple(float(s) for s in zyx_to_xyz(new_sp)), img.GetDirection(), 0.0, img.GetPixelID(),
-                        True)
+                        tuple(float(s) for s in zyx_to_xyz(new_sp)), img.GetDirection(), 0.0,
+                        img.GetPixelID() if pixel is None else pixel, True)
     return sitk.GetArrayFromImage(out)
 
 
@@ -101,19 +107,6 @@ def _nearest_along(arr: np.ndarray, axis: int, old_sp: float, new_sp: float, n_o
 LABEL_MARGIN = 2   # input voxels around each class's bounding box: linear interpolation reaches 1
 
 
-def _resample_region(arr: np.ndarray, old_sp, start, new_sp, out_start, out_shape, interp, pixel) -> np.ndarray:
-    """``_resample_axes`` for a sub-block: ``arr`` starts at input voxel ``start``, the output at
-    output voxel ``out_start`` of the same two grids (same corner alignment)."""
-    img = sitk.GetImageFromArray(arr)
-    img.SetSpacing(tuple(float(s) for s in zyx_to_xyz(old_sp)))
-    img.SetOrigin(tuple(float(a * o) for a, o in zip(zyx_to_xyz(start), zyx_to_xyz(old_sp))))
-    origin = tuple(float(-0.5 * o + 0.5 * n + b * n)
-                   for o, n, b in zip(zyx_to_xyz(old_sp), zyx_to_xyz(new_sp), zyx_to_xyz(out_start)))
-    out = sitk.Resample(img, [int(s) for s in zyx_to_xyz(out_shape)], sitk.Transform(), interp, origin,
-                        tuple(float(s) for s in zyx_to_xyz(new_sp)), img.GetDirection(), 0.0, pixel, True)
-    return sitk.GetArrayFromImage(out)
-
-
 def label_linear(classes: np.ndarray, old_sp, new_sp, new_shape) -> np.ndarray:
     """Class indices resampled as one-hot linear interpolation + argmax (SimpleITK's sitkLabelLinear,
     ties to the lower class), computed per foreground class inside its bounding box only.
@@ -146,8 +139,8 @@ def label_linear(classes: np.ndarray, old_sp, new_sp, new_shape) -> np.ndarray:
     background = np.ones_like(best)
     for k, lo, hi, o_lo, o_hi in blocks:
         block = (classes[tuple(slice(a, b) for a, b in zip(lo, hi))] == k).astype(np.float32)
-        v = _resample_region(block, old_sp, lo, new_sp, o_lo, [b - a for a, b in zip(o_lo, o_hi)],
-                             sitk.sitkLinear, sitk.sitkFloat64)
+        v = _resample_axes(block, old_sp, new_sp, [b - a for a, b in zip(o_lo, o_hi)], sitk.sitkLinear,
+                           start=lo, out_start=o_lo, pixel=sitk.sitkFloat64)
         sl = tuple(slice(a - u, b - u) for a, b, u in zip(o_lo, o_hi, u_lo))
         background[sl] -= v
         win = v > best[sl]
