@@ -123,7 +123,7 @@ def distributed(batch_size: int, enabled: bool, validation_patches: int = 0):
         return
     if name() != "jax":
         raise ValueError(f"--data-parallel needs KERAS_BACKEND=jax (Keras' distribution API); on {name()} run "
-                         "one fold per GPU instead (README: Scaling out)")
+                         "one fold per GPU instead (docs/gpus-and-backends.md)")
     import keras
     devices = keras.distribution.list_devices()
     if batch_size % len(devices):

@@ -69,6 +69,12 @@ def cmd_check(a) -> int:
     return 0
 
 
+def cmd_schema(a) -> int:
+    from planner.plan_reference import markdown
+    print(markdown(), end="")
+    return 0
+
+
 def cmd_preprocess(a) -> int:
     from runner.preprocess import preprocess_dataset
     from runner.workspace import Workspace
@@ -199,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("check", help="validate a (hand-edited) plan")
     s.add_argument("plan")
     s.set_defaults(fn=cmd_check)
+    s = sub.add_parser("schema", help="print the plan reference: every key with its type, default and meaning")
+    s.add_argument("--markdown", action="store_true", help="as Markdown (docs/plan-reference.md); the only format")
+    s.set_defaults(fn=cmd_schema)
     s = sub.add_parser("preprocess", help="preprocess every case of the plan's dataset")
     s.add_argument("plan")
     s.add_argument("--workers", type=int, default=2)

@@ -81,7 +81,7 @@ def _start(ws: Workspace, k: int, resume: bool, restart: bool) -> Fold:
 
 def train_fold(ws: Workspace, k: int, resume: bool = False, restart: bool = False, workers: int = 2,
                progress: bool = True, data_parallel: bool = False) -> Fold:
-    """Train fold ``k`` of the workspace's plan; returns the fold. See the README for its files.
+    """Train fold ``k`` of the workspace's plan; returns the fold. Its files: docs/training.md.
     ``data_parallel``: every local device trains on its share of each batch (runner/backend.py)."""
     fold = _start(ws, k, resume, restart)
     plan = ws.freeze(k)  # the fold's own plan: frozen network/preprocessing/labels, live schedule
