@@ -1,11 +1,18 @@
 """Postprocessing decided on cross-validation, as nnU-Net does: keep only the largest connected
 component of all foreground together, then of each class and each label group, where the
-out-of-fold predictions say it helps.
+out-of-fold predictions say it helps -- and, unlike nnU-Net, only where the references say the
+structure is one piece.
 
-A rule is kept only if it raises the mean Dice (over the folds' validation cases) of the classes it
-touches and lowers no other class's. The decision, with its before/after figures per class, goes
-to WORK/postprocessing.yaml (readable and editable; checked on every read); `segplan predict`
-applies it. Connected components by scipy.ndimage (26-connectivity in 3D).
+nnU-Net judges a rule on the predictions alone, so predictions that join the two lungs by a thin
+bridge and carry stray pieces make "largest component of all foreground" look good, and applied
+to a good prediction it deletes a whole lung. Here a rule is a candidate only if the references of
+the evaluated cases show its structure as one piece (no ``split_pieces`` in at least
+``ONE_PIECE_SHARE`` of the cases where it is present); it is kept only if it raises the mean Dice
+(over the folds' validation cases) of the classes it touches, lowers no other class's, and,
+applied to the references themselves (a perfect prediction), lowers no class's mean Dice by more
+than ``MAX_REFERENCE_LOSS``. The decision, with its before/after figures per class and why each
+candidate was dropped, goes to WORK/postprocessing.yaml (readable and editable; checked on every
+read); `segplan predict` applies it. Connected components by scipy.ndimage (26-connectivity in 3D).
 """
 from __future__ import annotations
 
@@ -23,6 +30,20 @@ from runner.workspace import Workspace
 
 MIN_GAIN = 1e-4   # a rule must raise the mean Dice of what it touches by more than this
 STRUCTURE = np.ones((3, 3, 3), bool)
+# A structure is one piece in a case when its second-largest connected component is smaller than
+# this fraction of its largest: annotation specks and a cut-off tip are far below a tenth of an
+# organ, while the second of two lungs or kidneys, or another lesion, is not (the left lung is about
+# 0.85 of the right).
+ONE_PIECE_FRACTION = 0.1
+# A rule is a candidate when its structure is one piece in at least this share of the references
+# where it is present: a structure split in more than one case in ten is anatomy in two pieces (two
+# lungs, several lesions), not an annotation oddity; what the few split cases would lose is weighed
+# by MAX_REFERENCE_LOSS.
+ONE_PIECE_SHARE = 0.9
+# The kept rules together, applied to the references (a perfect prediction), may lower a class's
+# mean Dice by at most this: enough to clear specks of a few voxels in the annotations, far too
+# little to delete a structure in any case.
+MAX_REFERENCE_LOSS = 1e-4
 
 
 @dataclass(frozen=True)
@@ -36,19 +57,52 @@ class Postprocessing:
     folds: list[int] = doc("the folds whose validation predictions decided it")
     rules: list[Rule] = doc("applied in this order to every prediction")
     tried: dict[str, dict[str, list[float]]] = doc("per candidate rule, per class: mean Dice [before, after] on the out-of-fold predictions")
+    dropped: dict[str, str] = doc("per candidate rule not kept, why (files written before this field load with none)",
+                                  default_factory=dict)
+
+
+def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Connected components of ``mask`` (26-connected in 3D) and their sizes (index 0 = background, 0)."""
+    comp, _ = ndimage.label(mask, STRUCTURE)
+    sizes = np.bincount(comp.ravel())
+    sizes[0] = 0
+    return comp, sizes
 
 
 def keep_largest(labels: np.ndarray, values: list[int]) -> np.ndarray:
     """Set to background every voxel of ``values`` outside the largest connected component of their union."""
     mask = np.isin(labels, values)
-    comp, n = ndimage.label(mask, STRUCTURE)
-    if n <= 1:
+    comp, sizes = _components(mask)
+    if len(sizes) <= 2:
         return labels
-    sizes = np.bincount(comp.ravel())
-    sizes[0] = 0
     out = labels.copy()
     out[mask & (comp != int(np.argmax(sizes)))] = 0
     return out
+
+
+def split_pieces(labels: np.ndarray, values: list[int]) -> tuple[int, int] | None:
+    """None where the union of ``values`` is absent or one piece (its second-largest component below
+    ONE_PIECE_FRACTION of the largest); else the label values that fill most of its two largest pieces."""
+    comp, sizes = _components(np.isin(labels, values))
+    order = np.argsort(sizes)[::-1]
+    if len(sizes) <= 2 or sizes[order[1]] < ONE_PIECE_FRACTION * sizes[order[0]]:
+        return None
+    main = [int(np.bincount(labels[comp == c].ravel()).argmax()) for c in order[:2]]
+    return main[0], main[1]
+
+
+def anatomy(references: list[np.ndarray], rule: Rule, names: dict[int, str]) -> str | None:
+    """Why ``rule`` is no candidate (the references show its structure in pieces), or None."""
+    present = [r for r in references if np.isin(r, rule.labels).any()]
+    if not present:
+        return "absent from every reference"
+    splits = [tuple(sorted(s)) for s in (split_pieces(r, rule.labels) for r in present) if s is not None]
+    if len(present) - len(splits) >= ONE_PIECE_SHARE * len(present):
+        return None
+    pair = max(set(splits), key=splits.count)
+    return (f"references show 2 or more pieces in {len(splits)}/{len(present)} cases (second-largest piece at "
+            f"least {ONE_PIECE_FRACTION:g} of the largest; most often {names[pair[0]]} and {names[pair[1]]}): "
+            f"one piece is needed in {ONE_PIECE_SHARE:.0%} of them")
 
 
 def apply(labels: np.ndarray, post: Postprocessing) -> np.ndarray:
@@ -57,11 +111,12 @@ def apply(labels: np.ndarray, post: Postprocessing) -> np.ndarray:
     return labels
 
 
-def _candidates(ws: Workspace) -> list[Rule]:
-    labels = {n: v for n, v in ws.plan.dataset.labels.items() if v != 0}
+def candidates(labels: dict[str, int], groups: dict[str, list[str]]) -> list[Rule]:
+    """All foreground (when there are several classes), then each class, then each label group."""
+    labels = {n: v for n, v in labels.items() if v != 0}
     rules = [Rule("foreground", sorted(labels.values()))] if len(labels) > 1 else []
     rules += [Rule(n, [v]) for n, v in labels.items()]
-    rules += [Rule(g, sorted(labels[m] for m in members)) for g, members in ws.plan.dataset.label_groups.items()]
+    rules += [Rule(g, sorted(labels[m] for m in members)) for g, members in groups.items()]
     return rules
 
 
@@ -79,31 +134,55 @@ def out_of_fold(ws: Workspace):
                 yield fold.index, cid, preds.get(cid), ref
 
 
-def decide(ws: Workspace) -> Postprocessing:
-    """Try each candidate rule on the out-of-fold predictions, keep those that help, in order."""
-    cases, folds = [], []
-    for k, _, pred, ref in out_of_fold(ws):
-        folds += [] if k in folds else [k]
-        if pred is not None:
-            cases.append((read_label(pred)[0], read_label(ref)[0]))
-    if not cases:
-        raise FileNotFoundError(f"no out-of-fold predictions in {ws.root}: run the folds first")
-    labels = ws.plan.dataset.labels
+def choose(cases: list[tuple[np.ndarray | None, np.ndarray]], labels: dict[str, int],
+           groups: dict[str, list[str]], folds: list[int]) -> Postprocessing:
+    """Try each candidate rule in order on the (prediction or None, reference) pairs; keep those that
+    the references show as one piece, that help the predictions and that spare the references."""
+    predicted = [(p, r) for p, r in cases if p is not None]
+    references = [r for _, r in cases]
     value_of = {n: v for n, v in labels.items() if v != 0}
-    kept, tried = [], {}
-    current = cases
+    names = {v: n for n, v in labels.items()}
+    kept, tried, dropped = [], {}, {}
+    current, refs_now = predicted, references
     before = _mean_dice(current, labels)
-    for rule in _candidates(ws):
+    for rule in candidates(labels, groups):
+        name = rule.keep_largest
         trial = [(keep_largest(p, rule.labels), r) for p, r in current]
         after = _mean_dice(trial, labels)
         touched = [n for n, v in value_of.items() if v in rule.labels]
         gain = np.mean([after[n] for n in touched]) - np.mean([before[n] for n in touched])
         harms = [n for n in value_of if after[n] < before[n] - 1e-9]
-        tried[rule.keep_largest] = {n: [round(before[n], 5), round(after[n], 5)] for n in value_of}
-        if gain > MIN_GAIN and not harms:
+        tried[name] = {n: [round(before[n], 5), round(after[n], 5)] for n in value_of}
+        why = anatomy(references, rule, names)
+        if why is None and harms:
+            why = "lowers " + ", ".join(f"{n} {before[n]:.5f} -> {after[n]:.5f}" for n in harms) + " on the predictions"
+        elif why is None and gain <= MIN_GAIN:
+            why = (f"raises the mean Dice of what it touches by {gain:.5f} on the predictions "
+                   f"(needs more than {MIN_GAIN:g})")
+        if why is None:   # the kept rules and this one, applied to a perfect prediction
+            refs_trial = [keep_largest(r, rule.labels) for r in refs_now]
+            on_refs = _mean_dice(list(zip(refs_trial, references)), labels)
+            lost = {n: d for n, d in on_refs.items() if d < 1.0 - MAX_REFERENCE_LOSS}
+            if lost:
+                why = ("applied to the references it lowers " + ", ".join(f"{n} 1 -> {d:.5f}" for n, d in lost.items())
+                       + f" (more than {MAX_REFERENCE_LOSS:g}): it deletes true structure")
+        if why is None:
             kept.append(rule)
-            current, before = trial, after
-    return Postprocessing(folds, kept, tried)
+            current, before, refs_now = trial, after, refs_trial
+        else:
+            dropped[name] = why
+    return Postprocessing(folds, kept, tried, dropped)
+
+
+def decide(ws: Workspace) -> Postprocessing:
+    """Read the folds' out-of-fold predictions and references, then ``choose``."""
+    cases, folds = [], []
+    for k, _, pred, ref in out_of_fold(ws):
+        folds += [] if k in folds else [k]
+        cases.append((read_label(pred)[0] if pred is not None else None, read_label(ref)[0]))
+    if not any(p is not None for p, _ in cases):
+        raise FileNotFoundError(f"no out-of-fold predictions in {ws.root}: run the folds first")
+    return choose(cases, ws.plan.dataset.labels, ws.plan.dataset.label_groups, folds)
 
 
 def postprocessed_rows(ws: Workspace, post: Postprocessing) -> dict[int, list[dict]]:
@@ -149,7 +228,8 @@ def postprocess_cv(ws: Workspace) -> tuple[Postprocessing, str]:
     post = decide(ws)
     save(post, ws.postprocessing)
     return post, (f"postprocessing decided on folds {post.folds}: keep {_kept(post)} -> {ws.postprocessing}"
-                  + ("" if post.rules else " (no rule raised the Dice without lowering another)"))
+                  + ("" if post.rules else " (no rule raised the Dice without lowering another or splitting"
+                                           " what the references show as one piece; see `dropped` in the file)"))
 
 
 def current(ws: Workspace, finished: list[int]) -> tuple[Postprocessing, str]:
