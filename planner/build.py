@@ -127,7 +127,9 @@ def _conventions(fp: Fingerprint, reasons: dict) -> dict[str, str]:
         out[c.case_id] = conv
     if out:
         reasons["intensity.conventions"] = ("detected per case by evidence: 'hu' (air below -500), 'windowed' (whole "
-                                            "numbers 0..255, air near 0, window top reached), 'shifted_hu' (HU + 1024)")
+                                            "numbers 0..255, air near 0, window top reached), 'shifted_hu' (HU + 1024); "
+                                            "for these training cases only: an image given to predict is judged by "
+                                            "its own values, whatever its name")
     return out
 
 
