@@ -70,10 +70,13 @@ def make_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, gpu_m
     fit = H.fit_patch_and_batch(median, spacing, gpu_memory_gb, n_in, n_cls, H.dataset_voxels(fp, spacing),
                                 reasons, first=first, cap=cap, convs_per_stage=CONVS_PER_STAGE)
     norms = []
+    _channel_sources(fp, reasons)
     for i, st in enumerate(fp.channels):
         if st.is_ct:
             norms.append(ChannelNormalization(**H.ct_normalization(st, reasons, i)))
         else:
+            reasons[f"intensity.normalization.{i}.scheme"] = ("not a CT channel: z-score per case over the non-zero "
+                                                              "region (nnU-Net's default for MRI)")
             norms.append(ChannelNormalization(st.name, "zscore", None, "case", 0.0, 1.0))
     groups = _label_groups(fp.labels)
     reasons["training.schedule.monitor"] = ("nothing is chosen on the validation cases: they are the cross-validation's "
@@ -112,6 +115,14 @@ def _folds(fp: Fingerprint, reasons: dict) -> int:
     return min(DEFAULT_FOLDS, n)
 
 
+def _channel_sources(fp: Fingerprint, reasons: dict) -> None:
+    """The plan says of each channel whether it was taken for CT and from what (its declared name, or
+    what segplan saw in the files of a plain layout)."""
+    said = [f"{st.name}: {st.source}" for st in fp.channels if st.source]
+    if said:
+        reasons["dataset.channels"] = "; ".join(said)
+
+
 def _conventions(fp: Fingerprint, reasons: dict) -> dict[str, str]:
     """Per CT case its detected unit; an 'unknown' case is assumed HU, and the plan says so beside it."""
     out = {}
@@ -127,7 +138,9 @@ def _conventions(fp: Fingerprint, reasons: dict) -> dict[str, str]:
         out[c.case_id] = conv
     if out:
         reasons["intensity.conventions"] = ("detected per case by evidence: 'hu' (air below -500), 'windowed' (whole "
-                                            "numbers 0..255, air near 0, window top reached), 'shifted_hu' (HU + 1024)")
+                                            "numbers 0..255, air near 0, window top reached), 'shifted_hu' (HU + 1024); "
+                                            "for these training cases only: an image given to predict is judged by "
+                                            "its own values, whatever its name")
     return out
 
 
@@ -153,6 +166,7 @@ def _miscnn(fp, name, dataset_rel, work_rel, gpu_memory_gb, budget_source, split
                "training.sampling.foreground_oversampling": "the paper: plain random crops"}
     filters, pools, kernels = [32, 64, 128, 256, 512], [[2, 2, 2]] * 4, [[3, 3, 3]] * 5
     n_in, n_cls = len(fp.channel_names), len(fp.labels)
+    _channel_sources(fp, reasons)
     est = estimate_training_gb([80, 160, 160], 2, filters, kernels, pools, CONVS_PER_STAGE, n_in, n_cls)
     norms = [ChannelNormalization(n, "ct", [-1250.0, 250.0], "case", 0.0, 1.0) for n in fp.channel_names]
     plan = Plan(

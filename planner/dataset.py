@@ -5,7 +5,8 @@ Two layouts are understood:
 * the nnU-Net v2 raw layout: ``dataset.json`` + ``imagesTr/<case>_<XXXX><ending>`` (one file per
   channel) + ``labelsTr/<case><ending>`` (+ optional ``imagesTs/``);
 * a plain layout: ``images/<case><ending>`` + ``labels/<case><ending>``, no dataset.json. Channel
-  count and label values are then inferred and written to ``dataset.yaml``, which the user may edit.
+  count, modality (CT or not) and label values are then inferred and written to ``dataset.yaml``,
+  which the user may edit; what the modality was inferred from is kept there for the plan's notes.
 
 Axis convention: arrays are (c, z, y, x) images and (z, y, x) label maps; spacing and shape are
 given in (z, y, x). SimpleITK's (x, y, z) order is converted here and nowhere else. Origin and
@@ -28,6 +29,7 @@ from planner.fileio import ENDINGS, atomic, split_ending, write_text
 
 CT_NAMES = ("ct", "computed tomography")
 PLAIN_CT_SAMPLE = 5    # images looked at to decide whether a plain-layout channel is CT
+INFERRED_KEY = "inferred_channels"   # dataset.yaml: what segplan saw when it named each channel
 
 
 class DatasetError(ValueError):
@@ -72,6 +74,7 @@ class Dataset:
     file_ending: str
     cases: list[Case]
     test_cases: list[Case] = field(default_factory=list)
+    channel_evidence: dict[int, str] = field(default_factory=dict)  # channels segplan named (plain layout): from what
 
     @property
     def num_channels(self) -> int:
@@ -79,6 +82,14 @@ class Dataset:
 
     def is_ct(self, channel: int) -> bool:
         return self.channel_names[channel].strip().lower() in CT_NAMES
+
+    def channel_source(self, channel: int) -> str:
+        """Whether ``channel`` is read as CT and from what, in words (the plan says it beside the channels)."""
+        kind = "CT" if self.is_ct(channel) else "not CT (z-score per case)"
+        if channel in self.channel_evidence:
+            return f"{kind}, inferred from the files: {self.channel_evidence[channel]}"
+        meta = "dataset.json" if self.layout == "nnunet" else "dataset.yaml"
+        return f"{kind}: named '{self.channel_names[channel]}' in {meta}"
 
 
 def load_dataset(root: str | Path, infer_plain: bool = True) -> Dataset:
@@ -162,42 +173,62 @@ def _load_plain(root: Path, infer: bool) -> Dataset:
         labels = {str(k): int(v) for k, v in meta.get("labels", {}).items()}
         if not channels or "background" not in labels:
             raise DatasetError(f"{meta_path}: needs 'channel_names' and 'labels' with a 'background'")
-        return Dataset(root, "plain", channels, labels, ending, cases)
-    channels, labels = _infer_plain_meta(cases)
-    ds = Dataset(root, "plain", channels, labels, ending, cases)
+        return Dataset(root, "plain", channels, labels, ending, cases, [], _still_inferred(meta, channels))
+    channels, labels, evidence = _infer_plain_meta(cases)
+    ds = Dataset(root, "plain", channels, labels, ending, cases, [], evidence)
     if infer:
         _write_plain_meta(ds, meta_path)
     return ds
 
 
-def _infer_plain_meta(cases: list[Case]) -> tuple[dict[int, str], dict[str, int]]:
-    """Channel count from the first image, label values from every label map. The channel is CT
-    when most images show a CT signature (HU air, the 0..255 windowed look or unsigned HU; see
-    planner.intensity), looked at in up to PLAIN_CT_SAMPLE images spread over the cases: one odd
-    first image must not decide for the dataset."""
-    from planner.intensity import detect_convention
+def _still_inferred(meta: dict, channels: dict[int, str]) -> dict[int, str]:
+    """The evidence segplan wrote in dataset.yaml for each channel whose name nobody has changed
+    since (a renamed channel is declared by a person)."""
+    inferred = meta.get(INFERRED_KEY)
+    if not isinstance(inferred, dict):
+        return {}
+    out = {}
+    for k, v in inferred.items():
+        if isinstance(v, dict) and str(k).isdigit() and channels.get(int(k)) == v.get("name") and v.get("evidence"):
+            out[int(k)] = str(v["evidence"])
+    return out
+
+
+def _infer_plain_meta(cases: list[Case]) -> tuple[dict[int, str], dict[str, int], dict[int, str]]:
+    """Channel count from the first image, label values from every label map, and for each channel
+    the evidence of its modality. The channel is CT when most images show Hounsfield air
+    (planner.intensity.infer_ct: the windowed or HU + 1024 look alone is also MRI's), looked at in
+    up to PLAIN_CT_SAMPLE images spread over the cases: one odd first image must not decide."""
+    from planner.intensity import detect_convention, infer_ct
     first = sitk.ReadImage(str(cases[0].image_files[0]))
     n_comp = first.GetNumberOfComponentsPerPixel()
-    looks_ct = False
     if n_comp == 1:
         picks = sorted({round(i * (len(cases) - 1) / max(PLAIN_CT_SAMPLE - 1, 1)) for i in range(PLAIN_CT_SAMPLE)})
-        votes = [detect_convention(sitk.GetArrayFromImage(sitk.ReadImage(str(cases[i].image_files[0]))), True)
-                 not in ("unknown", "other") for i in picks if Path(cases[i].image_files[0]).exists()]
-        looks_ct = bool(votes) and sum(votes) * 2 > len(votes)
+        looks = [detect_convention(sitk.GetArrayFromImage(sitk.ReadImage(str(cases[i].image_files[0]))), True)
+                 for i in picks if Path(cases[i].image_files[0]).exists()]
+        looks_ct, why = infer_ct(looks)
+    else:
+        looks_ct, why = False, f"{n_comp} components per voxel (a CT has one)"
     channels = {c: ("CT" if looks_ct else f"channel{c}") for c in range(n_comp)}
+    evidence = {c: why for c in range(n_comp)}
     values: set[int] = set()
     for case in cases:
         if case.label_file is not None and case.label_file.exists():
             values |= {int(v) for v in np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(case.label_file))))}
     values.add(0)
     labels = {"background": 0} | {f"label_{v}": v for v in sorted(values) if v != 0}
-    return channels, labels
+    return channels, labels, evidence
 
 
 def _write_plain_meta(ds: Dataset, path: Path) -> None:
     text = ("# Inferred by segplan from the files: edit the names freely; values must match the label maps.\n"
+            "# A channel named CT is read as CT (each case's unit detected: HU, 0..255 windowed, HU + 1024);\n"
+            "# any other name is normalised per case (z-score over the non-zero region, as MRI).\n"
             + yaml.safe_dump({"channel_names": {int(k): v for k, v in ds.channel_names.items()},
-                              "labels": ds.labels}, sort_keys=False))
+                              "labels": ds.labels}, sort_keys=False)
+            + "# what segplan saw when it named the channels (a renamed channel counts as declared by you)\n"
+            + yaml.safe_dump({INFERRED_KEY: {int(c): {"name": ds.channel_names[c], "evidence": e}
+                                             for c, e in ds.channel_evidence.items()}}, sort_keys=False, width=1000))
     if not os.stat(path.parent).st_mode & stat.S_IWUSR:
         return  # a read-only dataset folder (even for root): the inferred values are used in memory only
     try:

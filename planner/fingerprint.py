@@ -7,6 +7,7 @@ with the window before any statistic is taken, so the two conventions never get 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from planner.intensity import DEFAULT_WINDOW, detect_convention, nonzero_box, to
 from planner.parallel import parallel_map
 from planner.schema import Reader, SchemaError, doc, dump_yaml
 
-FINGERPRINT_VERSION = 2    # 2: conventions by evidence (hu, windowed, shifted_hu, unknown)
+FINGERPRINT_VERSION = 3    # 2: conventions by evidence (hu, windowed, shifted_hu, unknown); 3: channel sources
 SAMPLES_PER_CASE = 10_000
 
 
@@ -47,6 +48,8 @@ class ChannelStats:
     p50: float = doc("median")
     p99_5: float = doc("99.5th percentile")
     samples: int = doc("foreground voxels sampled")
+    source: str = doc("CT or not, and from what: the name in dataset.json / dataset.yaml, or segplan's inference "
+                      "from the files", default="")
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,10 @@ def _case_stats(args):
 
 
 def source_key(ds: Dataset) -> str:
+    """A hash of the case files' names, sizes and times and of the channels and labels: renaming a
+    channel CT in dataset.yaml (or back) must re-read the cases in its unit."""
     h = hashlib.sha1()
+    h.update(json.dumps([ds.channel_names, ds.labels, ds.channel_evidence], sort_keys=True).encode())
     for c in ds.cases:
         for p in (*c.image_files, c.label_file):
             st = os.stat(p)
@@ -118,7 +124,7 @@ def compute_fingerprint(ds: Dataset, workers: int = 1, seed: int = 0, window=DEF
         p = np.percentile(vals, [0.5, 50, 99.5])
         channels.append(ChannelStats(ds.channel_names[c], ct_flags[c], float(vals.mean()), float(vals.std()),
                                      float(vals.min()), float(vals.max()), float(p[0]), float(p[1]), float(p[2]),
-                                     int(vals.size)))
+                                     int(vals.size), ds.channel_source(c)))
     counts = np.array([cf.class_voxels for cf in cases], dtype=np.int64)
     total = max(int(counts.sum()), 1)
     return Fingerprint(FINGERPRINT_VERSION, source_key(ds), [ds.channel_names[c] for c in range(ds.num_channels)],

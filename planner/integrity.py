@@ -15,6 +15,8 @@ from planner.intensity import explain_convention
 SPACING_TOL = 1e-3   # relative
 ORIGIN_TOL = 1e-2    # mm
 DIRECTION_TOL = 1e-3
+CT_LOOKS = {"hu": "Hounsfield air", "windowed": "the 0..255 windowed look", "shifted_hu": "the HU + 1024 look"}
+MAX_NAMED = 20       # cases named in one dataset-level warning; the rest are counted
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,12 @@ def nifti_nonfinite(path: Path) -> int:
         return bad
 
 
-def _check_case(case: Case, allowed: set[int], ct_flags: list[bool] | None = None) -> list[Problem]:
+def _check_case(case: Case, allowed: set[int], ct_flags: list[bool] | None = None,
+                sniff: list[bool] | None = None) -> tuple[list[Problem], dict[int, str]]:
+    """The problems of one case, and the CT convention each channel flagged in ``sniff`` would show
+    (channels segplan took for not CT: check_dataset names those that look like CT all the same)."""
     probs: list[Problem] = []
+    looks: dict[int, str] = {}
 
     def add(sev: str, path, msg: str) -> None:
         probs.append(Problem(sev, case.case_id, str(path), msg))
@@ -115,30 +121,32 @@ def _check_case(case: Case, allowed: set[int], ct_flags: list[bool] | None = Non
             if conv == "unknown":
                 add("warning", path, f"CT values show no known unit: {why}; the plan will assume HU: set "
                                      f"intensity.conventions.{case.case_id} to hu, windowed or shifted_hu")
+        if sniff and channel < len(sniff) and sniff[channel] and arr.ndim == 3:
+            looks[channel] = explain_convention(arr, True)[0]
         geoms.append((path, g))
     for path, g in geoms[1:]:
         for diff in compare_geometry(geoms[0][1], g):
             add("error", path, f"channel geometry differs from {Path(geoms[0][0]).name}: {diff}")
     if case.label_file is None:
-        return probs
+        return probs, looks
     if not Path(case.label_file).exists():
         add("error", case.label_file, "label file missing")
-        return probs
+        return probs, looks
     broken = gzip_intact(case.label_file)
     if broken:
         add("error", case.label_file, f"unreadable: {broken}")
-        return probs
+        return probs, looks
     try:
         lbl, lg = read_volume(case.label_file)
     except DatasetError as e:
         add("error", case.label_file, str(e).split(": ", 1)[-1])
-        return probs
+        return probs, looks
     if lbl.ndim != 3:
         add("error", case.label_file, "label map has more than one component")
-        return probs
+        return probs, looks
     if np.issubdtype(lbl.dtype, np.floating) and not np.all(np.isfinite(lbl)):
         add("error", case.label_file, "NaN/Inf in label map")
-        return probs
+        return probs, looks
     values = {int(v) for v in np.unique(lbl)}
     extra = sorted(values - allowed)
     if extra:
@@ -149,7 +157,7 @@ def _check_case(case: Case, allowed: set[int], ct_flags: list[bool] | None = Non
     if geoms:
         for diff in compare_geometry(geoms[0][1], lg):
             add("error", case.label_file, f"image/label mismatch: {diff}")
-    return probs
+    return probs, looks
 
 
 def check_dataset(root: str | Path, workers: int = 1, progress: bool = True) -> tuple[Dataset | None, list[Problem]]:
@@ -165,21 +173,44 @@ def check_dataset(root: str | Path, workers: int = 1, progress: bool = True) -> 
     allowed = set(ds.labels.values())
     from planner.parallel import parallel_map
     ct_flags = [ds.is_ct(c) for c in range(ds.num_channels)]
-    results = parallel_map(_check_one, [(c, allowed, ct_flags) for c in ds.cases], workers,
+    # channels segplan took for not CT (plain layout, name not changed by a person): do any cases look like CT?
+    sniff = [ds.layout == "plain" and not ct_flags[c] and c in ds.channel_evidence for c in range(ds.num_channels)]
+    results = parallel_map(_check_one, [(c, allowed, ct_flags, sniff) for c in ds.cases], workers,
                            desc="check-dataset", progress=progress)
-    for r in results:
+    for r, _ in results:
         problems.extend(r)
+    problems.extend(ct_looks_not_taken(ds, [(c.case_id, looks) for c, (_, looks) in zip(ds.cases, results)]))
     if not ds.cases:
         problems.append(Problem("error", "-", str(ds.root), "no cases found"))
     return ds, problems
 
 
-def _check_one(args) -> list[Problem]:
-    case, allowed, ct_flags = args
+def ct_looks_not_taken(ds: Dataset, looks: list[tuple[str, dict[int, str]]]) -> list[Problem]:
+    """One warning per channel that segplan took for not CT although some cases look like CT: it
+    names them and says how to declare the channel CT (or name it, to say it is not)."""
+    out = []
+    meta = Path(ds.root) / "dataset.yaml"
+    for c in range(ds.num_channels):
+        seen = [(cid, lk[c]) for cid, lk in looks if lk.get(c) in CT_LOOKS]
+        if not seen:
+            continue
+        named = ", ".join(f"{cid} ({CT_LOOKS[look]})" for cid, look in seen[:MAX_NAMED])
+        more = f" and {len(seen) - MAX_NAMED} more" if len(seen) > MAX_NAMED else ""
+        out.append(Problem("warning", "-", str(meta), (
+            f"channel {c} ('{ds.channel_names[c]}') is taken for NOT CT and normalised per case (z-score, as MRI): "
+            f"{ds.channel_evidence.get(c, 'its name')}. Yet {len(seen)} of {len(looks)} cases look like CT: "
+            f"{named}{more}. If it is CT, declare it in {meta} (channel_names: {{{c}: CT}}) and plan again: each "
+            "case's unit is then detected (HU, 0..255 windowed, HU + 1024) and mapped to HU. If it is not CT, name "
+            "it there (e.g. MRI) to say so")))
+    return out
+
+
+def _check_one(args) -> tuple[list[Problem], dict[int, str]]:
+    case, allowed, ct_flags, sniff = args
     try:
-        return _check_case(case, allowed, ct_flags)
+        return _check_case(case, allowed, ct_flags, sniff)
     except Exception as e:  # any unforeseen failure is reported against the case, never a traceback
-        return [Problem("error", case.case_id, str(case.image_files[0]), f"could not be checked: {e!r}")]
+        return [Problem("error", case.case_id, str(case.image_files[0]), f"could not be checked: {e!r}")], {}
 
 
 def problems_to_json(problems: list[Problem]) -> list[dict]:

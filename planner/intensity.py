@@ -63,6 +63,26 @@ def explain_convention(arr: np.ndarray, is_ct: bool) -> tuple[str, str]:
     return "unknown", f"{why} ({seen})"
 
 
+def infer_ct(looks: list[str]) -> tuple[bool, str]:
+    """Whether a channel whose name nobody declared (the plain layout) is CT, and from what, given
+    the convention each sampled image of it shows (``detect_convention(arr, True)``).
+
+    CT only when most images show Hounsfield evidence (air below -500). The windowed and shifted
+    looks are not enough: an int16 MRI (background exactly 0, tissue up to ~1800) has the
+    HU + 1024 look, and an 8-bit one the 0..255 look. A channel taken for non-CT that is CT is
+    declared so in dataset.yaml; its cases' units are then detected one by one as for any CT."""
+    hu = looks.count("hu")
+    seen = (f"{hu} of {len(looks)} sampled images show Hounsfield air "
+            f"({LOW_PERCENTILE:g}th percentile below {HU_AIR_BELOW:g})")
+    if looks and hu * 2 > len(looks):
+        return True, seen
+    other = sum(look in ("windowed", "shifted_hu") for look in looks)
+    if other:
+        seen += (f"; {other} look windowed (0..255) or unsigned (HU + {SHIFT:g}), which MRI stored as integers "
+                 "also does: not enough for CT")
+    return False, seen
+
+
 def to_hu(arr: np.ndarray, convention: str, window=DEFAULT_WINDOW) -> np.ndarray:
     """Bring a CT channel into HU: windowed v in 0..255 -> lo + v / 255 * (hi - lo); shifted v -> v - 1024;
     'hu' and 'unknown' (assumed HU, as the plan says) unchanged."""

@@ -40,7 +40,7 @@ class ChannelNormalization:
 @dataclass(frozen=True)
 class IntensitySection:
     windowed_range: list[float] = doc("the HU window that 0..255 ('windowed') CT cases were scaled from; they are mapped back to HU with it")
-    conventions: dict[str, str] = doc("per CT case: 'hu', 'windowed' (0..255 from windowed_range) or 'shifted_hu' (HU + 1024), as detected; edit to override")
+    conventions: dict[str, str] = doc("per CT training case: 'hu', 'windowed' (0..255 from windowed_range) or 'shifted_hu' (HU + 1024), as detected; edit to override. Used for these training cases only (not written into bundles): new images are judged by their own values")
     normalization: list[ChannelNormalization] = doc("one entry per channel")
 
 

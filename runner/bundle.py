@@ -47,7 +47,9 @@ def export(plan_path: Path, out: Path, folds: list[int] | None = None) -> Path:
         for k in folds:
             plan = ws.fold_plan(k)  # the frozen network/preprocessing with the live inference settings
             files[f"folds/{k}/plan.yaml"] = Path(staging) / f"plan_{k}.yaml"
-            save_plan(plan.replace(dataset=dataclasses.replace(plan.dataset, path=".", work_dir=".", splits_file=None)),
+            # no training case ids: the units of the training cases mean nothing to new images
+            save_plan(plan.replace(dataset=dataclasses.replace(plan.dataset, path=".", work_dir=".", splits_file=None),
+                                   intensity=dataclasses.replace(plan.intensity, conventions={})),
                       files[f"folds/{k}/plan.yaml"])
             files[f"folds/{k}/model.weights.h5"] = fold_weights(plan, ws.fold(k))
         for name, path in (("postprocessing.yaml", ws.postprocessing), ("cv_summary.yaml", ws.cv_summary_yaml)):

@@ -20,7 +20,7 @@ def predict_validation(ws: Workspace, k: int, progress: bool = True) -> str:
     cases = [c for c in ws.dataset.cases if c.case_id in val_ids]
     plan, models = load_fold_models(ws, [k])
     predict_cases([Case(c.case_id, c.image_files, None) for c in cases], plan, models, fold.validation, True, False,
-                  progress)
+                  progress, training_cases=True)  # read in the units the plan gives them, as in training
     fold.validation_reference.mkdir(exist_ok=True)
     for c in cases:  # links to the references, so `segplan evaluate` can be re-run on the folder
         link = fold.validation_reference / f"{c.case_id}.nii.gz"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -88,17 +89,31 @@ def load_fold_models(ws: Workspace, folds: list[int]) -> tuple[Plan, list]:
     return build_models(plans, [fold_weights(p, ws.fold(k)) for p, k in zip(plans, folds)], folds)
 
 
-def predict_case(case: Case, plan: Plan, predict, progress: bool = False,
-                 probabilities: bool = False) -> tuple[np.ndarray, Geometry, np.ndarray | None, dict]:
+def warn_unknown_units(case: Case, props: dict) -> None:
+    """Name each CT input whose values show no known unit: it is read as HU, which may be wrong
+    (say, windowed 0..255 stored as 0..1 floats), and nobody would know from the output alone."""
+    for c, (conv, why) in enumerate(zip(props["conventions"], props["convention_evidence"])):
+        if conv == "unknown":
+            path = case.image_files[c] if c < len(case.image_files) else case.image_files[0]
+            print(f"segplan: warning: {path}: CT values show no known unit ({why}); read as HU. If it is stored "
+                  "otherwise (0..255 windowed, HU + 1024, scaled), convert it to HU and predict again",
+                  file=sys.stderr, flush=True)
+
+
+def predict_case(case: Case, plan: Plan, predict, progress: bool = False, probabilities: bool = False,
+                 training_case: bool = False) -> tuple[np.ndarray, Geometry, np.ndarray | None, dict]:
     """Label map (original label values) with the input's geometry, the probabilities on the
-    original grid if asked for (else None), and the time of each step."""
+    original grid if asked for (else None), and the time of each step. ``training_case``: the case
+    is one of the plan's training cases (a fold's validation case), read in the plan's unit for it;
+    otherwise the image's own values decide its unit, whatever its name."""
     t = {}
     t0 = time.perf_counter()
     image, geom = read_image(case)
     if image.shape[0] != len(plan.dataset.channels):
         raise DatasetError(f"{case.image_files[0]}: {image.shape[0]} channels, the plan needs {len(plan.dataset.channels)}")
-    data, _, props = preprocess_image(image, geom, plan, case.case_id)
+    data, _, props = preprocess_image(image, geom, plan, case.case_id, training_case=training_case)
     del image
+    warn_unknown_units(case, props)
     t["preprocess_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     bar = tqdm(total=None, desc=f"{case.case_id}", disable=not progress, leave=False, unit="window")
@@ -123,16 +138,19 @@ def predict_case(case: Case, plan: Plan, predict, progress: bool = False,
 
 
 def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tta: bool = True,
-                  save_probabilities: bool = False, progress: bool = True, post=None) -> list[dict]:
+                  save_probabilities: bool = False, progress: bool = True, post=None,
+                  training_cases: bool = False) -> list[dict]:
     """Segment ``cases`` into ``out_dir`` with the averaged models (then ``post``, a Postprocessing,
-    if given); returns per-case timings."""
+    if given); returns per-case timings. ``training_cases``: they are the plan's own training cases
+    (validation), read in the units its table gives them; new images never are."""
     predict = keras_predictor(models)
     if tta and plan.inference.mirroring:
         predict = mirrored(predict, plan.training.augmentation.mirror_axes)
     out_dir.mkdir(parents=True, exist_ok=True)
     timings = []
     for case in tqdm(cases, desc="predict", disable=not progress, unit="case"):
-        labels, geom, probs, t = predict_case(case, plan, predict, progress, probabilities=save_probabilities)
+        labels, geom, probs, t = predict_case(case, plan, predict, progress, probabilities=save_probabilities,
+                                              training_case=training_cases)
         t0 = time.perf_counter()
         if post is not None:
             labels = postprocess.apply(labels, post)

@@ -14,7 +14,7 @@ import numpy as np
 
 from planner.dataset import Geometry, read_image, read_label
 from planner.fileio import save_npy, save_npz, sweep_temporaries, write_json
-from planner.intensity import detect_convention, nonzero_box, to_hu
+from planner.intensity import explain_convention, nonzero_box, to_hu
 from planner.parallel import parallel_map
 from planner.plan import Plan
 from runner.locks import exclusive
@@ -41,20 +41,36 @@ def normalize(image: np.ndarray, plan: Plan) -> np.ndarray:
     return image
 
 
-def to_common_unit(image: np.ndarray, plan: Plan, case_id: str) -> np.ndarray:
-    """CT channels to HU, using the plan's per-case convention (detected again if the case is new)."""
+def to_common_unit(image: np.ndarray, plan: Plan,
+                   training_case: str | None = None) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """CT channels to HU; also, per channel, the convention read and why ('other', for a non-CT channel).
+
+    ``training_case`` names one of the plan's training cases: its entry in intensity.conventions
+    (as detected when planned, or as a person edited it) decides. Any other image (None: a new
+    image at prediction, whatever its file is called) is judged by its own values: a file named
+    like a training case must never borrow that case's unit."""
+    table = plan.intensity.conventions if training_case is not None else {}
+    units = []
     for c, norm in enumerate(plan.intensity.normalization):
-        if norm.scheme == "ct":
-            conv = plan.intensity.conventions.get(case_id) or detect_convention(image[c], True)
-            image[c] = to_hu(image[c], conv, plan.intensity.windowed_range)
-    return image
+        if norm.scheme != "ct":
+            units.append(("other", "not a CT channel"))
+            continue
+        if training_case in table:
+            units.append((table[training_case], f"intensity.conventions.{training_case} in the plan"))
+        else:
+            units.append(explain_convention(image[c], True))
+        image[c] = to_hu(image[c], units[-1][0], plan.intensity.windowed_range)
+    return image, units
 
 
 def preprocess_image(image: np.ndarray, geom: Geometry, plan: Plan, case_id: str,
-                     label: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
+                     label: np.ndarray | None = None,
+                     training_case: bool = False) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """(c, z, y, x) image (+ label values) -> normalised, resampled data (+ class indices) and the
-    properties needed to invert it."""
-    image = to_common_unit(image.astype(np.float32, copy=False), plan, case_id)
+    properties needed to invert it, with the unit each channel was read in (``conventions``, and
+    the evidence for it). ``training_case``: ``case_id`` is one of the plan's training cases, whose
+    unit the plan's table gives; otherwise (the default, every new image) the values decide."""
+    image, units = to_common_unit(image.astype(np.float32, copy=False), plan, case_id if training_case else None)
     ct = [n.scheme == "ct" for n in plan.intensity.normalization]
     box = nonzero_box(image, ct)
     sl = tuple(slice(a, b) for a, b in box)
@@ -70,7 +86,8 @@ def preprocess_image(image: np.ndarray, geom: Geometry, plan: Plan, case_id: str
         seg = resample(classes, geom.spacing, rs.target_spacing, new_shape, 0, rs.anisotropy_threshold, 0,
                        label=rs.label_mode == "onehot_linear").astype(np.int8 if len(plan.dataset.labels) < 128 else np.int16)
     props = {"case_id": case_id, "geometry": geom.to_dict(), "crop_box": [list(b) for b in box],
-             "cropped_shape": list(image.shape[1:]), "resampled_shape": new_shape}
+             "cropped_shape": list(image.shape[1:]), "resampled_shape": new_shape,
+             "conventions": [u[0] for u in units], "convention_evidence": [u[1] for u in units]}
     return data, seg, props
 
 
@@ -131,7 +148,7 @@ def _preprocess_one(args) -> str:
         return case.case_id
     image, geom = read_image(case)
     label = read_label(case.label_file)[0] if case.label_file is not None else None
-    data, seg, props = preprocess_image(image, geom, plan, case.case_id, label)
+    data, seg, props = preprocess_image(image, geom, plan, case.case_id, label, training_case=True)
     del image, label
     save_npy(out / f"{case.case_id}.npy", data)
     if seg is not None:

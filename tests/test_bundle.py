@@ -41,6 +41,13 @@ def test_bundle_predicts_like_the_work_folder_and_refuses_what_it_cannot_trust(p
     assert main(["export", str(plan_path), "-o", str(bundle)]) == 0
     names = zipfile.ZipFile(bundle).namelist()
     assert {"manifest.json", "folds/0/plan.yaml", "folds/1/model.weights.h5", "postprocessing.yaml"} <= set(names)
+    # no training case ids: the training cases' units mean nothing to new images (issue 19)
+    import yaml
+    training_ids = {c.case_id for c in Workspace(plan_path).dataset.cases}
+    for k in (0, 1):
+        text = zipfile.ZipFile(bundle).read(f"folds/{k}/plan.yaml").decode()
+        assert yaml.safe_load(text)["intensity"]["conventions"] == {}
+        assert not [cid for cid in training_ids if cid in text]
     # input cases on "another machine": no dataset, no work folder
     case = Workspace(plan_path).dataset.cases[0]
     image = case.image_files[0].resolve()
