@@ -12,21 +12,21 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-from planner.bundle_file import BundleError, open_bundle
+from planner.bundle_file import MAX_MEMBER_MB, BundleError, bundle_plan, open_bundle
 from planner.memory import estimate_for_plan
 from planner.plan import Plan, pool_divisor
-from planner.plan_file import load_plan
 
 INITIAL_WEIGHTS_SUFFIX = ".initial.weights.h5"
 
 
-def plan_from_bundle(new: Plan, reasons: dict, bundle: Path, plan_path: Path) -> Plan:
+def plan_from_bundle(new: Plan, reasons: dict, bundle: Path, plan_path: Path,
+                     max_member_mb: float = MAX_MEMBER_MB) -> Plan:
     """``new`` (planned for the new dataset) with the bundle's network, spacing and normalisation,
     and ``training.initial_weights`` pointing at fold 0's weights, copied beside ``plan_path``."""
     with tempfile.TemporaryDirectory(prefix="segplan_from_") as tmp:
-        manifest = open_bundle(Path(bundle), Path(tmp))
+        manifest = open_bundle(Path(bundle), Path(tmp), max_member_mb)
         k = manifest["folds"][0]
-        old = load_plan(Path(tmp) / f"folds/{k}/plan.yaml", check_paths=False)
+        old = bundle_plan(Path(bundle), Path(tmp), k)
         if len(old.dataset.channels) != len(new.dataset.channels):
             raise BundleError(f"{bundle}: trained on {len(old.dataset.channels)} channels "
                               f"({', '.join(old.dataset.channels)}); this dataset has {len(new.dataset.channels)}")

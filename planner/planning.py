@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from planner.build import gpu_memory_budget, gpu_present, make_plan
+from planner.bundle_file import MAX_MEMBER_MB
 from planner.cpu_plan import make_cpu_plan
 from planner.finetune import plan_from_bundle
 from planner.fingerprint import fingerprint_for
@@ -23,13 +24,15 @@ def default_plan_path(dataset: Path) -> Path:
 def plan_dataset(dataset: Path, output: Path | None = None, gpu_memory: float | None = None,
                  preset: str | None = None, workers: int = 2, force: bool = False, device: str | None = None,
                  time_budget: float | None = None, progress: bool = True, probe: bool = True,
-                 from_bundle: Path | None = None, gpu_probe: bool = False) -> Path:
+                 from_bundle: Path | None = None, gpu_probe: bool = False,
+                 max_member_mb: float = MAX_MEMBER_MB) -> Path:
     """Write the plan for ``dataset``; never overwrites an existing plan unless ``force``.
 
     With no device, preset or memory budget given and no GPU found, the plan is made for this CPU
     (and says so); ``probe=False`` skips the CPU speed probe (tests). ``gpu_probe`` fits a GPU plan's
     patch and batch by measured peaks on this machine's GPU (planner/probing.py); without a GPU the
-    fitted memory model stands and the plan says so."""
+    fitted memory model stands and the plan says so. ``max_member_mb`` bounds each file unpacked from
+    ``from_bundle`` (planner/bundle_file.py)."""
     dataset = Path(dataset)
     output = Path(output) if output else default_plan_path(dataset)
     if output.exists() and not force:
@@ -56,7 +59,7 @@ def plan_dataset(dataset: Path, output: Path | None = None, gpu_memory: float | 
             return plan.replace(memory=dataclasses.replace(plan.memory, gpu_memory_gb=gb)), reasons
         plan, reasons = _gpu_plan(replan, gb, gpu_probe)
     if from_bundle is not None:
-        plan = plan_from_bundle(plan, reasons, Path(from_bundle), output)
+        plan = plan_from_bundle(plan, reasons, Path(from_bundle), output, max_member_mb)
     save_plan(plan, output, reasons)
     return output
 

@@ -22,9 +22,10 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
-from planner.bundle_file import BUNDLE_VERSION, MANIFEST, BundleError, open_bundle, sha256
+from planner.bundle_file import (BUNDLE_VERSION, MANIFEST, MAX_MEMBER_MB, BundleError, bundle_plan, choose_folds,
+                                 open_bundle, sha256)
 from planner.fileio import atomic
-from planner.plan_file import load_plan, save_plan
+from planner.plan_file import save_plan
 from runner import postprocess
 from runner.predict import build_models, find_input_cases, fold_weights, predict_cases
 from runner.workspace import Workspace
@@ -95,16 +96,24 @@ def export_network(plan_path: Path, out: Path, fmt: str, folds: list[int] | None
     return written
 
 
-def predict_with_bundle(bundle: Path, input_dir: Path, output_dir: Path, tta: bool = True,
-                        postprocessing: bool = True, progress: bool = True) -> list[dict]:
-    """`segplan predict --model BUNDLE`: the bundle's folds, averaged, on every case of ``input_dir``."""
+def predict_with_bundle(bundle: Path, input_dir: Path, output_dir: Path, folds: list[int] | None = None,
+                        tta: bool = True, save_probabilities: bool = False, postprocessing: bool = True,
+                        progress: bool = True, max_member_mb: float = MAX_MEMBER_MB) -> list[dict]:
+    """`segplan predict --model BUNDLE`: the bundle's folds (or ``folds`` among them), averaged, on
+    every case of ``input_dir``; the same options, and the same result, as `segplan predict PLAN`."""
     with tempfile.TemporaryDirectory(prefix="segplan_bundle_") as tmp:
         root = Path(tmp)
-        manifest = open_bundle(Path(bundle), root)
-        folds = manifest["folds"]
-        plans = [load_plan(root / f"folds/{k}/plan.yaml", check_paths=False) for k in folds]
+        manifest = open_bundle(Path(bundle), root, max_member_mb)
+        folds = choose_folds(Path(bundle), manifest, folds)
+        plans = [bundle_plan(Path(bundle), root, k) for k in folds]
         cases = find_input_cases(input_dir, len(plans[0].dataset.channels))  # wrong channel count: refused here
-        plan, models = build_models(plans, [root / f"folds/{k}/model.weights.h5" for k in folds], folds)
+        try:
+            plan, models = build_models(plans, [root / f"folds/{k}/model.weights.h5" for k in folds], folds)
+        except (OSError, ValueError) as e:  # weights that do not fit their plan, or are no weights file at all
+            raise BundleError(f"{bundle}: {' '.join(str(e).replace(str(root) + '/', '').split())}") from e
         post_file = root / "postprocessing.yaml"
         post = postprocess.load(post_file, plan.dataset.labels) if postprocessing and post_file.exists() else None
-        return predict_cases(cases, plan, models, Path(output_dir), tta, False, progress, post)
+        if post is not None:
+            print(f"postprocessing: {', '.join(r.keep_largest for r in post.rules) or 'none'} "
+                  f"({Path(bundle).name}: postprocessing.yaml)")
+        return predict_cases(cases, plan, models, Path(output_dir), tta, save_probabilities, progress, post)

@@ -55,10 +55,14 @@ def cmd_import(a) -> int:
 
 
 def cmd_plan(a) -> int:
+    from planner.bundle_file import MAX_MEMBER_MB
     from planner.planning import plan_dataset
+    if a.max_member_mb is not None and a.from_bundle is None:
+        return _fail("--max-member-mb limits what a bundle unpacks: it goes with --from")
     path = plan_dataset(Path(a.dataset), Path(a.output) if a.output else None, gpu_memory=a.gpu_memory,
                         preset=a.preset, workers=a.workers, force=a.force, device=a.device,
-                        time_budget=a.time_budget, progress=a.bars, from_bundle=a.from_bundle, gpu_probe=a.probe)
+                        time_budget=a.time_budget, progress=a.bars, from_bundle=a.from_bundle, gpu_probe=a.probe,
+                        max_member_mb=MAX_MEMBER_MB if a.max_member_mb is None else a.max_member_mb)
     print(f"plan written to {path}; edit it, then: segplan check {path}")
     return 0
 
@@ -100,15 +104,20 @@ def cmd_run(a) -> int:
 def cmd_predict(a) -> int:
     if (a.plan is None) == (a.model is None):
         return _fail("predict needs a plan (its work folder's folds) or --model BUNDLE.zip, one of the two")
+    if a.folds is not None and len(set(a.folds)) != len(a.folds):
+        return _fail(f"--folds {' '.join(map(str, a.folds))}: a fold given twice would count twice in the average")
+    if a.model is None and a.max_member_mb is not None:
+        return _fail("--max-member-mb limits what a bundle unpacks: it goes with --model")
+    options = dict(folds=a.folds, tta=not a.no_tta, save_probabilities=a.save_probabilities, progress=a.bars,
+                   postprocessing=not a.no_postprocessing)  # every option applies to a plan and a bundle alike
     if a.model is not None:
+        from planner.bundle_file import MAX_MEMBER_MB
         from runner.bundle import predict_with_bundle
-        predict_with_bundle(Path(a.model), Path(a.input), Path(a.output), tta=not a.no_tta,
-                            postprocessing=not a.no_postprocessing, progress=a.bars)
+        predict_with_bundle(Path(a.model), Path(a.input), Path(a.output), **options,
+                            max_member_mb=MAX_MEMBER_MB if a.max_member_mb is None else a.max_member_mb)
         return 0
     from runner.predict import predict_folder
-    predict_folder(Path(a.plan), Path(a.input), Path(a.output), folds=a.folds, tta=not a.no_tta,
-                   save_probabilities=a.save_probabilities, progress=a.bars,
-                   postprocessing=not a.no_postprocessing)
+    predict_folder(Path(a.plan), Path(a.input), Path(a.output), **options)
     return 0
 
 
@@ -166,6 +175,7 @@ def cmd_demo(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from planner.bundle_file import MAX_MEMBER_MB
     p = argparse.ArgumentParser(prog="segplan", description="Plan and run 3D medical image segmentation.")
     p.add_argument("--verbose", action="store_true",
                    help="keep TensorFlow's start-up messages (hidden by default: they are notices, not problems)")
@@ -201,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU plans: fit patch and batch by measured peaks on this GPU (10%% margin) instead of the model")
     s.add_argument("--from", dest="from_bundle", metavar="MODEL.zip",
                    help="fine-tune: keep the bundle's network, spacing and normalisation, start from its weights")
+    s.add_argument("--max-member-mb", type=float, default=None, metavar="MB",
+                   help=f"with --from: largest file the bundle may unpack (default {MAX_MEMBER_MB}); raise it "
+                        "only for a bundle whose source you trust")
     s.set_defaults(fn=cmd_plan)
     s = sub.add_parser("check", help="validate a (hand-edited) plan")
     s.add_argument("plan")
@@ -229,7 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--folds", type=int, nargs="+", default=None)
     s.add_argument("--no-tta", action="store_true")
     s.add_argument("--save-probabilities", action="store_true")
-    s.add_argument("--no-postprocessing", action="store_true", help="skip WORK/postprocessing.yaml")
+    s.add_argument("--no-postprocessing", action="store_true",
+                   help="skip WORK/postprocessing.yaml (or the bundle's)")
+    s.add_argument("--max-member-mb", type=float, default=None, metavar="MB",
+                   help=f"with --model: largest file the bundle may unpack (default {MAX_MEMBER_MB}); raise it only "
+                        "for a bundle whose source you trust")
     s.set_defaults(fn=cmd_predict)
     s = sub.add_parser("evaluate", help="Dice, sensitivity, specificity, IoU, volumes per case and class")
     s.add_argument("--pred", required=True)

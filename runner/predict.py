@@ -70,9 +70,14 @@ def build_models(plans: list[Plan], weights: list[Path], folds: list[int]) -> tu
     executed); the plan to predict with, which the folds' preprocessing and labels must agree on."""
     from runner.model import build_unet
     models = []
-    for plan, w in zip(plans, weights):
+    for k, plan, w in zip(folds, plans, weights):
         model = build_unet(plan.network, len(plan.dataset.channels), len(plan.dataset.labels))
-        model.load_weights(str(w))
+        try:
+            model.load_weights(str(w))
+        except (OSError, ValueError) as e:  # not a weights file, or the weights of another network
+            why = " ".join(str(e).split())  # Keras' message can hold whole tensors: its start says what
+            raise ValueError(f"{w}: cannot be loaded as fold {k}'s weights into the network its plan describes "
+                             f"({why[:300] + ' ...' if len(why) > 300 else why})") from e
         models.append(model)
     first = {k: v for k, v in weight_fields(plans[0]).items() if not k.startswith("network.")}
     for k, p in zip(folds[1:], plans[1:]):
