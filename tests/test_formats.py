@@ -51,7 +51,7 @@ def test_every_format_goes_through_a_whole_fold(phantoms, tmp_path, ending):
     assert main(["run", str(plan_path), "--fold", "0"]) == 0
     refs = image_files(fold.validation_reference)
     assert refs and all(p.name.endswith(ending) for p in refs.values())
-    val = yaml.safe_load((fold.validation_summary).read_text())
+    val = yaml.safe_load(fold.validation_summary.read_text())
     assert val["cases"] == len(refs) and val["missing_predictions"] == []
     for cid, ref in refs.items():  # each validation prediction lies on its reference's grid
         pred_geom, ref_geom = _geometry(fold.validation / f"{cid}.nii.gz"), _geometry(ref)
@@ -60,7 +60,7 @@ def test_every_format_goes_through_a_whole_fold(phantoms, tmp_path, ending):
 
     assert main(["evaluate", "--pred", str(fold.validation), "--ref", str(fold.validation_reference),
                  "--plan", str(plan_path), "--hd95"]) == 0
-    ev = yaml.safe_load((fold.validation_summary).read_text())
+    ev = yaml.safe_load(fold.validation_summary.read_text())
     for name in ("label_1", "label_2", "label_3"):
         entry = ev["classes"][name]
         assert 0.0 <= entry["dice"]["mean"] <= 1.0
