@@ -84,6 +84,30 @@ def split_ending(name: str) -> tuple[str, str] | None:
     return None
 
 
+def renamed(path: Path, stem: str) -> str:
+    """The file name ``stem`` + ``path``'s own ending ('case_001.nrrd' -> 'lung1.nrrd'): a link or
+    copy of an image keeps its format, as SimpleITK picks the reader by the ending."""
+    parts = split_ending(Path(path).name)
+    if parts is None:
+        raise ValueError(f"{path}: not an image file segplan reads ({', '.join(ENDINGS)})")
+    return stem + parts[1]
+
+
+def data_files(path: Path) -> list[str]:
+    """The files an image header keeps its voxels in, as it names them (relative to its folder): they
+    must lie beside any link to the header. A MetaImage ``.mhd``'s ``ElementDataFile``; none for the
+    self-contained formats (.nii.gz, .nii, .nrrd, .mha) or a ``LOCAL``/``LIST`` data file."""
+    path = Path(path)
+    if not path.name.endswith(".mhd"):
+        return []
+    for line in path.read_text(errors="replace").splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "ElementDataFile":
+            value = value.strip()
+            return [] if value == "LOCAL" or value.startswith("LIST") or "%" in value else [value]
+    return []
+
+
 def image_files(folder: Path) -> dict[str, Path]:
     """Image files of a folder by name without ending, sorted."""
     out = {}

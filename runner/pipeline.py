@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from planner.dataset import Case
-from planner.fileio import write_text
+from planner.fileio import data_files, renamed, split_ending, write_text
 from runner.evaluate import evaluate_folder
 from runner.locks import hold
 from runner.predict import load_fold_models, predict_cases, selection_note
@@ -21,17 +21,37 @@ def predict_validation(ws: Workspace, k: int, progress: bool = True) -> str:
     plan, models = load_fold_models(ws, [k])
     predict_cases([Case(c.case_id, c.image_files, None) for c in cases], plan, models, fold.validation, True, False,
                   progress, training_cases=True)  # read in the units the plan gives them, as in training
-    fold.validation_reference.mkdir(exist_ok=True)
-    for c in cases:  # links to the references, so `segplan evaluate` can be re-run on the folder
-        link = fold.validation_reference / f"{c.case_id}.nii.gz"
-        if not link.exists():
-            link.symlink_to(Path(c.label_file).resolve())
+    link_references(cases, fold.validation_reference)
     notes = {"checkpoint": plan.inference.checkpoint, "monitor": plan.training.schedule.monitor,
              "selection_note": selection_note(plan)}
     summary = evaluate_folder(fold.validation, fold.validation_reference, labels=plan.dataset.labels,
                               groups=plan.dataset.label_groups, notes=notes)
     print(f"fold {k} validation ({len(cases)} cases):\n{summary}")
     return summary
+
+
+def link_references(cases: list[Case], folder: Path) -> None:
+    """Link each case's reference label map into ``folder`` as ``<case><its own ending>``, so
+    `segplan evaluate` (and postprocessing) can re-read the folder: an NRRD reference stays .nrrd, as
+    SimpleITK chooses the reader by the file name; a MetaImage header's data file is linked beside it.
+    Links of these cases under other names (an older run's) are removed, so each case has one reference."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = {c.case_id: renamed(c.label_file, c.case_id) for c in cases}
+    for p in folder.iterdir():
+        parts = split_ending(p.name)
+        if parts and parts[0] in names and p.name != names[parts[0]] and p.is_symlink():
+            p.unlink()
+    for c in cases:
+        target = Path(c.label_file).resolve()
+        _link(folder / names[c.case_id], target)
+        for name in data_files(target):  # a MetaImage header's voxels, under the name it gives them
+            _link(folder / name, target.parent / name)
+
+
+def _link(link: Path, target: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to(target)
 
 
 def run_fold(ws: Workspace, k: int, resume: bool = False, restart: bool = False, workers: int = 2,

@@ -2,6 +2,7 @@
 Figure 5 box plots, Figure 6 overlays) and per-case quantification for disease monitoring."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -22,16 +23,49 @@ from runner.workspace import Workspace  # noqa: E402
 TABLE_METRICS = ("dice", "sensitivity", "specificity")
 
 
+def _defined(values) -> list[float]:
+    """The values that are numbers (NaN marks an undefined metric)."""
+    return [float(v) for v in values if v is not None and not math.isnan(float(v))]
+
+
+def _stat(fn, values) -> float | None:
+    ok = _defined(values)
+    return float(fn(ok)) if ok else None
+
+
 def fold_table(rows_by_fold: dict[int, list[dict]], classes: list[str]) -> dict:
-    """Per fold the median over its validation cases of each metric and class, plus the mean row."""
+    """Per fold the median over its validation cases of each metric and class, plus the mean row.
+
+    A case where a metric is undefined (sensitivity with an empty reference: NaN in the rows) is
+    left out of that median, never counted as 0; a fold with no defined case has None there, and
+    the mean row averages the folds that have a value (None if none has)."""
     table = {}
     for k, rows in rows_by_fold.items():
-        table[f"fold {k}"] = {c: {m: float(np.nanmedian([r[m] for r in rows if r["class"] == c]))
-                                  for m in TABLE_METRICS} for c in classes if any(r["class"] == c for r in rows)}
+        table[f"fold {k}"] = {c: {m: _stat(np.median, [r[m] for r in rows if r["class"] == c]) for m in TABLE_METRICS}
+                              for c in classes if any(r["class"] == c for r in rows)}
     if table:
-        table["average"] = {c: {m: float(np.mean([f[c][m] for f in table.values() if c in f])) for m in TABLE_METRICS}
+        table["average"] = {c: {m: _stat(np.mean, [f[c][m] for f in table.values() if c in f]) for m in TABLE_METRICS}
                             for c in classes}
     return table
+
+
+def undefined_notes(rows_by_fold: dict[int, list[dict]], classes: list[str]) -> list[str]:
+    """One line per fold and class whose medians left cases out because a metric was undefined there."""
+    notes = []
+    for k, rows in rows_by_fold.items():
+        for c in classes:
+            for m in TABLE_METRICS:
+                n = sum(1 for r in rows if r["class"] == c and math.isnan(float(r[m])))
+                if n:
+                    why = ("the reference is empty: nothing to detect" if m == "sensitivity"
+                           else "the reference fills the image")
+                    notes.append(f"fold {k}: {c} {m} undefined in {n} validation case(s) ({why}), left out of "
+                                 "its median (n/a where no case defines it)")
+    return notes
+
+
+def _cell(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
 def _markdown(table: dict, classes: list[str], missing: list[int], notes: list[str] | None = None) -> str:
@@ -39,7 +73,7 @@ def _markdown(table: dict, classes: list[str], missing: list[int], notes: list[s
     lines = ["# Cross-validation summary", "", "Median over each fold's validation cases (the paper's Table 1).", "",
              *(notes or []), head, "|" + "---|" * (1 + len(classes) * len(TABLE_METRICS))]
     for name, row in table.items():
-        lines.append(f"| {name} | " + " | ".join(f"{row.get(c, {}).get(m, float('nan')):.3f}" for c in classes
+        lines.append(f"| {name} | " + " | ".join(_cell(row.get(c, {}).get(m)) for c in classes
                                                  for m in TABLE_METRICS) + " |")
     if missing:
         lines += ["", f"Folds not finished yet: {', '.join(map(str, missing))}."]
@@ -50,7 +84,7 @@ def _markdown(table: dict, classes: list[str], missing: list[int], notes: list[s
 def _boxplots(rows: list[dict], classes: list[str], path: Path) -> None:
     fig, axes = plt.subplots(1, len(TABLE_METRICS), figsize=(5 * len(TABLE_METRICS), 4))
     for ax, m in zip(axes, TABLE_METRICS):
-        ax.boxplot([[r[m] for r in rows if r["class"] == c] for c in classes])
+        ax.boxplot([_defined(r[m] for r in rows if r["class"] == c) for c in classes])
         ax.set_xticks(range(1, len(classes) + 1), classes, rotation=30)
         ax.set(title=m, ylim=(0, 1.02))
     fig.tight_layout()
@@ -131,7 +165,7 @@ def summarize(ws: Workspace) -> str:
     classes = list(dict.fromkeys(r["class"] for rows in rows_by_fold.values() for r in rows))
     table = fold_table(rows_by_fold, classes)
     post, said = current(ws, sorted(rows_by_fold))
-    notes = report_notes(ws, list(rows_by_fold)) + [said]
+    notes = report_notes(ws, list(rows_by_fold)) + undefined_notes(rows_by_fold, classes) + [said]
     # both rows: as predicted, and after the postprocessing the folds chose
     table_post = fold_table(postprocessed_rows(ws, post), classes) if post.rules else {}
     write_yaml(ws.cv_summary_yaml, to_plain({"folds": table, "folds_postprocessed": table_post,

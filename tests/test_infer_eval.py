@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from runner.evaluate import case_metrics, mask_metrics
 from runner.infer import gaussian_weights, mirrored, sliding_window, window_starts
@@ -61,6 +63,83 @@ def test_metrics_against_hand_computed():
     assert miss["dice"] == 0.0 and miss["empty_reference"]
 
 
+def test_sensitivity_of_an_empty_reference_is_undefined_not_zero(tmp_path):
+    """Nothing to detect: sensitivity is NaN (neither the 0 a false positive used to give nor 1),
+    the summary averages the other cases and says why it left one out."""
+    ref = np.zeros((4, 6, 6), bool)
+    ref[1:3, 1:4, 1:4] = True
+    spurious = np.zeros_like(ref)
+    spurious[0, 0, 0] = True
+    assert np.isnan(mask_metrics(spurious, np.zeros_like(ref), 1.0)["sensitivity"])
+    assert np.isnan(mask_metrics(np.zeros_like(ref), np.zeros_like(ref), 1.0)["sensitivity"])
+    assert mask_metrics(np.zeros_like(ref), ref, 1.0)["sensitivity"] == 0.0      # a miss is a real 0
+    from planner.dataset import Geometry, write_volume
+    from runner.evaluate import evaluate_folder
+    import yaml
+    g = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), ref.shape)
+    for d in ("ref", "pred"):
+        (tmp_path / d).mkdir()
+    write_volume(ref.astype(np.uint8), g, tmp_path / "ref" / "a.nii.gz")            # found exactly
+    write_volume(ref.astype(np.uint8), g, tmp_path / "pred" / "a.nii.gz")
+    write_volume(np.zeros(ref.shape, np.uint8), g, tmp_path / "ref" / "b.nii.gz")  # nothing to find, one FP
+    write_volume(spurious.astype(np.uint8), g, tmp_path / "pred" / "b.nii.gz")
+    text = evaluate_folder(tmp_path / "pred", tmp_path / "ref", labels={"background": 0, "fg": 1})
+    sens = yaml.safe_load((tmp_path / "pred" / "summary.yaml").read_text())["classes"]["fg"]["sensitivity"]
+    assert sens == {"mean": 1.0, "median": 1.0, "defined": 1, "undefined": 1}
+    assert "fg: sensitivity undefined for 1 case(s) (the reference is empty" in text
+    with open(tmp_path / "pred" / "metrics.csv") as f:
+        assert "nan" in [line.split(",")[3] for line in f.read().splitlines() if line.startswith("b,")]
+
+
+def test_missing_a_structure_does_not_improve_the_hd95():
+    """The issue's case: a model that misses a structure it would have found badly gets a better
+    mean HD95 over the defined cases. The defined mean stays (with the miss counted beside it) and
+    hd95_diag_mm scores the miss as the image diagonal, so the miss now ranks worse."""
+    from runner.evaluate import image_diagonal_mm, summarize_rows
+    shape, spacing = (10, 20, 20), (3.0, 0.8, 0.8)
+    ref = np.zeros(shape, np.uint8)
+    ref[2:6, 4:10, 4:10] = 1
+    close = np.roll(ref, 1, axis=2)                     # a good prediction
+    poor = np.roll(ref, (3, 8), axis=(0, 1))            # far off, but found
+    labels, diag = {"background": 0, "fg": 1}, image_diagonal_mm(shape, spacing)
+    assert diag == pytest.approx(np.sqrt(30.0 ** 2 + 16.0 ** 2 + 16.0 ** 2))
+
+    def summary(second):
+        rows = [{"case": cid, "class": "fg", **case_metrics(p, ref, labels, {}, spacing, hd95=True)["fg"]}
+                for cid, p in (("a", close), ("b", second))]
+        return summarize_rows(rows)["classes"]["fg"], rows
+    found, found_rows = summary(poor)
+    missed, missed_rows = summary(np.zeros_like(ref))
+    assert missed_rows[1]["missed"] and not found_rows[1]["missed"] and np.isnan(missed_rows[1]["hd95_mm"])
+    assert missed["hd95_mm"]["mean"] < found["hd95_mm"]["mean"]   # the defined mean alone rewards the miss ...
+    assert missed["hd95_mm"] | {"mean": 0, "median": 0} == {"mean": 0, "median": 0, "defined": 1, "undefined": 1,
+                                                            "missed": 1}   # ... so the miss is counted beside it
+    assert found["hd95_mm"]["missed"] == 0 and found["hd95_diag_mm"]["mean"] == pytest.approx(found["hd95_mm"]["mean"])
+    assert missed_rows[1]["hd95_diag_mm"] == pytest.approx(diag)
+    assert missed["hd95_diag_mm"]["mean"] > found["hd95_diag_mm"]["mean"]
+    # both masks empty: a perfect 0; a structure predicted where the reference has none: the diagonal
+    none = np.zeros_like(ref)
+    assert mask_metrics(none == 1, none == 1, 1.0, spacing, hd95=True)["hd95_diag_mm"] == 0.0
+    assert mask_metrics(ref == 1, none == 1, 1.0, spacing, hd95=True)["hd95_diag_mm"] == pytest.approx(diag)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=st.tuples(*[st.integers(2, 9)] * 3), spacing=st.tuples(*[st.floats(0.3, 5.0)] * 3),
+       seed=st.integers(0, 2 ** 16), density=st.floats(0.02, 0.6))
+def test_a_missed_structure_never_scores_better_than_a_found_one(shape, spacing, seed, density):
+    """The penalty is an upper bound: no two non-empty masks in an image are farther apart than its
+    diagonal, so hd95_diag_mm of a miss is at least that of any prediction that found something."""
+    from runner.evaluate import image_diagonal_mm
+    rng = np.random.default_rng(seed)
+    ref, pred = rng.random(shape) < density, rng.random(shape) < density
+    ref.flat[rng.integers(ref.size)] = True
+    pred.flat[rng.integers(pred.size)] = True
+    m = mask_metrics(pred, ref, 1.0, spacing, hd95=True)
+    assert m["hd95_diag_mm"] == m["hd95_mm"] <= image_diagonal_mm(shape, spacing) + 1e-9
+    missed = mask_metrics(np.zeros_like(ref), ref, 1.0, spacing, hd95=True)
+    assert missed["missed"] and np.isnan(missed["hd95_mm"]) and missed["hd95_diag_mm"] >= m["hd95_diag_mm"]
+
+
 def test_label_groups_score_as_the_paper_and_union_is_its_own_row():
     ref = np.zeros((6, 6, 6), np.uint8)
     ref[1:3, 1:5, 1:3] = 1
@@ -101,6 +180,20 @@ def test_overlap_metrics_match_miseval(seed):
     assert m["sensitivity"] == pytest.approx(miseval.evaluate(ref, pred, metric="SENS"), abs=1e-9)
     assert m["specificity"] == pytest.approx(miseval.evaluate(ref, pred, metric="SPEC"), abs=1e-9)
     assert m["iou"] == pytest.approx(miseval.evaluate(ref, pred, metric="IoU"), abs=1e-9)
+
+
+def test_where_the_reference_is_empty_we_differ_from_miseval_on_purpose():
+    """miseval calls the sensitivity of an empty reference 0 (a false positive or not); that case
+    is undefined here. Dice and specificity still agree with it (its IoU of two empty masks is 0,
+    ours 1 like its Dice: unchanged by this issue)."""
+    miseval = pytest.importorskip("miseval")
+    ref, _ = _masks(0)
+    ref = np.zeros_like(ref)
+    for pred in (np.zeros_like(ref), _masks(1)[1]):
+        m = mask_metrics(pred, ref, voxel_ml=0.001)
+        assert np.isnan(m["sensitivity"]) and miseval.evaluate(ref, pred, metric="SENS") == 0.0
+        assert m["dice"] == pytest.approx(miseval.evaluate(ref, pred, metric="DSC"), abs=1e-9)
+        assert m["specificity"] == pytest.approx(miseval.evaluate(ref, pred, metric="SPEC"), abs=1e-9)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -152,6 +245,10 @@ def test_missing_and_empty_cases_are_counted_not_dropped(tmp_path):
     assert summary["missing_predictions"] == ["c"] and summary["predictions_without_reference"] == ["z"]
     fg = summary["classes"]["fg"]
     assert fg["dice"]["mean"] == pytest.approx((1.0 + 0.0 + 0.0) / 3)    # the missing case counts as 0
-    assert fg["hd95_mm"] == {"mean": 0.0, "median": 0.0, "defined": 1, "undefined": 2}
+    assert fg["hd95_mm"] == {"mean": 0.0, "median": 0.0, "defined": 1, "undefined": 2, "missed": 2}
+    diag = np.sqrt(12.0 ** 2 + 8.0 ** 2 + 8.0 ** 2)                    # the image's diagonal in mm
+    assert fg["hd95_diag_mm"]["mean"] == pytest.approx((0.0 + diag + diag) / 3)
     assert fg["missing_prediction_cases"] == 1
     assert "MISSING predictions, scored as Dice 0: c" in text and "undefined for 2 case(s)" in text
+    assert "fg: hd95_mm undefined for 2 case(s) (2 missed: the structure predicted nowhere; 0 with an empty " in text
+    assert "hd95_diag_mm" in summary["conventions"]

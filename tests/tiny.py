@@ -14,7 +14,7 @@ def tiny_plan(dataset: Path, out: Path, epochs: int = 2, iterations: int = 3, fo
     net = dataclasses.replace(plan.network, filters=[4, 8, 16], pool_sizes=[[1, 2, 2], [2, 2, 2]],
                               kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3]])
     sched = dataclasses.replace(plan.training.schedule, max_epochs=epochs, iterations_per_epoch=iterations,
-                                time_budget_minutes=None, validation_patches=2, **schedule)
+                                time_budget_minutes=None, **({"validation_patches": 2} | schedule))
     tr = dataclasses.replace(plan.training, patch_size=[8, 32, 32], batch_size=2, schedule=sched)
     plan = plan.replace(network=net, training=tr,
                         cross_validation=dataclasses.replace(plan.cross_validation, folds=folds),
