@@ -2,16 +2,19 @@
 
 ``load_plan`` refuses, naming the key and its line: unknown or misspelled keys, wrong types, sizes
 that are not positive, a patch the pooling does not divide, probabilities outside [0, 1], unknown
-presets, schemes or conventions, a missing dataset, more folds than cases, an unknown schema version.
+presets, schemes or conventions, a missing dataset, more folds than cases, an unknown schema version,
+NaN or infinite numbers (.nan, .inf, or a float too large, which YAML reads as .inf), seeds that
+NumPy's and Keras' seeding refuse.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 from planner.fileio import write_text
 from planner.plan import PLAN_CONVENTIONS, PRESETS, SCHEMA_VERSION, Plan, pool_divisor
-from planner.schema import Reader, SchemaError, dump_yaml, load_yaml_with_lines
+from planner.schema import Reader, SchemaError, dump_yaml, load_yaml_with_lines, to_plain
 
 
 def save_plan(plan: Plan, path: str | Path, reasons: dict[str, str] | None = None) -> None:
@@ -54,9 +57,12 @@ def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
     for g, members in ds.label_groups.items():
         for m in members:
             if m not in ds.labels:
-                r.error(f"dataset.label_groups.{g}", f"'{m}' is not one of the labels {list(ds.labels)}")
-    if len(plan.intensity.normalization) != len(ds.channels):
-        r.error("intensity.normalization", f"{len(plan.intensity.normalization)} entries for {len(ds.channels)} channels")
+                r.error(f"dataset.label_groups.{g}", f"'{m}' is not one of dataset.labels {list(ds.labels)}")
+    if not ds.channels:
+        r.error("dataset.channels", "needs at least one channel")
+    elif len(plan.intensity.normalization) != len(ds.channels):
+        r.error("intensity.normalization", f"{len(plan.intensity.normalization)} entries for the {len(ds.channels)} "
+                                           "channels of dataset.channels")
     for i, n in enumerate(plan.intensity.normalization):
         if n.scheme == "ct" and (n.clip is None or len(n.clip) != 2 or n.clip[0] >= n.clip[1]):
             r.error(f"intensity.normalization.{i}.clip", "a ct channel needs [low, high] with low < high")
@@ -74,9 +80,11 @@ def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
     if n_stages < 1 or any(f <= 0 for f in net.filters):
         r.error("network.filters", "needs at least one stage, every count > 0")
     if len(net.pool_sizes) != n_stages - 1:
-        r.error("network.pool_sizes", f"{len(net.pool_sizes)} entries; {n_stages} stages need {n_stages - 1}")
+        r.error("network.pool_sizes", f"{len(net.pool_sizes)} entries; the {n_stages} stages of network.filters "
+                                      f"need {n_stages - 1}")
     if len(net.kernel_sizes) != n_stages:
-        r.error("network.kernel_sizes", f"{len(net.kernel_sizes)} entries; {n_stages} stages need {n_stages}")
+        r.error("network.kernel_sizes", f"{len(net.kernel_sizes)} entries; the {n_stages} stages of network.filters "
+                                        f"need {n_stages}")
     for i, p in enumerate(net.pool_sizes):
         if len(p) != 3 or any(v not in (1, 2) for v in p):
             r.error(f"network.pool_sizes.{i}", f"{p}: each entry is 3 values of 1 or 2")
@@ -87,8 +95,9 @@ def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
         div = pool_divisor(net)
         for a, (p, d) in enumerate(zip(tr.patch_size, div)):
             if d and p % d:
-                r.error(f"training.patch_size.{a}", f"{p} is not divisible by the network's total pooling {d} on "
-                                                    f"axis {'zyx'[a]}; use {max(d, round(p / d) * d)}")
+                r.error(f"training.patch_size.{a}", f"{p} is not divisible by the total pooling {d} of "
+                                                    f"network.pool_sizes on axis {'zyx'[a]}; use "
+                                                    f"{max(d, round(p / d) * d)}")
     if net.convs_per_stage < 1:
         r.error("network.convs_per_stage", "must be >= 1")
     if base_dir is not None and tr.initial_weights is not None and not (base_dir / tr.initial_weights).is_file():
@@ -126,6 +135,11 @@ def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
         v = getattr(tr.augmentation, f.name)
         if isinstance(v, list) and f.name != "mirror_axes" and (len(v) != 2 or v[0] > v[1]):
             r.error(f"training.augmentation.{f.name}", f"{v}: expected [low, high] with low <= high")
+    for key in _non_finite(to_plain(plan)):
+        r.error(key, "must be a finite number (not .nan or .inf)")
+    for key, seed in (("training.seed", tr.seed), ("cross_validation.seed", plan.cross_validation.seed)):
+        if not 0 <= seed < 2 ** 32:
+            r.error(key, f"{seed} must be within 0..{2 ** 32 - 1} (the seeds NumPy and Keras accept)")
     if tr.loss.tversky_alpha < 0 or tr.loss.tversky_beta < 0 or tr.loss.tversky_weight < 0 or tr.loss.cross_entropy_weight < 0:
         r.error("training.loss", "weights, alpha and beta must be >= 0")
 
@@ -141,6 +155,16 @@ def _check_folds(plan: Plan, base_dir: Path, r: Reader) -> None:
     if plan.cross_validation.folds > n:
         r.error("cross_validation.folds", f"{plan.cross_validation.folds} folds need at least as many cases; the "
                                           f"dataset has {n}: set folds to {n} or fewer")
+
+
+def _non_finite(value, key: str = "") -> list[str]:
+    """Dotted keys of the NaN and infinite numbers in a plan's plain values (nothing in a plan is either:
+    a NaN passes every ``<`` check unnoticed, then turns training's losses into NaN)."""
+    if isinstance(value, dict):
+        return [k for name, v in value.items() for k in _non_finite(v, f"{key}{name}.")]
+    if isinstance(value, list):
+        return [k for i, v in enumerate(value) for k in _non_finite(v, f"{key}{i}.")]
+    return [key.rstrip(".")] if isinstance(value, float) and not math.isfinite(value) else []
 
 
 def _positive_list(r: Reader, key: str, values: list, n: int, kind: type) -> None:

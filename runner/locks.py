@@ -1,26 +1,42 @@
 """File locks for a work folder on a shared file system (several jobs, several nodes).
 
-``fcntl.flock`` locks on small files that name their holder (host, pid, start time). flock, not
-POSIX ``lockf``: a POSIX lock is dropped when its process closes *any* descriptor of the file (reading
-the holder's name would release it); Linux's NFS client carries flock to the server as a whole-file
-POSIX lock, so it holds across nodes too. The kernel or the lock server drops a lock when its
-process dies, so a lock file whose lock can be taken again is stale by construction: it is taken
-over and the previous holder is reported. Two uses: ``exclusive`` waits its turn (preprocessing a
-cache, writing the splits: the second job then finds the work done), ``hold`` refuses at once (a
-fold already being trained elsewhere).
+Linux open-file-description locks (``F_OFD_SETLK``, Linux 3.15+) on small files that name their
+holder (host, pid, start time), over the whole file. Like ``flock`` and unlike POSIX ``lockf``, such
+a lock belongs to the open file, not the process: closing another descriptor of the file (reading
+the holder's name) does not drop it. Unlike ``flock``, it can be *tested* without being taken:
+``F_OFD_GETLK`` asks the kernel (on NFS, the lock server, which arbitrates these byte-range locks for
+every node) whether a lock conflicts, on a descriptor opened read-only. So ``segplan status`` and
+``submit --dry-run`` read a read-only work folder (a colleague's results, a mounted archive), and a
+fold job that starts while they look is never refused because of them. (Testing a ``flock`` means
+taking it for a moment, which refuses such a job and needs write access on NFS; /proc/locks sees
+this node's and this pid namespace's locks only.)
+
+The kernel or the lock server drops a lock when its process dies, so a lock file whose lock can be
+taken again is stale by construction: it is taken over and the previous holder is reported. Two
+uses: ``exclusive`` waits its turn (preprocessing a cache, writing the splits: the second job then
+finds the work done), ``hold`` refuses at once (a fold already being trained elsewhere).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
+import struct
 import time
 from pathlib import Path
+
+_FLOCK = "hhqqi"  # struct flock: l_type, l_whence, l_start, l_len, l_pid (64-bit offsets, Linux)
 
 
 class Busy(RuntimeError):
     """The lock is held by a live process; the message names it."""
+
+
+def _whole_file(kind: int) -> bytes:
+    """A struct flock for the whole file (start 0, length 0: to its end, however long it grows)."""
+    return struct.pack(_FLOCK, kind, os.SEEK_SET, 0, 0, 0)
 
 
 def holder(path: Path) -> str | None:
@@ -33,17 +49,17 @@ def holder(path: Path) -> str | None:
 
 
 def is_held(path: Path) -> bool:
-    """Whether another process holds the lock right now (tried without waiting, released at once)."""
-    path = Path(path)
-    if not path.exists():
+    """Whether a process holds the lock right now. Tested, never taken, on a read-only descriptor:
+    no write access needed, and a process taking the lock meanwhile gets it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
         return False
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return False
+    try:
+        found = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _whole_file(fcntl.F_WRLCK))
+    finally:
+        os.close(fd)
+    return struct.unpack(_FLOCK, found)[0] != fcntl.F_UNLCK
 
 
 @contextlib.contextmanager
@@ -53,8 +69,10 @@ def _locked(path: Path, wait: bool, what: str):
     f = open(path, "a+")
     try:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except OSError:
+            fcntl.fcntl(f, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, _whole_file(fcntl.F_WRLCK))
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             raise Busy(f"{what} is in use by {holder(path) or 'another process'} (lock {path})") from None
         previous = holder(path)
         if previous and not wait:
@@ -69,7 +87,7 @@ def _locked(path: Path, wait: bool, what: str):
             f.seek(0)
             f.truncate()
             f.flush()
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.fcntl(f, fcntl.F_OFD_SETLK, _whole_file(fcntl.F_UNLCK))
     finally:
         f.close()
 

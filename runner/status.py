@@ -1,6 +1,10 @@
 """`segplan status`: where each fold of a plan stands, from the work folder (and the scheduler, if
 jobs were submitted to SLURM): not started, submitted / queued, training (epoch, loss, ETA),
-finished (Dice) or failed (the last line of its error)."""
+finished (Dice) or failed (the last line of its error).
+
+It only reads: a read-only work folder (a colleague's results, a mounted archive) works, and a fold
+job that starts meanwhile is never refused because of it (``locks.is_held`` tests a lock, never takes
+it)."""
 from __future__ import annotations
 
 import math

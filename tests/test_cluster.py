@@ -3,6 +3,11 @@ folder alone, and `segplan submit` through submitit's local executor (the SLURM 
 on a real one-node cluster in tests/cluster/test_slurm.py)."""
 from __future__ import annotations
 
+import builtins
+import errno
+import fcntl
+import io
+import os
 import subprocess
 import sys
 import time
@@ -52,6 +57,99 @@ def test_exclusive_waits_for_the_holder(tmp_path):
         waited = time.perf_counter() - t
     p.wait()
     assert waited > 0.5
+
+
+def _read_only(monkeypatch, root: Path) -> None:
+    """Every write under ``root`` fails with PermissionError, as in a colleague's folder or a mounted
+    archive. Simulated in this process because tests run as root (CI) and root ignores permission bits."""
+    root = os.path.realpath(root) + os.sep
+
+    def refuse(path) -> None:
+        if not isinstance(path, int) and (os.path.realpath(os.fspath(path)) + os.sep).startswith(root):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+
+    def guarded(real, writes=lambda *a, **k: True):
+        def call(path, *a, **k):
+            if writes(*a, **k):
+                refuse(path)
+            return real(path, *a, **k)
+        return call
+
+    def open_writes(mode="r", *a, **k):
+        return any(c in mode for c in "wax+")
+
+    def os_open_writes(flags, *a, **k):
+        return bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND))
+
+    monkeypatch.setattr(builtins, "open", guarded(builtins.open, open_writes))
+    monkeypatch.setattr(io, "open", guarded(io.open, open_writes))
+    monkeypatch.setattr(os, "open", guarded(os.open, os_open_writes))
+    for name in ("mkdir", "remove", "unlink", "rmdir", "rename", "replace", "truncate", "utime", "chmod"):
+        monkeypatch.setattr(os, name, guarded(getattr(os, name)))
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def test_status_and_dry_run_read_a_read_only_work_folder_without_writing(phantoms, tmp_path, monkeypatch, capsys):
+    """A colleague's results: fold 0 begun by a process that died holding its lock, fold 1 being
+    trained by a live process. Inspecting them needs no write access and writes nothing."""
+    from runner.cli import main
+    from runner.workspace import Workspace
+    plan = tiny_plan(phantoms, tmp_path / "plans" / "t.yaml")
+    ws = Workspace(plan)
+    ws.freeze(0)
+    dead = _holding(ws.fold(0).lock)
+    dead.kill()
+    dead.wait()
+    live = _holding(ws.fold(1).lock)
+    try:
+        before = _snapshot(tmp_path / "plans")
+        _read_only(monkeypatch, tmp_path)
+        assert main(["status", str(plan)]) == 0
+        out = capsys.readouterr().out
+        assert "fold 0: not started" in out and f"fold 1: training (first epoch) [host" in out
+        assert f"pid {live.pid}" in out and f"pid {dead.pid}" not in out
+        assert main(["submit", str(plan), "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        assert "fold 1: being trained now, skipped" in out and "fold0: " in out and "fold1: " not in out
+        monkeypatch.undo()
+        assert _snapshot(tmp_path / "plans") == before
+    finally:
+        live.kill()
+        live.wait()
+
+
+def _try_hold(path: Path) -> str:
+    """What another process gets when it tries to take the lock now: 'took it' or 'busy: ...'."""
+    code = (f"from runner.locks import Busy, hold\ntry:\n    with hold({str(path)!r}, 'fold 0'):\n"
+            f"        print('took it')\nexcept Busy as e:\n    print('busy:', e)")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_inspecting_a_lock_never_keeps_another_process_from_taking_it(tmp_path, monkeypatch):
+    """`segplan status` while a fold job starts: at every lock call the inspection makes, another
+    process can still take the lock (an inspection that takes it, even for a moment, refuses the job
+    as busy, naming whoever held it last)."""
+    lock = tmp_path / ".fold_0.lock"
+    p = _holding(lock)
+    p.kill()
+    p.wait()  # a begun fold whose last holder died: its line is still in the file
+    seen = []
+
+    def then_start_a_job(real):
+        def call(*a, **k):
+            out = real(*a, **k)
+            seen.append(_try_hold(lock))
+            return out
+        return call
+
+    for name in ("flock", "lockf", "fcntl"):
+        monkeypatch.setattr(fcntl, name, then_start_a_job(getattr(fcntl, name)))
+    assert not is_held(lock)
+    assert seen and all(s.splitlines()[-1] == "took it" for s in seen), seen
 
 
 def test_two_preprocessing_processes_write_each_case_once(phantoms, tmp_path):

@@ -102,6 +102,9 @@ def _edit(path: Path, tmp_path: Path, old: str, new: str) -> Path:
     ("schema_version: 1", "schema_version: 7", "schema_version", "version 7 is unknown"),
     ("target_spacing: [", "target_spacing: [-1.0, ", "resampling.target_spacing.0", "must be > 0"),
     ("measured_gb: null", "measured_gb: -1", "memory.measured_gb", "must be > 0 or null"),
+    ("learning_rate: 0.001", "learning_rate: .nan", "training.learning_rate", "must be a finite number"),
+    ("  std: ", "  std: .inf #", "intensity.normalization.0.std", "must be a finite number"),
+    ("  seed: 12345", "  seed: -1", "training.seed", "must be within 0..4294967295"),
 ])
 def test_validation_errors_name_key_and_line(phantom_plan, tmp_path, old, new, key, words):
     edited = _edit(phantom_plan, tmp_path, old, new)
