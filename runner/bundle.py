@@ -67,15 +67,70 @@ def export(plan_path: Path, out: Path, folds: list[int] | None = None) -> Path:
 
 
 SERVING_FORMATS = {"savedmodel": "tf_saved_model", "onnx": "onnx"}
+ONNX_NEEDS = ("tf2onnx", "onnx")  # what Keras' model.export(format="onnx") needs under TensorFlow
+
+
+def _onnx_exporter_missing(backend: str) -> str | None:
+    """Why ONNX cannot be written here (a sentence saying what to do), or None.
+
+    Only the TensorFlow backend exports this network: under JAX, jax2onnx 0.17 fails on its free
+    spatial size and, with a fixed one, on the 3D convolutions' layout; Keras' torch exporter needs
+    fixed shapes. The weights are the same under every backend, so a fold trained on JAX or torch
+    exports under ``KERAS_BACKEND=tensorflow``."""
+    import importlib.util
+    if backend != "tensorflow":
+        return (f"--format onnx needs the TensorFlow backend (this is {backend}); the weights are the same under "
+                "every backend: run `KERAS_BACKEND=tensorflow segplan export ... --format onnx`")
+    missing = [m for m in ONNX_NEEDS if importlib.util.find_spec(m) is None]
+    if missing:
+        return (f"--format onnx needs {' and '.join(missing)}, not installed: pip install 'segplan[onnx]' "
+                f"(or pip install {' '.join(missing)})")
+    return None
+
+
+def _finish_onnx(path: Path, plan, fold: int) -> None:
+    """Name the exported graph's tensors for serving, ``image`` (batch, z, y, x, channels) in and
+    ``softmax`` (batch, z, y, x, classes) out, and record what a server must know in its metadata:
+    the classes and their label values, the patch and overlap segplan tiles with, the fold."""
+    import onnx
+    model = onnx.load(str(path))
+    if len(model.graph.input) != 1 or len(model.graph.output) != 1:
+        raise ValueError(f"{path}: expected one input and one output, the exporter wrote "
+                         f"{len(model.graph.input)} and {len(model.graph.output)}")
+    old = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = ["softmax" if o == old else o for o in node.output]
+        node.input[:] = ["softmax" if i == old else i for i in node.input]
+    model.graph.output[0].name = "softmax"
+    for value in (model.graph.input[0], model.graph.output[0]):
+        for dim, name in zip(value.type.tensor_type.shape.dim, ("batch", "z", "y", "x")):
+            dim.dim_param = name
+    meta = {"segplan.fold": str(fold), "segplan.plan": plan.name,
+            "segplan.labels": json.dumps(plan.dataset.labels),
+            "segplan.patch_size": json.dumps(plan.training.patch_size),
+            "segplan.overlap": str(plan.inference.overlap), "segplan.weighting": plan.inference.weighting,
+            "segplan.layout": "input image (batch, z, y, x, channels) float32 after segplan's preprocessing; "
+                              "output softmax (batch, z, y, x, classes)"}
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
 
 
 def export_network(plan_path: Path, out: Path, fmt: str, folds: list[int] | None = None) -> list[Path]:
     """The network alone, per fold, for serving stacks: ``out/fold_K`` as a TensorFlow SavedModel, or
-    ``out/fold_K.onnx`` (ONNX needs the optional tf2onnx). Input (b, z, y, x, c) float32 with
-    free spatial size divisible by the pooling; output the softmax (b, z, y, x, classes). The
-    preprocessing and the sliding window stay segplan's (or the bundle's) job."""
+    ``out/fold_K.onnx`` (ONNX: the optional ``segplan[onnx]``, i.e. tf2onnx under the default
+    TensorFlow backend). Input (b, z, y, x, c) float32 with free spatial size divisible by the
+    pooling; output the softmax (b, z, y, x, classes), the only output (the network has no
+    deep-supervision heads). The preprocessing and the sliding window stay segplan's (or the
+    bundle's) job: ``runner.infer.onnx_predictor`` tiles with an ONNX network as segplan does."""
     if fmt not in SERVING_FORMATS:
         raise ValueError(f"--format {fmt}: one of {', '.join(SERVING_FORMATS)} (or none, for a segplan bundle)")
+    if fmt == "onnx":
+        from runner.backend import name as backend_name
+        why = _onnx_exporter_missing(backend_name())
+        if why:
+            raise ValueError(why)
     ws = Workspace(plan_path)
     folds = [f.index for f in ws.folds() if f.is_finished()] if folds is None else list(folds)
     if not folds:
@@ -89,7 +144,15 @@ def export_network(plan_path: Path, out: Path, fmt: str, folds: list[int] | None
         name = ws.fold(k).dir.name  # fold_K, as in the work folder
         target = out / (f"{name}.onnx" if fmt == "onnx" else name)
         try:
-            model.export(str(target), format=SERVING_FORMATS[fmt], verbose=False)
+            if fmt == "onnx":
+                import keras
+                spec = keras.InputSpec(shape=(None, None, None, None, len(plan.dataset.channels)), dtype="float32",
+                                       name="image")
+                with atomic(target) as tmp:
+                    model.export(str(tmp), format="onnx", verbose=False, input_signature=[spec])
+                    _finish_onnx(tmp, plan, k)
+            else:
+                model.export(str(target), format=SERVING_FORMATS[fmt], verbose=False)
         except ImportError as e:
             raise ValueError(f"--format {fmt} needs an optional package: {e}") from e
         written.append(target)

@@ -16,6 +16,7 @@ from planner.dataset import read_image, read_label  # noqa: E402
 from planner.fileio import save_figure, write_text, write_yaml  # noqa: E402
 from planner.plan import Plan  # noqa: E402
 from planner.schema import to_plain  # noqa: E402
+from runner.html_report import write_report  # noqa: E402
 from runner.postprocess import current, postprocessed_rows  # noqa: E402
 from runner.tables import read_rows, write_rows  # noqa: E402
 from runner.workspace import Workspace  # noqa: E402
@@ -176,6 +177,7 @@ def summarize(ws: Workspace) -> str:
     all_rows = [dict(r, fold=k) for k, rows in rows_by_fold.items() for r in rows]
     _boxplots(all_rows, classes, ws.cv_boxplots)
     write_rows(quantification(all_rows, plan), ws.quantification)
+    write_report(ws, shown, classes, notes, missing, all_rows)  # cv_report.html: the same, to look at
     main_cls = next((g for g in plan.dataset.label_groups), classes[0])
     ranked = sorted((r for r in all_rows if r["class"] == main_cls), key=lambda r: r["dice"])
     ws.overlays.mkdir(exist_ok=True)
@@ -183,4 +185,4 @@ def summarize(ws: Workspace) -> str:
         pred = ws.fold(int(r["fold"])).validation / f"{r['case']}.nii.gz"
         _overlay(ws, r["case"], pred, ws.overlays / f"{tag}_{r['case']}.png",
                  f"{tag}: {r['case']} ({main_cls} Dice {r['dice']:.3f})")
-    return (markdown + f"\nwritten: {ws.cv_summary_md}, cv_summary.yaml, cv_boxplots.png, quantification.csv, overlays/")
+    return (markdown + f"\nwritten: {ws.cv_summary_md}, cv_summary.yaml, cv_report.html, cv_boxplots.png, quantification.csv, overlays/")

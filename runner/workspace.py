@@ -229,6 +229,10 @@ class Workspace:
         return self.root / "cv_boxplots.png"
 
     @property
+    def cv_report_html(self) -> Path:
+        return self.root / "cv_report.html"
+
+    @property
     def overlays(self) -> Path:
         return self.root / "overlays"
 

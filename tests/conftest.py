@@ -34,3 +34,18 @@ def phantoms(tmp_path_factory) -> Path:
     """8 tiny phantoms (both HU and windowed cases)."""
     from datasets.phantoms import make_phantoms
     return make_phantoms(tmp_path_factory.mktemp("phantoms") / "ds", cases=8, seed=3, scale=0.12, progress=False)
+
+
+@pytest.fixture(scope="session")
+def trained_cv(phantoms, tmp_path_factory) -> Path:
+    """A tiny plan's two folds trained, predicted and summarized once per session (the plan's path).
+    Tests read it and write their outputs elsewhere."""
+    pytest.importorskip("keras")
+    from runner.cli import main
+    from tests.tiny import tiny_plan
+    plan_path = tiny_plan(phantoms, tmp_path_factory.mktemp("trained_cv") / "plans" / "cv.yaml", epochs=2,
+                          iterations=3, folds=2)
+    for k in (0, 1):
+        assert main(["run", str(plan_path), "--fold", str(k)]) == 0
+    assert main(["summarize", str(plan_path)]) == 0
+    return plan_path
