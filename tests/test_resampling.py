@@ -141,13 +141,16 @@ def test_nearest_along_an_axis_by_indexing_equals_simpleitk_but_at_exact_ties(n,
 
 
 def _sitk_reads_outside(x: np.ndarray, n: int, order: int) -> np.ndarray:
-    """Output positions (continuous input indices ``x``) where SimpleITK's cubic B-spline reads a
-    coefficient outside the image: on a 2-voxel axis at 1 <= x < 1.5 its single mirror reflection
-    sends tap 3 to index -1, so its value there depends on whatever precedes the line in memory
-    (the same line of data gives 11.07, 11.10 or 11.11 in three volumes, where the mirror spline
-    gives 11.19; over 1500 random volumes, values up to 2e38). Those voxels are checked against
-    scipy's mirror spline instead (test_cubic_operator_is_the_mirror_spline_on_axes_of_any_length)."""
-    return (order == 3) & (n == 2) & (x >= 1) & (x < 1.5)
+    """Output positions (continuous input indices ``x``) where SimpleITK's cubic B-spline cannot be
+    an oracle: on a 2-voxel axis at 1 <= x < 1.5 its single mirror reflection sends tap 3 to index
+    -1, so its value there depends on whatever precedes the line in memory (the same line of data
+    gives 11.07, 11.10 or 11.11 in three volumes, where the mirror spline gives 11.19; over 1500
+    random volumes, values up to 2e38). Its coefficients on such an axis can be garbage too: a
+    (2, 2, 5) volume once came back as -1e23 at every voxel (hypothesis seed 2300, spacings
+    0.52/1.44/2.00 -> 1.39/1.90/1.50 mm), so a cubic 2-voxel axis is left out of the comparison
+    altogether. The operator is checked there against scipy's mirror spline instead
+    (test_cubic_operator_is_the_mirror_spline_on_axes_of_any_length)."""
+    return np.full(np.shape(x), (order == 3) and (n == 2))
 
 
 _AXIS = st.one_of(st.integers(1, 3), st.integers(4, 24))   # axes of 1, 2 and 3 voxels, often
