@@ -47,7 +47,7 @@ def plan_dataset(dataset: Path, output: Path | None = None, gpu_memory: float | 
                                       time_budget=time_budget, splits_file=_splits(dataset, output), probe=probe,
                                       why=why)
     else:
-        gb, source = gpu_memory_budget(gpu_memory)
+        gb, source = gpu_memory_budget(gpu_memory, preset)
 
         def replan(model_gb: float):
             plan, reasons = make_plan(fp, output.stem, _rel(dataset, output),
