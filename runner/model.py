@@ -87,6 +87,9 @@ def build_unet(net: NetworkSection, in_channels: int, n_classes: int) -> keras.M
     """Encoder (``net.architecture``); decoder: transposed convolution (or upsampling + conv),
     concatenation skip, conv block; a 1x1x1 softmax head (float32 even under mixed precision) at
     full resolution and, with deep supervision, at every further supervised decoder stage."""
+    if net.architecture == "residual_encoder" and len(net.blocks_per_stage) != len(net.filters):
+        raise ValueError(f"network.blocks_per_stage {net.blocks_per_stage}: a residual encoder of {len(net.filters)} "
+                         f"stages needs {len(net.filters)} block counts")
     inputs = keras.Input((None, None, None, in_channels), name="image")  # any patch the pooling divides
     encoder = _residual_encoder if net.architecture == "residual_encoder" else _plain_encoder
     stages = encoder(inputs, net)

@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _net(n_stages: int, deep_supervision: bool = True, **kw) -> NetworkSection:
     pools = [[1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]][:n_stages - 1]
-    return NetworkSection([4 * 2 ** s for s in range(n_stages)], pools, [[3, 3, 3]] * n_stages, 2, "batch", 0.99,
-                          "relu", "transpose", deep_supervision=deep_supervision, **kw)
+    net = NetworkSection([4 * 2 ** s for s in range(n_stages)], pools, [[3, 3, 3]] * n_stages, 2, "batch", 0.99,
+                         "relu", "transpose", deep_supervision=deep_supervision)
+    return dataclasses.replace(net, **kw)
 
 
 def test_deep_supervision_levels_and_weights_by_hand():
@@ -259,3 +260,21 @@ def test_the_benchmark_compares_plans_that_differ_in_deep_supervision_only(phant
     assert a == b and on.training.schedule.max_epochs == 3
     rows = [{"seconds_per_iteration": "0.4"}, {"seconds_per_iteration": "0.6"}, {"seconds_per_iteration": "0.5"}]
     assert iterations(rows, 10, 0.4 * 10 + 0.6 * 10 + 3.0) == 26
+
+
+@needs_keras
+def test_the_probe_measures_the_planned_network_with_its_outputs_and_blocks(phantoms, tmp_path):
+    """`--probe` and the CPU width probe time (and on a GPU measure) the plan's own network: the
+    residual encoder's blocks and every supervised output with its weighted loss."""
+    from planner.probing import candidate
+    from planner.schema import to_plain
+    from runner.probe import probe
+    net = {**FOUR_STAGES, "architecture": "residual_encoder", "blocks_per_stage": [1, 3, 4, 6], "convs_per_stage": 1,
+           "deep_supervision": True}
+    plan = load_plan(tiny_plan(phantoms, tmp_path / "p.yaml", network=net))
+    c = candidate(plan)
+    assert c["blocks_per_stage"] == [1, 3, 4, 6]
+    (m,) = probe([c], to_plain(plan.network), to_plain(plan.training.loss), 1, 4, steps=1)
+    assert m["oom"] is False and m["seconds"] > 0 and m["window_seconds"] > 0 and m["peak_gb"] is None
+    with pytest.raises(ValueError):  # a candidate's blocks must match its stages, as the plan's must
+        probe([{**c, "blocks_per_stage": [1, 3]}], to_plain(plan.network), to_plain(plan.training.loss), 1, 4, steps=1)
