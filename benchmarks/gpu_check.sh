@@ -4,7 +4,8 @@
 # a GPU" says how to fill it): keras and the small wheels, SimpleITK as simpleitk.tar.xz (its wheel is
 # 51 MB, xz makes it 28), and the Hippocampus dataset as hippocampus.tar.xz (its .nii files, 14 MB).
 #   benchmarks/gpu_check.sh [grid] [probe] [hippocampus]     (no argument: all three)
-# grid: the memory model's calibration grid and one paper-sized prediction (~4 min on an H200);
+# grid: the memory model's calibration grid (plain U-Net, deep supervision, residual encoder) and one
+# paper-sized prediction (~6 min on an H200);
 # probe: `segplan plan --probe` for an 8 GB budget, then that plan trained under an 8 GB cap;
 # hippocampus: a 3-minute Hippocampus fold 0 from a GPU plan, evaluated on its 52 validation cases.
 # Writes its figures under ${OUT:-benchmarks/results}/.
@@ -21,7 +22,7 @@ for step in $steps; do
   case $step in
   grid)
     # the whole grid and one paper-sized prediction under PyTorch (its peak is reset per point)
-    timeout 300 python3 benchmarks/gpu_memory.py --grid full --out "$out/gpu_memory_torch.json" \
+    timeout 480 python3 benchmarks/gpu_memory.py --grid full --out "$out/gpu_memory_torch.json" \
       2>&1 | tee "$out/gpu_memory_torch.log"
     # the paper's network under JAX, one point per process (its peak cannot be reset)
     for g in paper_f32 paper_bf16; do

@@ -27,13 +27,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GRIDS = {
-    # (patch z y x, batch, first filters, precision)
+    # (patch z y x, batch, first filters, precision[, kind: plain (default), plain_ds, resenc, resenc_ds, ...:
+    # point_network])
     "full": [([80, 160, 160], 2, 32, "float32"), ([80, 160, 160], 2, 32, "mixed_float16"),
              ([80, 160, 160], 2, 32, "mixed_bfloat16"), ([40, 56, 40], 9, 32, "float32"),
              ([32, 32, 32], 1, 8, "float32"), ([32, 32, 32], 4, 8, "float32"), ([32, 32, 32], 2, 16, "float32"),
              ([32, 32, 32], 2, 32, "float32"), ([64, 64, 64], 2, 16, "float32"), ([64, 64, 64], 2, 32, "float32"),
              ([64, 64, 64], 4, 32, "mixed_bfloat16"), ([64, 128, 128], 2, 32, "float32"),
-             ([96, 96, 96], 2, 32, "float32"), ([80, 160, 160], 4, 32, "mixed_bfloat16")],
+             ([96, 96, 96], 2, 32, "float32"), ([80, 160, 160], 4, 32, "mixed_bfloat16"),
+             # deep supervision and nnU-Net's residual encoder (issue 21): the resenc presets' sizes
+             ([64, 128, 128], 2, 32, "float32", "plain_ds"), ([80, 160, 160], 2, 32, "mixed_bfloat16", "plain_ds"),
+             ([64, 64, 64], 2, 32, "float32", "resenc_ds"), ([64, 128, 128], 2, 32, "float32", "resenc_ds"),
+             ([96, 160, 160], 2, 32, "float32", "resenc_ds"), ([80, 160, 160], 2, 32, "mixed_bfloat16", "resenc_ds"),
+             ([128, 128, 128], 2, 32, "float32", "resenc")],
     "tiny": [([16, 32, 32], 2, 4, "float32"), ([16, 32, 32], 1, 8, "float32")],
     # one point per process where the backend's peak cannot be reset (jax)
     "paper_f32": [([80, 160, 160], 2, 32, "float32")],
@@ -72,36 +78,61 @@ def backend_peak_gb() -> float | None:
     return None
 
 
-def network(patch: list[int], width: int):
-    """The default planner's topology for an isotropic patch: nnU-Net pooling, 16x width at most."""
+def network(patch: list[int], width: int, architecture: str = "plain", deep_supervision: bool = False,
+            activation: str | None = None):
+    """The default planner's topology for an isotropic patch: nnU-Net pooling, 16x width at most; the
+    plain U-Net of the paper, or the residual encoder of the resenc presets (heuristics.RESENC_NETWORK),
+    with its own activation unless one is given."""
+    import dataclasses
+
     from planner import heuristics as H
-    from planner.plan import NetworkSection
     pools, kernels = H.topology(patch, [1.0, 1.0, 1.0])
     filters = H.filters_for(len(pools) + 1, width, 16 * width)
-    return NetworkSection(filters, pools, kernels, 2, "batch", 0.99, "relu", "transpose")
+    template = H.RESENC_NETWORK if architecture == "residual_encoder" else H.PLAIN_NETWORK
+    template = dataclasses.replace(template, deep_supervision=deep_supervision,
+                                   activation=activation or template.activation)
+    return H.shaped(template, filters, pools, kernels)
+
+
+def row_network(row: dict):
+    """The network a measured grid row was taken with (rows before deep supervision and residual
+    encoders: the plain U-Net with one output and ReLU)."""
+    return network(row["patch"], row["filters"][0], row.get("architecture", "plain"), row.get("deep_supervision", False),
+                   row.get("activation"))
+
+
+def point_network(patch: list[int], width: int, kind: str):
+    """A grid point's kind: plain or resenc, then optionally _ds (deep supervision) and _leaky or
+    _relu (the other activation than the architecture's own): plain_ds, resenc_ds, plain_leaky, ..."""
+    base, *options = kind.split("_")
+    activation = "leaky_relu" if "leaky" in options else "relu" if "relu" in options else None
+    return network(patch, width, "residual_encoder" if base == "resenc" else "plain", "ds" in options, activation)
 
 
 def compiled_model(net, patch, batch):
-    """The grid point's U-Net compiled with the plan's loss and Adam, and one random batch for it."""
+    """The grid point's U-Net compiled with the plan's loss (on every supervised level) and Adam, and
+    one random batch for it."""
     import keras
-    from planner.plan import LossSection
-    from runner.losses import make_loss
+    from planner.plan import LossSection, supervised_levels
+    from runner.targets import targets
+    from runner.losses import compile_arguments
     from runner.model import build_unet
     model = build_unet(net, 1, N_CLASSES)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=make_loss(LossSection(0.5, 0.5, 1.0, 1.0, 1e-6)))
+    levels = supervised_levels(net)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  **compile_arguments(LossSection(0.5, 0.5, 1.0, 1.0, 1e-6), levels))
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, *patch, 1)).astype(np.float32)
-    y = np.eye(N_CLASSES, dtype=np.float32)[rng.integers(0, N_CLASSES, size=(batch, *patch))]
+    y = targets(rng.integers(0, N_CLASSES, size=(batch, *patch)), N_CLASSES, levels)
     return model, x, y
 
 
-def measure(patch, batch, width, precision, steps: int) -> dict:
+def measure(patch, batch, width, precision, steps: int, kind: str = "plain") -> dict:
     import keras
     from planner.memory import estimate_training_gb
     keras.mixed_precision.set_global_policy(precision)
-    net = network(patch, width)
-    est = estimate_training_gb(patch, batch, net.filters, net.kernel_sizes, net.pool_sizes, 2, 1, N_CLASSES,
-                               precision != "float32")
+    net = point_network(patch, width, kind)
+    est = estimate_training_gb(net, patch, batch, 1, N_CLASSES, precision != "float32")
     backend_peak_reset()
     model, x, y = compiled_model(net, patch, batch)
     times = []
@@ -112,6 +143,7 @@ def measure(patch, batch, width, precision, steps: int) -> dict:
             times.append(time.perf_counter() - t)
     peak = backend_peak_gb()
     row = {"patch": patch, "batch": batch, "filters": net.filters, "precision": precision,
+           "architecture": net.architecture, "deep_supervision": net.deep_supervision, "activation": net.activation,
            "step_s": round(statistics.median(times), 4), "loss_finite": bool(np.isfinite(loss)),
            "measured_gb": None if peak is None else round(peak, 3), "estimate_gb": round(est, 3)}
     if peak:
@@ -154,11 +186,12 @@ def main() -> None:
                  "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
     print(json.dumps(info), flush=True)
     rows = []
-    for patch, batch, width, precision in GRIDS[a.grid]:
+    for patch, batch, width, precision, *kind in GRIDS[a.grid]:
         try:
-            row = measure(patch, batch, width, precision, a.steps)
+            row = measure(patch, batch, width, precision, a.steps, *kind)
         except Exception as e:  # one point out of memory must not lose the others: record it and go on
-            row = {"patch": patch, "batch": batch, "width": width, "precision": precision, "error": repr(e)[:300]}
+            row = {"patch": patch, "batch": batch, "width": width, "precision": precision, "kind": (kind or ["plain"])[0],
+                   "error": repr(e)[:300]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {"info": info, "grid": rows}

@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def run(plan, case, out: Path, label: str) -> float:
     from planner.dataset import write_volume
     from runner.infer import keras_predictor
-    from runner.model import build_unet
+    from runner.model import build_unet, prediction_model
     from runner.predict import predict_case
-    model = build_unet(plan.network, len(plan.dataset.channels), len(plan.dataset.labels))
+    model = prediction_model(build_unet(plan.network, len(plan.dataset.channels), len(plan.dataset.labels)))
     labels, geom, _, t = predict_case(case, plan, keras_predictor([model]))
     t0 = time.perf_counter()
     write_volume(labels, geom, out / f"{case.case_id}.nii.gz")

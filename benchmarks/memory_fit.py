@@ -22,17 +22,16 @@ MIN_GB = 1.0
 
 def points(path: Path = RESULTS) -> list[dict]:
     """Measured grid points with the planner's activation count and weight bytes for each."""
-    from benchmarks.gpu_memory import N_CLASSES, network
+    from benchmarks.gpu_memory import N_CLASSES, row_network
     from planner.memory import activation_voxels, count_parameters
     out = []
     for r in json.loads(Path(path).read_text())["grid"]:
         if r.get("measured_gb") is None:
             continue
-        net = network(r["patch"], r["filters"][0])
+        net = row_network(r)
         out.append({**r, "mixed": r["precision"] != "float32",
-                    "activations": activation_voxels(r["patch"], net.filters, net.pool_sizes, 2, N_CLASSES) * r["batch"],
-                    "weight_bytes": 16 * count_parameters(net.filters, net.kernel_sizes, net.pool_sizes, 2, 1, N_CLASSES),
-                    "network": net})
+                    "activations": activation_voxels(net, r["patch"], N_CLASSES) * r["batch"],
+                    "weight_bytes": 16 * count_parameters(net, 1, N_CLASSES), "network": net})
     return out
 
 
@@ -51,7 +50,8 @@ def main() -> None:
               f"(planner uses {GPU_BYTES_PER_ACTIVATION[mixed]})")
     for r in rows:
         est = (r["activations"] * GPU_BYTES_PER_ACTIVATION[r["mixed"]] + r["weight_bytes"]) / GB
-        print(f"  {r['patch']} x {r['batch']} {r['filters'][0]}..{max(r['filters'])} {r['precision']:>14}: "
+        kind = f"{r['network'].architecture}{' +DS' if r['network'].deep_supervision else ''}"
+        print(f"  {r['patch']} x {r['batch']} {r['filters'][0]}..{max(r['filters'])} {r['precision']:>14} {kind}: "
               f"measured {r['measured_gb']:6.2f} GiB, planner (without the {0.8} GB context) {est:6.2f} "
               f"({100 * (est / r['measured_gb'] - 1):+.0f}%)")
 

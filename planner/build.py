@@ -1,6 +1,7 @@
 """Fingerprint -> Plan, for each preset; the reasons for each value become YAML comments."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -11,10 +12,18 @@ from planner import heuristics as H
 from planner.fingerprint import Fingerprint
 from planner.plan import (SCHEMA_VERSION, AugmentationSection, ChannelNormalization, CrossValidationSection,
                           DatasetSection, InferenceSection, IntensitySection, LossSection, MemorySection, NetworkSection,
-                          Plan, ResamplingSection, SamplingSection, ScheduleSection, TrainingSection)
+                          Plan, ResamplingSection, SamplingSection, ScheduleSection, TrainingSection,
+                          supervised_levels)
 from planner.memory import estimate_training_gb
 
 CONVS_PER_STAGE = 2
+# the default GPU plan's network: the paper's plain U-Net, trained with deep supervision as nnU-Net
+DEFAULT_NETWORK = dataclasses.replace(H.PLAIN_NETWORK, deep_supervision=True)
+# nnU-Net's ResEnc presets (residual_encoder_unet_planners.py): the GPU memory each is planned for
+# by default, the batch not capped at 5% of the dataset (max_dataset_covered = 1), features capped
+# at 320 (UNet_max_features_3d); the network: heuristics.RESENC_NETWORK
+RESENC_PRESETS = {"resenc-m": 8.0, "resenc-l": 24.0}
+RESENC_MAX_FILTERS = 320
 MAX_BATCH_WORKERS = 8
 DEFAULT_FOLDS = 5
 PAPER_AUGMENTATION = AugmentationSection(
@@ -39,10 +48,14 @@ def gpu_present() -> bool:
     return "GPU" in out
 
 
-def gpu_memory_budget(requested: float | None) -> tuple[float, str]:
-    """(GB, where it came from): the flag, else the first GPU's memory from nvidia-smi, else 8."""
+def gpu_memory_budget(requested: float | None, preset: str = "default") -> tuple[float, str]:
+    """(GB, where it came from): the flag, else a ResEnc preset's own target (8 / 24 GB, as nnU-Net),
+    else the first GPU's memory from nvidia-smi, else 8."""
     if requested is not None:
         return float(requested), "--gpu-memory"
+    if preset in RESENC_PRESETS:
+        return RESENC_PRESETS[preset], (f"the {preset} preset's target, as nnU-Net's ResEnc {preset[-1].upper()} "
+                                        "planner (--gpu-memory overrides it)")
     if shutil.which("nvidia-smi"):
         try:
             out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
@@ -56,19 +69,23 @@ def gpu_memory_budget(requested: float | None) -> tuple[float, str]:
 def make_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, gpu_memory_gb: float,
               budget_source: str, preset: str = "default", splits_file: str | None = None,
               first: int = H.FIRST_FILTERS, cap: int = H.MAX_FILTERS) -> tuple[Plan, dict]:
-    """The GPU plan for ``fp`` (presets default and miscnn-covid19) and the reasons behind its
-    values. The cpu preset starts from this plan with its own rules: planner.cpu_plan."""
+    """The GPU plan for ``fp`` (presets default, miscnn-covid19, resenc-m and resenc-l) and the reasons
+    behind its values. The cpu preset starts from this plan with its own rules: planner.cpu_plan."""
     if preset == "miscnn-covid19":
         return _miscnn(fp, name, dataset_rel, work_rel, gpu_memory_gb, budget_source, splits_file)
-    if preset != "default":
-        raise ValueError(f"make_plan makes the default and miscnn-covid19 presets, not '{preset}' "
-                         "(planner.cpu_plan.make_cpu_plan makes cpu plans)")
+    if preset != "default" and preset not in RESENC_PRESETS:
+        raise ValueError(f"make_plan makes the default, miscnn-covid19 and {', '.join(RESENC_PRESETS)} presets, not "
+                         f"'{preset}' (planner.cpu_plan.make_cpu_plan makes cpu plans)")
     reasons: dict[str, str] = {}
+    resenc = preset in RESENC_PRESETS
     spacing = H.target_spacing(np.array([c.spacing for c in fp.cases]), reasons)
     median = H.median_resampled_shape(fp, spacing)
     n_in, n_cls = len(fp.channel_names), len(fp.labels)
     fit = H.fit_patch_and_batch(median, spacing, gpu_memory_gb, n_in, n_cls, H.dataset_voxels(fp, spacing),
-                                reasons, first=first, cap=cap, convs_per_stage=CONVS_PER_STAGE)
+                                reasons, first=first, cap=min(cap, RESENC_MAX_FILTERS) if resenc else cap,
+                                network=H.RESENC_NETWORK if resenc else DEFAULT_NETWORK,
+                                max_batch_share=1.0 if resenc else H.MAX_BATCH_SHARE)
+    _network_reasons(fit["network"], preset, reasons)
     norms = []
     _channel_sources(fp, reasons)
     for i, st in enumerate(fp.channels):
@@ -87,14 +104,38 @@ def make_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, gpu_m
         dataset=DatasetSection(dataset_rel, work_rel, list(fp.channel_names), dict(fp.labels), groups, splits_file),
         intensity=IntensitySection(list(fp.windowed_range), _conventions(fp, reasons), norms),
         resampling=ResamplingSection(spacing, 3, "onehot_linear", 3.0, 0),
-        network=NetworkSection(fit["filters"], fit["pools"], fit["kernels"], CONVS_PER_STAGE, "batch", 0.99, "relu",
-                               "transpose"),
+        network=fit["network"],
         training=TrainingSection(fit["patch"], fit["batch"], 1e-3, False, 12345, SamplingSection(0.33),
                                  PAPER_AUGMENTATION, PAPER_LOSS, PAPER_SCHEDULE, batch_workers(reasons)),
         inference=InferenceSection(0.5, "gaussian", True, 2),
         cross_validation=CrossValidationSection(_folds(fp, reasons), 12345),
         memory=MemorySection(gpu_memory_gb, budget_source, round(fit["estimate"], 2)))
     return plan, reasons
+
+
+def supervision_note(net: NetworkSection) -> str:
+    """The outputs that carry loss and their weights, in words (for a plan's comments)."""
+    levels = supervised_levels(net)
+    if len(levels) == 1:
+        return "the full-resolution output alone carries loss"
+    where = ["full resolution" if lv.stage == 0 else f"stage {lv.stage} (1/{max(lv.factors)})" for lv in levels]
+    parts = ", ".join(f"{lv.weight:.3f} at {w}" for lv, w in zip(levels, where))
+    return f"loss weights {parts}; the lowest decoder stage is left out (weight 0, nnU-Net's rule)"
+
+
+def _network_reasons(net: NetworkSection, preset: str, reasons: dict) -> None:
+    if preset in RESENC_PRESETS:
+        reasons["network.architecture"] = (f"the {preset} preset: nnU-Net's residual-encoder U-Net (\"nnU-Net "
+                                           "Revisited\", Isensee et al. 2024)")
+        reasons["network.blocks_per_stage"] = "nnU-Net's ResEnc presets: (1, 3, 4, 6, 6, 6, ...) cut to the stages"
+        reasons["network.convs_per_stage"] = "one convolution per decoder stage, as nnU-Net's ResEnc presets"
+        reasons["network.activation"] = "leaky ReLU (slope 0.01), as nnU-Net"
+        reasons["network.filters"] = f"{net.filters[0]} doubling per stage, capped at {RESENC_MAX_FILTERS} as nnU-Net"
+        reasons["training.batch_size"] += "; not capped at 5% of the dataset, as nnU-Net's ResEnc presets"
+        why = "on, as nnU-Net's ResEnc presets"
+    else:
+        why = "on, as nnU-Net's default plans"
+    reasons["network.deep_supervision"] = f"{why}: {supervision_note(net)}"
 
 
 def batch_workers(reasons: dict) -> int:
@@ -163,11 +204,13 @@ def _miscnn(fp, name, dataset_rel, work_rel, gpu_memory_gb, budget_source, split
                "training.patch_size": "the paper: 160 x 160 x 80 (x, y, z)", "training.batch_size": "the paper",
                "intensity.normalization.0.clip": "the paper: [-1250, 250] HU; windowed cases are mapped into HU first, so they are not clipped twice",
                "intensity.normalization.0.zscore": "the paper: z-score per case (after grayscale scaling, which z-score makes redundant)",
-               "training.sampling.foreground_oversampling": "the paper: plain random crops"}
-    filters, pools, kernels = [32, 64, 128, 256, 512], [[2, 2, 2]] * 4, [[3, 3, 3]] * 5
+               "training.sampling.foreground_oversampling": "the paper: plain random crops",
+               "network.deep_supervision": "off: the paper's network has one output and one loss"}
+    network = NetworkSection([32, 64, 128, 256, 512], [[2, 2, 2]] * 4, [[3, 3, 3]] * 5, CONVS_PER_STAGE, "batch",
+                             0.99, "relu", "transpose", "plain", [], False)
     n_in, n_cls = len(fp.channel_names), len(fp.labels)
     _channel_sources(fp, reasons)
-    est = estimate_training_gb([80, 160, 160], 2, filters, kernels, pools, CONVS_PER_STAGE, n_in, n_cls)
+    est = estimate_training_gb(network, [80, 160, 160], 2, n_in, n_cls)
     norms = [ChannelNormalization(n, "ct", [-1250.0, 250.0], "case", 0.0, 1.0) for n in fp.channel_names]
     plan = Plan(
         schema_version=SCHEMA_VERSION, name=name, preset="miscnn-covid19", device="gpu",
@@ -175,8 +218,7 @@ def _miscnn(fp, name, dataset_rel, work_rel, gpu_memory_gb, budget_source, split
                                _label_groups(fp.labels), splits_file),
         intensity=IntensitySection([-1250.0, 250.0], _conventions(fp, reasons), norms),
         resampling=ResamplingSection([2.70, 1.58, 1.58], 3, "onehot_linear", 3.0, 3),
-        network=NetworkSection(filters, [list(p) for p in pools], [list(k) for k in kernels], CONVS_PER_STAGE, "batch", 0.99,
-                               "relu", "transpose"),
+        network=network,
         training=TrainingSection([80, 160, 160], 2, 1e-3, False, 12345, SamplingSection(0.0), PAPER_AUGMENTATION,
                                  PAPER_LOSS, PAPER_SCHEDULE, batch_workers(reasons)),
         inference=InferenceSection(0.5, "constant", False, 1),

@@ -5,12 +5,14 @@ prints them as comments.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from planner.memory import estimate_training_gb
+from planner.plan import NetworkSection
 
 if TYPE_CHECKING:  # the rules need no image I/O: SimpleITK stays out of their imports
     from planner.fingerprint import Fingerprint
@@ -22,6 +24,14 @@ MAX_FILTERS = 512
 MAX_BATCH_SHARE = 0.05
 MIN_BATCH = 2
 MIN_PATCH = 8        # no axis of a patch is shrunk below this (or below the median image, if smaller)
+# residual blocks per encoder stage of nnU-Net's ResEnc presets (residual_encoder_unet_planners.py,
+# UNet_blocks_per_stage_encoder), cut to the network's stages
+RESENC_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)
+# the network the rules size when none is given: the paper's plain U-Net
+PLAIN_NETWORK = NetworkSection([], [], [], 2, "batch", 0.99, "relu", "transpose")
+# the network of nnU-Net's ResEnc presets: residual encoder, one convolution per decoder stage,
+# leaky ReLU, deep supervision (segplan's batch norm where nnU-Net has instance norm)
+RESENC_NETWORK = NetworkSection([], [], [], 1, "batch", 0.99, "leaky_relu", "transpose", "residual_encoder", [], True)
 
 
 def target_spacing(spacings: np.ndarray, reasons: dict) -> list[float]:
@@ -60,6 +70,16 @@ def filters_for(n_stages: int, first: int = FIRST_FILTERS, cap: int = MAX_FILTER
     return [min(first * 2 ** i, cap) for i in range(n_stages)]
 
 
+def shaped(template: NetworkSection, filters: list[int], pools: list[list[int]], kernels: list[list[int]]
+           ) -> NetworkSection:
+    """``template``'s kind of network (architecture, convolutions, deep supervision) with this topology;
+    a residual encoder gets nnU-Net's blocks per stage for its number of stages."""
+    residual = template.architecture == "residual_encoder"
+    blocks = [RESENC_BLOCKS[min(s, len(RESENC_BLOCKS) - 1)] for s in range(len(filters))] if residual else []
+    return dataclasses.replace(template, filters=list(filters), pool_sizes=[list(p) for p in pools],
+                               kernel_sizes=[list(k) for k in kernels], blocks_per_stage=blocks)
+
+
 def _divisible(patch: list[int], pools: list[list[int]]) -> list[int]:
     div = [math.prod(p[a] for p in pools) for a in range(3)]
     return [max(d, int(math.ceil(s / d)) * d) for s, d in zip(patch, div)]
@@ -73,10 +93,12 @@ def _can_shrink(patch: list[int], pools: list[list[int]], floor: list[int]) -> l
 
 def fit_patch_and_batch(median_shape: list[float], spacing: list[float], budget_gb: float, in_channels: int,
                         n_classes: int, dataset_voxels: float, reasons: dict, first: int = FIRST_FILTERS,
-                        cap: int = MAX_FILTERS, mixed_precision: bool = False, convs_per_stage: int = 2,
-                        min_batch: int = MIN_BATCH) -> dict:
+                        cap: int = MAX_FILTERS, mixed_precision: bool = False, network: NetworkSection = PLAIN_NETWORK,
+                        min_batch: int = MIN_BATCH, max_batch_share: float = MAX_BATCH_SHARE) -> dict:
     """nnU-Net's rule: a patch proportional to the median image in mm, shrunk along the axis largest
-    relative to the median shape until the estimate fits ``budget_gb``; the rest goes to the batch.
+    relative to the median shape until the estimate fits ``budget_gb``; the rest goes to the batch,
+    which covers at most ``max_batch_share`` of the dataset's voxels. ``network`` is the kind of
+    network sized (its topology is the rules'); the fitted one is returned as ``network``.
 
     Always ends: every step takes one pooling multiple off an axis that stays at or above its floor
     (MIN_PATCH voxels, or the median where that is smaller), so the patch strictly shrinks. When even
@@ -87,7 +109,7 @@ def fit_patch_and_batch(median_shape: list[float], spacing: list[float], budget_
     patch = list(median_up)   # proportional to the median image in mm
 
     def estimate(p, pools, kernels, filters, batch):
-        return estimate_training_gb(p, batch, filters, kernels, pools, convs_per_stage, in_channels, n_classes,
+        return estimate_training_gb(shaped(network, filters, pools, kernels), p, batch, in_channels, n_classes,
                                     mixed_precision)
     while True:
         pools, kernels = topology(patch, spacing)
@@ -105,10 +127,10 @@ def fit_patch_and_batch(median_shape: list[float], spacing: list[float], budget_
     # the estimate is linear in the batch: solve for it instead of counting up (a tiny patch under a
     # large budget would otherwise take millions of steps)
     batch = max(min_batch, int((budget_gb - (one - per_sample)) / per_sample)) if per_sample > 0 else min_batch
-    cap_batch = max(min_batch, int(MAX_BATCH_SHARE * dataset_voxels / np.prod(patch)))
+    cap_batch = max(min_batch, int(max_batch_share * dataset_voxels / np.prod(patch)))
     why_batch = f"fills the {budget_gb:g} GB budget"
     if batch > cap_batch:
-        batch, why_batch = cap_batch, "capped so one batch covers at most 5% of the dataset's voxels"
+        batch, why_batch = cap_batch, f"capped so one batch covers at most {max_batch_share:.0%} of the dataset's voxels"
     est = estimate(patch, pools, kernels, filters, batch)
     fits = est <= budget_gb
     if batch == min_batch and not fits:
@@ -123,7 +145,7 @@ def fit_patch_and_batch(median_shape: list[float], spacing: list[float], budget_
                                          f"{batch}) needs {est:.2f} GB of the {budget_gb:g} GB budget; give more memory "
                                          "(--gpu-memory) or a narrower network")
     return {"patch": patch, "batch": batch, "pools": pools, "kernels": kernels, "filters": filters, "estimate": est,
-            "fits": fits}
+            "fits": fits, "network": shaped(network, filters, pools, kernels)}
 
 
 def ct_normalization(stats, reasons: dict, index: int) -> dict:

@@ -13,7 +13,7 @@ from typing import Literal
 from planner.schema import doc
 
 SCHEMA_VERSION = 1
-PRESETS = ("default", "miscnn-covid19", "cpu")
+PRESETS = ("default", "miscnn-covid19", "cpu", "resenc-m", "resenc-l")
 PLAN_CONVENTIONS = ("hu", "windowed", "shifted_hu", "other")
 
 
@@ -56,13 +56,25 @@ class ResamplingSection:
 @dataclass(frozen=True)
 class NetworkSection:
     filters: list[int] = doc("filters per stage, first stage first")
-    pool_sizes: list[list[int]] = doc("max-pool size (z, y, x) after each stage but the last")
+    pool_sizes: list[list[int]] = doc("down-sampling (z, y, x) after each stage but the last: max-pooling (plain) or "
+                                      "the stride of the next stage's first residual block (residual_encoder)")
     kernel_sizes: list[list[int]] = doc("convolution kernel (z, y, x) per stage (1 along an axis much coarser than the others)")
-    convs_per_stage: int = doc("convolutions per stage")
+    convs_per_stage: int = doc("convolutions per stage (residual_encoder: per decoder stage; the encoder's are in "
+                               "blocks_per_stage)")
     normalization: Literal["batch", "none"] = doc("after each convolution")
     batchnorm_momentum: float = doc("Keras BatchNormalization momentum")
     activation: Literal["relu", "leaky_relu"] = doc("after each convolution")
     upsampling: Literal["transpose", "upsample"] = doc("transposed convolution (paper) or nearest upsampling + conv")
+    architecture: Literal["plain", "residual_encoder"] = doc(
+        "plain: convs_per_stage convolutions per stage, max-pooling (the paper); residual_encoder: nnU-Net's ResEnc "
+        "U-Net, an encoder of residual blocks (blocks_per_stage) with strided down-sampling, a plain decoder",
+        default="plain")
+    blocks_per_stage: list[int] = doc("residual_encoder: residual blocks (two convolutions each) per encoder stage, "
+                                      "first stage first; plain: empty", default_factory=list)
+    deep_supervision: bool = doc(
+        "also train on the decoder's lower resolutions (nnU-Net): one more output per decoder stage but the lowest, "
+        "each against the labels down-sampled to it, loss weights 1/2^k normalised; only the full-resolution "
+        "output predicts", default=False)
 
 
 @dataclass(frozen=True)
@@ -169,7 +181,8 @@ class Plan:
     dataset: DatasetSection = doc("")
     intensity: IntensitySection = doc("")
     resampling: ResamplingSection = doc("")
-    network: NetworkSection = doc("3D U-Net: 3x3x3 conv + norm + activation, max-pool down, up + concatenation skips, softmax")
+    network: NetworkSection = doc("3D U-Net: conv + norm + activation blocks (plain) or residual blocks (residual_encoder) "
+                                  "down, up + concatenation skips, softmax")
     training: TrainingSection = doc("")
     inference: InferenceSection = doc("sliding-window prediction")
     cross_validation: CrossValidationSection = doc("")
@@ -182,3 +195,33 @@ class Plan:
 def pool_divisor(network: NetworkSection) -> list[int]:
     """Total down-sampling per axis: the patch must be a multiple of it."""
     return [math.prod(p[a] for p in network.pool_sizes) for a in range(3)]
+
+
+@dataclass(frozen=True)
+class SupervisedLevel:
+    """One output the network trains with: its decoder stage (0: full resolution), the factor per
+    axis (z, y, x) by which its resolution is below the patch, and its weight in the loss."""
+    stage: int
+    factors: list[int]
+    weight: float
+
+
+def supervised_levels(network: NetworkSection) -> list[SupervisedLevel]:
+    """The outputs that carry loss, full resolution first: only that one without deep supervision.
+
+    With it, nnU-Net's rule (nnUNetTrainer._get_deep_supervision_scales and _build_loss): an output
+    per decoder stage (every stage but the bottleneck), weight 1/2^k at stage k, the lowest-resolution
+    one weighted 0, the weights normalised to sum 1. A zero-weight output trains nothing, so it is not
+    built; a network of 3 stages or fewer is thus left with its full-resolution output alone."""
+    n_decoder = max(len(network.filters) - 1, 1)
+    raw = [1.0 / 2 ** k for k in range(n_decoder)] if network.deep_supervision else [1.0]
+    if len(raw) > 1:
+        raw[-1] = 0.0
+    total = sum(raw)
+    levels, factors = [], [1, 1, 1]
+    for k, w in enumerate(raw):
+        if w > 0:
+            levels.append(SupervisedLevel(k, list(factors), w / total))
+        if k < len(network.pool_sizes):
+            factors = [f * p for f, p in zip(factors, network.pool_sizes[k])]
+    return levels

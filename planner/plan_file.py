@@ -2,9 +2,11 @@
 
 ``load_plan`` refuses, naming the key and its line: unknown or misspelled keys, wrong types, sizes
 that are not positive, a patch the pooling does not divide, probabilities outside [0, 1], unknown
-presets, schemes or conventions, a missing dataset, more folds than cases, an unknown schema version,
-NaN or infinite numbers (.nan, .inf, or a float too large, which YAML reads as .inf), seeds that
-NumPy's and Keras' seeding refuse.
+presets, architectures, schemes or conventions, residual blocks that do not match the stages, a
+missing dataset, more folds than cases, an unknown schema version, NaN or infinite numbers (.nan,
+.inf, or a float too large, which YAML reads as .inf), seeds that NumPy's and Keras' seeding refuse.
+Keys added since a plan was written take their defaults (an older plan still loads, as the network
+it was trained with).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import math
 from pathlib import Path
 
 from planner.fileio import write_text
+from planner.heuristics import RESENC_BLOCKS
 from planner.plan import PLAN_CONVENTIONS, PRESETS, SCHEMA_VERSION, Plan, pool_divisor
 from planner.schema import Reader, SchemaError, dump_yaml, load_yaml_with_lines, to_plain
 
@@ -100,6 +103,14 @@ def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
                                                     f"{max(d, round(p / d) * d)}")
     if net.convs_per_stage < 1:
         r.error("network.convs_per_stage", "must be >= 1")
+    if net.architecture == "residual_encoder" and (len(net.blocks_per_stage) != n_stages
+                                                   or any(b < 1 for b in net.blocks_per_stage)):
+        r.error("network.blocks_per_stage", f"{net.blocks_per_stage}: a residual_encoder needs one count >= 1 per "
+                                            f"stage ({n_stages} stages), e.g. nnU-Net's "
+                                            f"{list(RESENC_BLOCKS[:n_stages])}")
+    if net.architecture == "plain" and net.blocks_per_stage:
+        r.error("network.blocks_per_stage", "only a residual_encoder has residual blocks; a plain network has "
+                                            "convs_per_stage: set it to [] or the architecture to residual_encoder")
     if base_dir is not None and tr.initial_weights is not None and not (base_dir / tr.initial_weights).is_file():
         r.error("training.initial_weights", f"file {(base_dir / tr.initial_weights).resolve()} does not exist")
     if tr.workers < 0:

@@ -12,7 +12,7 @@ from planner.cpu_plan import make_cpu_plan
 from planner.finetune import plan_from_bundle
 from planner.fingerprint import fingerprint_for
 from planner.memory import estimate_for_plan
-from planner.plan import PRESETS
+from planner.plan import PRESETS, supervised_levels
 from planner.plan_file import load_plan, save_plan
 from planner.probing import fit_by_probe
 
@@ -50,7 +50,7 @@ def plan_dataset(dataset: Path, output: Path | None = None, gpu_memory: float | 
                                       time_budget=time_budget, splits_file=_splits(dataset, output), probe=probe,
                                       why=why)
     else:
-        gb, source = gpu_memory_budget(gpu_memory)
+        gb, source = gpu_memory_budget(gpu_memory, preset)
 
         def replan(model_gb: float):
             plan, reasons = make_plan(fp, output.stem, _rel(dataset, output),
@@ -101,9 +101,14 @@ def check_plan_report(path: Path) -> str:
     plan = load_plan(path)
     est = estimate_for_plan(plan)
     budget = plan.memory.gpu_memory_gb
+    net = plan.network
+    kind = (f"residual encoder ({', '.join(map(str, net.blocks_per_stage))} blocks)"
+            if net.architecture == "residual_encoder" else "plain")
+    outputs = len(supervised_levels(net))
     lines = [f"{path}: valid plan '{plan.name}' ({plan.preset}, {plan.device})",
              f"  patch {plan.training.patch_size} x batch {plan.training.batch_size}, "
-             f"{len(plan.network.filters)} stages {plan.network.filters[0]}..{max(plan.network.filters)} filters",
+             f"{len(net.filters)} stages {net.filters[0]}..{max(net.filters)} filters, {kind}"
+             + (f", deep supervision ({outputs} outputs)" if outputs > 1 else ""),
              f"  estimated training memory {est:.2f} GB of a {budget:g} GB budget"]
     if plan.device == "cpu":
         lines[-1] = (f"  estimated peak memory of `segplan run`: {plan.memory.estimate_gb:g} GB of system memory "

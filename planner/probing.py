@@ -52,7 +52,7 @@ def run_probe(candidates: list[dict], network: dict, loss: dict, in_channels: in
 def candidate(plan: Plan) -> dict:
     net, tr = plan.network, plan.training
     return {"filters": net.filters, "pool_sizes": net.pool_sizes, "kernel_sizes": net.kernel_sizes,
-            "patch": tr.patch_size, "batch": tr.batch_size}
+            "blocks_per_stage": net.blocks_per_stage, "patch": tr.patch_size, "batch": tr.batch_size}
 
 
 def measure_plan(plan: Plan) -> tuple[dict | None, str]:

@@ -176,6 +176,7 @@ def cmd_demo(a) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from planner.bundle_file import MAX_MEMBER_MB
+    from planner.plan import PRESETS
     p = argparse.ArgumentParser(prog="segplan", description="Plan and run 3D medical image segmentation.")
     p.add_argument("--verbose", action="store_true",
                    help="keep TensorFlow's start-up messages (hidden by default: they are notices, not problems)")
@@ -200,8 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("plan", help="fingerprint a dataset and write a plan YAML")
     s.add_argument("dataset")
     s.add_argument("-o", "--output")
-    s.add_argument("--gpu-memory", type=float, help="GB; default: nvidia-smi's first GPU, else 8")
-    s.add_argument("--preset", default=None, help="default, miscnn-covid19 or cpu")
+    s.add_argument("--gpu-memory", type=float,
+                   help="GB; default: nvidia-smi's first GPU, else 8 (resenc-m: 8, resenc-l: 24, as nnU-Net)")
+    s.add_argument("--preset", default=None, choices=PRESETS,
+                   help="default (nnU-Net's rules), miscnn-covid19 (the paper), cpu (a time budget), resenc-m / "
+                        "resenc-l (nnU-Net's residual-encoder U-Net for 8 / 24 GB)")
     s.add_argument("--device", choices=["gpu", "cpu"], default=None,
                    help="cpu: plan for throughput within a time budget (the default when no GPU is found)")
     s.add_argument("--time-budget", type=float, default=None, help="minutes of training (cpu plans)")

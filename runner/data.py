@@ -5,7 +5,7 @@ Every batch is a pure function of (seed, fold, epoch, index): the sampler draws 
 inside ``seeded_global_numpy`` which seeds them and restores it afterwards. A resumed run therefore
 sees exactly the batches an uninterrupted one would, and so does a run with another number of
 batch workers (runner.batches). Arrays are (b, c, z, y, x) here and become channels-last only in
-``to_keras``.
+``to_keras``, which also makes the deep-supervision targets (the labels down-sampled per level).
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from planner.plan import AugmentationSection, Plan
+from planner.plan import AugmentationSection, Plan, SupervisedLevel, supervised_levels
+from runner.targets import targets
 from runner.preprocess import load_case, load_locations
 
 VALIDATION_FOREGROUND_SHARE = 0.5  # validation patches: half centred on foreground, so the loss sees the classes
@@ -116,12 +117,11 @@ class PatchSampler:
         return {"data": np.stack(xs), "seg": np.stack(ys).astype(np.float32)}
 
 
-def to_keras(batch: dict, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(b, c, z, y, x) data and (b, 1, z, y, x) seg -> channels-last image and one-hot target."""
+def to_keras(batch: dict, n_classes: int, levels: list[SupervisedLevel] | None = None):
+    """(b, c, z, y, x) data and (b, 1, z, y, x) seg -> channels-last image and one-hot target(s)."""
     x = np.moveaxis(batch["data"], 1, -1).astype(np.float32)
     seg = np.rint(batch["seg"][:, 0]).astype(np.int64)
-    y = np.eye(n_classes, dtype=np.float32)[np.clip(seg, 0, n_classes - 1)]
-    return x, y
+    return x, targets(seg, n_classes, levels)
 
 
 def augmented_batch(sampler: PatchSampler, augment, plan: Plan, fold: int, epoch: int, index: int) -> dict:
@@ -138,8 +138,9 @@ def augmented_batch(sampler: PatchSampler, augment, plan: Plan, fold: int, epoch
     return {"data": batch["data"].astype(np.float32, copy=False), "seg": seg}
 
 
-def make_batch(sampler: PatchSampler, augment, plan: Plan, fold: int, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-    return to_keras(augmented_batch(sampler, augment, plan, fold, epoch, index), len(plan.dataset.labels))
+def make_batch(sampler: PatchSampler, augment, plan: Plan, fold: int, epoch: int, index: int) -> tuple:
+    return to_keras(augmented_batch(sampler, augment, plan, fold, epoch, index), len(plan.dataset.labels),
+                    supervised_levels(plan.network))
 
 
 def validation_batches(folder: Path, case_ids: list[str], plan: Plan, fold: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -149,4 +150,5 @@ def validation_batches(folder: Path, case_ids: list[str], plan: Plan, fold: int)
     sampler = PatchSampler(folder, case_ids, plan.training.patch_size, VALIDATION_FOREGROUND_SHARE)
     rng = np.random.default_rng([plan.training.seed, fold, VALIDATION_STREAM])
     n, b = plan.training.schedule.validation_patches, plan.training.batch_size
-    return [to_keras(sampler.batch(rng, min(b, n - i)), len(plan.dataset.labels)) for i in range(0, n, b)]
+    levels = supervised_levels(plan.network)
+    return [to_keras(sampler.batch(rng, min(b, n - i)), len(plan.dataset.labels), levels) for i in range(0, n, b)]

@@ -1,10 +1,11 @@
-"""Multi-class Tversky + categorical cross-entropy, and a soft Dice metric (channels-last, one-hot targets)."""
+"""Multi-class Tversky + categorical cross-entropy (per supervised level with deep supervision), and
+a soft Dice metric (channels-last, one-hot targets)."""
 from __future__ import annotations
 
 import keras
 from keras import ops
 
-from planner.plan import LossSection
+from planner.plan import LossSection, SupervisedLevel
 
 _SPATIAL = (1, 2, 3)
 
@@ -40,6 +41,17 @@ def make_loss(cfg: LossSection):
         ce = ops.mean(keras.losses.categorical_crossentropy(y_true, ops.clip(y_pred, 1e-7, 1.0)))
         return cfg.tversky_weight * tv + cfg.cross_entropy_weight * ce
     return loss
+
+
+def compile_arguments(cfg: LossSection, levels: list[SupervisedLevel], metric=None) -> dict:
+    """Keras ``compile`` arguments: the plan's loss on each supervised level (planner.plan.
+    supervised_levels), weighted by its level weight (Keras sums them), and ``metric`` on the
+    full-resolution output only."""
+    loss = make_loss(cfg)
+    if len(levels) == 1:
+        return {"loss": loss, "metrics": [metric] if metric else None}
+    return {"loss": [loss] * len(levels), "loss_weights": [lv.weight for lv in levels],
+            "metrics": [[metric] if metric else []] + [[] for _ in levels[1:]]}
 
 
 def hard_dice_per_class(y_true, y_pred):

@@ -1,14 +1,32 @@
-"""build_unet(plan.network, ...) -> keras.Model: the plan's 3D U-Net, channels-last."""
+"""build_unet(plan.network, ...) -> keras.Model: the plan's 3D U-Net, channels-last.
+
+Two encoders share one decoder: ``plain`` (the paper: convolution blocks and max-pooling) and
+``residual_encoder`` (nnU-Net's ResEnc U-Net, dynamic_network_architectures' ResidualEncoderUNet:
+a stem convolution, then per stage residual blocks of two convolutions in ResNet-D form, the
+first block of a stage down-sampling by its stride with an average-pooled skip). With deep
+supervision the model has one softmax output per supervised level (planner.plan.supervised_levels),
+full resolution first; ``prediction_model`` keeps only that one for inference.
+"""
 from __future__ import annotations
 
 import keras
 from keras import layers
 
-from planner.plan import NetworkSection
+from planner.plan import NetworkSection, supervised_levels
 
 
-def _conv_block(x, filters: int, kernel, net: NetworkSection, name: str):
-    for i in range(net.convs_per_stage):
+def _norm_act(x, net: NetworkSection, name: str, activate: bool = True):
+    if net.normalization == "batch":
+        x = layers.BatchNormalization(momentum=net.batchnorm_momentum, name=f"{name}_bn")(x)
+    if not activate:
+        return x
+    return (layers.ReLU(name=f"{name}_relu") if net.activation == "relu"
+            else layers.LeakyReLU(0.01, name=f"{name}_lrelu"))(x)
+
+
+def _conv_block(x, filters: int, kernel, net: NetworkSection, name: str, convs: int | None = None):
+    """``convs`` (default: convs_per_stage) times convolution + norm + activation (layer names as before)."""
+    for i in range(net.convs_per_stage if convs is None else convs):
         x = layers.Conv3D(filters, tuple(kernel), padding="same", use_bias=net.normalization == "none",
                           name=f"{name}_conv{i}")(x)
         if net.normalization == "batch":
@@ -18,26 +36,83 @@ def _conv_block(x, filters: int, kernel, net: NetworkSection, name: str):
     return x
 
 
-def build_unet(net: NetworkSection, in_channels: int, n_classes: int) -> keras.Model:
-    """Encoder: conv blocks with max-pooling; decoder: transposed convolution (or upsampling + conv),
-    concatenation skip, conv block; 1x1x1 softmax head (float32 even under mixed precision)."""
-    inputs = keras.Input((None, None, None, in_channels), name="image")  # any patch the pooling divides
-    x, skips = inputs, []
-    last = len(net.filters) - 1
+def _residual_block(x, filters: int, kernel, stride, net: NetworkSection, name: str):
+    """ResNet-D basic block: conv-norm-act, conv-norm, plus the skip (average-pooled when strided,
+    projected by a 1x1 convolution + norm when the channels change), then the activation."""
+    bias = net.normalization == "none"
+    skip = x
+    if any(s != 1 for s in stride):
+        skip = layers.AveragePooling3D(tuple(stride), name=f"{name}_skip_pool")(skip)
+    if x.shape[-1] != filters:
+        skip = layers.Conv3D(filters, 1, use_bias=False, name=f"{name}_skip_conv")(skip)
+        skip = _norm_act(skip, net, f"{name}_skip", activate=False)
+    y = layers.Conv3D(filters, tuple(kernel), strides=tuple(stride), padding="same", use_bias=bias,
+                      name=f"{name}_conv0")(x)
+    y = _norm_act(y, net, f"{name}_0")
+    y = layers.Conv3D(filters, tuple(kernel), padding="same", use_bias=bias, name=f"{name}_conv1")(y)
+    y = _norm_act(y, net, f"{name}_1", activate=False)
+    y = layers.Add(name=f"{name}_add")([y, skip])
+    return (layers.ReLU(name=f"{name}_relu") if net.activation == "relu"
+            else layers.LeakyReLU(0.01, name=f"{name}_lrelu"))(y)
+
+
+def _plain_encoder(x, net: NetworkSection) -> list:
+    """Each stage's output, first to last (the bottleneck)."""
+    outs = []
     for s, (f, k) in enumerate(zip(net.filters, net.kernel_sizes)):
+        if s > 0:
+            x = layers.MaxPooling3D(tuple(net.pool_sizes[s - 1]), name=f"pool{s - 1}")(x)
         x = _conv_block(x, f, k, net, f"enc{s}")
-        if s < last:
-            skips.append(x)
-            x = layers.MaxPooling3D(tuple(net.pool_sizes[s]), name=f"pool{s}")(x)
-    for s in range(last - 1, -1, -1):
+        outs.append(x)
+    return outs
+
+
+def _residual_encoder(x, net: NetworkSection) -> list:
+    x = _conv_block(x, net.filters[0], net.kernel_sizes[0], net, "stem", convs=1)
+    outs = []
+    for s, (f, k, n) in enumerate(zip(net.filters, net.kernel_sizes, net.blocks_per_stage)):
+        for b in range(n):
+            stride = net.pool_sizes[s - 1] if s > 0 and b == 0 else [1, 1, 1]
+            x = _residual_block(x, f, k, stride, net, f"enc{s}_block{b}")
+        outs.append(x)
+    return outs
+
+
+def _head(x, n_classes: int, suffix: str):
+    logits = layers.Conv3D(n_classes, 1, name=f"logits{suffix}")(x)
+    return layers.Activation("softmax", dtype="float32", name=f"softmax{suffix}")(logits)
+
+
+def build_unet(net: NetworkSection, in_channels: int, n_classes: int) -> keras.Model:
+    """Encoder (``net.architecture``); decoder: transposed convolution (or upsampling + conv),
+    concatenation skip, conv block; a 1x1x1 softmax head (float32 even under mixed precision) at
+    full resolution and, with deep supervision, at every further supervised decoder stage."""
+    if net.architecture == "residual_encoder" and len(net.blocks_per_stage) != len(net.filters):
+        raise ValueError(f"network.blocks_per_stage {net.blocks_per_stage}: a residual encoder of {len(net.filters)} "
+                         f"stages needs {len(net.filters)} block counts")
+    inputs = keras.Input((None, None, None, in_channels), name="image")  # any patch the pooling divides
+    encoder = _residual_encoder if net.architecture == "residual_encoder" else _plain_encoder
+    stages = encoder(inputs, net)
+    levels = {lv.stage for lv in supervised_levels(net)}
+    x, outputs = stages[-1], {}
+    for s in range(len(net.filters) - 2, -1, -1):
         f, pool = net.filters[s], tuple(net.pool_sizes[s])
         if net.upsampling == "transpose":
             x = layers.Conv3DTranspose(f, pool, strides=pool, name=f"up{s}")(x)
         else:
             x = layers.UpSampling3D(pool, name=f"up{s}")(x)
             x = layers.Conv3D(f, 1, name=f"up{s}_proj")(x)
-        x = layers.Concatenate(name=f"skip{s}")([x, skips[s]])
+        x = layers.Concatenate(name=f"skip{s}")([x, stages[s]])
         x = _conv_block(x, f, net.kernel_sizes[s], net, f"dec{s}")
-    logits = layers.Conv3D(n_classes, 1, name="logits")(x)
-    outputs = layers.Activation("softmax", dtype="float32", name="softmax")(logits)
-    return keras.Model(inputs, outputs, name="segplan_unet")
+        if s in levels and s > 0:
+            outputs[s] = _head(x, n_classes, f"_ds{s}")
+    outputs[0] = _head(x, n_classes, "")
+    heads = [outputs[s] for s in sorted(outputs)]
+    return keras.Model(inputs, heads if len(heads) > 1 else heads[0], name="segplan_unet")
+
+
+def prediction_model(model: keras.Model) -> keras.Model:
+    """The full-resolution output alone (shares the weights): what predicts, whatever trained."""
+    if len(model.outputs) == 1:
+        return model
+    return keras.Model(model.inputs, model.outputs[0], name=f"{model.name}_full_resolution")

@@ -68,7 +68,7 @@ def selection_note(plan: Plan) -> str:
 def build_models(plans: list[Plan], weights: list[Path], folds: list[int]) -> tuple[Plan, list]:
     """One Keras model per fold from its plan and weights file (Keras weights: nothing unpickled or
     executed); the plan to predict with, which the folds' preprocessing and labels must agree on."""
-    from runner.model import build_unet
+    from runner.model import build_unet, prediction_model
     models = []
     for k, plan, w in zip(folds, plans, weights):
         model = build_unet(plan.network, len(plan.dataset.channels), len(plan.dataset.labels))
@@ -78,7 +78,7 @@ def build_models(plans: list[Plan], weights: list[Path], folds: list[int]) -> tu
             why = " ".join(str(e).split())  # Keras' message can hold whole tensors: its start says what
             raise ValueError(f"{w}: cannot be loaded as fold {k}'s weights into the network its plan describes "
                              f"({why[:300] + ' ...' if len(why) > 300 else why})") from e
-        models.append(model)
+        models.append(prediction_model(model))  # deep supervision's lower outputs trained, never predict
     first = {k: v for k, v in weight_fields(plans[0]).items() if not k.startswith("network.")}
     for k, p in zip(folds[1:], plans[1:]):
         if {a: b for a, b in weight_fields(p).items() if not a.startswith("network.")} != first:

@@ -19,38 +19,43 @@ import numpy as np
 def probe(candidates: list[dict], network: dict, loss: dict, in_channels: int, n_classes: int,
           steps: int = 3, mixed_precision: bool = False) -> list[dict]:
     """Measure each candidate: the plan's network settings (``network``, a NetworkSection as a
-    dict) with the candidate's filters/pools/kernels, at its patch and batch, with the plan's loss."""
+    dict: architecture, deep supervision, ...) with the candidate's filters/pools/kernels (and blocks
+    per stage), at its patch and batch, with the plan's loss on every supervised level, weighted as
+    in training."""
     import dataclasses
 
     import keras
-    from planner.plan import LossSection, NetworkSection
+    from planner.plan import LossSection, NetworkSection, supervised_levels
     from runner import backend
-    from runner.losses import make_loss
-    from runner.model import build_unet
+    from runner.targets import targets
+    from runner.losses import compile_arguments
+    from runner.model import build_unet, prediction_model
     keras.mixed_precision.set_global_policy(backend.mixed_policy() if mixed_precision else "float32")
     base = NetworkSection(**network)
-    loss_fn = make_loss(LossSection(**loss))
+    loss_cfg = LossSection(**loss)
     out = []
     rng = np.random.default_rng(0)
+    shape_keys = ("filters", "pool_sizes", "kernel_sizes", "blocks_per_stage")
     for c in candidates:
-        net = dataclasses.replace(base, filters=c["filters"], pool_sizes=c["pool_sizes"], kernel_sizes=c["kernel_sizes"])
+        net = dataclasses.replace(base, **{k: c[k] for k in shape_keys if k in c})
+        levels = supervised_levels(net)
         x = rng.normal(size=(c["batch"], *c["patch"], in_channels)).astype(np.float32)
-        y = np.eye(n_classes, dtype=np.float32)[rng.integers(0, n_classes, (c["batch"], *c["patch"]))]
+        y = targets(rng.integers(0, n_classes, (c["batch"], *c["patch"])), n_classes, levels)
         try:
             model = build_unet(net, in_channels, n_classes)
-            model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss_fn)
+            model.compile(optimizer=keras.optimizers.Adam(1e-3), **compile_arguments(loss_cfg, levels))
             model.train_on_batch(x, y)  # warm-up: graph tracing
             times = []
             for _ in range(steps):
                 t = time.perf_counter()
                 model.train_on_batch(x, y)
                 times.append(time.perf_counter() - t)
-            one = x[:1]
-            model.predict_on_batch(one)  # warm-up of the inference graph
+            one, full = x[:1], prediction_model(model)
+            full.predict_on_batch(one)  # warm-up of the inference graph
             window = []
             for _ in range(2):
                 t = time.perf_counter()
-                model.predict_on_batch(one)
+                full.predict_on_batch(one)
                 window.append(time.perf_counter() - t)
         except Exception as e:  # only the device running out of memory is a result; anything else is an error
             if not backend.is_out_of_memory(e):
@@ -60,7 +65,7 @@ def probe(candidates: list[dict], network: dict, loss: dict, in_channels: int, n
         peak = backend.accelerator_peak_gb()
         out.append({"seconds": float(np.median(times)), "window_seconds": float(np.median(window)),
                     "peak_gb": None if peak is None else round(peak, 3), "oom": False})
-        del model
+        del model, full
         keras.backend.clear_session()
     return out
 

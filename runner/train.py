@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from planner.fileio import write_json
-from planner.plan import Plan
+from planner.plan import Plan, supervised_levels
 from runner import backend
 from runner.batches import batch_stream
 from runner.checkpoint import load_latest, save_best, save_latest
@@ -31,15 +31,23 @@ class FoldFinished(Exception):
 
 
 def compile_model(plan: Plan, learning_rate: float):
+    """The plan's network with Adam and the plan's loss; with deep supervision the loss of each
+    supervised level, weighted as planner.plan.supervised_levels says (Keras sums them), and the
+    Dice metric of the full-resolution output."""
     import keras
-    from runner.losses import make_loss
+    from runner.losses import compile_arguments
     from runner.model import build_unet
     keras.mixed_precision.set_global_policy(backend.mixed_policy() if plan.training.mixed_precision else "float32")
     keras.utils.set_random_seed(plan.training.seed)
     model = build_unet(plan.network, len(plan.dataset.channels), len(plan.dataset.labels))
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=make_loss(plan.training.loss),
-                  metrics=[fg_soft_dice])
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                  **compile_arguments(plan.training.loss, supervised_levels(plan.network), fg_soft_dice))
     return model
+
+
+def _dice_of(out: dict) -> float:
+    """The training Dice from train_on_batch's results (named after the output with several outputs)."""
+    return float(next((v for k, v in out.items() if k.endswith("fg_soft_dice")), np.nan))
 
 
 def fg_soft_dice(y_true, y_pred):
@@ -51,7 +59,8 @@ def fg_soft_dice(y_true, y_pred):
     return ops.mean((2 * inter + 1e-6) / (denom + 1e-6))
 
 
-def _validate(model, val_batches) -> tuple[float, float]:
+def _validate(model, full, val_batches) -> tuple[float, float]:
+    """Loss (every supervised level, weighted) and hard Dice of the full-resolution output ``full``."""
     from runner.losses import hard_dice_per_class
     if not val_batches:
         return float("nan"), float("nan")
@@ -59,8 +68,8 @@ def _validate(model, val_batches) -> tuple[float, float]:
     for x, y in val_batches:
         out = model.test_on_batch(x, y, return_dict=True)
         losses.append(out["loss"])
-        probs.append(np.asarray(model.predict_on_batch(x)))
-        refs.append(y)
+        probs.append(np.asarray(full.predict_on_batch(x)))
+        refs.append(y[0] if isinstance(y, tuple) else y)
     dice = hard_dice_per_class(np.concatenate(refs), np.concatenate(probs))
     return float(np.mean(losses)), float(np.nanmean(dice)) if np.any(~np.isnan(dice)) else float("nan")
 
@@ -113,8 +122,10 @@ def _train(ws: Workspace, k: int, fold: Fold, plan: Plan, pre, split: dict, resu
 def _train_epochs(model, plan: Plan, fold: Fold, k: int, state: TrainState, history: list[dict], epoch_batches,
                   val, progress: bool) -> TrainState:
     """Epochs until the schedule says stop; after each: history, plot, checkpoint (pointer last)."""
+    from runner.model import prediction_model
     tr, sched = plan.training, plan.training.schedule
     writer = backend.metrics_writer(fold.tensorboard)
+    full = prediction_model(model)
     budget_s = sched.time_budget_minutes * 60 if sched.time_budget_minutes is not None else math.inf
     while not state.stopped:
         lr = (budget_learning_rate(tr.learning_rate, sched.min_learning_rate, state.elapsed_s, sched.time_budget_minutes)
@@ -128,7 +139,7 @@ def _train_epochs(model, plan: Plan, fold: Fold, k: int, state: TrainState, hist
         for x, y in bar:
             out = model.train_on_batch(x, y, return_dict=True)
             losses.append(float(out["loss"]))
-            dices.append(float(out.get("fg_soft_dice", np.nan)))
+            dices.append(_dice_of(out))
             it_s = (time.perf_counter() - t0) / len(losses)
             bar.set_postfix(loss=f"{np.mean(losses):.4f}", dice=f"{np.nanmean(dices):.3f}", lr=f"{lr:.2e}",
                             s_it=f"{it_s:.2f}")
@@ -136,7 +147,7 @@ def _train_epochs(model, plan: Plan, fold: Fold, k: int, state: TrainState, hist
                 break
         bar.close()
         train_s = time.perf_counter() - t0
-        val_loss, val_dice = _validate(model, val)
+        val_loss, val_dice = _validate(model, full, val)
         state = dataclasses.replace(state, learning_rate=lr, elapsed_s=state.elapsed_s + train_s)
         monitored = val_loss if sched.monitor == "val_loss" and not math.isnan(val_loss) else float(np.mean(losses))
         state, improved = after_epoch(state, monitored, sched)

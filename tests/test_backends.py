@@ -1,6 +1,6 @@
 """Keras 3 on another backend, with no TensorFlow at all (issue 15): plan, run, resume, predict,
-evaluate and summarize through the command line under JAX (or PyTorch), and the weights it trains
-predict under TensorFlow."""
+evaluate and summarize through the command line under JAX (or PyTorch), with nnU-Net's residual
+encoder and deep supervision, and the weights it trains predict under TensorFlow."""
 from __future__ import annotations
 
 import importlib.util
@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from runner.workspace import Workspace
-from tests.tiny import tiny_plan
+from tests.tiny import FOUR_STAGES, tiny_plan
 
 ROOT = Path(__file__).resolve().parents[1]
+RESENC_DS = {**FOUR_STAGES, "architecture": "residual_encoder", "blocks_per_stage": [1, 3, 4, 6], "convs_per_stage": 1,
+             "activation": "leaky_relu", "deep_supervision": True}
 OTHER = next((b for b in ("jax", "torch") if importlib.util.find_spec(b)), None)
 
 SCRIPT = """
@@ -47,7 +49,8 @@ def test_every_command_runs_on_another_backend_without_tensorflow(phantoms, tmp_
         if os.environ.get("CI"):
             pytest.fail("CI must run a non-TensorFlow backend: install the test extra (it brings jax)")
         pytest.skip("neither jax nor torch is installed (pip install -e '.[test]' brings jax)")
-    plan_path = tiny_plan(phantoms, tmp_path / "p.yaml", epochs=2, iterations=2)
+    # the most that runs through keras.ops: nnU-Net's residual encoder, trained with deep supervision
+    plan_path = tiny_plan(phantoms, tmp_path / "p.yaml", epochs=2, iterations=2, network=RESENC_DS)
     ws = Workspace(plan_path)
     case = ws.dataset.cases[0]
     inp = tmp_path / "in"

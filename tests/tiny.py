@@ -7,12 +7,18 @@ from pathlib import Path
 from planner.plan_file import load_plan, save_plan
 from planner.planning import plan_dataset
 
+# 4 stages (3 are the fewest with a deep-supervision output besides the full-resolution one)
+FOUR_STAGES = {"filters": [4, 8, 16, 32], "pool_sizes": [[1, 2, 2], [2, 2, 2], [1, 2, 2]],
+               "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]}
 
-def tiny_plan(dataset: Path, out: Path, epochs: int = 2, iterations: int = 3, folds: int = 2, **schedule) -> Path:
+
+def tiny_plan(dataset: Path, out: Path, epochs: int = 2, iterations: int = 3, folds: int = 2,
+              network: dict | None = None, **schedule) -> Path:
+    """``network``: NetworkSection fields to set (default: a plain 3-stage 4..16 U-Net)."""
     plan_dataset(dataset, out, preset="cpu", time_budget=None, progress=False, force=True, probe=False)
     plan = load_plan(out)
-    net = dataclasses.replace(plan.network, filters=[4, 8, 16], pool_sizes=[[1, 2, 2], [2, 2, 2]],
-                              kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3]])
+    net = dataclasses.replace(plan.network, **{"filters": [4, 8, 16], "pool_sizes": [[1, 2, 2], [2, 2, 2]],
+                                               "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3]], **(network or {})})
     sched = dataclasses.replace(plan.training.schedule, max_epochs=epochs, iterations_per_epoch=iterations,
                                 time_budget_minutes=None, **({"validation_patches": 2} | schedule))
     tr = dataclasses.replace(plan.training, patch_size=[8, 32, 32], batch_size=2, schedule=sched)
