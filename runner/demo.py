@@ -36,5 +36,6 @@ def run_demo(workdir: Path, minutes: float = 4.0, cases: int = DEMO_CASES, scale
           f"  plan:        {plan_path}  (edit it, then `segplan run {plan_path} --fold 0 --restart`)\n"
           f"  checkpoints: {fold.dir}  ({fold.pointer.name}, {fold.history.name}, {fold.progress.name})\n"
           f"  predictions: {fold.validation}  ({fold.validation_metrics.name}, {fold.validation_summary.name})\n"
-          f"  report:      {ws.cv_summary_md}, {ws.cv_boxplots.name}, {ws.overlays.name}/")
+          f"  report:      {ws.cv_report_html} (open it in a browser), {ws.cv_summary_md.name}, "
+          f"{ws.cv_boxplots.name}, {ws.overlays.name}/")
     return 0
