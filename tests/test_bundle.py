@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from planner.dataset import read_label
 from runner.cli import main
 from runner.workspace import Workspace
-from tests.tiny import tiny_plan
+from tests.tiny import first_case_input, tiny_plan
 
 
 def _rezip(src, dst, change: dict):
@@ -124,10 +124,8 @@ def exported(phantoms, tmp_path_factory):
     save_plan(plan.replace(inference=dataclasses.replace(plan.inference, mirroring=True)), plan_path)
     bundle = root / "m.zip"
     assert main(["export", str(plan_path), "-o", str(bundle)]) == 0
-    image = Workspace(plan_path).dataset.cases[0].image_files[0].resolve()
     inp = root / "in"
-    inp.mkdir()
-    shutil.copy(image, inp / image.name)
+    first_case_input(plan_path, inp)
     return types.SimpleNamespace(root=root, plan=plan_path, bundle=bundle, inp=inp, phantoms=phantoms)
 
 

@@ -15,7 +15,7 @@ import pytest
 from planner.plan import NetworkSection, supervised_levels
 from planner.plan_file import load_plan, save_plan
 from runner.targets import downsample_labels, targets
-from tests.tiny import FOUR_STAGES, tiny_plan
+from tests.tiny import FOUR_STAGES, first_case_input, tiny_plan
 
 needs_keras = pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="keras is not installed")
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,22 +219,17 @@ def test_residual_encoder_fold_trains_resumes_predicts_and_travels_in_a_bundle(p
     """The resenc network with deep supervision: fold 0 resumed exactly and predicted; exported with
     fold 1 as a bundle, which predicts what the work folder predicts and starts a fine-tuning plan
     that keeps its architecture."""
-    import shutil
-
     from planner.dataset import read_label
     from planner.planning import plan_dataset
     from runner.cli import main
-    from runner.workspace import Workspace
     net = {**FOUR_STAGES, "architecture": "residual_encoder", "blocks_per_stage": [1, 3, 4, 6], "convs_per_stage": 1,
            "activation": "leaky_relu", "deep_supervision": True}
     plan_path = _train_resume_predict(phantoms, tmp_path, net)
     assert main(["run", str(plan_path), "--fold", "1"]) == 0
     bundle = tmp_path / "m.zip"
     assert main(["export", str(plan_path), "-o", str(bundle)]) == 0
-    image = Workspace(plan_path).dataset.cases[0].image_files[0].resolve()
     inp = tmp_path / "in"
-    inp.mkdir()
-    shutil.copy(image, inp / image.name)
+    image = first_case_input(plan_path, inp)
     assert main(["predict", str(plan_path), "-i", str(inp), "-o", str(tmp_path / "work_pred")]) == 0
     assert main(["predict", "--model", str(bundle), "-i", str(inp), "-o", str(tmp_path / "bundle_pred")]) == 0
     case = image.name.replace("_0000.nii.gz", ".nii.gz")

@@ -27,3 +27,14 @@ def tiny_plan(dataset: Path, out: Path, epochs: int = 2, iterations: int = 3, fo
                         inference=dataclasses.replace(plan.inference, mirroring=False))
     save_plan(plan, out)
     return out
+
+
+def first_case_input(plan_path: Path, folder: Path) -> Path:
+    """A prediction input folder holding a copy of the plan's first case's image; returns the copied
+    image's source (its name tells the case)."""
+    import shutil
+    from runner.workspace import Workspace
+    image = Workspace(plan_path).dataset.cases[0].image_files[0].resolve()
+    folder.mkdir(parents=True)
+    shutil.copy(image, folder / image.name)
+    return image
