@@ -15,6 +15,7 @@ from planner.schema import doc
 SCHEMA_VERSION = 1
 PRESETS = ("default", "miscnn-covid19", "cpu", "resenc-m", "resenc-l")
 PLAN_CONVENTIONS = ("hu", "windowed", "shifted_hu", "other")
+CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 
 
 @dataclass(frozen=True)
@@ -172,12 +173,18 @@ class MemorySection:
                                     "`segplan plan --probe` (null: not measured)", default=None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Plan:
     schema_version: int = doc("plan format version")
     name: str = doc("plan name")
     preset: str = doc(f"how the plan was made: one of {', '.join(PRESETS)}")
     device: Literal["gpu", "cpu"] = doc("what the plan was sized for")
+    configuration: Literal["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"] = doc(
+        "nnU-Net's configuration family: 2d (slices), 3d_fullres (the target spacing), 3d_lowres (a coarser "
+        "spacing, for images the full-resolution patch covers too little of), 3d_cascade_fullres (full resolution "
+        "with the 3d_lowres prediction as extra input channels)", default="3d_fullres")
+    previous_stage: str | None = doc("3d_cascade_fullres only: the 3d_lowres plan file whose out-of-fold predictions "
+                                     "are extra input channels (relative to this file); null otherwise", default=None)
     dataset: DatasetSection = doc("")
     intensity: IntensitySection = doc("")
     resampling: ResamplingSection = doc("")

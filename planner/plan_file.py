@@ -49,6 +49,11 @@ def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
     if plan.preset not in PRESETS:
         r.error("preset", f"unknown preset '{plan.preset}'; known: {', '.join(PRESETS)}")
     ds, tr, net = plan.dataset, plan.training, plan.network
+    if plan.configuration == "3d_cascade_fullres" and not plan.previous_stage:
+        r.error("previous_stage", "a 3d_cascade_fullres plan needs the 3d_lowres plan file it builds on")
+    if plan.configuration != "3d_cascade_fullres" and plan.previous_stage is not None:
+        r.error("previous_stage", f"only a 3d_cascade_fullres plan has a previous stage; this one is "
+                                  f"'{plan.configuration}': set it to null")
     if base_dir is not None and not (base_dir / ds.path).is_dir():
         r.error("dataset.path", f"folder {(base_dir / ds.path).resolve()} does not exist")
     elif base_dir is not None:

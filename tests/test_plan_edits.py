@@ -139,3 +139,19 @@ def test_an_edited_plan_passes_or_is_refused_naming_the_key(plans, data):
     assert rc == 2 and err.startswith(("segplan: the plan has problems:", "segplan: error:")), (rc, err)
     named = _named_keys(err, path)
     assert any(_related(k, edited) for k in named), f"{kind} {edited}: the refusal names {named}:\n{err}"
+
+
+def test_configuration_defaults_and_previous_stage_checked(plans):
+    """A plan written before the configuration family loads as 3d_fullres; a cascade plan without
+    its low-resolution plan, or a previous stage on any other configuration, is refused by name."""
+    folder, data = plans["folder"], dict(plans["default"])
+    old = {k: v for k, v in data.items() if k not in ("configuration", "previous_stage")}
+    (folder / "old.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    plan = load_plan(folder / "old.yaml")
+    assert plan.configuration == "3d_fullres" and plan.previous_stage is None
+    (folder / "cascade.yaml").write_text(yaml.safe_dump(old | {"configuration": "3d_cascade_fullres"}, sort_keys=False))
+    rc, _, err = _check(folder / "cascade.yaml")
+    assert rc == 2 and "previous_stage" in err
+    (folder / "stray.yaml").write_text(yaml.safe_dump(old | {"previous_stage": "low.yaml"}, sort_keys=False))
+    rc, _, err = _check(folder / "stray.yaml")
+    assert rc == 2 and "previous_stage" in err and "3d_fullres" in err
