@@ -182,17 +182,19 @@ def series_problem(headers: list, files: list[Path]) -> str | None:
 
 def find_series(root: str | Path) -> list[Series]:
     """Every DICOM series under ``root`` (sorted by id), each with the reason it is refused, if any."""
-    root = Path(root)
+    located = [(folder, uid, [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)])
+               for folder in _candidate_folders(Path(root))
+               for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))]
+    if not located:
+        return []   # no DICOM: pydicom is not needed (a README beside NIfTI files)
     pydicom = require("pydicom", "reading DICOM series")
     found = []
-    for folder in _candidate_folders(root):
-        for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
-            files = [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)]
-            try:
-                headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-            except Exception as e:  # pydicom's many error types for a damaged file
-                raise DatasetError(f"{folder}: series {uid} has an unreadable file ({e})") from e
-            found.append((folder, uid, files, headers))
+    for folder, uid, files in located:
+        try:
+            headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+        except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError) as e:  # a damaged file
+            raise DatasetError(f"{folder}: series {uid} has an unreadable file ({e})") from e
+        found.append((folder, uid, files, headers))
     ids = unique_ids([readable_id(h[0]) for _, _, _, h in found], [(str(f), u) for f, u, _, _ in found])
     folders_of = Counter(uid for _, uid, _, _ in found)
     out = []

@@ -142,11 +142,19 @@ def test_ids_are_readable_unique_and_safe_for_file_names(tmp_path):
     assert unique_ids(["x", "x", "x_2", "y"], [(1,), (2,), (3,), (4,)]) == ["x", "x_3", "x_2", "y"]
 
 
-def test_a_missing_extra_says_how_to_install_it(monkeypatch):
+def test_a_missing_extra_says_how_to_install_it_and_nifti_input_does_not_need_it(monkeypatch, tmp_path):
+    from runner.predict import find_input_cases
+    write_volume(_volume(), _geometry(_volume().shape), tmp_path / "nifti" / "a.nii.gz")
+    (tmp_path / "nifti" / "README.txt").write_text("not DICOM")
+    write_series(tmp_path / "dicom", _volume())
     monkeypatch.setitem(sys.modules, "highdicom", None)
+    monkeypatch.setitem(sys.modules, "pydicom", None)
     with pytest.raises(MissingExtra, match=r"--output-format dicom-seg needs the Python package highdicom.*"
                                            r"pip install 'segplan\[dicom\]'"):
         require("highdicom", "--output-format dicom-seg")
+    assert [c.case_id for c in find_input_cases(tmp_path / "nifti", 1)] == ["a"]
+    with pytest.raises(MissingExtra, match=r"reading DICOM series needs the Python package pydicom"):
+        find_input_cases(tmp_path / "dicom", 1)
 
 
 def dciodvfy(path: Path) -> str:
