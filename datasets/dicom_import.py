@@ -7,7 +7,8 @@ file (any format segplan reads, at the top of LABELS_DIR) belongs to
 1. the series whose id it is named after: ``PAT1_series3.nii.gz`` for series ``PAT1_series3`` (the
    name `segplan predict` gives that series' prediction, so a corrected prediction comes back as is);
 2. else the one series in a folder of its name: ``liver_017.nii.gz`` for ``DIR/.../liver_017/``
-   holding that series alone (one series per patient folder, as many exports are laid out).
+   holding that series alone (one series per patient folder, as many exports are laid out); a
+   refused series beside it, such as a localizer, does not count.
 
 A label file that matches no series, or more than one, stops the import by name, and so does one
 whose series is refused (a localizer, a missing slice ...). Each label map must lie on its series'
@@ -38,18 +39,21 @@ CHANNEL_NAMES = {"CT": "CT", "MR": "MRI"}   # DICOM Modality -> dataset.json cha
 def match_labels(series: list[Series], labels: dict[str, Path]) -> tuple[dict[str, Path], list[str]]:
     """Series id -> its label file (by the rule above), and what does not match, in words."""
     by_id = {s.series_id: s for s in series}
-    per_folder = Counter(s.folder for s in series)
-    alone: dict[str, list[Series]] = {}
+    in_folder: dict[Path, list[Series]] = {}
     for s in series:
-        if per_folder[s.folder] == 1:
-            alone.setdefault(s.folder.name, []).append(s)
+        in_folder.setdefault(s.folder, []).append(s)
+    alone: dict[str, list[Series]] = {}
+    for folder, members in in_folder.items():
+        usable = [s for s in members if not s.problem] or members  # a localizer beside the CT does not count
+        if len(usable) == 1:
+            alone.setdefault(folder.name, []).append(usable[0])
     matched: dict[str, Path] = {}
     problems = []
     for stem, path in sorted(labels.items()):
         owners = [by_id[stem]] if stem in by_id else alone.get(stem, [])
         if not owners:
-            problems.append(f"{path}: matches no series: name it after a series id ({', '.join(sorted(by_id))}) or "
-                            f"after the folder holding its series alone ({', '.join(sorted(alone)) or 'none'})")
+            problems.append(f"{path}: matches no series: name it after a series id ({_some(by_id)}) or after the "
+                            f"folder holding its series alone ({_some(alone) or 'none'})")
         elif len(owners) > 1:
             problems.append(f"{path}: matches {len(owners)} series in folders named {stem} ("
                             + ", ".join(str(s.folder) for s in owners) + "): name it after a series id")
@@ -58,6 +62,12 @@ def match_labels(series: list[Series], labels: dict[str, Path]) -> tuple[dict[st
         else:
             matched[owners[0].series_id] = path
     return matched, problems
+
+
+def _some(names, most: int = 8) -> str:
+    """Up to ``most`` names, sorted, then how many more."""
+    names = sorted(names)
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _label_names(labels_dir: Path, values: set[int]) -> dict[str, int]:

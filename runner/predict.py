@@ -182,8 +182,8 @@ def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tt
         if not progress:  # no bar (a log file): one line per case
             print(f"predicted {case.case_id} in {sum(t.values()):.1f} s -> {written}", flush=True)
     if skipped:
-        raise DatasetError(f"{len(skipped)} DICOM series refused ({len(cases)} others predicted into {out_dir}): "
-                           + "; ".join(f"{c.series.describe()}: {c.series.problem}" for c in skipped))
+        raise DatasetError(f"{len(skipped)} DICOM series refused, as said above ({', '.join(c.case_id for c in skipped)}); "
+                           f"{len(cases)} predicted into {out_dir}")
     return timings
 
 

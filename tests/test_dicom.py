@@ -264,7 +264,7 @@ def _check_seg_folder(inputs, out: Path) -> None:
 def test_dicom_prediction_equals_nifti_prediction_and_a_broken_series_is_refused_by_name(inputs, tmp_path):
     rc, err = _cli(["predict", inputs.plan, "-i", inputs.dicom, "-o", tmp_path])
     assert rc == 2 and "refused series PAT1_series5" in err and "uneven slice spacing" in err, err
-    assert "1 DICOM series refused (2 others predicted" in err
+    assert "1 DICOM series refused, as said above (PAT1_series5); 2 predicted" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["PAT1_series3.nii.gz", "PAT1_series4.nii.gz"]
     for name, (want, want_geom) in inputs.reference.items():
         got, got_geom = read_label(tmp_path / f"{name}.nii.gz")
@@ -302,8 +302,8 @@ def test_import_dicom_builds_a_dataset_check_dataset_accepts(tmp_path):
     write_series(dicom / "case_a", hu_a, patient="A", number=1, seed=1)
     write_series(dicom / "mixed", hu_b, patient="B", number=2, seed=2)
     write_series(dicom / "mixed", _volume((5, 10, 12)), patient="B", number=3, seed=3)  # no labels: imagesTs
-    write_series(dicom / "scout", _volume((2, 10, 12)), patient="B", number=9, seed=4,
-                 edit=lambda i, t: t | {"0008|0008": "ORIGINAL\\PRIMARY\\LOCALIZER"})  # skipped, named
+    write_series(dicom / "case_a", _volume((2, 10, 12)), patient="B", number=9, seed=4,   # skipped, named,
+                 edit=lambda i, t: t | {"0008|0008": "ORIGINAL\\PRIMARY\\LOCALIZER"})  # not counted in case_a
     lab_a = (hu_a > 500).astype(np.uint8)
     lab_b = (hu_b > 0).astype(np.uint8) * 2
     write_volume(lab_a, _geometry(hu_a.shape), labels / "case_a.nii.gz")       # by the folder's name
