@@ -115,8 +115,9 @@ def import_dicom(dicom_dir: str | Path, labels_dir: str | Path, out: str | Path)
     usable = [s for s in series if not s.problem]
     modalities = Counter(s.modality for s in usable)
     if len(modalities) > 1:
-        problems.append("series of several modalities (" + ", ".join(f"{m or 'none'}: {n}" for m, n in modalities.items())
-                        + "): a dataset has one channel; import them from separate folders")
+        found = ", ".join(f"{m or 'none'}: {n}" for m, n in modalities.items())
+        problems.append(f"series of several modalities ({found}): a dataset has one channel; import them from "
+                        "separate folders")
     if not any(s.series_id in matched for s in usable):
         problems.append(f"{labels_dir}: no label file matches a usable series")
     if problems:

@@ -211,17 +211,15 @@ def dicom_cases(folder: Path, n_channels: int, image_files: dict[str, Path]) -> 
     """The DICOM series under an input folder as cases ([] when it holds none), refused ones
     included (``refused``). ``image_files``: the folder's image files by other formats, which may
     not be mixed with DICOM in one call."""
-    if not _candidate_folders(folder):
-        return []
     series = find_series(folder)
     if not series:
         return []
     if image_files:
         names = sorted(p.name for p in image_files.values())
-        raise DatasetError(f"{folder}: holds both image files ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}) "
-                           f"and DICOM series ({', '.join(s.series_id for s in series[:3])}"
-                           f"{' ...' if len(series) > 3 else ''}): NIfTI and DICOM inputs may not be mixed in one call; "
-                           "predict them from two folders")
+        ids = [s.series_id for s in series]
+        raise DatasetError(f"{folder}: holds both image files ({', '.join(names[:3])}{' ...' * (len(names) > 3)})"
+                           f" and DICOM series ({', '.join(ids[:3])}{' ...' * (len(ids) > 3)}): NIfTI and DICOM "
+                           "inputs may not be mixed in one call; predict them from two folders")
     if n_channels != 1:
         raise DatasetError(f"{folder}: the plan needs {n_channels} channels per case; a DICOM series is one channel")
     return [SeriesCase(s.series_id, s.files, None, s) for s in series]

@@ -115,8 +115,9 @@ def cmd_predict(a) -> int:
         return _fail(f"--folds {' '.join(map(str, a.folds))}: a fold given twice would count twice in the average")
     if a.model is None and a.max_member_mb is not None:
         return _fail("--max-member-mb limits what a bundle unpacks: it goes with --model")
+    # every option applies to a plan and a bundle alike
     options = dict(folds=a.folds, tta=not a.no_tta, save_probabilities=a.save_probabilities, progress=a.bars,
-                   postprocessing=not a.no_postprocessing, output_format=a.output_format)  # every option applies to a plan and a bundle alike
+                   postprocessing=not a.no_postprocessing, output_format=a.output_format)
     if a.model is not None:
         from planner.bundle_file import MAX_MEMBER_MB
         from runner.bundle import predict_with_bundle

@@ -155,7 +155,9 @@ def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tt
     if given); returns per-case timings. ``training_cases``: they are the plan's own training cases
     (validation), read in the units its table gives them; new images never are. ``output_format``:
     nifti (``<case>.nii.gz``) or dicom-seg (``<case>.dcm``, DICOM series only). DICOM series that are
-    refused are named on stderr, the others predicted, then a DatasetError names them all."""
+    refused are named on stderr, the others predicted, then a DatasetError names their ids."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output format {output_format!r}: one of {', '.join(OUTPUT_FORMATS)}")
     if output_format == "dicom-seg":
         from runner.dicom_seg import check_seg_output
         check_seg_output(cases)
@@ -182,8 +184,8 @@ def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tt
         if not progress:  # no bar (a log file): one line per case
             print(f"predicted {case.case_id} in {sum(t.values()):.1f} s -> {written}", flush=True)
     if skipped:
-        raise DatasetError(f"{len(skipped)} DICOM series refused, as said above ({', '.join(c.case_id for c in skipped)}); "
-                           f"{len(cases)} predicted into {out_dir}")
+        raise DatasetError(f"{len(skipped)} DICOM series refused, as said above "
+                           f"({', '.join(c.case_id for c in skipped)}); {len(cases)} predicted into {out_dir}")
     return timings
 
 

@@ -273,7 +273,8 @@ def test_dicom_prediction_equals_nifti_prediction_and_a_broken_series_is_refused
 
 @pytest.mark.e2e
 def test_dicom_seg_holds_the_prediction_from_a_plan_and_from_a_bundle(inputs, tmp_path):
-    rc, err = _cli(["predict", inputs.plan, "-i", inputs.dicom, "-o", tmp_path / "plan", "--output-format", "dicom-seg"])
+    rc, err = _cli(["predict", inputs.plan, "-i", inputs.dicom, "-o", tmp_path / "plan",
+                    "--output-format", "dicom-seg"])
     assert rc == 2 and "PAT1_series5" in err, err
     _check_seg_folder(inputs, tmp_path / "plan")
     dciodvfy(tmp_path / "plan" / "PAT1_series3.dcm")
