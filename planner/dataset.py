@@ -254,8 +254,14 @@ def read_volume(path: Path) -> tuple[np.ndarray, Geometry]:
         img = sitk.ReadImage(str(path))
     except RuntimeError as e:
         raise DatasetError(f"{path}: unreadable ({str(e).strip().splitlines()[-1]})") from e
+    return volume_of(img, path)
+
+
+def volume_of(img: sitk.Image, name) -> tuple[np.ndarray, Geometry]:
+    """A SimpleITK image (read from a file, or from a DICOM series named ``name``) as a (z, y, x)
+    array (or (c, z, y, x) for a vector image) and its geometry."""
     if img.GetDimension() != 3:
-        raise DatasetError(f"{path}: {img.GetDimension()}D image, segplan needs 3D volumes")
+        raise DatasetError(f"{name}: {img.GetDimension()}D image, segplan needs 3D volumes")
     arr = sitk.GetArrayFromImage(img)
     if img.GetNumberOfComponentsPerPixel() > 1:
         arr = np.moveaxis(arr, -1, 0)

@@ -161,7 +161,8 @@ def export_network(plan_path: Path, out: Path, fmt: str, folds: list[int] | None
 
 def predict_with_bundle(bundle: Path, input_dir: Path, output_dir: Path, folds: list[int] | None = None,
                         tta: bool = True, save_probabilities: bool = False, postprocessing: bool = True,
-                        progress: bool = True, max_member_mb: float = MAX_MEMBER_MB) -> list[dict]:
+                        progress: bool = True, max_member_mb: float = MAX_MEMBER_MB,
+                        output_format: str = "nifti") -> list[dict]:
     """`segplan predict --model BUNDLE`: the bundle's folds (or ``folds`` among them), averaged, on
     every case of ``input_dir``; the same options, and the same result, as `segplan predict PLAN`."""
     with tempfile.TemporaryDirectory(prefix="segplan_bundle_") as tmp:
@@ -179,4 +180,5 @@ def predict_with_bundle(bundle: Path, input_dir: Path, output_dir: Path, folds: 
         if post is not None:
             print(f"postprocessing: {', '.join(r.keep_largest for r in post.rules) or 'none'} "
                   f"({Path(bundle).name}: postprocessing.yaml)")
-        return predict_cases(cases, plan, models, Path(output_dir), tta, save_probabilities, progress, post)
+        return predict_cases(cases, plan, models, Path(output_dir), tta, save_probabilities, progress, post,
+                             output_format=output_format)

@@ -43,7 +43,14 @@ def cmd_make_phantoms(a) -> int:
 
 def cmd_import(a) -> int:
     from datasets import importers
-    if a.source == "covid19-ct-seg":
+    if (a.labels is not None) != (a.source == "dicom"):
+        return _fail("import dicom DIR needs --labels LABELS_DIR, and only it takes --labels")
+    if a.source == "dicom":
+        from datasets.dicom_import import import_dicom
+        if len(a.archives) != 1:
+            return _fail(f"import dicom takes one folder of DICOM series, got {len(a.archives)}")
+        import_dicom(a.archives[0], a.labels, a.out)
+    elif a.source == "covid19-ct-seg":
         for name, url in importers.COVID_URLS.items():
             print(f"{name}: download from {url}")
         importers.import_covid19_ct_seg(a.archives[0], a.archives[1], a.out)
@@ -108,8 +115,9 @@ def cmd_predict(a) -> int:
         return _fail(f"--folds {' '.join(map(str, a.folds))}: a fold given twice would count twice in the average")
     if a.model is None and a.max_member_mb is not None:
         return _fail("--max-member-mb limits what a bundle unpacks: it goes with --model")
+    # every option applies to a plan and a bundle alike
     options = dict(folds=a.folds, tta=not a.no_tta, save_probabilities=a.save_probabilities, progress=a.bars,
-                   postprocessing=not a.no_postprocessing)  # every option applies to a plan and a bundle alike
+                   postprocessing=not a.no_postprocessing, output_format=a.output_format)
     if a.model is not None:
         from planner.bundle_file import MAX_MEMBER_MB
         from runner.bundle import predict_with_bundle
@@ -194,8 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=2)
     s.set_defaults(fn=cmd_make_phantoms)
     s = sub.add_parser("import", help="convert a downloaded archive into an nnU-Net raw dataset")
-    s.add_argument("source", choices=["covid19-ct-seg", "msd"])
-    s.add_argument("archives", nargs="+", help="covid19-ct-seg: images zip, masks zip; msd: the task tar")
+    s.add_argument("source", choices=["covid19-ct-seg", "msd", "dicom"])
+    s.add_argument("archives", nargs="+",
+                   help="covid19-ct-seg: images zip, masks zip; msd: the task tar; dicom: a folder of DICOM series")
+    s.add_argument("--labels", metavar="LABELS_DIR",
+                   help="dicom: label files named like a series' id or its folder (docs/datasets.md)")
     s.add_argument("-o", "--out", required=True)
     s.set_defaults(fn=cmd_import)
     s = sub.add_parser("plan", help="fingerprint a dataset and write a plan YAML")
@@ -248,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--save-probabilities", action="store_true")
     s.add_argument("--no-postprocessing", action="store_true",
                    help="skip WORK/postprocessing.yaml (or the bundle's)")
+    s.add_argument("--output-format", choices=["nifti", "dicom-seg"], default="nifti",
+                   help="dicom-seg: one DICOM Segmentation <id>.dcm per input DICOM series (DICOM input only)")
     s.add_argument("--max-member-mb", type=float, default=None, metavar="MB",
                    help=f"with --model: largest file the bundle may unpack (default {MAX_MEMBER_MB}); raise it only "
                         "for a bundle whose source you trust")
@@ -297,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from planner.dataset import DatasetError
+    from planner.dicom import MissingExtra
     from planner.schema import SchemaError
     from runner.locks import Busy
     args = build_parser().parse_args(argv)
@@ -311,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     except SchemaError as e:
         print("segplan: the plan has problems:\n  " + "\n  ".join(e.problems), file=sys.stderr)
         return 2
-    except (DatasetError, FileExistsError, FileNotFoundError, ValueError, Busy) as e:
+    except (DatasetError, FileExistsError, FileNotFoundError, ValueError, Busy, MissingExtra) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         return _fail("interrupted; `segplan run PLAN --fold K --resume` continues a training run")

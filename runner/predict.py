@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from planner.dataset import Case, DatasetError, Geometry, read_image, write_volume
+from planner.dataset import Case, DatasetError, Geometry, write_volume
+from planner.dicom import dicom_cases, read_case_image, refused
 from planner.fileio import ENDINGS, image_files, save_npz
 from planner.plan import Plan
 from runner import postprocess
@@ -18,16 +19,21 @@ from runner.preprocess import classes_to_labels, invert_probabilities, preproces
 from runner.workspace import Fold, Workspace, weight_fields
 
 CHANNEL = re.compile(r"^(.*)_(\d{4})$")
+OUTPUT_FORMATS = ("nifti", "dicom-seg")
 
 
 def find_input_cases(folder: Path, n_channels: int) -> list[Case]:
-    """Cases of a folder: nnU-Net style ``<case>_0000.nii.gz`` per channel, or one file per case."""
+    """Cases of a folder: nnU-Net style ``<case>_0000.nii.gz`` per channel, or one file per case, or
+    the DICOM series in it and its subfolders (planner/dicom.py; not mixed with other files)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"{folder}: no such input folder")
     files = image_files(folder)
+    series = dicom_cases(folder, n_channels, files)
+    if series:
+        return series
     if not files:
-        raise DatasetError(f"{folder}: no image files ({', '.join(ENDINGS)})")
+        raise DatasetError(f"{folder}: no image files ({', '.join(ENDINGS)}) and no DICOM series")
     if all(CHANNEL.match(stem) for stem in files):
         groups: dict[str, dict[int, Path]] = {}
         for stem, p in files.items():
@@ -113,7 +119,7 @@ def predict_case(case: Case, plan: Plan, predict, progress: bool = False, probab
     otherwise the image's own values decide its unit, whatever its name."""
     t = {}
     t0 = time.perf_counter()
-    image, geom = read_image(case)
+    image, geom = read_case_image(case)
     if image.shape[0] != len(plan.dataset.channels):
         raise DatasetError(f"{case.image_files[0]}: {image.shape[0]} channels, the plan needs {len(plan.dataset.channels)}")
     data, _, props = preprocess_image(image, geom, plan, case.case_id, training_case=training_case)
@@ -144,10 +150,21 @@ def predict_case(case: Case, plan: Plan, predict, progress: bool = False, probab
 
 def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tta: bool = True,
                   save_probabilities: bool = False, progress: bool = True, post=None,
-                  training_cases: bool = False) -> list[dict]:
+                  training_cases: bool = False, output_format: str = "nifti") -> list[dict]:
     """Segment ``cases`` into ``out_dir`` with the averaged models (then ``post``, a Postprocessing,
     if given); returns per-case timings. ``training_cases``: they are the plan's own training cases
-    (validation), read in the units its table gives them; new images never are."""
+    (validation), read in the units its table gives them; new images never are. ``output_format``:
+    nifti (``<case>.nii.gz``) or dicom-seg (``<case>.dcm``, DICOM series only). DICOM series that are
+    refused are named on stderr, the others predicted, then a DatasetError names their ids."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output format {output_format!r}: one of {', '.join(OUTPUT_FORMATS)}")
+    if output_format == "dicom-seg":
+        from runner.dicom_seg import check_seg_output
+        check_seg_output(cases)
+    skipped = refused(cases)
+    for case in skipped:
+        print(f"segplan: refused {case.series.describe()}: {case.series.problem}", file=sys.stderr, flush=True)
+    cases = [c for c in cases if c not in skipped]
     predict = keras_predictor(models)
     if tta and plan.inference.mirroring:
         predict = mirrored(predict, plan.training.augmentation.mirror_axes)
@@ -159,20 +176,35 @@ def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tt
         t0 = time.perf_counter()
         if post is not None:
             labels = postprocess.apply(labels, post)
-        write_volume(labels, geom, out_dir / f"{case.case_id}.nii.gz")
+        written = write_labels(labels, geom, case, plan, out_dir, output_format)
         if save_probabilities:
             save_npz(out_dir / f"{case.case_id}.npz", compressed=True, probabilities=probs.astype(np.float16))
         t["write_s"] = time.perf_counter() - t0
         timings.append({"case": case.case_id, **t})
         if not progress:  # no bar (a log file): one line per case
-            print(f"predicted {case.case_id} in {sum(t.values()):.1f} s -> {out_dir / (case.case_id + '.nii.gz')}",
-                  flush=True)
+            print(f"predicted {case.case_id} in {sum(t.values()):.1f} s -> {written}", flush=True)
+    if skipped:
+        raise DatasetError(f"{len(skipped)} DICOM series refused, as said above "
+                           f"({', '.join(c.case_id for c in skipped)}); {len(cases)} predicted into {out_dir}")
     return timings
+
+
+def write_labels(labels: np.ndarray, geom: Geometry, case: Case, plan: Plan, out_dir: Path,
+                 output_format: str = "nifti") -> Path:
+    """A case's label map as ``<case>.nii.gz``, or as ``<case>.dcm``, a DICOM SEG of the series it was read from."""
+    if output_format == "dicom-seg":
+        from runner.dicom_seg import write_seg
+        path = out_dir / f"{case.case_id}.dcm"
+        write_seg(labels, case.series, plan.dataset.labels, path, plan.name)
+    else:
+        path = out_dir / f"{case.case_id}.nii.gz"
+        write_volume(labels, geom, path)
+    return path
 
 
 def predict_folder(plan_path: Path, input_dir: Path, output_dir: Path, folds: list[int] | None = None,
                    tta: bool = True, save_probabilities: bool = False, progress: bool = True,
-                   postprocessing: bool = True) -> list[dict]:
+                   postprocessing: bool = True, output_format: str = "nifti") -> list[dict]:
     """`segplan predict`: every case in ``input_dir`` with the averaged (by default all trained) folds,
     then the postprocessing decided on cross-validation (WORK/postprocessing.yaml) unless told not to."""
     ws = Workspace(plan_path)
@@ -185,5 +217,6 @@ def predict_folder(plan_path: Path, input_dir: Path, output_dir: Path, folds: li
             if postprocessing and ws.postprocessing.exists() else None)
     if post is not None:
         print(f"postprocessing: {', '.join(r.keep_largest for r in post.rules) or 'none'} ({ws.postprocessing})")
-    return predict_cases(cases, plan, models, Path(output_dir), tta, save_probabilities, progress, post)
+    return predict_cases(cases, plan, models, Path(output_dir), tta, save_probabilities, progress, post,
+                         output_format=output_format)
 

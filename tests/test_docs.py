@@ -34,7 +34,9 @@ def _mentions(pages: list[Path]) -> list[tuple[str, str, bool]]:
     found = []
     for page in pages:
         text = page.read_text()
-        for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, flags=re.S):
+        # fences paired from the start of a line: a ```yaml block's closing fence never opens a block
+        for block in re.findall(r"^```(?:bash|sh)?\n(.*?)^```", re.sub(r"^```(?!bash|sh)\w+\n.*?^```", "", text,
+                                                                     flags=re.S | re.M), flags=re.S | re.M):
             for line in block.splitlines():
                 m = re.search(r"(?:^|\s)(segplan\s.*)$", line.split(" #")[0].strip())
                 if m:
