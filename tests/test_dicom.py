@@ -216,6 +216,30 @@ def test_seg_round_trips_names_every_class_and_passes_dciodvfy(tmp_path):
     dciodvfy(tmp_path / "x.dcm")
 
 
+def test_seg_says_the_slice_spacing_of_the_positions_not_a_spacing_header_that_disagrees(tmp_path):
+    """A source whose Spacing Between Slices (7 mm) disagrees with its positions (2.5 mm apart, what
+    segplan reads): the SEG's pixel measures say 2.5 mm, so highdicom reads it back as a volume on
+    the series' grid (copied as it is, the header made highdicom refuse: 'not regularly spaced')."""
+    from runner.dicom_seg import write_seg
+    hu = _volume((6, 10, 12), seed=4)
+    write_series(tmp_path / "in", hu)
+    (series,) = find_series(tmp_path / "in")
+    for f in series.files:
+        ds = pydicom.dcmread(f)
+        ds.SpacingBetweenSlices, ds.SliceThickness = "7", "5"   # thick slices overlapping by half: fine
+        ds.save_as(f)
+    image, geom = read_series(series)
+    assert geom.spacing == SPACING
+    labels = (image[0] > 500).astype(np.uint8)
+    write_seg(labels, series, {"background": 0, "liver": 1}, tmp_path / "x.dcm")
+    measures = pydicom.dcmread(tmp_path / "x.dcm").SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SpacingBetweenSlices) == SPACING[0] and float(measures.SliceThickness) == 5
+    volume = hd.seg.segread(tmp_path / "x.dcm").get_volume(combine_segments=True)
+    assert np.allclose(volume.spacing, SPACING) and int(volume.array.sum()) == int(labels.sum())
+    assert np.array_equal(read_seg(tmp_path / "x.dcm", series.files, {"liver": 1}), labels)
+    dciodvfy(tmp_path / "x.dcm")
+
+
 def _cli(args) -> tuple[int, str]:
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
