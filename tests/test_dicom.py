@@ -142,6 +142,17 @@ def test_ids_are_readable_unique_and_safe_for_file_names(tmp_path):
     assert unique_ids(["x", "x", "x_2", "y"], [(1,), (2,), (3,), (4,)]) == ["x", "x_3", "x_2", "y"]
 
 
+def test_ids_differing_only_in_case_are_made_unique(tmp_path):
+    """Patients 'ab12' and 'AB12' (two people): their outputs must not be one file where file names
+    ignore case (macOS, Windows), where the second prediction silently replaced the first."""
+    write_series(tmp_path / "in" / "x", _volume(), patient="ab12", number=3, seed=1)
+    write_series(tmp_path / "in" / "y", _volume(), patient="AB12", number=3, seed=2)
+    ids = [s.series_id for s in find_series(tmp_path / "in")]
+    assert len({i.casefold() for i in ids}) == 2, ids
+    assert sorted(ids) == ["AB12_series3_2", "ab12_series3"]   # the case kept; the first folder unsuffixed
+    assert unique_ids(["a", "A", "A_2"], [(1,), (2,), (3,)]) == ["a", "A_3", "A_2"]
+
+
 def test_a_missing_extra_says_how_to_install_it_and_nifti_input_does_not_need_it(monkeypatch, tmp_path):
     from runner.predict import find_input_cases
     write_volume(_volume(), _geometry(_volume().shape), tmp_path / "nifti" / "a.nii.gz")
