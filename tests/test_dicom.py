@@ -22,7 +22,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from planner.dataset import Geometry, read_label, read_volume, write_volume, zyx_to_xyz
+from planner.dataset import Geometry, read_label, read_volume, to_sitk, write_volume, zyx_to_xyz
 from planner.dicom import MissingExtra, find_series, read_series, require, unique_ids
 from runner.cli import main
 
@@ -249,6 +249,43 @@ def test_seg_says_the_slice_spacing_of_the_positions_not_a_spacing_header_that_d
     assert np.allclose(volume.spacing, SPACING) and int(volume.array.sum()) == int(labels.sum())
     assert np.array_equal(read_seg(tmp_path / "x.dcm", series.files, {"liver": 1}), labels)
     dciodvfy(tmp_path / "x.dcm")
+
+
+# a sagittal and a coronal acquisition, and an oblique one whose slices are written feet first (the
+# slice axis against the normal of the rows and columns: GDCM stacks them the other way round)
+ORIENTATIONS = {
+    "sagittal": (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+    "coronal": (1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, -1.0, 0.0),
+    "oblique, feet first": (0.8660254037844386, 0.0, 0.5, 0.0, 1.0, 0.0, 0.5, 0.0, -0.8660254037844386),
+}
+
+
+@pytest.mark.parametrize("kind", ORIENTATIONS)
+def test_other_orientations_are_read_in_place_and_their_seg_frames_lie_on_their_slices(tmp_path, kind):
+    """Every voxel read from a non-axial series lies where it was written (compared in physical
+    space, whatever order GDCM stacked the slices in), and the SEG of a label map on that grid
+    holds it frame by frame on the right source instance."""
+    from runner.dicom_seg import write_seg
+    direction = ORIENTATIONS[kind]
+    hu = _volume((6, 10, 12), seed=7)
+    write_series(tmp_path / "in", hu, direction=direction)
+    (series,) = find_series(tmp_path / "in")
+    assert series.problem is None
+    image, geom = read_series(series)
+    feet_first = np.linalg.det(np.reshape(direction, (3, 3))) < 0
+    assert np.array_equal(image[0], hu[::-1] if feet_first else hu)   # GDCM stacks along the normal
+    written = sitk.GetImageFromArray(hu.astype(np.float32))
+    written.SetSpacing(zyx_to_xyz(SPACING))
+    written.SetOrigin(ORIGIN)
+    written.SetDirection(direction)
+    read = to_sitk(image[0], geom)
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.Resample(read, written, sitk.Transform(),
+                                                               sitk.sitkNearestNeighbor, -5000.0)), hu)
+    labels = (image[0] > 300).astype(np.uint8) + (image[0] > 1000)
+    names = {"background": 0, "liver": 1, "lesion": 2}
+    write_seg(labels, series, names, tmp_path / "x.dcm")
+    assert np.array_equal(read_seg(tmp_path / "x.dcm", series.files, names), labels)
+    check_frames(tmp_path / "x.dcm", series.files)
 
 
 def _cli(args) -> tuple[int, str]:
