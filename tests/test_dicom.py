@@ -288,6 +288,35 @@ def test_other_orientations_are_read_in_place_and_their_seg_frames_lie_on_their_
     check_frames(tmp_path / "x.dcm", series.files)
 
 
+def test_a_series_the_reader_cannot_read_is_refused_by_name_and_the_others_are_still_predicted(
+        tmp_path, monkeypatch, capsys):
+    """A header the checks pass but ITK cannot read (Spacing Between Slices 0: 'Refusing to change
+    spacing ... to [.., .., 0]') stopped the whole call at that series, leaving the series after it
+    unpredicted. The network is replaced by a stand-in (its output is not the point here): every
+    readable series is written, the unreadable one is named with ITK's reason, then the call fails."""
+    import runner.predict as rp
+    for number in (3, 4, 5):
+        write_series(tmp_path / "in" / f"s{number}", _volume(seed=number), number=number, seed=number)
+    (odd,) = [s for s in find_series(tmp_path / "in") if s.series_id == "PAT1_series4"]
+    for f in odd.files:
+        ds = pydicom.dcmread(f)
+        ds.SpacingBetweenSlices = "0"
+        ds.save_as(f)
+    cases = rp.find_input_cases(tmp_path / "in", 1)
+    assert [c.case_id for c in cases] == ["PAT1_series3", "PAT1_series4", "PAT1_series5"]
+    assert all(c.series.problem is None for c in cases)                  # the headers are fine
+
+    def stand_in(case, plan, predict, progress=False, probabilities=False, training_case=False):
+        image, geom = rp.read_case_image(case)
+        return (image[0] > 0).astype(np.uint8), geom, None, {}
+    monkeypatch.setattr(rp, "keras_predictor", lambda models: None)
+    monkeypatch.setattr(rp, "predict_case", stand_in)
+    with pytest.raises(ValueError, match=r"1 DICOM series refused, as said above \(PAT1_series4\); 2 predicted"):
+        rp.predict_cases(cases, None, [], tmp_path / "out", tta=False, progress=False)
+    assert "refused series PAT1_series4" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["PAT1_series3.nii.gz", "PAT1_series5.nii.gz"]
+
+
 def _cli(args) -> tuple[int, str]:
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
