@@ -81,10 +81,11 @@ def write_seg(labels: np.ndarray, series: Series, label_names: dict[str, int], p
         raise ValueError(f"{series.describe()}: label map of shape {labels.shape} for {len(sources)} slices of "
                          f"{first.Rows}x{first.Columns}")
     # highdicom copies the first header's Slice Thickness and Spacing Between Slices into the SEG's
-    # pixel measures (and overrides pixel_measures given to it). The spacing must be the one the
-    # positions give, as segplan's reader takes it: a header that disagrees (7 mm for slices 2.5 mm
-    # apart) made a SEG that highdicom itself cannot read back as a volume. A missing thickness
-    # (type 1 in the SEG) is taken to be that spacing.
+    # pixel measures (a pixel_measures argument is replaced by them when the pixel spacing agrees,
+    # so the header itself is set). The spacing must be the one the positions give, as segplan's
+    # reader takes it: a header that disagrees (7 mm for slices 2.5 mm apart) made a SEG that
+    # highdicom itself cannot read back as a volume. A missing thickness (type 1 in the SEG) is
+    # taken to be that spacing.
     positions = np.array([[float(v) for v in s.ImagePositionPatient] for s in sources])
     step = float(np.linalg.norm(positions[-1] - positions[0])) / (len(sources) - 1)
     first.SpacingBetweenSlices = pydicom.valuerep.DS(step, auto_format=True)   # at most 16 characters
