@@ -15,7 +15,8 @@ position, slices not stacked along their normal (a gantry tilt).
 
 Each series gets a readable id, unique among the series found: ``<PatientID>_series<SeriesNumber>``,
 made safe for file names, with ``_2``, ``_3`` ... for the second and third series that would share
-one (in the order of their folders and UIDs). Predictions and imported cases are named by it.
+one, letter case aside (in the order of their folders and UIDs; macOS and Windows file names ignore
+case). Predictions and imported cases are named by it.
 
 pydicom (and highdicom for DICOM SEG output) are the ``dicom`` extra: ``require`` says how to
 install them when they are missing.
@@ -101,19 +102,22 @@ def readable_id(header) -> str:
 
 def unique_ids(bases: list[str], keys: list[tuple]) -> list[str]:
     """Each base made unique: the first (by ``keys``) of those sharing one keeps it, the others get
-    ``_2``, ``_3`` ... (skipping any id already taken)."""
-    taken, kept = set(bases), set()
+    ``_2``, ``_3`` ... (skipping any id already taken). Ids are compared ignoring case: on macOS and
+    Windows ``ab12_series3.nii.gz`` and ``AB12_series3.nii.gz`` are one file, and the second
+    prediction would overwrite the first."""
+    fold = str.casefold
+    taken, kept = {fold(b) for b in bases}, set()
     out = [""] * len(bases)
-    for i in sorted(range(len(bases)), key=lambda i: (bases[i], keys[i])):
-        if bases[i] not in kept:
-            kept.add(bases[i])
+    for i in sorted(range(len(bases)), key=lambda i: (fold(bases[i]), keys[i])):
+        if fold(bases[i]) not in kept:
+            kept.add(fold(bases[i]))
             out[i] = bases[i]
             continue
         k = 2
-        while f"{bases[i]}_{k}" in taken:
+        while fold(f"{bases[i]}_{k}") in taken:
             k += 1
         out[i] = f"{bases[i]}_{k}"
-        taken.add(out[i])
+        taken.add(fold(out[i]))
     return out
 
 

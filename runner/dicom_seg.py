@@ -80,9 +80,17 @@ def write_seg(labels: np.ndarray, series: Series, label_names: dict[str, int], p
     if tuple(labels.shape) != (len(sources), int(first.Rows), int(first.Columns)):
         raise ValueError(f"{series.describe()}: label map of shape {labels.shape} for {len(sources)} slices of "
                          f"{first.Rows}x{first.Columns}")
-    if not first.get("SliceThickness"):  # highdicom copies it into the SEG's pixel measures (type 1 there)
-        first.SliceThickness = float(np.linalg.norm(np.subtract(
-            [float(v) for v in sources[1].ImagePositionPatient], [float(v) for v in first.ImagePositionPatient])))
+    # highdicom copies the first header's Slice Thickness and Spacing Between Slices into the SEG's
+    # pixel measures (a pixel_measures argument is replaced by them when the pixel spacing agrees,
+    # so the header itself is set). The spacing must be the one the positions give, as segplan's
+    # reader takes it: a header that disagrees (7 mm for slices 2.5 mm apart) made a SEG that
+    # highdicom itself cannot read back as a volume. A missing thickness (type 1 in the SEG) is
+    # taken to be that spacing.
+    positions = np.array([[float(v) for v in s.ImagePositionPatient] for s in sources])
+    step = float(np.linalg.norm(positions[-1] - positions[0])) / (len(sources) - 1)
+    first.SpacingBetweenSlices = pydicom.valuerep.DS(step, auto_format=True)   # at most 16 characters
+    if not first.get("SliceThickness"):
+        first.SliceThickness = first.SpacingBetweenSlices
     classes = sorted((v, name) for name, v in label_names.items() if v != 0)
     segments = np.zeros(labels.shape, np.uint8 if len(classes) < 256 else np.uint16)
     for number, (value, _) in enumerate(classes, start=1):

@@ -10,7 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from planner.dataset import Case, DatasetError, Geometry, write_volume
-from planner.dicom import dicom_cases, read_case_image, refused
+from planner.dicom import SeriesCase, dicom_cases, read_case_image, refused
 from planner.fileio import ENDINGS, image_files, save_npz
 from planner.plan import Plan
 from runner import postprocess
@@ -171,8 +171,17 @@ def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tt
     out_dir.mkdir(parents=True, exist_ok=True)
     timings = []
     for case in tqdm(cases, desc="predict", disable=not progress, unit="case"):
-        labels, geom, probs, t = predict_case(case, plan, predict, progress, probabilities=save_probabilities,
-                                              training_case=training_cases)
+        try:
+            labels, geom, probs, t = predict_case(case, plan, predict, progress, probabilities=save_probabilities,
+                                                  training_case=training_cases)
+        except DatasetError as e:
+            # a series whose headers passed but which the reader cannot read (ITK 5.4 refuses a
+            # Spacing Between Slices of 0): refused by name like the others, the rest still predicted
+            if not isinstance(case, SeriesCase):
+                raise
+            print(f"segplan: refused {e}", file=sys.stderr, flush=True)
+            skipped.append(case)
+            continue
         t0 = time.perf_counter()
         if post is not None:
             labels = postprocess.apply(labels, post)
@@ -185,7 +194,7 @@ def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tt
             print(f"predicted {case.case_id} in {sum(t.values()):.1f} s -> {written}", flush=True)
     if skipped:
         raise DatasetError(f"{len(skipped)} DICOM series refused, as said above "
-                           f"({', '.join(c.case_id for c in skipped)}); {len(cases)} predicted into {out_dir}")
+                           f"({', '.join(c.case_id for c in skipped)}); {len(timings)} predicted into {out_dir}")
     return timings
 
 

@@ -22,7 +22,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from planner.dataset import Geometry, read_label, read_volume, write_volume, zyx_to_xyz
+from planner.dataset import Geometry, read_label, read_volume, to_sitk, write_volume, zyx_to_xyz
 from planner.dicom import MissingExtra, find_series, read_series, require, unique_ids
 from runner.cli import main
 
@@ -142,6 +142,17 @@ def test_ids_are_readable_unique_and_safe_for_file_names(tmp_path):
     assert unique_ids(["x", "x", "x_2", "y"], [(1,), (2,), (3,), (4,)]) == ["x", "x_3", "x_2", "y"]
 
 
+def test_ids_differing_only_in_case_are_made_unique(tmp_path):
+    """Patients 'ab12' and 'AB12' (two people): their outputs must not be one file where file names
+    ignore case (macOS, Windows), where the second prediction silently replaced the first."""
+    write_series(tmp_path / "in" / "x", _volume(), patient="ab12", number=3, seed=1)
+    write_series(tmp_path / "in" / "y", _volume(), patient="AB12", number=3, seed=2)
+    ids = [s.series_id for s in find_series(tmp_path / "in")]
+    assert len({i.casefold() for i in ids}) == 2, ids
+    assert sorted(ids) == ["AB12_series3_2", "ab12_series3"]   # the case kept; the first folder unsuffixed
+    assert unique_ids(["a", "A", "A_2"], [(1,), (2,), (3,)]) == ["a", "A_3", "A_2"]
+
+
 def test_a_missing_extra_says_how_to_install_it_and_nifti_input_does_not_need_it(monkeypatch, tmp_path):
     from runner.predict import find_input_cases
     write_volume(_volume(), _geometry(_volume().shape), tmp_path / "nifti" / "a.nii.gz")
@@ -214,6 +225,96 @@ def test_seg_round_trips_names_every_class_and_passes_dciodvfy(tmp_path):
     assert described == {"left_lung": ("Organ", "44029006"), "right_lung": ("Organ", "3341006"),
                          "infection": ("Tissue", "85756007")}
     dciodvfy(tmp_path / "x.dcm")
+
+
+def test_seg_says_the_slice_spacing_of_the_positions_not_a_spacing_header_that_disagrees(tmp_path):
+    """A source whose Spacing Between Slices (7 mm) disagrees with its positions (2.5 mm apart, what
+    segplan reads): the SEG's pixel measures say 2.5 mm, so highdicom reads it back as a volume on
+    the series' grid (copied as it is, the header made highdicom refuse: 'not regularly spaced')."""
+    from runner.dicom_seg import write_seg
+    hu = _volume((6, 10, 12), seed=4)
+    write_series(tmp_path / "in", hu)
+    (series,) = find_series(tmp_path / "in")
+    for f in series.files:
+        ds = pydicom.dcmread(f)
+        ds.SpacingBetweenSlices, ds.SliceThickness = "7", "5"   # thick slices overlapping by half: fine
+        ds.save_as(f)
+    image, geom = read_series(series)
+    assert geom.spacing == SPACING
+    labels = (image[0] > 500).astype(np.uint8)
+    write_seg(labels, series, {"background": 0, "liver": 1}, tmp_path / "x.dcm")
+    measures = pydicom.dcmread(tmp_path / "x.dcm").SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SpacingBetweenSlices) == SPACING[0] and float(measures.SliceThickness) == 5
+    volume = hd.seg.segread(tmp_path / "x.dcm").get_volume(combine_segments=True)
+    assert np.allclose(volume.spacing, SPACING) and int(volume.array.sum()) == int(labels.sum())
+    assert np.array_equal(read_seg(tmp_path / "x.dcm", series.files, {"liver": 1}), labels)
+    dciodvfy(tmp_path / "x.dcm")
+
+
+# a sagittal and a coronal acquisition, and an oblique one whose slices are written feet first (the
+# slice axis against the normal of the rows and columns: GDCM stacks them the other way round)
+ORIENTATIONS = {
+    "sagittal": (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+    "coronal": (1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, -1.0, 0.0),
+    "oblique, feet first": (0.8660254037844386, 0.0, 0.5, 0.0, 1.0, 0.0, 0.5, 0.0, -0.8660254037844386),
+}
+
+
+@pytest.mark.parametrize("kind", ORIENTATIONS)
+def test_other_orientations_are_read_in_place_and_their_seg_frames_lie_on_their_slices(tmp_path, kind):
+    """Every voxel read from a non-axial series lies where it was written (compared in physical
+    space, whatever order GDCM stacked the slices in), and the SEG of a label map on that grid
+    holds it frame by frame on the right source instance."""
+    from runner.dicom_seg import write_seg
+    direction = ORIENTATIONS[kind]
+    hu = _volume((6, 10, 12), seed=7)
+    write_series(tmp_path / "in", hu, direction=direction)
+    (series,) = find_series(tmp_path / "in")
+    assert series.problem is None
+    image, geom = read_series(series)
+    feet_first = np.linalg.det(np.reshape(direction, (3, 3))) < 0
+    assert np.array_equal(image[0], hu[::-1] if feet_first else hu)   # GDCM stacks along the normal
+    written = sitk.GetImageFromArray(hu.astype(np.float32))
+    written.SetSpacing(zyx_to_xyz(SPACING))
+    written.SetOrigin(ORIGIN)
+    written.SetDirection(direction)
+    read = to_sitk(image[0], geom)
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.Resample(read, written, sitk.Transform(),
+                                                               sitk.sitkNearestNeighbor, -5000.0)), hu)
+    labels = (image[0] > 300).astype(np.uint8) + (image[0] > 1000)
+    names = {"background": 0, "liver": 1, "lesion": 2}
+    write_seg(labels, series, names, tmp_path / "x.dcm")
+    assert np.array_equal(read_seg(tmp_path / "x.dcm", series.files, names), labels)
+    check_frames(tmp_path / "x.dcm", series.files)
+
+
+def test_a_series_the_reader_cannot_read_is_refused_by_name_and_the_others_are_still_predicted(
+        tmp_path, monkeypatch, capsys):
+    """A header the checks pass but ITK cannot read (Spacing Between Slices 0: 'Refusing to change
+    spacing ... to [.., .., 0]') stopped the whole call at that series, leaving the series after it
+    unpredicted. The network is replaced by a stand-in (its output is not the point here): every
+    readable series is written, the unreadable one is named with ITK's reason, then the call fails."""
+    import runner.predict as rp
+    for number in (3, 4, 5):
+        write_series(tmp_path / "in" / f"s{number}", _volume(seed=number), number=number, seed=number)
+    (odd,) = [s for s in find_series(tmp_path / "in") if s.series_id == "PAT1_series4"]
+    for f in odd.files:
+        ds = pydicom.dcmread(f)
+        ds.SpacingBetweenSlices = "0"
+        ds.save_as(f)
+    cases = rp.find_input_cases(tmp_path / "in", 1)
+    assert [c.case_id for c in cases] == ["PAT1_series3", "PAT1_series4", "PAT1_series5"]
+    assert all(c.series.problem is None for c in cases)                  # the headers are fine
+
+    def stand_in(case, plan, predict, progress=False, probabilities=False, training_case=False):
+        image, geom = rp.read_case_image(case)
+        return (image[0] > 0).astype(np.uint8), geom, None, {}
+    monkeypatch.setattr(rp, "keras_predictor", lambda models: None)
+    monkeypatch.setattr(rp, "predict_case", stand_in)
+    with pytest.raises(ValueError, match=r"1 DICOM series refused, as said above \(PAT1_series4\); 2 predicted"):
+        rp.predict_cases(cases, None, [], tmp_path / "out", tta=False, progress=False)
+    assert "refused series PAT1_series4" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["PAT1_series3.nii.gz", "PAT1_series5.nii.gz"]
 
 
 def _cli(args) -> tuple[int, str]:
