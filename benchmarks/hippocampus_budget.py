@@ -76,6 +76,7 @@ def main() -> None:
                       "minutes": a.minutes, "filters": plan["network"]["filters"], "patch": plan["training"]["patch_size"],
                       "batch": plan["training"]["batch_size"], "epochs": len(hist), "iterations_about": iters,
                       "seconds_per_iteration": round(s_it, 3), "best_epoch": done["best_epoch"],
+                      "loop_seconds": done.get("loop_seconds"), "outside_steps_share": done.get("outside_steps_share"),
                       "validation_cases": summary["cases"], "monitor": plan["training"]["schedule"]["monitor"],
                       "mean_dice_final": dice, "mean_dice_best_checkpoint": best_dice,
                       "run_seconds_total": round(total, 1), "peak_memory_gib": round(peak_rss_gb(), 2),

@@ -10,6 +10,7 @@ in a separate process (``runner.probe``), so the planner itself never imports Te
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -27,10 +28,12 @@ WIDTHS = (8, 16, 32)       # first-stage filters of the candidates; each doubles
 WIDTH_GROWTH = 8
 MIN_ITERATIONS = 1500      # on Hippocampus, ~2000 iterations of batch 2 reached Dice 0.87 (5-minute run)
 USABLE_SHARE = 0.85        # share of the budget spent in training steps (validation, checkpoints: the rest)
+VALIDATION_SHARE = 0.02   # validation patches: at most this share of the training time
 EPOCH_SECONDS = 5.0        # epochs this long: frequent best-checkpoint decisions at a small overhead
 PROBE_STEPS = 3            # timed steps per candidate, after one warm-up step
 MAX_CASE_SECONDS = 120.0   # a CPU plan predicts a median case within 2 minutes (inference weighs on the width)
 FALLBACK_ITERATIONS = 25   # without probe figures: epochs of this many iterations ...
+FALLBACK_VALIDATION_EVERY = 5
 FALLBACK_PATIENCE = 20     # ... and early stopping after this many epochs without improvement
 # Deep supervision on a CPU, decided by benchmarks/deep_supervision.py (Hippocampus fold 0, on vs off
 # at the same time budget). The text is the plan's comment on the choice: change the two together
@@ -90,8 +93,16 @@ def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, t
     reasons["network.deep_supervision"] = f"{DEEP_SUPERVISION_WHY}; {supervision_note(net)}"
     iters = max(10, int(round(EPOCH_SECONDS / step_s))) if step_s else FALLBACK_ITERATIONS
     patience = max(20, int(0.3 * minutes * 60 / (step_s * iters))) if step_s else FALLBACK_PATIENCE
+    val_s = tr.schedule.validation_patches * measured[pick]["window_seconds"] if step_s else None
+    every = max(1, math.ceil(val_s / (VALIDATION_SHARE * step_s * iters))) if step_s else FALLBACK_VALIDATION_EVERY
     sched = dataclasses.replace(tr.schedule, time_budget_minutes=minutes, iterations_per_epoch=iters,
-                                max_epochs=max(tr.schedule.max_epochs, 10_000), early_stopping_patience=patience)
+                                max_epochs=max(tr.schedule.max_epochs, 10_000), early_stopping_patience=patience,
+                                validation_every=every)
+    reasons["training.schedule.validation_every"] = (
+        f"{tr.schedule.validation_patches} validation patches take about {val_s:.2f} s on this machine (probe): "
+        f"every {every} epochs keeps them within {VALIDATION_SHARE:.0%} of the training time; the training loss, "
+        "not the validation, drives the schedule" if step_s else
+        f"no probe figures: every {every} epochs; the training loss, not the validation, drives the schedule")
     reasons["training.schedule.early_stopping_patience"] = ("about 30% of the budget's epochs: the budget, not an "
                                                             "early plateau, should end a CPU run")
     plan = plan.replace(preset="cpu", device="cpu", network=net,

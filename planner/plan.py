@@ -126,6 +126,8 @@ class ScheduleSection:
     early_stopping_patience: int = doc("stop after this many epochs without improvement")
     validation_patches: int = doc("patches from the fold's validation cases scored every epoch")
     time_budget_minutes: float | None = doc("stop training after this many minutes (null: no limit); the learning rate then decays over the budget")
+    validation_every: int = doc("score the validation patches every this many epochs (and after the last); 1 with "
+                                "monitor: val_loss", default=1)
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,11 @@ def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
             r.error(key, f"{v} must be > 0")
     if tr.schedule.time_budget_minutes is not None and tr.schedule.time_budget_minutes <= 0:
         r.error("training.schedule.time_budget_minutes", "must be > 0 or null")
+    if tr.schedule.validation_every < 1:
+        r.error("training.schedule.validation_every", f"{tr.schedule.validation_every} must be >= 1")
+    elif tr.schedule.monitor == "val_loss" and tr.schedule.validation_every != 1:
+        r.error("training.schedule.validation_every", "must be 1 with monitor: val_loss (the plateau, early stop and "
+                                                      "best checkpoint watch the validation loss every epoch)")
     if not 0 < tr.schedule.plateau_factor <= 1:
         r.error("training.schedule.plateau_factor", "must be in (0, 1]")
     probs = {"training.sampling.foreground_oversampling": tr.sampling.foreground_oversampling,

@@ -42,18 +42,29 @@ def _worker_batch(fold: int, epoch: int, index: int) -> dict:
     return augmented_batch(_WORKER["sampler"], _WORKER["augment"], _WORKER["plan"], fold, epoch, index)
 
 
-def _ordered(pool: Executor, make: Callable, plan: Plan, fold: int, epoch: int, n: int, depth: int) -> Iterator:
-    """The epoch's n batches in order, ``depth`` submitted ahead; a dead worker becomes an error."""
+def _ordered(pool: Executor, make: Callable, plan: Plan, fold: int, epoch: int, n: int, depth: int,
+             pending: dict) -> Iterator:
+    """The epoch's n batches in order, ``depth`` submitted ahead, running on into the next epoch's
+    first batches (so they are made during validation and checkpoints); ``pending`` maps
+    (epoch, index) to submitted batches across calls. A dead worker becomes an error."""
     levels = supervised_levels(plan.network)
-    pending = deque(pool.submit(make, fold, epoch, i) for i in range(min(depth, n)))
+
+    def submit(position: int) -> None:  # batches in one sequence over this epoch and the next
+        key = divmod(position, n)
+        if key[0] <= epoch + 1 and key not in pending:
+            pending[key] = pool.submit(make, fold, *key)
+    for stale in [key for key in pending if key[0] != epoch]:  # a different epoch than prefetched
+        pending.pop(stale).cancel()
+    start = epoch * n
+    for p in range(start, start + depth):
+        submit(p)
     for i in range(n):
         try:
-            raw = pending.popleft().result()
+            raw = pending.pop((epoch, i)).result()
         except BrokenProcessPool as e:
             raise RuntimeError(f"a batch worker died while making batch {i} of epoch {epoch} (fold {fold}); "
                                "its error, if it printed one, is above; training stops here") from e
-        if i + depth < n:
-            pending.append(pool.submit(make, fold, epoch, i + depth))
+        submit(start + i + depth)
         yield to_keras(raw, len(plan.dataset.labels), levels)
 
 
@@ -76,6 +87,7 @@ def batch_stream(folder: Path, case_ids: list[str], plan: Plan, fold: int, worke
                                    initargs=(str(folder), list(case_ids), plan))
         depth = LOOKAHEAD * workers + 1
     try:
-        yield lambda epoch, n: _ordered(pool, make, plan, fold, epoch, n, depth)
+        pending: dict = {}
+        yield lambda epoch, n: _ordered(pool, make, plan, fold, epoch, n, depth, pending)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

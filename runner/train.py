@@ -22,6 +22,7 @@ from runner.schedule import TrainState, after_epoch, budget_learning_rate, stop_
 from runner.tables import read_rows, write_rows
 from runner.workspace import Fold, Workspace
 
+BOOKKEEPING_RATIO = 50  # checkpoints and plots take at most ~2% of the training loop (_bookkeeping_due)
 HISTORY_FIELDS = ["epoch", "train_loss", "train_dice", "val_loss", "val_dice", "learning_rate", "seconds",
                   "seconds_per_iteration"]
 
@@ -59,16 +60,17 @@ def fg_soft_dice(y_true, y_pred):
     return ops.mean((2 * inter + 1e-6) / (denom + 1e-6))
 
 
-def _validate(model, full, val_batches) -> tuple[float, float]:
-    """Loss (every supervised level, weighted) and hard Dice of the full-resolution output ``full``."""
+def _validate(model, val_batches) -> tuple[float, float]:
+    """Loss (every supervised level, weighted) and hard Dice of the full-resolution output, from one
+    forward pass per batch (the loss is computed from its outputs, not by a second pass)."""
     from runner.losses import hard_dice_per_class
     if not val_batches:
         return float("nan"), float("nan")
     losses, probs, refs = [], [], []
     for x, y in val_batches:
-        out = model.test_on_batch(x, y, return_dict=True)
-        losses.append(out["loss"])
-        probs.append(np.asarray(full.predict_on_batch(x)))
+        out = model.predict_on_batch(x)
+        losses.append(float(model.compute_loss(x=x, y=y, y_pred=out, training=False)))
+        probs.append(np.asarray(out[0] if isinstance(out, (list, tuple)) else out))
         refs.append(y[0] if isinstance(y, tuple) else y)
     dice = hard_dice_per_class(np.concatenate(refs), np.concatenate(probs))
     return float(np.mean(losses)), float(np.nanmean(dice)) if np.any(~np.isnan(dice)) else float("nan")
@@ -110,23 +112,32 @@ def _train(ws: Workspace, k: int, fold: Fold, plan: Plan, pre, split: dict, resu
     state = dataclasses.replace(state, stopped=stop_reason(state, sched))
     history = read_rows(fold.history)[: state.epoch]
     val = validation_batches(pre, split["val"], plan, k)
+    times = {}
     if not state.stopped:
         with batch_stream(pre, split["train"], plan, k, tr.workers) as epoch_batches:
-            state = _train_epochs(model, plan, fold, k, state, history, epoch_batches, val, progress)
+            state, times = _train_epochs(model, plan, fold, k, state, history, epoch_batches, val, progress)
     write_json(fold.finished, {"reason": state.stopped, "epochs": state.epoch, "best_epoch": state.best_epoch,
-                               "training_seconds": round(state.elapsed_s, 1)})
+                               "training_seconds": round(state.elapsed_s, 1), **times})
     print(f"fold {k}: {state.stopped}; best epoch {state.best_epoch}; files in {fold.dir}")
     return fold
 
 
+def _bookkeeping_due(since_s: float, cost_s: float) -> bool:
+    """Checkpoint and plot again once the loop has run BOOKKEEPING_RATIO times what they last cost
+    (at most 1/BOOKKEEPING_RATIO of the loop's time; on a GPU, whose epochs are long, every epoch)."""
+    return since_s >= BOOKKEEPING_RATIO * cost_s
+
+
 def _train_epochs(model, plan: Plan, fold: Fold, k: int, state: TrainState, history: list[dict], epoch_batches,
                   val, progress: bool) -> TrainState:
-    """Epochs until the schedule says stop; after each: history, plot, checkpoint (pointer last)."""
-    from runner.model import prediction_model
+    """Epochs until the schedule says stop. After each: the history row; the validation patches every
+    ``validation_every`` epochs (and after the last); the plot and the checkpoint (best weights, then
+    the pointer last) when due and at the end, so that bookkeeping stays a small share of the loop."""
     tr, sched = plan.training, plan.training.schedule
     writer = backend.metrics_writer(fold.tensorboard)
-    full = prediction_model(model)
     budget_s = sched.time_budget_minutes * 60 if sched.time_budget_minutes is not None else math.inf
+    loop_t0 = time.perf_counter()
+    step_s, since_s, cost_s, best_weights = 0.0, 0.0, 0.0, None
     while not state.stopped:
         lr = (budget_learning_rate(tr.learning_rate, sched.min_learning_rate, state.elapsed_s, sched.time_budget_minutes)
               if sched.time_budget_minutes is not None else state.learning_rate)
@@ -137,8 +148,10 @@ def _train_epochs(model, plan: Plan, fold: Fold, k: int, state: TrainState, hist
                    total=sched.iterations_per_epoch, desc=f"fold {k} epoch {state.epoch}", disable=not progress,
                    dynamic_ncols=True, leave=False)
         for x, y in bar:
+            ts = time.perf_counter()
             out = model.train_on_batch(x, y, return_dict=True)
             losses.append(float(out["loss"]))
+            step_s += time.perf_counter() - ts
             dices.append(_dice_of(out))
             it_s = (time.perf_counter() - t0) / len(losses)
             bar.set_postfix(loss=f"{np.mean(losses):.4f}", dice=f"{np.nanmean(dices):.3f}", lr=f"{lr:.2e}",
@@ -147,22 +160,45 @@ def _train_epochs(model, plan: Plan, fold: Fold, k: int, state: TrainState, hist
                 break
         bar.close()
         train_s = time.perf_counter() - t0
-        val_loss, val_dice = _validate(model, full, val)
+        validated = state.epoch % sched.validation_every == 0
+        val_loss, val_dice = _validate(model, val) if validated else (float("nan"), float("nan"))
         state = dataclasses.replace(state, learning_rate=lr, elapsed_s=state.elapsed_s + train_s)
         monitored = val_loss if sched.monitor == "val_loss" and not math.isnan(val_loss) else float(np.mean(losses))
         state, improved = after_epoch(state, monitored, sched)
+        if state.stopped and not validated:  # the last epoch is always validated
+            val_loss, val_dice = _validate(model, val)
         row = {"epoch": state.epoch - 1, "train_loss": float(np.mean(losses)), "train_dice": float(np.nanmean(dices)),
                "val_loss": val_loss, "val_dice": val_dice, "learning_rate": lr,
                "seconds": round(time.perf_counter() - t0, 2), "seconds_per_iteration": round(train_s / max(len(losses), 1), 3)}
         history.append(row)
         if improved:
-            save_best(fold, model)
-        # history first, checkpoint pointer last: a kill in between leaves a row that resume drops
+            best_weights = model.get_weights()
+        # history first, checkpoint pointer last: a kill in between leaves rows that resume drops
         write_rows(history, fold.history, HISTORY_FIELDS)
-        plot_progress(history, fold.progress)
-        save_latest(fold, model, state)
         backend.log_scalars(writer, row)
+        since_s += time.perf_counter() - t0
+        if state.stopped or _bookkeeping_due(since_s, cost_s):
+            tb = time.perf_counter()
+            if best_weights is not None:
+                _save_best_weights(fold, model, best_weights)
+                best_weights = None
+            plot_progress(history, fold.progress)
+            save_latest(fold, model, state)
+            since_s, cost_s = 0.0, time.perf_counter() - tb
         print(f"fold {k} epoch {row['epoch']}: loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, "
                   f"val Dice {val_dice:.3f}, lr {lr:.2e}, {row['seconds_per_iteration']:.2f} s/it"
                   + (" *best*" if improved else ""), flush=True)
-    return state
+    loop_s = time.perf_counter() - loop_t0
+    return state, {"loop_seconds": round(loop_s, 1), "step_seconds": round(step_s, 1),
+                   "outside_steps_share": round(1 - step_s / loop_s, 4) if loop_s else 0.0}
+
+
+def _save_best_weights(fold: Fold, model, weights: list) -> None:
+    """Write ``weights`` (the best epoch's, kept in memory since) as the best checkpoint, leaving the
+    model's current weights as they were."""
+    current = model.get_weights()
+    model.set_weights(weights)
+    try:
+        save_best(fold, model)
+    finally:
+        model.set_weights(current)

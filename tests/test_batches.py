@@ -47,3 +47,25 @@ def test_a_failing_worker_stops_with_its_error(prepared):
     with deadline(120), pytest.raises(RuntimeError, match="a batch worker died"):
         with batch_stream(pre, ["no_such_case"], ws.plan, 0, 2) as epoch_batches:
             list(epoch_batches(0, 4))
+
+
+def test_next_epochs_first_batches_are_made_ahead_and_are_the_same(prepared, monkeypatch):
+    """While the last steps of an epoch run (and validation, checkpoints), the next epoch's first
+    batches are already being made; they are the very batches a fresh stream would make."""
+    import time
+    import runner.batches as B
+    ws, pre = prepared
+    ids = [c.case_id for c in ws.dataset.cases]
+    made = []
+    real = B.augmented_batch
+    monkeypatch.setattr(B, "augmented_batch", lambda s, a, p, f, e, i: made.append((e, i)) or real(s, a, p, f, e, i))
+    with deadline(120), batch_stream(pre, ids, ws.plan, 1, 0) as epoch_batches:
+        first = list(epoch_batches(0, 2))
+        time.sleep(1.0)
+        assert (1, 0) in made, "the next epoch's first batch was not made ahead"
+        second = list(epoch_batches(1, 2))
+    with batch_stream(pre, ids, ws.plan, 1, 2) as fresh:
+        expected = list(fresh(1, 2))
+    assert len(first) == len(second) == 2
+    for (xa, ya), (xb, yb) in zip(second, expected):
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)

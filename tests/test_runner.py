@@ -248,12 +248,14 @@ def test_time_budget_stops_and_keeps_a_usable_best_checkpoint(phantoms, tmp_path
 
 
 @needs_keras
-def test_sigkill_during_training_resumes_losing_at_most_one_epoch(phantoms, tmp_path):
+def test_sigkill_during_training_resumes_from_the_last_checkpoint(phantoms, tmp_path):
+    """Checkpoints come every epoch or, for short epochs, once the loop has run 50 times what the
+    last one cost: a kill loses at most that, never the pointer or the weights it names."""
     import subprocess
     import sys
     from runner.train import train_fold
     from runner.tables import read_rows
-    p = tiny_plan(phantoms, tmp_path / "p.yaml", epochs=500, iterations=2)
+    p = tiny_plan(phantoms, tmp_path / "p.yaml", epochs=100_000, iterations=2, early_stopping_patience=100_000)
     fold = tmp_path / load_plan(p).dataset.work_dir / "fold_0"
     proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(p), "--fold", "0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
@@ -275,3 +277,49 @@ def test_sigkill_during_training_resumes_losing_at_most_one_epoch(phantoms, tmp_
     rows = read_rows(fold / "history.csv")
     assert [r["epoch"] for r in rows] == list(range(done + 1))
     assert json.loads(pointer.read_text())["state"]["epoch"] == done + 1
+
+
+@needs_keras
+def test_validation_every_k_epochs_and_after_the_last(phantoms, tmp_path):
+    """validation_every 3 over 7 epochs scores epochs 0, 3, 6 (6 is also the last); the others have
+    no validation figures; the plot and the best checkpoint exist at the end; with monitor: val_loss
+    the plan must validate every epoch (refused by key)."""
+    import math
+    from planner.schema import SchemaError
+    from runner.train import train_fold
+    p = tiny_plan(phantoms, tmp_path / "p.yaml", epochs=8, iterations=1, validation_every=3,
+                  early_stopping_patience=100)
+    plan = load_plan(p)
+    save_plan(plan.replace(training=dataclasses.replace(plan.training, schedule=dataclasses.replace(
+        plan.training.schedule, max_epochs=7))), p)
+    fold = train_fold(Workspace(p), 0, progress=False).dir
+    scored = [int(r["epoch"]) for r in _history(fold) if not math.isnan(float(r["val_loss"]))]
+    assert scored == [0, 3, 6]
+    assert (fold / "progress.png").exists() and (fold / "checkpoint_best.weights.h5").exists()
+    done = json.loads((fold / "finished.json").read_text())
+    assert 0 < done["step_seconds"] <= done["loop_seconds"] and 0 <= done["outside_steps_share"] < 1
+    save_plan(plan.replace(training=dataclasses.replace(plan.training, schedule=dataclasses.replace(
+        plan.training.schedule, monitor="val_loss"))), p)
+    with pytest.raises(SchemaError, match="training.schedule.validation_every"):
+        load_plan(p)
+
+
+@needs_keras
+def test_validation_loss_from_one_forward_pass_equals_keras_evaluation(phantoms, tmp_path):
+    """_validate computes the loss from the outputs of one forward pass: with deep supervision it
+    equals what Keras' own evaluation (test_on_batch) reports, level weights included."""
+    from runner.data import validation_batches
+    from runner.preprocess import preprocess_dataset
+    from runner.train import _validate, compile_model
+    p = tiny_plan(phantoms, tmp_path / "p.yaml", network={"deep_supervision": True, "filters": [4, 8, 16, 16],
+                                                          "pool_sizes": [[1, 2, 2], [2, 2, 2], [1, 2, 2]],
+                                                          "kernel_sizes": [[1, 3, 3]] + [[3, 3, 3]] * 3},
+                  validation_patches=4)
+    ws = Workspace(p)
+    plan = ws.freeze(0)
+    val = validation_batches(preprocess_dataset(ws, workers=1, progress=False), ws.splits()[0]["val"], plan, 0)
+    model = compile_model(plan, 1e-3)
+    assert len(model.outputs) > 1
+    keras_loss = np.mean([model.test_on_batch(x, y, return_dict=True)["loss"] for x, y in val])
+    loss, dice = _validate(model, val)
+    assert loss == pytest.approx(keras_loss, rel=1e-5) and 0 <= dice <= 1
