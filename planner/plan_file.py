@@ -3,7 +3,9 @@
 ``load_plan`` refuses, naming the key and its line: unknown or misspelled keys, wrong types, sizes
 that are not positive, a patch the pooling does not divide, probabilities outside [0, 1], unknown
 presets, architectures, schemes or conventions, residual blocks that do not match the stages, a
-missing dataset, more folds than cases, an unknown schema version, NaN or infinite numbers (.nan,
+missing dataset, more folds than cases, regions whose values are not foreground labels (or none),
+a regions_class_order that does not match the regions, an ignore label that is a label value, an
+unknown schema version, NaN or infinite numbers (.nan,
 .inf, or a float too large, which YAML reads as .inf), seeds that NumPy's and Keras' seeding refuse.
 Keys added since a plan was written take their defaults (an older plan still loads, as the network
 it was trained with).
