@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from planner.plan import Plan, supervised_levels
-from runner.data import PatchSampler, augmented_batch, build_augmentation, to_keras
+from runner.data import PatchSampler, augmented_batch, build_augmentation, target_options, to_keras
 
 LOOKAHEAD = 2  # batches queued per worker
 
@@ -44,7 +44,7 @@ def _worker_batch(fold: int, epoch: int, index: int) -> dict:
 
 def _ordered(pool: Executor, make: Callable, plan: Plan, fold: int, epoch: int, n: int, depth: int) -> Iterator:
     """The epoch's n batches in order, ``depth`` submitted ahead; a dead worker becomes an error."""
-    levels = supervised_levels(plan.network)
+    levels, options = supervised_levels(plan.network), target_options(plan)
     pending = deque(pool.submit(make, fold, epoch, i) for i in range(min(depth, n)))
     for i in range(n):
         try:
@@ -54,7 +54,7 @@ def _ordered(pool: Executor, make: Callable, plan: Plan, fold: int, epoch: int, 
                                "its error, if it printed one, is above; training stops here") from e
         if i + depth < n:
             pending.append(pool.submit(make, fold, epoch, i + depth))
-        yield to_keras(raw, len(plan.dataset.labels), levels)
+        yield to_keras(raw, len(plan.dataset.labels), levels, **options)
 
 
 @contextlib.contextmanager
