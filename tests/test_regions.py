@@ -206,6 +206,24 @@ def test_loss_and_its_gradient_are_exactly_zero_on_ignored_voxels(regions):
         assert float(value) == pytest.approx(tversky + (bce * m[..., 0]).sum() / m.sum(), rel=1e-5)
 
 
+@needs_keras
+@pytest.mark.parametrize("regions", [False, True])
+def test_the_masked_loss_with_nothing_ignored_is_the_plain_loss(regions):
+    """An ignore label that marks no voxel changes nothing: the masked loss equals the plain one."""
+    from planner.plan import LossSection
+    from runner.losses import plan_loss
+    cfg = LossSection(0.5, 0.5, 1.0, 1.0, 1e-6)
+    rng = np.random.default_rng(2)
+    seg = rng.integers(0, 4, (2, 4, 6, 6))
+    table = region_table(LABELS, REGIONS) if regions else None
+    pred = rng.uniform(0.01, 0.99, (2, 4, 6, 6, 3 if regions else 4)).astype(np.float32)
+    if not regions:
+        pred /= pred.sum(-1, keepdims=True)
+    masked = plan_loss(cfg, regions, ignore=True)(targets(seg, 4, regions=table, ignore=True), pred)
+    plain = plan_loss(cfg, regions)(targets(seg, 4, regions=table), pred)
+    assert float(masked) == pytest.approx(float(plain), rel=1e-6)
+
+
 def test_region_metrics_against_a_hand_computation():
     """Per region, by hand: whole lungs, right lung, infection; an ignored stripe where the
     prediction is wrong changes nothing, and TN counts annotated voxels only."""
