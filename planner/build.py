@@ -80,7 +80,7 @@ def make_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, gpu_m
     resenc = preset in RESENC_PRESETS
     spacing = H.target_spacing(np.array([c.spacing for c in fp.cases]), reasons)
     median = H.median_resampled_shape(fp, spacing)
-    n_in, n_cls = len(fp.channel_names), len(fp.labels)
+    n_in, n_cls = len(fp.channel_names), len(fp.regions) or len(fp.labels)
     fit = H.fit_patch_and_batch(median, spacing, gpu_memory_gb, n_in, n_cls, H.dataset_voxels(fp, spacing),
                                 reasons, first=first, cap=min(cap, RESENC_MAX_FILTERS) if resenc else cap,
                                 network=H.RESENC_NETWORK if resenc else DEFAULT_NETWORK,
@@ -101,7 +101,8 @@ def make_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, gpu_m
     reasons["training.sampling.foreground_oversampling"] = "nnU-Net's 1/3 of patches centred on foreground"
     plan = Plan(
         schema_version=SCHEMA_VERSION, name=name, preset=preset, device="gpu",
-        dataset=DatasetSection(dataset_rel, work_rel, list(fp.channel_names), dict(fp.labels), groups, splits_file),
+        dataset=label_handling(fp, DatasetSection(dataset_rel, work_rel, list(fp.channel_names), dict(fp.labels),
+                                                  groups, splits_file), reasons),
         intensity=IntensitySection(list(fp.windowed_range), _conventions(fp, reasons), norms),
         resampling=ResamplingSection(spacing, 3, "onehot_linear", 3.0, 0),
         network=fit["network"],
@@ -111,6 +112,31 @@ def make_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, gpu_m
         cross_validation=CrossValidationSection(_folds(fp, reasons), 12345),
         memory=MemorySection(gpu_memory_gb, budget_source, round(fit["estimate"], 2)))
     return plan, reasons
+
+
+def label_handling(fp: Fingerprint, ds: DatasetSection, reasons: dict) -> DatasetSection:
+    """The dataset's regions and ignore label (dataset.json, via the fingerprint) in the plan, and why.
+    A region plan is scored per region, so the left/right label groups are not made for it."""
+    if fp.regions:
+        reasons["dataset.regions"] = ("dataset.json writes labels as lists: nnU-Net's region-based training, one "
+                                      "sigmoid output per region (they may overlap), trained with Tversky per region "
+                                      "+ binary cross-entropy, evaluated and postprocessed per region")
+        reasons["dataset.regions_class_order"] = ("dataset.json's regions_class_order: where region i is predicted, "
+                                                  "its value is written, later regions over earlier ones; the "
+                                                  "encompassing region first")
+        reasons["dataset.labels"] = ("the label values the regions unite, named by value: dataset.json names "
+                                     "regions, not labels")
+        ds = dataclasses.replace(ds, regions={k: list(v) for k, v in fp.regions.items()},
+                                 regions_class_order=list(fp.regions_class_order), label_groups={})
+    if fp.ignore_label is not None:
+        ignored = sum(c.ignored_voxels for c in fp.cases)
+        annotated = sum(sum(c.class_voxels) for c in fp.cases)
+        share = annotated / max(annotated + ignored, 1)
+        reasons["dataset.ignore_label"] = (f"dataset.json's 'ignore' label: {share:.1%} of the label voxels are "
+                                           "annotated; the rest train nothing (loss masked, never a patch centre), "
+                                           "are not scored, and are predicted like any other voxel")
+        ds = dataclasses.replace(ds, ignore_label=fp.ignore_label)
+    return ds
 
 
 def supervision_note(net: NetworkSection) -> str:
@@ -214,8 +240,8 @@ def _miscnn(fp, name, dataset_rel, work_rel, gpu_memory_gb, budget_source, split
     norms = [ChannelNormalization(n, "ct", [-1250.0, 250.0], "case", 0.0, 1.0) for n in fp.channel_names]
     plan = Plan(
         schema_version=SCHEMA_VERSION, name=name, preset="miscnn-covid19", device="gpu",
-        dataset=DatasetSection(dataset_rel, work_rel, list(fp.channel_names), dict(fp.labels),
-                               _label_groups(fp.labels), splits_file),
+        dataset=label_handling(fp, DatasetSection(dataset_rel, work_rel, list(fp.channel_names), dict(fp.labels),
+                                                  _label_groups(fp.labels), splits_file), reasons),
         intensity=IntensitySection([-1250.0, 250.0], _conventions(fp, reasons), norms),
         resampling=ResamplingSection([2.70, 1.58, 1.58], 3, "onehot_linear", 3.0, 3),
         network=network,

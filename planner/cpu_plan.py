@@ -66,8 +66,8 @@ def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, t
     candidates = [{"filters": H.filters_for(n_stages, w, WIDTH_GROWTH * w), "pool_sizes": net.pool_sizes,
                    "kernel_sizes": net.kernel_sizes, "blocks_per_stage": net.blocks_per_stage, "patch": tr.patch_size,
                    "batch": tr.batch_size} for w in WIDTHS]
-    measured, failed = (run_probe(candidates, to_plain(net), to_plain(tr.loss), len(fp.channel_names), len(fp.labels),
-                                  steps=PROBE_STEPS) if probe else (None, "no probe run (probe=False)"))
+    measured, failed = (run_probe(candidates, to_plain(net), to_plain(tr.loss), len(fp.channel_names),
+                                  len(fp.regions) or len(fp.labels), steps=PROBE_STEPS) if probe else (None, "no probe run (probe=False)"))
     if measured and (len(measured) < len(candidates) or any(m["oom"] for m in measured)):
         measured, failed = None, "the probe ran out of memory"
     seconds = [m["seconds"] for m in measured] if measured else None

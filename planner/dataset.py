@@ -8,6 +8,10 @@ Two layouts are understood:
   count, modality (CT or not) and label values are then inferred and written to ``dataset.yaml``,
   which the user may edit; what the modality was inferred from is kept there for the plan's notes.
 
+Regions and unannotated voxels are read as nnU-Net writes them in dataset.json (``label_entries``:
+list-valued labels with ``regions_class_order``, an ``"ignore"`` label); a plain layout's
+dataset.yaml may give ``regions``, ``regions_class_order`` and ``ignore_label`` directly.
+
 Axis convention: arrays are (c, z, y, x) images and (z, y, x) label maps; spacing and shape are
 given in (z, y, x). SimpleITK's (x, y, z) order is converted here and nowhere else. Origin and
 direction are physical quantities and are kept exactly as SimpleITK reports them.
@@ -75,6 +79,9 @@ class Dataset:
     cases: list[Case]
     test_cases: list[Case] = field(default_factory=list)
     channel_evidence: dict[int, str] = field(default_factory=dict)  # channels segplan named (plain layout): from what
+    regions: dict[str, list[int]] = field(default_factory=dict)      # region name -> label values (nnU-Net regions)
+    regions_class_order: list[int] = field(default_factory=list)     # label value written per region, in order
+    ignore_label: int | None = None                                  # value of voxels nobody annotated
 
     @property
     def num_channels(self) -> int:
@@ -117,11 +124,45 @@ def _load_nnunet(root: Path) -> Dataset:
         if key not in meta:
             raise DatasetError(f"{meta_path}: key '{key}' is missing")
     channels = {int(k): str(v) for k, v in meta["channel_names"].items()}
-    labels = {str(k): int(v) for k, v in meta["labels"].items() if not isinstance(v, list)}
+    labels, regions, order, ignore = label_entries(meta["labels"], meta.get("regions_class_order"), meta_path)
     ending = meta["file_ending"]
     cases = _nnunet_cases(root / "imagesTr", root / "labelsTr", ending, len(channels))
     test = _nnunet_cases(root / "imagesTs", None, ending, len(channels)) if (root / "imagesTs").is_dir() else []
-    return Dataset(root, "nnunet", channels, labels, ending, cases, test)
+    return Dataset(root, "nnunet", channels, labels, ending, cases, test, regions=regions, regions_class_order=order,
+                   ignore_label=ignore)
+
+
+def label_entries(entries: dict, order, meta_path: Path) -> tuple[dict[str, int], dict[str, list[int]], list[int], int | None]:
+    """dataset.json's ``labels`` as nnU-Net reads them (LabelManager): (labels, regions,
+    regions_class_order, ignore label).
+
+    ``"ignore": N`` marks unannotated voxels: no label of its own. As soon as one entry is a list
+    of several values, every foreground entry is a region (a single value a region of one label),
+    ``regions_class_order`` is required, and the label values, which such a file does not name, are
+    named ``label_<value>``. Otherwise a one-value list is that value."""
+    if not isinstance(entries, dict):
+        raise DatasetError(f"{meta_path}: 'labels' must map names to values")
+    entries = dict(entries)
+    ignore = entries.pop("ignore", None)
+    if ignore is not None and (isinstance(ignore, bool) or not isinstance(ignore, int)):
+        raise DatasetError(f"{meta_path}: labels.ignore is {ignore!r}; it must be one integer value")
+
+    def values(name, v) -> list[int]:
+        vs = v if isinstance(v, (list, tuple)) else [v]
+        if not vs or any(isinstance(x, bool) or not isinstance(x, int) for x in vs):
+            raise DatasetError(f"{meta_path}: labels.{name} is {v!r}; expected an integer or a list of integers")
+        return [int(x) for x in vs]
+    parsed = {str(k): values(k, v) for k, v in entries.items()}
+    if not any(len(v) > 1 for v in parsed.values()):
+        return {k: v[0] for k, v in parsed.items()}, {}, [], ignore
+    if parsed.get("background") != [0]:
+        raise DatasetError(f"{meta_path}: labels.background must be 0 (a single value) in a dataset with regions")
+    if order is None:
+        raise DatasetError(f"{meta_path}: labels are written as regions (lists of values) but 'regions_class_order' "
+                           "is missing: give the label value to write for each region, in order (nnU-Net)")
+    regions = {k: v for k, v in parsed.items() if k != "background"}
+    labels = {"background": 0} | {f"label_{v}": v for v in sorted({x for vs in regions.values() for x in vs} - {0})}
+    return labels, regions, [int(v) for v in order], ignore
 
 
 def _nnunet_cases(img_dir: Path, lbl_dir: Path | None, ending: str, n_channels: int) -> list[Case]:
@@ -173,7 +214,10 @@ def _load_plain(root: Path, infer: bool) -> Dataset:
         labels = {str(k): int(v) for k, v in meta.get("labels", {}).items()}
         if not channels or "background" not in labels:
             raise DatasetError(f"{meta_path}: needs 'channel_names' and 'labels' with a 'background'")
-        return Dataset(root, "plain", channels, labels, ending, cases, [], _still_inferred(meta, channels))
+        regions = {str(k): [int(x) for x in v] for k, v in (meta.get("regions") or {}).items()}
+        return Dataset(root, "plain", channels, labels, ending, cases, [], _still_inferred(meta, channels),
+                       regions, [int(v) for v in meta.get("regions_class_order") or []],
+                       None if meta.get("ignore_label") is None else int(meta["ignore_label"]))
     channels, labels, evidence = _infer_plain_meta(cases)
     ds = Dataset(root, "plain", channels, labels, ending, cases, [], evidence)
     if infer:

@@ -34,6 +34,7 @@ class CaseFingerprint:
     direction: list[float] = doc("direction cosines as SimpleITK reports them")
     conventions: list[str] = doc("per channel: hu, windowed (0..255), shifted_hu (HU + 1024), unknown, or other (not CT)")
     class_voxels: list[int] = doc("voxels per label, in the order of the labels")
+    ignored_voxels: int = doc("voxels of the ignore label (not annotated; in no class count)", default=0)
 
 
 @dataclass(frozen=True)
@@ -61,16 +62,21 @@ class Fingerprint:
     windowed_range: list[float] = doc("HU window assumed for windowed CT cases")
     cases: list[CaseFingerprint] = doc("per case")
     channels: list[ChannelStats] = doc("per channel")
-    class_ratio: list[float] = doc("share of all voxels per label")
+    class_ratio: list[float] = doc("share of the annotated voxels per label (the ignore label's are not counted)")
     class_presence: list[int] = doc("cases containing each label")
     seed: int = field(default=0, metadata={"doc": "seed of the foreground sample"})
+    regions: dict[str, list[int]] = doc("region name -> label values (dataset.json's list-valued labels)",
+                                        default_factory=dict)
+    regions_class_order: list[int] = doc("label value written per region, in order", default_factory=list)
+    ignore_label: int | None = doc("value of unannotated voxels: left out of class_ratio and of the intensity "
+                                   "sample; null: none", default=None)
 
 
 def _case_stats(args):
     """One case: geometry, conventions, non-zero box, class voxel counts and a foreground sample.
     Works on the arrays as stored (no float copy of the volume, no bincount): only the sampled voxels are
     converted to float32 and, for CT, to HU."""
-    case, idx, seed, ct_flags, label_values, window = args
+    case, idx, seed, ct_flags, label_values, window, ignore = args
     channels, geom = [], None
     for path in case.image_files:
         arr, g = read_volume(path)
@@ -82,7 +88,10 @@ def _case_stats(args):
     flat = label.ravel()
     # one comparison pass per label is far cheaper than bincount's int64 copy of the volume
     counts = [int(np.count_nonzero(flat == v)) for v in label_values]
-    fg = np.flatnonzero(flat > 0) if len(label_values) > 1 else None
+    ignored = int(np.count_nonzero(flat == ignore)) if ignore is not None else 0
+    # the intensity sample comes from annotated foreground only: unannotated voxels are any tissue
+    fg = (np.flatnonzero((flat > 0) & (flat != ignore) if ignored else flat > 0)
+          if len(label_values) > 1 else None)
     rng = np.random.default_rng([seed, idx])
     if fg is None:
         pick = rng.integers(0, flat.size, size=min(SAMPLES_PER_CASE, flat.size))
@@ -93,7 +102,7 @@ def _case_stats(args):
         vals = ch.ravel()[pick].astype(np.float32)
         samples.append(to_hu(vals, conventions[c], window) if ct_flags[c] else vals)
     cfp = CaseFingerprint(case.case_id, list(geom.spacing), list(geom.shape),
-                          [b - a for a, b in box], list(geom.direction), conventions, counts)
+                          [b - a for a, b in box], list(geom.direction), conventions, counts, ignored)
     return cfp, samples
 
 
@@ -101,7 +110,8 @@ def source_key(ds: Dataset) -> str:
     """A hash of the case files' names, sizes and times and of the channels and labels: renaming a
     channel CT in dataset.yaml (or back) must re-read the cases in its unit."""
     h = hashlib.sha1()
-    h.update(json.dumps([ds.channel_names, ds.labels, ds.channel_evidence], sort_keys=True).encode())
+    extra = [ds.regions, ds.regions_class_order, ds.ignore_label] if ds.regions or ds.ignore_label is not None else []
+    h.update(json.dumps([ds.channel_names, ds.labels, ds.channel_evidence, *extra], sort_keys=True).encode())
     for c in ds.cases:
         for p in (*c.image_files, c.label_file):
             st = os.stat(p)
@@ -114,7 +124,8 @@ def compute_fingerprint(ds: Dataset, workers: int = 1, seed: int = 0, window=DEF
     """Read every case once (``workers`` at a time) and summarise it."""
     ct_flags = [ds.is_ct(c) for c in range(ds.num_channels)]
     label_values = list(ds.labels.values())
-    results = parallel_map(_case_stats, [(c, i, seed, ct_flags, label_values, window) for i, c in enumerate(ds.cases)],
+    results = parallel_map(_case_stats, [(c, i, seed, ct_flags, label_values, window, ds.ignore_label)
+                                         for i, c in enumerate(ds.cases)],
                            workers, desc="fingerprint", progress=progress)
     cases = [r[0] for r in results]
     channels = []
@@ -129,7 +140,8 @@ def compute_fingerprint(ds: Dataset, workers: int = 1, seed: int = 0, window=DEF
     total = max(int(counts.sum()), 1)
     return Fingerprint(FINGERPRINT_VERSION, source_key(ds), [ds.channel_names[c] for c in range(ds.num_channels)],
                        dict(ds.labels), list(window), cases, channels,
-                       [float(v) for v in counts.sum(0) / total], [int(v) for v in (counts > 0).sum(0)], seed)
+                       [float(v) for v in counts.sum(0) / total], [int(v) for v in (counts > 0).sum(0)], seed,
+                       {k: list(v) for k, v in ds.regions.items()}, list(ds.regions_class_order), ds.ignore_label)
 
 
 def save_fingerprint(fp: Fingerprint, path: Path) -> None:

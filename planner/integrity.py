@@ -170,7 +170,7 @@ def check_dataset(root: str | Path, workers: int = 1, progress: bool = True) -> 
     for cid, n in Counter(c.case_id for c in ds.cases).items():
         if n > 1:
             problems.append(Problem("error", cid, str(ds.root), f"case id appears {n} times"))
-    allowed = set(ds.labels.values())
+    allowed = set(ds.labels.values()) | ({ds.ignore_label} if ds.ignore_label is not None else set())
     from planner.parallel import parallel_map
     ct_flags = [ds.is_ct(c) for c in range(ds.num_channels)]
     # channels segplan took for not CT (plain layout, name not changed by a person): do any cases look like CT?

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-from planner.plan import NetworkSection, supervised_levels
+from planner.plan import NetworkSection, output_channels, supervised_levels
 
 GPU_BYTES_PER_ACTIVATION = {False: 6.6, True: 4.8}   # float32 / mixed precision, fitted (see above)
 OVERHEAD_GB = 0.8
@@ -158,7 +158,7 @@ def estimate_for_plan(plan) -> float:
     for a GPU plan, the training process's resident memory for a CPU plan."""
     tr = plan.training
     return estimate_training_gb(plan.network, tr.patch_size, tr.batch_size, len(plan.dataset.channels),
-                                len(plan.dataset.labels), tr.mixed_precision, device=plan.device)
+                                output_channels(plan.dataset), tr.mixed_precision, device=plan.device)
 
 
 def estimate_cpu_run_gb(plan, dataset_voxels: float, largest_voxels: float, largest_original_voxels: float
@@ -167,7 +167,7 @@ def estimate_cpu_run_gb(plan, dataset_voxels: float, largest_voxels: float, larg
     process (model, step, runtime, the runner's own overhead), the preprocessed cache it reads (memory-mapped float32 images
     and int8 labels, every training case touched), and the prediction of the largest case (class
     probabilities and their weights at the target spacing, then back on the original grid)."""
-    k, c = len(plan.dataset.labels), len(plan.dataset.channels)
+    k, c = output_channels(plan.dataset), len(plan.dataset.channels)
     parts = {"training": estimate_for_plan(plan) + CPU_RUN_OVERHEAD_GB,
              "cache": dataset_voxels * (4 * c + 1) / GB,
              "prediction": (largest_voxels * (k + 1 + c) + largest_original_voxels * (k + c)) * 4 / GB}

@@ -26,6 +26,19 @@ class DatasetSection:
     labels: dict[str, int] = doc("class name -> value in the label files; the order is the network's class order")
     label_groups: dict[str, list[str]] = doc("extra classes for evaluation, the union of these labels (the paper's lungs = left + right)")
     splits_file: str | None = doc("a split given with the dataset (nnU-Net splits_final.json), used instead of a new one; null: none")
+    regions: dict[str, list[int]] = doc(
+        "region-based training (nnU-Net): region name -> the label values it unites, foreground only, regions may "
+        "overlap (BraTS: whole tumour [1, 2, 3], tumour core [2, 3], enhancing tumour [3]); the network has one "
+        "sigmoid output per region and is evaluated per region. {}: one softmax output per label",
+        default_factory=dict)
+    regions_class_order: list[int] = doc(
+        "with regions: the label value written where each region is predicted (probability > 0.5), in the order of "
+        "dataset.regions, later regions overwriting earlier ones (nnU-Net's regions_class_order); []: no regions",
+        default_factory=list)
+    ignore_label: int | None = doc(
+        "label value of voxels nobody annotated (nnU-Net's 'ignore'); not one of dataset.labels, no output: left out "
+        "of the loss, of patch centres and of the evaluation; predictions stay dense. null: every voxel is annotated",
+        default=None)
 
 
 @dataclass(frozen=True)
@@ -109,7 +122,8 @@ class LossSection:
     tversky_alpha: float = doc("weight of false negatives in the Tversky index (0.5 with beta 0.5 = soft Dice)")
     tversky_beta: float = doc("weight of false positives")
     tversky_weight: float = doc("weight of the Tversky term")
-    cross_entropy_weight: float = doc("weight of the categorical cross-entropy term")
+    cross_entropy_weight: float = doc("weight of the cross-entropy term (categorical; binary per region with "
+                                      "dataset.regions)")
     smooth: float = doc("added to numerator and denominator")
 
 
@@ -139,7 +153,9 @@ class TrainingSection:
     seed: int = doc("seeds sampling and augmentation")
     sampling: SamplingSection = doc("")
     augmentation: AugmentationSection = doc("batchgenerators transforms, applied on the fly")
-    loss: LossSection = doc("multi-class Tversky + categorical cross-entropy")
+    loss: LossSection = doc("multi-class Tversky + categorical cross-entropy (softmax); with dataset.regions, Tversky "
+                            "per region + binary cross-entropy (sigmoid); with dataset.ignore_label, both on the "
+                            "annotated voxels only")
     schedule: ScheduleSection = doc("")
     workers: int = doc("processes that make augmented batches ahead of the training step (0: one thread of the "
                        "training process); the batches are the same whatever the number", default=1)
@@ -191,7 +207,7 @@ class Plan:
     intensity: IntensitySection = doc("")
     resampling: ResamplingSection = doc("")
     network: NetworkSection = doc("3D U-Net: conv + norm + activation blocks (plain) or residual blocks (residual_encoder) "
-                                  "down, up + concatenation skips, softmax")
+                                  "down, up + concatenation skips, softmax (one sigmoid per region with dataset.regions)")
     training: TrainingSection = doc("")
     inference: InferenceSection = doc("sliding-window prediction")
     cross_validation: CrossValidationSection = doc("")
@@ -213,6 +229,11 @@ class SupervisedLevel:
     stage: int
     factors: list[int]
     weight: float
+
+
+def output_channels(ds: DatasetSection) -> int:
+    """The network's outputs: one sigmoid per region for a region plan, else one softmax channel per label."""
+    return len(ds.regions) if ds.regions else len(ds.labels)
 
 
 def supervised_levels(network: NetworkSection) -> list[SupervisedLevel]:

@@ -3,7 +3,9 @@
 ``load_plan`` refuses, naming the key and its line: unknown or misspelled keys, wrong types, sizes
 that are not positive, a patch the pooling does not divide, probabilities outside [0, 1], unknown
 presets, architectures, schemes or conventions, residual blocks that do not match the stages, a
-missing dataset, more folds than cases, an unknown schema version, NaN or infinite numbers (.nan,
+missing dataset, more folds than cases, regions whose values are not foreground labels (or none),
+a regions_class_order that does not match the regions, an ignore label that is a label value, an
+unknown schema version, NaN or infinite numbers (.nan,
 .inf, or a float too large, which YAML reads as .inf), seeds that NumPy's and Keras' seeding refuse.
 Keys added since a plan was written take their defaults (an older plan still loads, as the network
 it was trained with).
@@ -66,6 +68,7 @@ def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
         for m in members:
             if m not in ds.labels:
                 r.error(f"dataset.label_groups.{g}", f"'{m}' is not one of dataset.labels {list(ds.labels)}")
+    _check_regions(ds, r)
     if not ds.channels:
         r.error("dataset.channels", "needs at least one channel")
     elif len(plan.intensity.normalization) != len(ds.channels):
@@ -163,6 +166,39 @@ def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
             r.error(key, f"{seed} must be within 0..{2 ** 32 - 1} (the seeds NumPy and Keras accept)")
     if tr.loss.tversky_alpha < 0 or tr.loss.tversky_beta < 0 or tr.loss.tversky_weight < 0 or tr.loss.cross_entropy_weight < 0:
         r.error("training.loss", "weights, alpha and beta must be >= 0")
+
+
+def _check_regions(ds, r: Reader) -> None:
+    """dataset.regions, regions_class_order and ignore_label against dataset.labels: every region a
+    non-empty set of foreground label values, one written label value per region, an ignore value
+    that is no label (it has no output and is never predicted)."""
+    values = set(ds.labels.values())
+    foreground = sorted(values - {0})
+    for name, members in ds.regions.items():
+        key = f"dataset.regions.{name}"
+        if not members:
+            r.error(key, "an empty region: list the label values it unites, e.g. [1, 2]")
+        elif 0 in members:
+            r.error(key, f"{members} holds background (0): a region is foreground only; one of {foreground}")
+        elif set(members) - values:
+            r.error(key, f"{sorted(set(members) - values)} are not values of dataset.labels {foreground}")
+        elif len(set(members)) != len(members):
+            r.error(key, f"{members} names a value twice")
+    if ds.regions and len(ds.regions_class_order) != len(ds.regions):
+        r.error("dataset.regions_class_order", f"{len(ds.regions_class_order)} values for the {len(ds.regions)} "
+                                               f"regions of dataset.regions ({', '.join(ds.regions)}): one label "
+                                               "value to write per region, in their order")
+    if not ds.regions and ds.regions_class_order:
+        r.error("dataset.regions_class_order", "without dataset.regions there is nothing to order: set it to []")
+    for i, v in enumerate(ds.regions_class_order):
+        if v not in foreground:
+            r.error(f"dataset.regions_class_order.{i}", f"{v} is not a foreground value of dataset.labels {foreground}")
+    if ds.regions and ds.label_groups:
+        r.error("dataset.label_groups", "a region plan is scored per region: write each group as a region of "
+                                        "dataset.regions instead, and set label_groups to {}")
+    if ds.ignore_label is not None and (ds.ignore_label in values or ds.ignore_label < 0):
+        r.error("dataset.ignore_label", f"{ds.ignore_label} must be a value >= 0 that is none of dataset.labels' "
+                                        f"values {sorted(values)} (unannotated voxels have no class)")
 
 
 def _check_folds(plan: Plan, base_dir: Path, r: Reader) -> None:

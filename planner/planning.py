@@ -120,4 +120,16 @@ def check_plan_report(path: Path) -> str:
     elif plan.device == "gpu" and est > budget:
         lines.append(f"  WARNING: the estimate exceeds the budget by {est - budget:.2f} GB: training may run out of "
                      "GPU memory; lower training.batch_size or training.patch_size, or re-plan with --gpu-memory")
-    return "\n".join(lines)
+    return "\n".join(lines + label_handling_lines(plan.dataset))
+
+
+def label_handling_lines(ds) -> list[str]:
+    """`segplan check`'s lines on a plan's regions and ignore label (none for a plan without them)."""
+    lines = []
+    if ds.regions:
+        regions = ", ".join(f"{n} {v} -> {o}" for (n, v), o in zip(ds.regions.items(), ds.regions_class_order))
+        lines.append(f"  {len(ds.regions)} regions, one sigmoid output each, written back in order: {regions}")
+    if ds.ignore_label is not None:
+        lines.append(f"  ignore label {ds.ignore_label}: unannotated voxels, left out of the loss, patch centres and "
+                     "evaluation")
+    return lines

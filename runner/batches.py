@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
-from collections import deque
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, Iterator
 
 from planner.plan import Plan, supervised_levels
-from runner.data import PatchSampler, augmented_batch, build_augmentation, to_keras
+from runner.data import PatchSampler, augmented_batch, build_augmentation, target_options, to_keras
 
 LOOKAHEAD = 2  # batches queued per worker
 
@@ -47,7 +46,7 @@ def _ordered(pool: Executor, make: Callable, plan: Plan, fold: int, epoch: int, 
     """The epoch's n batches in order, ``depth`` submitted ahead, running on into the next epoch's
     first batches (so they are made during validation and checkpoints); ``pending`` maps
     (epoch, index) to submitted batches across calls. A dead worker becomes an error."""
-    levels = supervised_levels(plan.network)
+    levels, options = supervised_levels(plan.network), target_options(plan)
 
     def submit(position: int) -> None:  # batches in one sequence over this epoch and the next
         key = divmod(position, n)
@@ -65,7 +64,7 @@ def _ordered(pool: Executor, make: Callable, plan: Plan, fold: int, epoch: int, 
             raise RuntimeError(f"a batch worker died while making batch {i} of epoch {epoch} (fold {fold}); "
                                "its error, if it printed one, is above; training stops here") from e
         submit(start + i + depth)
-        yield to_keras(raw, len(plan.dataset.labels), levels)
+        yield to_keras(raw, len(plan.dataset.labels), levels, **options)
 
 
 @contextlib.contextmanager

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from planner.plan import AugmentationSection, Plan, SupervisedLevel, supervised_levels
+from runner.regions import region_table
 from runner.targets import targets
-from runner.preprocess import load_case, load_locations
+from runner.preprocess import ANNOTATED, load_case, load_locations
 
 VALIDATION_FOREGROUND_SHARE = 0.5  # validation patches: half centred on foreground, so the loss sees the classes
 VALIDATION_STREAM = 999            # seeds the validation patches apart from the training batches (index 0..)
@@ -95,13 +96,20 @@ class PatchSampler:
         self.locs = {cid: load_locations(self.folder, cid) for cid in self.case_ids}
 
     def sample(self, rng: np.random.Generator, force_fg: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """A foreground patch centred on a stored voxel of a random class, else (with an ignore label)
+        centred on a stored annotated voxel, else a random crop."""
         cid = self.case_ids[int(rng.integers(len(self.case_ids)))]
         data, seg, _ = self.cases[cid]
         shape = data.shape[1:]
-        locs = [v for v in self.locs[cid].values() if len(v)]
+        locs = [v for k, v in self.locs[cid].items() if len(v) and k != ANNOTATED]
+        annotated = self.locs[cid].get(ANNOTATED)
+        centre = None
         if (force_fg or rng.random() < self.fg) and locs:
             cls = locs[int(rng.integers(len(locs)))]
             centre = cls[int(rng.integers(len(cls)))]
+        elif annotated is not None and len(annotated):
+            centre = annotated[int(rng.integers(len(annotated)))]
+        if centre is not None:
             start = [int(c) - p // 2 + int(rng.integers(-(p // 4), p // 4 + 1)) for c, p in zip(centre, self.patch)]
         else:
             start = [int(rng.integers(min(0, n - p), max(0, n - p) + 1)) for n, p in zip(shape, self.patch)]
@@ -117,11 +125,20 @@ class PatchSampler:
         return {"data": np.stack(xs), "seg": np.stack(ys).astype(np.float32)}
 
 
-def to_keras(batch: dict, n_classes: int, levels: list[SupervisedLevel] | None = None):
-    """(b, c, z, y, x) data and (b, 1, z, y, x) seg -> channels-last image and one-hot target(s)."""
+def target_options(plan: Plan) -> dict:
+    """How a plan's targets are encoded (runner.targets.encode): region masks for a region plan, an
+    annotated-mask channel with an ignore label; {} for a plan with neither."""
+    ds = plan.dataset
+    opts = {"regions": region_table(ds.labels, ds.regions)} if ds.regions else {}
+    return opts | ({"ignore": True} if ds.ignore_label is not None else {})
+
+
+def to_keras(batch: dict, n_classes: int, levels: list[SupervisedLevel] | None = None, **options):
+    """(b, c, z, y, x) data and (b, 1, z, y, x) seg -> channels-last image and one-hot target(s)
+    (``options``: ``target_options``)."""
     x = np.moveaxis(batch["data"], 1, -1).astype(np.float32)
     seg = np.rint(batch["seg"][:, 0]).astype(np.int64)
-    return x, targets(seg, n_classes, levels)
+    return x, targets(seg, n_classes, levels, **options)
 
 
 def augmented_batch(sampler: PatchSampler, augment, plan: Plan, fold: int, epoch: int, index: int) -> dict:
@@ -140,7 +157,7 @@ def augmented_batch(sampler: PatchSampler, augment, plan: Plan, fold: int, epoch
 
 def make_batch(sampler: PatchSampler, augment, plan: Plan, fold: int, epoch: int, index: int) -> tuple:
     return to_keras(augmented_batch(sampler, augment, plan, fold, epoch, index), len(plan.dataset.labels),
-                    supervised_levels(plan.network))
+                    supervised_levels(plan.network), **target_options(plan))
 
 
 def validation_batches(folder: Path, case_ids: list[str], plan: Plan, fold: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -151,4 +168,5 @@ def validation_batches(folder: Path, case_ids: list[str], plan: Plan, fold: int)
     rng = np.random.default_rng([plan.training.seed, fold, VALIDATION_STREAM])
     n, b = plan.training.schedule.validation_patches, plan.training.batch_size
     levels = supervised_levels(plan.network)
-    return [to_keras(sampler.batch(rng, min(b, n - i)), len(plan.dataset.labels), levels) for i in range(0, n, b)]
+    return [to_keras(sampler.batch(rng, min(b, n - i)), len(plan.dataset.labels), levels, **target_options(plan))
+            for i in range(0, n, b)]

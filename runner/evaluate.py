@@ -6,7 +6,11 @@ paper reports it, and its union is a row of its own. Results as CSV per case and
 A value that is undefined for a case (sensitivity with nothing to detect, HD95 with an empty mask)
 is NaN in the CSV and left out of the mean, and the summary says how many cases it left out and
 why; it is never counted as 0 or 1. Where a convention gives such a case a number (BraTS scores a
-missed structure's HD95 as the image diagonal) that number is its own, named column."""
+missed structure's HD95 as the image diagonal) that number is its own, named column.
+
+A region plan (dataset.regions) is scored per region, by its name, as nnU-Net evaluates region
+datasets; with an ignore label the references' unannotated voxels are left out of every count
+and surface, and the summary says how many there were."""
 from __future__ import annotations
 
 import math
@@ -17,6 +21,7 @@ import numpy as np
 from planner.dataset import read_label
 from planner.fileio import image_files, write_yaml
 from planner.schema import to_plain
+from runner.regions import annotated, mask_of, structures
 from runner.tables import write_rows
 
 METRICS = ("dice", "sensitivity", "specificity", "iou", "pred_ml", "ref_ml")
@@ -48,7 +53,7 @@ def confusion(pred: np.ndarray, ref: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def mask_metrics(pred: np.ndarray, ref: np.ndarray, voxel_ml: float, spacing=None, hd95: bool = False,
-                 nsd_tolerance: float | None = None) -> dict:
+                 nsd_tolerance: float | None = None, annotated: np.ndarray | None = None) -> dict:
     """Dice = 2TP/(2TP+FP+FN), sensitivity = TP/(TP+FN), specificity = TN/(TN+FP), IoU = TP/(TP+FP+FN).
 
     Empty reference: sensitivity is undefined (NaN: there is nothing to detect, so neither 0 nor 1
@@ -63,8 +68,16 @@ def mask_metrics(pred: np.ndarray, ref: np.ndarray, voxel_ml: float, spacing=Non
     evaluation replaces the infinite distance of an empty mask by 374 mm, the diagonal of its
     240x240x155 volumes at 1 mm; both masks empty score 0): here the diagonal of this image in mm
     (``image_diagonal_mm``), so that a model cannot improve the mean by missing a structure. Surface
-    Dice is 1 if both masks are empty, else 0 where one is."""
+    Dice is 1 if both masks are empty, else 0 where one is.
+
+    ``annotated``: the reference's annotated voxels (runner.regions.annotated); every count, TN
+    included, and the surfaces are then of those voxels only (nnU-Net's compute_tp_fp_fn_tn with an
+    ignore mask)."""
+    if annotated is not None:
+        pred, ref = pred & annotated, ref & annotated
     tp, fp, fn, tn = confusion(pred, ref)
+    if annotated is not None:
+        tn -= int(annotated.size - np.count_nonzero(annotated))
     empty, nothing_predicted = tp + fn == 0, tp + fp == 0
     out = {"dice": 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 1.0,
            "sensitivity": tp / (tp + fn) if (tp + fn) else math.nan,
@@ -102,8 +115,11 @@ def missing_metrics(ref: np.ndarray, voxel_ml: float, spacing, hd95: bool, nsd_t
 
 
 def case_metrics(pred: np.ndarray | None, ref: np.ndarray, labels: dict[str, int], groups: dict[str, list[str]],
-                 spacing, hd95: bool = False, nsd_tolerance: float | None = None) -> dict[str, dict]:
-    """Metrics per foreground label and per group, for one case (label values, not class indices).
+                 spacing, hd95: bool = False, nsd_tolerance: float | None = None,
+                 regions: dict[str, list[int]] | None = None, ignore_label: int | None = None) -> dict[str, dict]:
+    """Metrics per foreground label (per region of ``regions`` instead, for a region plan) and per
+    group, for one case (label values, not class indices); with ``ignore_label``, on the voxels the
+    reference annotates only.
 
     A group (the paper's lungs = left + right) is scored as the paper does: under its own name the
     mean of its members' metrics, so a left/right swap scores as wrong as it is; the union of its
@@ -111,15 +127,15 @@ def case_metrics(pred: np.ndarray | None, ref: np.ndarray, labels: dict[str, int
     missed member leaves the group's HD95 undefined, and the group ``missed``). ``pred`` None: the
     prediction is missing."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
+    ann = annotated(ref, ignore_label)
 
     def score(p_mask, r_mask):
         if p_mask is None:
             return missing_metrics(r_mask, voxel_ml, spacing, hd95, nsd_tolerance)
-        return mask_metrics(p_mask, r_mask, voxel_ml, spacing, hd95, nsd_tolerance)
+        return mask_metrics(p_mask, r_mask, voxel_ml, spacing, hd95, nsd_tolerance, ann)
     out = {}
-    for name, value in labels.items():
-        if value != 0:
-            out[name] = score(None if pred is None else pred == value, ref == value)
+    for name, values in structures(labels, regions).items():
+        out[name] = score(None if pred is None else mask_of(pred, values), mask_of(ref, values))
     for g, members in groups.items():
         rows = [out[m] for m in members]
         out[g] = {m: float(np.mean([r[m] for r in rows])) for m in GROUP_MEAN_METRICS if m in rows[0]}
@@ -136,16 +152,20 @@ def case_metrics(pred: np.ndarray | None, ref: np.ndarray, labels: dict[str, int
 def evaluate_folder(pred_dir: Path, ref_dir: Path, plan_path: Path | None = None, hd95: bool = False,
                     nsd_tolerance: float | None = None,
                     labels: dict[str, int] | None = None, groups: dict[str, list[str]] | None = None,
-                    notes: dict | None = None) -> str:
+                    notes: dict | None = None, regions: dict[str, list[int]] | None = None,
+                    ignore_label: int | None = None) -> str:
     """Evaluate every reference against its prediction; writes metrics.csv and summary.yaml in pred_dir.
 
     A reference with no prediction counts as Dice 0 (every overlap metric 0) and is listed under
     ``missing_predictions``; predictions with no reference are listed too. ``notes`` (e.g. which
-    checkpoint predicted) are written into the summary beside the numbers."""
+    checkpoint predicted) are written into the summary beside the numbers. A region plan is scored
+    per region; with an ignore label, the references' unannotated voxels are not scored, and the
+    summary says how many there were."""
     if plan_path is not None:
         from planner.plan_file import load_plan
         plan = load_plan(plan_path, check_paths=False)
         labels, groups = plan.dataset.labels, plan.dataset.label_groups
+        regions, ignore_label = plan.dataset.regions, plan.dataset.ignore_label
     preds, refs = image_files(pred_dir), image_files(ref_dir)
     if not refs:
         raise FileNotFoundError(f"no reference label files in {ref_dir}")
@@ -155,7 +175,7 @@ def evaluate_folder(pred_dir: Path, ref_dir: Path, plan_path: Path | None = None
     groups = groups or {}
     if not set(preds) & set(refs):
         raise FileNotFoundError(f"no prediction in {pred_dir} has a reference in {ref_dir}")
-    rows = []
+    rows, ignored, total = [], 0, 0
     for cid in sorted(refs):
         ref, rg = read_label(refs[cid])
         pred = None
@@ -163,16 +183,28 @@ def evaluate_folder(pred_dir: Path, ref_dir: Path, plan_path: Path | None = None
             pred, _ = read_label(preds[cid])
             if pred.shape != ref.shape:
                 raise ValueError(f"{preds[cid]}: shape {pred.shape} differs from the reference {ref.shape}")
-        for cls, m in case_metrics(pred, ref, labels, groups, rg.spacing, hd95, nsd_tolerance).items():
+        for cls, m in case_metrics(pred, ref, labels, groups, rg.spacing, hd95, nsd_tolerance, regions,
+                                   ignore_label).items():
             rows.append({"case": cid, "class": cls, **m})
+        ignored += int(np.count_nonzero(ref == ignore_label)) if ignore_label is not None else 0
+        total += ref.size
     write_rows(rows, Path(pred_dir) / "metrics.csv")
     summary = summarize_rows(rows)
     summary["missing_predictions"] = sorted(set(refs) - set(preds))
     summary["predictions_without_reference"] = sorted(set(preds) - set(refs))
     summary |= notes or {}
+    if ignore_label is not None:
+        summary["ignored"] = ignore_note(ignore_label, ignored, total)
     summary["conventions"] = {m: text for m, text in CONVENTIONS.items() if any(m in r for r in rows)}
     write_yaml(Path(pred_dir) / "summary.yaml", to_plain(summary))
     return format_summary(summary)
+
+
+def ignore_note(ignore_label: int, ignored: int, total: int) -> str:
+    """What evaluation left out because nobody annotated it, in words (summary and report)."""
+    return (f"ignore label {ignore_label}: {ignored} of the references' {total} voxels ({ignored / max(total, 1):.1%}) "
+            "are not annotated and were not scored (every count, TN included, and every surface is of the annotated "
+            "voxels)")
 
 
 def summarize_rows(rows: list[dict]) -> dict:
@@ -234,5 +266,7 @@ def format_summary(summary: dict) -> str:
         lines.append(f"predictions without a reference (not scored): {', '.join(summary['predictions_without_reference'])}")
     if summary.get("selection_note"):
         lines.append(f"NOTE: {summary['selection_note']}")
+    if summary.get("ignored"):
+        lines.append(f"NOTE: {summary['ignored']}")
     return "\n".join(lines)
 

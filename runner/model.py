@@ -5,14 +5,15 @@ Two encoders share one decoder: ``plain`` (the paper: convolution blocks and max
 a stem convolution, then per stage residual blocks of two convolutions in ResNet-D form, the
 first block of a stage down-sampling by its stride with an average-pooled skip). With deep
 supervision the model has one softmax output per supervised level (planner.plan.supervised_levels),
-full resolution first; ``prediction_model`` keeps only that one for inference.
+full resolution first; ``prediction_model`` keeps only that one for inference. A region plan's
+heads are sigmoids, one channel per region (``plan_network``).
 """
 from __future__ import annotations
 
 import keras
 from keras import layers
 
-from planner.plan import NetworkSection, supervised_levels
+from planner.plan import NetworkSection, Plan, output_channels, supervised_levels
 
 
 def _norm_act(x, net: NetworkSection, name: str, activate: bool = True):
@@ -78,15 +79,23 @@ def _residual_encoder(x, net: NetworkSection) -> list:
     return outs
 
 
-def _head(x, n_classes: int, suffix: str):
+def _head(x, n_classes: int, suffix: str, activation: str = "softmax"):
     logits = layers.Conv3D(n_classes, 1, name=f"logits{suffix}")(x)
-    return layers.Activation("softmax", dtype="float32", name=f"softmax{suffix}")(logits)
+    return layers.Activation(activation, dtype="float32", name=f"{activation}{suffix}")(logits)
 
 
-def build_unet(net: NetworkSection, in_channels: int, n_classes: int) -> keras.Model:
+def plan_network(plan: Plan) -> keras.Model:
+    """The network a plan trains and predicts with: a softmax over its labels, or for a region plan
+    one sigmoid per region (overlapping regions are not exclusive)."""
+    return build_unet(plan.network, len(plan.dataset.channels), output_channels(plan.dataset),
+                      "sigmoid" if plan.dataset.regions else "softmax")
+
+
+def build_unet(net: NetworkSection, in_channels: int, n_classes: int, activation: str = "softmax") -> keras.Model:
     """Encoder (``net.architecture``); decoder: transposed convolution (or upsampling + conv),
-    concatenation skip, conv block; a 1x1x1 softmax head (float32 even under mixed precision) at
-    full resolution and, with deep supervision, at every further supervised decoder stage."""
+    concatenation skip, conv block; a 1x1x1 softmax (or ``activation``) head (float32 even under
+    mixed precision) at full resolution and, with deep supervision, at every further supervised
+    decoder stage."""
     if net.architecture == "residual_encoder" and len(net.blocks_per_stage) != len(net.filters):
         raise ValueError(f"network.blocks_per_stage {net.blocks_per_stage}: a residual encoder of {len(net.filters)} "
                          f"stages needs {len(net.filters)} block counts")
@@ -105,8 +114,8 @@ def build_unet(net: NetworkSection, in_channels: int, n_classes: int) -> keras.M
         x = layers.Concatenate(name=f"skip{s}")([x, stages[s]])
         x = _conv_block(x, f, net.kernel_sizes[s], net, f"dec{s}")
         if s in levels and s > 0:
-            outputs[s] = _head(x, n_classes, f"_ds{s}")
-    outputs[0] = _head(x, n_classes, "")
+            outputs[s] = _head(x, n_classes, f"_ds{s}", activation)
+    outputs[0] = _head(x, n_classes, "", activation)
     heads = [outputs[s] for s in sorted(outputs)]
     return keras.Model(inputs, heads if len(heads) > 1 else heads[0], name="segplan_unet")
 

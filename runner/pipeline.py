@@ -25,7 +25,8 @@ def predict_validation(ws: Workspace, k: int, progress: bool = True) -> str:
     notes = {"checkpoint": plan.inference.checkpoint, "monitor": plan.training.schedule.monitor,
              "selection_note": selection_note(plan)}
     summary = evaluate_folder(fold.validation, fold.validation_reference, labels=plan.dataset.labels,
-                              groups=plan.dataset.label_groups, notes=notes)
+                              groups=plan.dataset.label_groups, notes=notes, regions=plan.dataset.regions,
+                              ignore_label=plan.dataset.ignore_label)
     print(f"fold {k} validation ({len(cases)} cases):\n{summary}")
     return summary
 

@@ -13,6 +13,11 @@ applied to the references themselves (a perfect prediction), lowers no class's m
 than ``MAX_REFERENCE_LOSS``. The decision, with its before/after figures per class and why each
 candidate was dropped, goes to WORK/postprocessing.yaml (readable and editable; checked on every
 read); `segplan predict` applies it. Connected components by scipy.ndimage (26-connectivity in 3D).
+
+A region plan's candidates are its regions (the voxels of a region's label values outside its
+largest component become background), each judged by the Dice of every region; with an ignore
+label the Dice counts the references' annotated voxels only (a reference annotated on a few
+slices shows its structures in pieces, so few rules are candidates there).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from planner.dataset import read_label
 from planner.fileio import image_files, write_text
 from planner.schema import Reader, SchemaError, doc, dump_yaml, load_yaml_with_lines
 from runner.evaluate import case_metrics, mask_metrics
+from runner.regions import annotated, mask_of, structures
 from runner.workspace import Workspace
 
 MIN_GAIN = 1e-4   # a rule must raise the mean Dice of what it touches by more than this
@@ -111,18 +117,26 @@ def apply(labels: np.ndarray, post: Postprocessing) -> np.ndarray:
     return labels
 
 
-def candidates(labels: dict[str, int], groups: dict[str, list[str]]) -> list[Rule]:
-    """All foreground (when there are several classes), then each class, then each label group."""
-    labels = {n: v for n, v in labels.items() if v != 0}
-    rules = [Rule("foreground", sorted(labels.values()))] if len(labels) > 1 else []
-    rules += [Rule(n, [v]) for n, v in labels.items()]
+def candidates(labels: dict[str, int], groups: dict[str, list[str]],
+               regions: dict[str, list[int]] | None = None) -> list[Rule]:
+    """All foreground (when there are several classes, and it is not a region already), then each
+    class (each region of a region plan), then each label group."""
+    scored = structures(labels, regions)
+    every = sorted(v for v in labels.values() if v != 0)
+    whole = len(scored) > 1 and every not in [sorted(v) for v in scored.values()]
+    rules = [Rule("foreground", every)] if whole else []
+    rules += [Rule(n, sorted(v)) for n, v in scored.items()]
     rules += [Rule(g, sorted(labels[m] for m in members)) for g, members in groups.items()]
     return rules
 
 
-def _mean_dice(cases: list[tuple[np.ndarray, np.ndarray]], labels: dict[str, int]) -> dict[str, float]:
-    return {n: float(np.mean([mask_metrics(p == v, r == v, 1.0)["dice"] for p, r in cases]))
-            for n, v in labels.items() if v != 0}
+def _mean_dice(cases: list[tuple[np.ndarray, np.ndarray]], scored: dict[str, list[int]],
+               ignore_label: int | None = None) -> dict[str, float]:
+    """Mean Dice per scored structure (a label or a region) of (prediction, reference) pairs, on the
+    references' annotated voxels."""
+    return {n: float(np.mean([mask_metrics(mask_of(p, v), mask_of(r, v), 1.0, annotated=annotated(r, ignore_label))
+                              ["dice"] for p, r in cases]))
+            for n, v in scored.items()}
 
 
 def out_of_fold(ws: Workspace):
@@ -135,24 +149,27 @@ def out_of_fold(ws: Workspace):
 
 
 def choose(cases: list[tuple[np.ndarray | None, np.ndarray]], labels: dict[str, int],
-           groups: dict[str, list[str]], folds: list[int]) -> Postprocessing:
+           groups: dict[str, list[str]], folds: list[int], regions: dict[str, list[int]] | None = None,
+           ignore_label: int | None = None) -> Postprocessing:
     """Try each candidate rule in order on the (prediction or None, reference) pairs; keep those that
-    the references show as one piece, that help the predictions and that spare the references."""
+    the references show as one piece, that help the predictions and that spare the references.
+    A region plan's rules and Dice are per region; with ``ignore_label`` the Dice is of the
+    references' annotated voxels."""
     predicted = [(p, r) for p, r in cases if p is not None]
     references = [r for _, r in cases]
-    value_of = {n: v for n, v in labels.items() if v != 0}
+    scored = structures(labels, regions)
     names = {v: n for n, v in labels.items()}
     kept, tried, dropped = [], {}, {}
     current, refs_now = predicted, references
-    before = _mean_dice(current, labels)
-    for rule in candidates(labels, groups):
+    before = _mean_dice(current, scored, ignore_label)
+    for rule in candidates(labels, groups, regions):
         name = rule.keep_largest
         trial = [(keep_largest(p, rule.labels), r) for p, r in current]
-        after = _mean_dice(trial, labels)
-        touched = [n for n, v in value_of.items() if v in rule.labels]
+        after = _mean_dice(trial, scored, ignore_label)
+        touched = [n for n, v in scored.items() if set(v) & set(rule.labels)]
         gain = np.mean([after[n] for n in touched]) - np.mean([before[n] for n in touched])
-        harms = [n for n in value_of if after[n] < before[n] - 1e-9]
-        tried[name] = {n: [round(before[n], 5), round(after[n], 5)] for n in value_of}
+        harms = [n for n in scored if after[n] < before[n] - 1e-9]
+        tried[name] = {n: [round(before[n], 5), round(after[n], 5)] for n in scored}
         why = anatomy(references, rule, names)
         if why is None and harms:
             why = "lowers " + ", ".join(f"{n} {before[n]:.5f} -> {after[n]:.5f}" for n in harms) + " on the predictions"
@@ -161,7 +178,7 @@ def choose(cases: list[tuple[np.ndarray | None, np.ndarray]], labels: dict[str, 
                    f"(needs more than {MIN_GAIN:g})")
         if why is None:   # the kept rules and this one, applied to a perfect prediction
             refs_trial = [keep_largest(r, rule.labels) for r in refs_now]
-            on_refs = _mean_dice(list(zip(refs_trial, references)), labels)
+            on_refs = _mean_dice(list(zip(refs_trial, references)), scored, ignore_label)
             lost = {n: d for n, d in on_refs.items() if d < 1.0 - MAX_REFERENCE_LOSS}
             if lost:
                 why = ("applied to the references it lowers " + ", ".join(f"{n} 1 -> {d:.5f}" for n, d in lost.items())
@@ -182,7 +199,8 @@ def decide(ws: Workspace) -> Postprocessing:
         cases.append((read_label(pred)[0] if pred is not None else None, read_label(ref)[0]))
     if not any(p is not None for p, _ in cases):
         raise FileNotFoundError(f"no out-of-fold predictions in {ws.root}: run the folds first")
-    return choose(cases, ws.plan.dataset.labels, ws.plan.dataset.label_groups, folds)
+    ds = ws.plan.dataset
+    return choose(cases, ds.labels, ds.label_groups, folds, ds.regions, ds.ignore_label)
 
 
 def postprocessed_rows(ws: Workspace, post: Postprocessing) -> dict[int, list[dict]]:
@@ -192,7 +210,8 @@ def postprocessed_rows(ws: Workspace, post: Postprocessing) -> dict[int, list[di
     for k, cid, pred_path, ref_path in out_of_fold(ws):
         ref, geom = read_label(ref_path)
         pred = apply(read_label(pred_path)[0], post) if pred_path is not None else None
-        for cls, m in case_metrics(pred, ref, plan.dataset.labels, plan.dataset.label_groups, geom.spacing).items():
+        for cls, m in case_metrics(pred, ref, plan.dataset.labels, plan.dataset.label_groups, geom.spacing,
+                                   regions=plan.dataset.regions, ignore_label=plan.dataset.ignore_label).items():
             out.setdefault(k, []).append({"case": cid, "class": cls, **m})
     return out
 

@@ -12,10 +12,11 @@ from tqdm import tqdm
 from planner.dataset import Case, DatasetError, Geometry, write_volume
 from planner.dicom import SeriesCase, dicom_cases, read_case_image, refused
 from planner.fileio import ENDINGS, image_files, save_npz
-from planner.plan import Plan
+from planner.plan import Plan, output_channels
 from runner import postprocess
 from runner.infer import keras_predictor, mirrored, sliding_window
 from runner.preprocess import classes_to_labels, invert_probabilities, preprocess_image
+from runner.regions import regions_to_labels
 from runner.workspace import Fold, Workspace, weight_fields
 
 CHANNEL = re.compile(r"^(.*)_(\d{4})$")
@@ -74,10 +75,10 @@ def selection_note(plan: Plan) -> str:
 def build_models(plans: list[Plan], weights: list[Path], folds: list[int]) -> tuple[Plan, list]:
     """One Keras model per fold from its plan and weights file (Keras weights: nothing unpickled or
     executed); the plan to predict with, which the folds' preprocessing and labels must agree on."""
-    from runner.model import build_unet, prediction_model
+    from runner.model import plan_network, prediction_model
     models = []
     for k, plan, w in zip(folds, plans, weights):
-        model = build_unet(plan.network, len(plan.dataset.channels), len(plan.dataset.labels))
+        model = plan_network(plan)
         try:
             model.load_weights(str(w))
         except (OSError, ValueError) as e:  # not a weights file, or the weights of another network
@@ -114,7 +115,8 @@ def warn_unknown_units(case: Case, props: dict) -> None:
 def predict_case(case: Case, plan: Plan, predict, progress: bool = False, probabilities: bool = False,
                  training_case: bool = False) -> tuple[np.ndarray, Geometry, np.ndarray | None, dict]:
     """Label map (original label values) with the input's geometry, the probabilities on the
-    original grid if asked for (else None), and the time of each step. ``training_case``: the case
+    original grid if asked for (else None; a region plan's: one sigmoid probability per region), and
+    the time of each step. ``training_case``: the case
     is one of the plan's training cases (a fold's validation case), read in the plan's unit for it;
     otherwise the image's own values decide its unit, whatever its name."""
     t = {}
@@ -133,12 +135,17 @@ def predict_case(case: Case, plan: Plan, predict, progress: bool = False, probab
         bar.total = total
         bar.n = done
         bar.refresh()
-    probs = sliding_window(data, plan.training.patch_size, predict, len(plan.dataset.labels), plan.inference.overlap,
-                           plan.inference.weighting, plan.inference.batch_size, progress=tick)
+    probs = sliding_window(data, plan.training.patch_size, predict, output_channels(plan.dataset),
+                           plan.inference.overlap, plan.inference.weighting, plan.inference.batch_size, progress=tick)
     bar.close()
     t["network_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    if probabilities:
+    if plan.dataset.regions:  # region probabilities on the original grid, thresholded and written in order
+        full = invert_probabilities(probs, props, plan, full=True, background=False)
+        labels = regions_to_labels(full, plan.dataset.regions_class_order,
+                                   np.uint8 if max(plan.dataset.regions_class_order) < 256 else np.uint16)
+        full = full if probabilities else None
+    elif probabilities:
         full = invert_probabilities(probs, props, plan, full=True)
         labels = classes_to_labels(np.argmax(full, axis=0), plan)
     else:

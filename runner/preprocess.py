@@ -23,6 +23,7 @@ from runner.workspace import Workspace, preprocessing_fields
 
 CLASS_LOCATIONS_PER_CLASS = 10_000
 CLASS_LOCATION_SEED = 0      # which stored voxels represent a large class: fixed, so a rerun stores the same
+ANNOTATED = "annotated"      # with an ignore label: stored locations of annotated voxels (any class), patch centres
 
 def normalize(image: np.ndarray, plan: Plan) -> np.ndarray:
     """Clip / z-score each channel as the plan says (in place on a float32 array)."""
@@ -92,12 +93,16 @@ def preprocess_image(image: np.ndarray, geom: Geometry, plan: Plan, case_id: str
 
 
 def labels_to_classes(label: np.ndarray, plan: Plan) -> np.ndarray:
-    """Label values (possibly non-consecutive, e.g. 0..117) -> class indices 0..K-1 (uint8/16)."""
+    """Label values (possibly non-consecutive, e.g. 0..117) -> class indices 0..K-1 (uint8/16); the
+    ignore label's voxels (dataset.ignore_label) -> K, one past the classes (runner/regions.py)."""
     values = list(plan.dataset.labels.values())
-    lut_size = max(max(values), int(label.max()) if label.size else 0) + 1
+    ignore = plan.dataset.ignore_label
+    lut_size = max(max(values), ignore or 0, int(label.max()) if label.size else 0) + 1
     lut = np.zeros(lut_size, np.uint8 if len(values) < 256 else np.uint16)
     for i, v in enumerate(values):
         lut[v] = i
+    if ignore is not None:
+        lut[ignore] = len(values)
     if label.dtype.kind not in "iu" or (label.size and label.min() < 0):
         label = label.astype(np.int64)   # float or signed label files: whole values checked on reading
     return lut[label]                    # indexed in the label's own integer type: no 8-byte copy
@@ -109,11 +114,14 @@ def classes_to_labels(classes: np.ndarray, plan: Plan) -> np.ndarray:
     return values[classes].astype(dtype)
 
 
-def invert_probabilities(probs: np.ndarray, props: dict, plan: Plan, full: bool = True) -> np.ndarray:
+def invert_probabilities(probs: np.ndarray, props: dict, plan: Plan, full: bool = True,
+                         background: bool = True) -> np.ndarray:
     """(K, z, y, x) probabilities at target spacing -> back on the original grid.
 
-    ``full=True``: (K, original shape) float32, background 1 outside the crop box. ``full=False``:
-    only the (original-shape) class-index map, which spares the K x volume array of the full grid.
+    ``full=True``: (K, original shape) float32, background 1 outside the crop box (``background``
+    False: every channel 0 there, as a region plan's sigmoid outputs, which have no background
+    channel). ``full=False``: only the (original-shape) class-index map, which spares the K x volume
+    array of the full grid.
     """
     geom = Geometry.from_dict(props["geometry"])
     rs = plan.resampling
@@ -126,20 +134,29 @@ def invert_probabilities(probs: np.ndarray, props: dict, plan: Plan, full: bool 
         classes[sl] = np.argmax(back, axis=-1)
         return classes
     out = np.zeros((probs.shape[0],) + tuple(geom.shape), np.float32)
-    out[0] = 1.0
+    out[0] = 1.0 if background else 0.0
     out[(slice(None),) + sl] = np.moveaxis(back, -1, 0)
     return out
 
 
-def class_locations(seg: np.ndarray, n_classes: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Up to 10 000 voxel coordinates per foreground class, for foreground oversampling."""
+def class_locations(seg: np.ndarray, n_classes: int, rng: np.random.Generator,
+                    ignore: bool = False) -> dict[str, np.ndarray]:
+    """Up to 10 000 voxel coordinates per foreground class, for foreground oversampling; with
+    ``ignore`` (class index ``n_classes`` unannotated) also of the annotated voxels, where the other
+    patches are centred (nnU-Net's annotated_classes_key), so that no patch is all unannotated."""
     out = {}
     for k in range(1, n_classes):
-        idx = np.flatnonzero(seg.ravel() == k)
-        if idx.size > CLASS_LOCATIONS_PER_CLASS:
-            idx = rng.choice(idx, CLASS_LOCATIONS_PER_CLASS, replace=False)
-        out[f"class_{k}"] = np.stack(np.unravel_index(np.sort(idx), seg.shape), axis=1).astype(np.int32)
+        out[f"class_{k}"] = _locations(seg, seg.ravel() == k, rng)
+    if ignore:
+        out[ANNOTATED] = _locations(seg, seg.ravel() != n_classes, rng)
     return out
+
+
+def _locations(seg: np.ndarray, flat_mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    idx = np.flatnonzero(flat_mask)
+    if idx.size > CLASS_LOCATIONS_PER_CLASS:
+        idx = rng.choice(idx, CLASS_LOCATIONS_PER_CLASS, replace=False)
+    return np.stack(np.unravel_index(np.sort(idx), seg.shape), axis=1).astype(np.int32)
 
 
 def _preprocess_one(args) -> str:
@@ -153,7 +170,8 @@ def _preprocess_one(args) -> str:
     save_npy(out / f"{case.case_id}.npy", data)
     if seg is not None:
         save_npy(out / f"{case.case_id}_seg.npy", seg)
-        locs = class_locations(seg, len(plan.dataset.labels), np.random.default_rng(CLASS_LOCATION_SEED))
+        locs = class_locations(seg, len(plan.dataset.labels), np.random.default_rng(CLASS_LOCATION_SEED),
+                               ignore=plan.dataset.ignore_label is not None)
         save_npz(out / f"{case.case_id}_locs.npz", **locs)
     # the properties file is written last: its presence marks a complete case
     write_json(out / f"{case.case_id}.json", props)

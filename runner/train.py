@@ -36,13 +36,16 @@ def compile_model(plan: Plan, learning_rate: float):
     supervised level, weighted as planner.plan.supervised_levels says (Keras sums them), and the
     Dice metric of the full-resolution output."""
     import keras
-    from runner.losses import compile_arguments
-    from runner.model import build_unet
+    from runner.losses import compile_arguments, plan_loss, soft_dice_metric
+    from runner.model import plan_network
     keras.mixed_precision.set_global_policy(backend.mixed_policy() if plan.training.mixed_precision else "float32")
     keras.utils.set_random_seed(plan.training.seed)
-    model = build_unet(plan.network, len(plan.dataset.channels), len(plan.dataset.labels))
+    model = plan_network(plan)
+    regions, ignore = bool(plan.dataset.regions), plan.dataset.ignore_label is not None
+    metric = soft_dice_metric(regions, ignore) if regions or ignore else fg_soft_dice
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  **compile_arguments(plan.training.loss, supervised_levels(plan.network), fg_soft_dice))
+                  **compile_arguments(plan.training.loss, supervised_levels(plan.network), metric,
+                                      plan_loss(plan.training.loss, regions, ignore)))
     return model
 
 
@@ -60,10 +63,11 @@ def fg_soft_dice(y_true, y_pred):
     return ops.mean((2 * inter + 1e-6) / (denom + 1e-6))
 
 
-def _validate(model, val_batches) -> tuple[float, float]:
-    """Loss (every supervised level, weighted) and hard Dice of the full-resolution output, from one
-    forward pass per batch (the loss is computed from its outputs, not by a second pass)."""
-    from runner.losses import hard_dice_per_class
+def _validate(model, val_batches, plan: Plan) -> tuple[float, float]:
+    """Loss (every supervised level, weighted) and hard Dice of the full-resolution output (of each
+    region, on annotated voxels, as ``plan`` says), from one forward pass per batch (the loss is
+    computed from its outputs, not by a second pass)."""
+    from runner.losses import hard_dice
     if not val_batches:
         return float("nan"), float("nan")
     losses, probs, refs = [], [], []
@@ -72,7 +76,8 @@ def _validate(model, val_batches) -> tuple[float, float]:
         losses.append(float(model.compute_loss(x=x, y=y, y_pred=out, training=False)))
         probs.append(np.asarray(out[0] if isinstance(out, (list, tuple)) else out))
         refs.append(y[0] if isinstance(y, tuple) else y)
-    dice = hard_dice_per_class(np.concatenate(refs), np.concatenate(probs))
+    dice = hard_dice(np.concatenate(refs), np.concatenate(probs), bool(plan.dataset.regions),
+                     plan.dataset.ignore_label is not None)
     return float(np.mean(losses)), float(np.nanmean(dice)) if np.any(~np.isnan(dice)) else float("nan")
 
 
@@ -161,12 +166,12 @@ def _train_epochs(model, plan: Plan, fold: Fold, k: int, state: TrainState, hist
         bar.close()
         train_s = time.perf_counter() - t0
         validated = state.epoch % sched.validation_every == 0
-        val_loss, val_dice = _validate(model, val) if validated else (float("nan"), float("nan"))
+        val_loss, val_dice = _validate(model, val, plan) if validated else (float("nan"), float("nan"))
         state = dataclasses.replace(state, learning_rate=lr, elapsed_s=state.elapsed_s + train_s)
         monitored = val_loss if sched.monitor == "val_loss" and not math.isnan(val_loss) else float(np.mean(losses))
         state, improved = after_epoch(state, monitored, sched)
         if state.stopped and not validated:  # the last epoch is always validated
-            val_loss, val_dice = _validate(model, val)
+            val_loss, val_dice = _validate(model, val, plan)
         row = {"epoch": state.epoch - 1, "train_loss": float(np.mean(losses)), "train_dice": float(np.nanmean(dices)),
                "val_loss": val_loss, "val_dice": val_dice, "learning_rate": lr,
                "seconds": round(time.perf_counter() - t0, 2), "seconds_per_iteration": round(train_s / max(len(losses), 1), 3)}

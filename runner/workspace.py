@@ -42,9 +42,11 @@ class PlanChanged(ValueError):
 
 
 def preprocessing_fields(plan: Plan) -> dict:
-    """The plan fields that change preprocessed data (a training edit reuses the cache)."""
+    """The plan fields that change preprocessed data (a training edit reuses the cache); the ignore
+    label only where there is one, so the caches of plans without it keep their keys."""
+    ignore = {} if plan.dataset.ignore_label is None else {"ignore_label": plan.dataset.ignore_label}
     return to_plain({"intensity": plan.intensity, "resampling": plan.resampling, "labels": plan.dataset.labels,
-                     "channels": plan.dataset.channels, "dataset": plan.dataset.path})
+                     "channels": plan.dataset.channels, "dataset": plan.dataset.path, **ignore})
 
 
 def preprocessing_key(plan: Plan) -> str:
@@ -61,9 +63,11 @@ def _flat(d, prefix: str = "") -> dict[str, object]:
 
 
 def weight_fields(plan: Plan) -> dict[str, object]:
-    """Dotted keys of everything a fold's weights depend on: network, preprocessing, labels, channels."""
+    """Dotted keys of everything a fold's weights depend on: network, preprocessing, labels, channels,
+    and a region plan's regions (its outputs; no regions add no key)."""
     return _flat(to_plain({"network": plan.network, "intensity": plan.intensity, "resampling": plan.resampling,
-                           "dataset": {"labels": plan.dataset.labels, "channels": plan.dataset.channels}}))
+                           "dataset": {"labels": plan.dataset.labels, "channels": plan.dataset.channels,
+                                       "regions": plan.dataset.regions}}))
 
 
 def changed_keys(frozen: Plan, live: Plan) -> list[str]:

@@ -321,5 +321,5 @@ def test_validation_loss_from_one_forward_pass_equals_keras_evaluation(phantoms,
     model = compile_model(plan, 1e-3)
     assert len(model.outputs) > 1
     keras_loss = np.mean([model.test_on_batch(x, y, return_dict=True)["loss"] for x, y in val])
-    loss, dice = _validate(model, val)
+    loss, dice = _validate(model, val, plan)
     assert loss == pytest.approx(keras_loss, rel=1e-5) and 0 <= dice <= 1
