@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from planner.dataset import Case, DatasetError, Geometry, read_image, write_volume
 from planner.fileio import ENDINGS, image_files, save_npz
-from planner.plan import Plan
+from planner.plan import Plan, input_channels
 from runner import postprocess
 from runner.infer import keras_predictor, mirrored, sliding_window
 from runner.preprocess import classes_to_labels, invert_probabilities, preprocess_image
@@ -71,7 +71,7 @@ def build_models(plans: list[Plan], weights: list[Path], folds: list[int]) -> tu
     from runner.model import build_unet, prediction_model
     models = []
     for k, plan, w in zip(folds, plans, weights):
-        model = build_unet(plan.network, len(plan.dataset.channels), len(plan.dataset.labels))
+        model = build_unet(plan.network, input_channels(plan), len(plan.dataset.labels))
         try:
             model.load_weights(str(w))
         except (OSError, ValueError) as e:  # not a weights file, or the weights of another network
@@ -106,11 +106,13 @@ def warn_unknown_units(case: Case, props: dict) -> None:
 
 
 def predict_case(case: Case, plan: Plan, predict, progress: bool = False, probabilities: bool = False,
-                 training_case: bool = False) -> tuple[np.ndarray, Geometry, np.ndarray | None, dict]:
+                 training_case: bool = False,
+                 previous=None) -> tuple[np.ndarray, Geometry, np.ndarray | None, dict]:
     """Label map (original label values) with the input's geometry, the probabilities on the
     original grid if asked for (else None), and the time of each step. ``training_case``: the case
     is one of the plan's training cases (a fold's validation case), read in the plan's unit for it;
-    otherwise the image's own values decide its unit, whatever its name."""
+    otherwise the image's own values decide its unit, whatever its name. ``previous`` (a cascade):
+    case -> the previous stage's label map on the original grid, added as one-hot input channels."""
     t = {}
     t0 = time.perf_counter()
     image, geom = read_image(case)
@@ -119,6 +121,9 @@ def predict_case(case: Case, plan: Plan, predict, progress: bool = False, probab
     data, _, props = preprocess_image(image, geom, plan, case.case_id, training_case=training_case)
     del image
     warn_unknown_units(case, props)
+    if previous is not None:
+        from runner.cascade import previous_channels
+        data = np.concatenate([data, previous_channels(previous(case), props, plan)])
     t["preprocess_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     bar = tqdm(total=None, desc=f"{case.case_id}", disable=not progress, leave=False, unit="window")
@@ -144,10 +149,11 @@ def predict_case(case: Case, plan: Plan, predict, progress: bool = False, probab
 
 def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tta: bool = True,
                   save_probabilities: bool = False, progress: bool = True, post=None,
-                  training_cases: bool = False) -> list[dict]:
+                  training_cases: bool = False, previous=None) -> list[dict]:
     """Segment ``cases`` into ``out_dir`` with the averaged models (then ``post``, a Postprocessing,
     if given); returns per-case timings. ``training_cases``: they are the plan's own training cases
-    (validation), read in the units its table gives them; new images never are."""
+    (validation), read in the units its table gives them; new images never are. ``previous``: a
+    cascade's previous stage (see ``predict_case``)."""
     predict = keras_predictor(models)
     if tta and plan.inference.mirroring:
         predict = mirrored(predict, plan.training.augmentation.mirror_axes)
@@ -155,26 +161,33 @@ def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tt
     timings = []
     for case in tqdm(cases, desc="predict", disable=not progress, unit="case"):
         labels, geom, probs, t = predict_case(case, plan, predict, progress, probabilities=save_probabilities,
-                                              training_case=training_cases)
-        t0 = time.perf_counter()
-        if post is not None:
-            labels = postprocess.apply(labels, post)
-        write_volume(labels, geom, out_dir / f"{case.case_id}.nii.gz")
-        if save_probabilities:
-            save_npz(out_dir / f"{case.case_id}.npz", compressed=True, probabilities=probs.astype(np.float16))
-        t["write_s"] = time.perf_counter() - t0
-        timings.append({"case": case.case_id, **t})
-        if not progress:  # no bar (a log file): one line per case
-            print(f"predicted {case.case_id} in {sum(t.values()):.1f} s -> {out_dir / (case.case_id + '.nii.gz')}",
-                  flush=True)
+                                              training_case=training_cases, previous=previous)
+        timings.append(write_prediction(case.case_id, labels, geom, probs, out_dir, post, t, progress))
     return timings
+
+
+def write_prediction(case_id: str, labels: np.ndarray, geom: Geometry, probs: np.ndarray | None, out_dir: Path,
+                     post, t: dict, progress: bool) -> dict:
+    """Write a case's label map (after ``post``, if given) and, if given, its probabilities (float16
+    .npz, after the label map: its presence marks a complete case); returns the case's timings."""
+    t0 = time.perf_counter()
+    if post is not None:
+        labels = postprocess.apply(labels, post)
+    write_volume(labels, geom, out_dir / f"{case_id}.nii.gz")
+    if probs is not None:
+        save_npz(out_dir / f"{case_id}.npz", compressed=True, probabilities=probs.astype(np.float16))
+    t["write_s"] = time.perf_counter() - t0
+    if not progress:  # no bar (a log file): one line per case
+        print(f"predicted {case_id} in {sum(t.values()):.1f} s -> {out_dir / (case_id + '.nii.gz')}", flush=True)
+    return {"case": case_id, **t}
 
 
 def predict_folder(plan_path: Path, input_dir: Path, output_dir: Path, folds: list[int] | None = None,
                    tta: bool = True, save_probabilities: bool = False, progress: bool = True,
                    postprocessing: bool = True) -> list[dict]:
     """`segplan predict`: every case in ``input_dir`` with the averaged (by default all trained) folds,
-    then the postprocessing decided on cross-validation (WORK/postprocessing.yaml) unless told not to."""
+    then the postprocessing decided on cross-validation (WORK/postprocessing.yaml) unless told not to.
+    A cascade plan's previous stage (its 3d_lowres plan's folds) predicts each case first."""
     ws = Workspace(plan_path)
     folds = folds if folds is not None else [f.index for f in ws.folds() if f.is_trained()]
     if not folds:
@@ -185,5 +198,10 @@ def predict_folder(plan_path: Path, input_dir: Path, output_dir: Path, folds: li
             if postprocessing and ws.postprocessing.exists() else None)
     if post is not None:
         print(f"postprocessing: {', '.join(r.keep_largest for r in post.rules) or 'none'} ({ws.postprocessing})")
-    return predict_cases(cases, plan, models, Path(output_dir), tta, save_probabilities, progress, post)
+    previous = None
+    if ws.plan.configuration == "3d_cascade_fullres":
+        from runner.stages import previous_labels, workspace_stage
+        previous = previous_labels(workspace_stage(ws, folds, tta, plan=plan, models=models))
+    return predict_cases(cases, plan, models, Path(output_dir), tta, save_probabilities, progress, post,
+                         previous=previous)
 
