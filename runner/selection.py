@@ -118,11 +118,12 @@ def _prediction(probs: list[np.ndarray], members: tuple[int, ...], plan) -> np.n
     return classes_to_labels(np.argmax(p / len(members), axis=0), plan)
 
 
-def _out_of_fold(workspaces: list[Workspace], progress: bool):
-    """(fold, case id, reference, spacing, each plan's probabilities) of every out-of-fold case."""
+def _out_of_fold(workspaces: list[Workspace], progress: bool, folds: list[int] | None = None):
+    """(fold, case id, reference, spacing, each plan's probabilities) of every out-of-fold case (of
+    ``folds`` only, if given)."""
     first = workspaces[0]
     label_files = {c.case_id: c.label_file for c in first.dataset.cases}
-    pairs = [(k, cid) for k, s in enumerate(first.splits()) for cid in s["val"]]
+    pairs = [(k, cid) for k, s in enumerate(first.splits()) for cid in s["val"] if folds is None or k in folds]
     for k, cid in tqdm(pairs, desc="select", disable=not progress, unit="case"):
         ref, geom = read_label(label_files[cid])
         probs = [load_probabilities(ws, k, cid) for ws in workspaces]
@@ -133,31 +134,40 @@ def _out_of_fold(workspaces: list[Workspace], progress: bool):
         yield k, cid, ref, geom.spacing, probs
 
 
+def score(workspaces: list[Workspace], progress: bool = True,
+          folds: list[int] | None = None) -> tuple[dict[str, tuple[int, ...]], dict[str, dict[str, list[float]]], int]:
+    """Each candidate's members (by name), its Dice per class and case on the out-of-fold cases (of
+    ``folds``, if given: a benchmark's fold 0), and the number of cases."""
+    plan = workspaces[0].plan
+    labels, groups = plan.dataset.labels, plan.dataset.label_groups
+    names = member_names(workspaces)
+    members = {"+".join(names[i] for i in m): m for m in candidate_members(workspaces)}
+    dice: dict[str, dict[str, list[float]]] = {n: {} for n in members}
+    n_cases = 0
+    for _, _, ref, spacing, probs in _out_of_fold(workspaces, progress, folds):
+        n_cases += 1
+        for name, m in members.items():
+            for cls, metrics in case_metrics(_prediction(probs, m, plan), ref, labels, groups, spacing).items():
+                dice[name].setdefault(cls, []).append(metrics["dice"])
+    return members, dice, n_cases
+
+
 def select(plan_paths: list[Path], out: Path, progress: bool = True) -> tuple[Selection, str]:
     """Rank, decide the winner's postprocessing, write ``out``; returns the selection and its table."""
     workspaces = [Workspace(Path(p)) for p in plan_paths]
     _check_comparable(workspaces)
     plan = workspaces[0].plan
     labels, groups = plan.dataset.labels, plan.dataset.label_groups
-    names = member_names(workspaces)
-    members = candidate_members(workspaces)
-    cand_names = ["+".join(names[i] for i in m) for m in members]
-    dice: dict[str, dict[str, list[float]]] = {n: {} for n in cand_names}
-    n_cases = 0
-    for _, _, ref, spacing, probs in _out_of_fold(workspaces, progress):
-        n_cases += 1
-        for name, m in zip(cand_names, members):
-            for cls, metrics in case_metrics(_prediction(probs, m, plan), ref, labels, groups, spacing).items():
-                dice[name].setdefault(cls, []).append(metrics["dice"])
+    by_name, dice, n_cases = score(workspaces, progress)
     foreground = [n for n, v in labels.items() if v != 0]
     base = Path(out).resolve().parent
     ranking = [Candidate(name, [os.path.relpath(workspaces[i].plan_path.resolve(), base) for i in m],
                          round(float(np.mean([np.mean(dice[name][c]) for c in foreground])), DIGITS),
                          {c: round(float(np.mean(v)), DIGITS) for c, v in dice[name].items()})
-               for name, m in zip(cand_names, members)]
+               for name, m in by_name.items()]
     ranking.sort(key=lambda c: -c.mean_foreground_dice)  # stable: ties keep singles first, as nnU-Net
     winner = ranking[0]
-    chosen = members[cand_names.index(winner.name)]
+    chosen = by_name[winner.name]
     cases = [(_prediction(probs, chosen, plan), ref) for _, _, ref, _, probs in _out_of_fold(workspaces, False)]
     post = postprocess.choose(cases, labels, groups, list(range(len(workspaces[0].folds()))))
     selection = Selection(SELECTION_VERSION, len(workspaces[0].folds()), n_cases, dict(labels), winner.name,

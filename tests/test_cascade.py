@@ -209,3 +209,55 @@ def test_the_previous_stage_channels_stay_one_hot_and_binary_under_augmentation(
     assert np.array_equal(a, b) and a.shape == onehot.shape
     assert set(np.unique(a)) <= {0.0, 1.0} and a.sum(axis=1).max() <= 1
     assert np.array_equal(onehot, one_hot_foreground(maps, classes, axis=1))   # the input is left alone
+
+
+def _ensemble_zip(path: Path, change=None) -> Path:
+    """A version-2 bundle made by hand (placeholder files; what open_bundle checks is the manifest and
+    the hashes): 3d_lowres -> cascade, averaged with 3d_fullres; ``change`` edits the manifest."""
+    import hashlib
+    files = {f"models/{m}/folds/{k}/{part}": f"{m}{k}{part}".encode() for m in ("full", "low", "cas")
+             for k in (0, 1) for part in ("plan.yaml", "model.weights.h5")}
+    manifest = {"bundle_version": 2, "models": [{"name": "full", "folds": [0, 1], "previous": None},
+                                                {"name": "low", "folds": [0, 1], "previous": None},
+                                                {"name": "cas", "folds": [0, 1], "previous": "low"}],
+                "ensemble": ["full", "cas"], "files": {n: hashlib.sha256(d).hexdigest() for n, d in files.items()}}
+    if change is not None:
+        change(manifest)
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+        z.writestr("manifest.json", json.dumps(manifest))
+    return path
+
+
+ENSEMBLE_MANIFESTS = {  # edit -> what the refusal says
+    "no models": (lambda m: m.pop("models"), "models must be a non-empty list"),
+    "model without name": (lambda m: m["models"][0].pop("name"), "models[0].name must be a plain name"),
+    "name with a slash": (lambda m: m["models"][0].update(name="a/b"), "models[0].name must be a plain name"),
+    "name twice": (lambda m: m["models"][1].update(name="full"), "models lists full twice"),
+    "bad folds": (lambda m: m["models"][2].update(folds=[1, 1]), "models[2].folds [1, 1] list fold 1 more than once"),
+    "unknown key": (lambda m: m["models"][0].update(weights="x"), "models[0] has unknown keys ['weights']"),
+    "unknown previous": (lambda m: m["models"][2].update(previous="mid"), "model cas's previous must be another"),
+    "loop": (lambda m: m["models"][1].update(previous="cas"), "previous stages loop back"),
+    "ensemble of nothing": (lambda m: m.update(ensemble=[]), "ensemble must be a non-empty list of distinct"),
+    "ensemble twice": (lambda m: m.update(ensemble=["full", "full"]), "ensemble must be a non-empty list of distinct"),
+    "ensemble unknown": (lambda m: m.update(ensemble=["full", "other"]), "ensemble must be a non-empty list"),
+    "unused model": (lambda m: m.update(ensemble=["full"]), "models lists cas, low, which neither the ensemble"),
+    "fold file missing": (lambda m: m["files"].pop("models/low/folds/1/model.weights.h5"),
+                          "model low's fold 1 has no model.weights.h5"),
+    "version 3": (lambda m: m.update(bundle_version=3), "bundle version 3 is unknown; this segplan reads versions 1 and 2"),
+}
+
+
+@pytest.mark.parametrize("case", list(ENSEMBLE_MANIFESTS))
+def test_an_ensemble_bundle_manifest_is_checked_by_name_before_anything_is_unpacked(tmp_path, case):
+    from planner.bundle_file import BundleError, bundle_models, open_bundle
+    good = open_bundle(_ensemble_zip(tmp_path / "good.zip"), tmp_path / "good")
+    models, ensemble = bundle_models(good)
+    assert ensemble == ["full", "cas"] and models["cas"]["prefix"] == "models/cas/" and models["cas"]["previous"] == "low"
+    edit, message = ENSEMBLE_MANIFESTS[case]
+    bad = _ensemble_zip(tmp_path / "bad.zip", edit)
+    with pytest.raises(BundleError) as e:
+        open_bundle(bad, tmp_path / "into")
+    assert message in str(e.value) and str(bad) in str(e.value)
+    assert not (tmp_path / "into").exists()
