@@ -239,7 +239,7 @@ def predict_with_bundle(bundle: Path, input_dir: Path, output_dir: Path, folds: 
     """`segplan predict --model BUNDLE`: the bundle's folds (or ``folds`` among them), averaged, on
     every case of ``input_dir``; the same options, and the same result, as `segplan predict PLAN`
     (an ensemble bundle: as `segplan predict --selection`)."""
-    from runner.stages import predict_ensemble
+    from runner.predict import predict_ensemble
     with tempfile.TemporaryDirectory(prefix="segplan_bundle_") as tmp:
         root = Path(tmp)
         manifest = open_bundle(Path(bundle), root, max_member_mb)
@@ -258,7 +258,7 @@ def _bundle_stages(bundle: Path, root: Path, manifest: dict, folds: list[int] | 
     """The stages the bundle averages, each model built once (an ensemble member may also be a
     cascade's previous stage); a model's weights that do not fit its plan, or a cascade without its
     previous stage (or a previous stage for what is no cascade), refused naming the bundle."""
-    from runner.stages import make_stage
+    from runner.predict import make_stage
     models, ensemble = bundle_models(manifest)
     built: dict[str, object] = {}
 

@@ -14,7 +14,7 @@ also sees the prediction of a 3d_lowres stage, one-hot (a channel per foreground
   (p 0.2 per class): the network learns to correct the first stage, not to copy it.
 - Validation of fold k: the same split means fold k of the low-resolution plan held those cases out,
   so their out-of-fold predictions are the ones it made.
-- Prediction (`segplan predict`, bundles, ensembles: runner/stages.py): the low-resolution plan's
+- Prediction (`segplan predict`, bundles, ensembles: the stages of runner/predict.py): the low-resolution plan's
   folds first, then the cascade's.
 """
 from __future__ import annotations

@@ -1,10 +1,14 @@
-"""`segplan predict`: segment images with the trained folds, each built from its frozen plan."""
+"""`segplan predict`: segment images with the trained folds, each built from its frozen plan; a
+cascade after the stage it builds on, an ensemble (`segplan select`'s winner) as nnU-Net ensembles:
+each member at its own spacing, its probabilities resampled to the input's grid, averaged, argmax."""
 from __future__ import annotations
 
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -200,8 +204,80 @@ def predict_folder(plan_path: Path, input_dir: Path, output_dir: Path, folds: li
         print(f"postprocessing: {', '.join(r.keep_largest for r in post.rules) or 'none'} ({ws.postprocessing})")
     previous = None
     if ws.plan.configuration == "3d_cascade_fullres":
-        from runner.stages import previous_labels, workspace_stage
         previous = previous_labels(workspace_stage(ws, folds, tta, plan=plan, models=models))
     return predict_cases(cases, plan, models, Path(output_dir), tta, save_probabilities, progress, post,
                          previous=previous)
 
+
+# Stages: a configuration's folds ready to predict, alone, chained (a cascade) or averaged (an ensemble).
+
+@dataclass(frozen=True)
+class Stage:
+    """One configuration's folds, ready to predict."""
+
+    plan: Plan
+    predict: Callable[[np.ndarray], np.ndarray]  # (b, c, *patch) -> (b, classes, *patch)
+    previous: "Stage | None" = None              # a cascade's 3d_lowres stage: predicts first
+
+
+def make_stage(plan: Plan, models: list, tta: bool, previous: Stage | None = None) -> Stage:
+    predict = keras_predictor(models)
+    if tta and plan.inference.mirroring:
+        predict = mirrored(predict, plan.training.augmentation.mirror_axes)
+    return Stage(plan, predict, previous)
+
+
+def workspace_stage(ws: Workspace, folds: list[int] | None = None, tta: bool = True, plan: Plan | None = None,
+                    models: list | None = None) -> Stage:
+    """The plan's ``folds`` (default: every trained one; ``plan`` and ``models`` if loaded already) as a
+    stage; a cascade's previous stage with the same folds (default: every trained one of it), as
+    nnU-Net predicts both stages with the same folds."""
+    if models is None:
+        chosen = folds if folds is not None else [f.index for f in ws.folds() if f.is_trained()]
+        if not chosen:
+            raise FileNotFoundError(f"no trained fold in {ws.root}; run `segplan run {ws.plan_path} --fold 0` first")
+        plan, models = load_fold_models(ws, chosen)
+    previous = None
+    if ws.plan.configuration == "3d_cascade_fullres":
+        from runner.cascade import previous_workspace
+        previous = workspace_stage(previous_workspace(ws), folds, tta)
+    return make_stage(plan, models, tta, previous)
+
+
+def previous_labels(stage: Stage) -> Callable[[Case], np.ndarray] | None:
+    """case -> the label map ``stage``'s previous stage predicts on the case's grid (after its own
+    previous stage, if it has one); None for a stage without one."""
+    prev = stage.previous
+    if prev is None:
+        return None
+    return lambda case: predict_case(case, prev.plan, prev.predict, previous=previous_labels(prev))[0]
+
+
+def predict_ensemble(cases: list[Case], stages: list[Stage], out_dir: Path, save_probabilities: bool = False,
+                     progress: bool = True, post=None) -> list[dict]:
+    """Segment ``cases`` into ``out_dir`` with the average of the stages' probabilities on each
+    case's original grid (one stage: its own prediction), then ``post``; returns per-case timings."""
+    first = stages[0].plan
+    for s in stages[1:]:
+        if s.plan.dataset.labels != first.dataset.labels:
+            raise ValueError(f"ensemble members segment other labels: {first.dataset.labels} and "
+                             f"{s.plan.dataset.labels}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings = []
+    for case in tqdm(cases, desc="predict", disable=not progress, unit="case"):
+        total, t = None, {}
+        for stage in stages:
+            labels, geom, probs, ts = predict_case(case, stage.plan, stage.predict, progress,
+                                                   probabilities=save_probabilities or len(stages) > 1,
+                                                   previous=previous_labels(stage))
+            for key, v in ts.items():
+                t[key] = t.get(key, 0.0) + v
+            total = probs if total is None else total + probs
+        if len(stages) > 1:
+            t0 = time.perf_counter()
+            total /= len(stages)
+            labels = classes_to_labels(np.argmax(total, axis=0), first)
+            t["average_s"] = time.perf_counter() - t0
+        timings.append(write_prediction(case.case_id, labels, geom, total if save_probabilities else None, out_dir,
+                                        post, t, progress))
+    return timings

@@ -274,7 +274,7 @@ def predict_selection(path: Path, input_dir: Path, output_dir: Path, folds: list
     """`segplan predict --selection FILE`: the winner (``folds`` of each of its plans, default all) on every
     case of ``input_dir``, then the selection's postprocessing unless told not to."""
     from runner.predict import find_input_cases
-    from runner.stages import predict_ensemble, workspace_stage
+    from runner.predict import predict_ensemble, workspace_stage
     sel, workspaces = winner_workspaces(Path(path))
     stages = [workspace_stage(ws, folds, tta) for ws in workspaces]
     cases = find_input_cases(input_dir, len(stages[0].plan.dataset.channels))
