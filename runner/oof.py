@@ -59,8 +59,9 @@ def require_same_split(workspaces: list[Workspace]) -> None:
     for ws in workspaces[1:]:
         b = ws.splits()
         where = f"{first.plan_path} and {ws.plan_path} have different cross-validation splits"
-        fix = ("give them the same cross_validation (folds, seed) and dataset (or dataset.splits_file), "
-               "then train the folds again")
+        fix = ("give them the same cross_validation (folds, seed) and dataset (or dataset.splits_file); a split "
+               f"is written once, so also delete the wrong one of {first.splits_file} and {ws.splits_file}, then train "
+               "that plan's folds again")
         if len(a) != len(b):
             raise ValueError(f"{where}: {len(a)} folds and {len(b)}; {fix}")
         for k, (fa, fb) in enumerate(zip(a, b)):
