@@ -7,8 +7,12 @@ checked, and every refusal is a ``BundleError`` naming the bundle and the proble
 reads it in three passes and writes nothing before the third:
 
 1. the manifest: a JSON object of at most ``MANIFEST_LIMIT`` bytes; ``bundle_version`` the integer
-   ``BUNDLE_VERSION``; ``folds`` a non-empty list of distinct fold numbers; ``files`` a map of plain
-   relative names to SHA-256 digests, with each fold's plan and weights among them;
+   ``BUNDLE_VERSION`` (one plan: ``folds`` a non-empty list of distinct fold numbers) or
+   ``ENSEMBLE_BUNDLE_VERSION`` (several plans, ``models``: each a ``name`` (one plain path part),
+   its ``folds`` and the ``previous`` model it builds on (a cascade's 3d_lowres, or null), no chain
+   a loop; ``ensemble``: the distinct models whose probabilities are averaged; every model used);
+   ``files`` a map of plain relative names to SHA-256 digests, with each fold's plan and weights
+   among them (``folds/K/...``, or ``models/NAME/folds/K/...``);
 2. every listed member: present once, a file (not a folder entry), not encrypted, stored or
    deflated, at most ``max_member_mb`` MB as declared, and its SHA-256, computed by streaming the
    member through the hash (never written, never whole in memory), equal to the manifest's;
@@ -33,7 +37,9 @@ from planner.plan import Plan
 from planner.plan_file import load_plan
 from planner.schema import SchemaError
 
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 1           # one plan's folds
+ENSEMBLE_BUNDLE_VERSION = 2  # several plans: an ensemble of configurations, or a cascade and its previous stage
+BUNDLE_VERSIONS = (BUNDLE_VERSION, ENSEMBLE_BUNDLE_VERSION)
 MANIFEST = "manifest.json"
 MANIFEST_LIMIT = 1 << 20     # bytes; a manifest of ten folds is about 2 kB
 MAX_MEMBER_MB = 512          # MB (10^6 bytes) per unpacked file: twice the weights of the largest network
@@ -85,10 +91,11 @@ def open_bundle(bundle: Path, into: Path, max_member_mb: float = MAX_MEMBER_MB) 
     return manifest
 
 
-def bundle_plan(bundle: Path, root: Path, fold: int) -> Plan:
-    """Fold ``fold``'s frozen plan from a bundle unpacked into ``root``; one that does not validate
-    is refused naming the bundle and the member (not the temporary folder it was unpacked into)."""
-    name = f"folds/{fold}/plan.yaml"
+def bundle_plan(bundle: Path, root: Path, fold: int, prefix: str = "") -> Plan:
+    """Fold ``fold``'s frozen plan from a bundle unpacked into ``root`` (``prefix``: its model's
+    folder, ``models/NAME/``, in an ensemble bundle); one that does not validate is refused naming
+    the bundle and the member (not the temporary folder it was unpacked into)."""
+    name = f"{prefix}folds/{fold}/plan.yaml"
     try:
         return load_plan(Path(root) / name, check_paths=False)
     except ValueError as e:  # SchemaError, or text that is not UTF-8
@@ -97,15 +104,27 @@ def bundle_plan(bundle: Path, root: Path, fold: int) -> Plan:
         raise BundleError(f"{bundle}: {name} is not a valid plan: {' '.join(text.split())}") from e
 
 
-def choose_folds(bundle: Path, manifest: dict, folds: list[int] | None) -> list[int]:
-    """``folds`` (``--folds``), each of which the bundle must hold; None: all of the bundle's."""
+def choose_folds(bundle: Path, manifest: dict, folds: list[int] | None, model: dict | None = None) -> list[int]:
+    """``folds`` (``--folds``), each of which the bundle (or its ``model``, an entry of ``bundle_models``)
+    must hold; None: all of them."""
+    held = manifest["folds"] if model is None else model["folds"]
     if folds is None:
-        return list(manifest["folds"])
-    missing = [k for k in folds if k not in manifest["folds"]]
+        return list(held)
+    missing = [k for k in folds if k not in held]
     if missing:
-        raise BundleError(f"{bundle}: has no fold {', '.join(map(str, missing))}; it holds folds "
-                          f"{', '.join(map(str, manifest['folds']))} (--folds picks among them)")
+        whose = "" if model is None or not model["name"] else f"model {model['name']} "
+        raise BundleError(f"{bundle}: {whose}has no fold {', '.join(map(str, missing))}; it holds folds "
+                          f"{', '.join(map(str, held))} (--folds picks among them)")
     return list(folds)
+
+
+def bundle_models(manifest: dict) -> tuple[dict[str, dict], list[str]]:
+    """A checked manifest's models by name, each with its ``prefix`` inside the bundle, and the names
+    of those averaged: a one-plan bundle is the ensemble of its one model (named '')."""
+    if manifest["bundle_version"] == BUNDLE_VERSION:
+        return {"": {"name": "", "folds": manifest["folds"], "previous": None, "prefix": ""}}, [""]
+    models = {m["name"]: {**m, "prefix": f"models/{m['name']}/"} for m in manifest["models"]}
+    return models, list(manifest["ensemble"])
 
 
 def _read_manifest(bundle: Path, z: zipfile.ZipFile) -> dict:
@@ -127,16 +146,13 @@ def _check_manifest(bundle: Path, m) -> None:
     version = m.get("bundle_version")
     if type(version) is not int:  # not True, not 1.0, not "1"
         raise BundleError(f"{where}: bundle_version must be an integer, found {_show(version)}")
-    if version != BUNDLE_VERSION:
-        raise BundleError(f"{bundle}: bundle version {version!r} is unknown; this segplan reads version "
-                          f"{BUNDLE_VERSION}")
-    folds = m.get("folds")
-    if not isinstance(folds, list) or not folds or any(type(k) is not int or k < 0 for k in folds):
-        raise BundleError(f"{where}: folds must be a non-empty list of fold numbers (0, 1, ...), found {_show(folds)}")
-    repeated = sorted({k for k in folds if folds.count(k) > 1})
-    if repeated:
-        raise BundleError(f"{where}: folds {folds} list fold {', '.join(map(str, repeated))} more than once "
-                          "(its model would count several times in the average)")
+    if version not in BUNDLE_VERSIONS:
+        raise BundleError(f"{bundle}: bundle version {version!r} is unknown; this segplan reads versions "
+                          f"{' and '.join(map(str, BUNDLE_VERSIONS))}")
+    if version == BUNDLE_VERSION:
+        parts = {"": _check_folds(where, m.get("folds"), "folds")}
+    else:
+        parts = _check_models(where, m)
     files = m.get("files")
     if not isinstance(files, dict) or not files:
         raise BundleError(f"{where}: files must map each file name to its SHA-256, found {_show(files)}")
@@ -151,10 +167,70 @@ def _check_manifest(bundle: Path, m) -> None:
         parent = next((p for p in _parents(name) if p in files), None)
         if parent is not None:
             raise BundleError(f"{where}: files lists both {parent} and {name}, which would be inside it")
-    for k in folds:
-        for part in ("plan.yaml", "model.weights.h5"):
-            if f"folds/{k}/{part}" not in files:
-                raise BundleError(f"{bundle}: fold {k} has no {part} (folds/{k}/{part} is not in the manifest's files)")
+    for prefix, folds in parts.items():
+        for k in folds:
+            for part in ("plan.yaml", "model.weights.h5"):
+                if f"{prefix}folds/{k}/{part}" not in files:
+                    whose = f"model {prefix.split('/')[1]}'s " if prefix else ""
+                    raise BundleError(f"{bundle}: {whose}fold {k} has no {part} ({prefix}folds/{k}/{part} is not in "
+                                      "the manifest's files)")
+
+
+def _check_folds(where: str, folds, key: str) -> list[int]:
+    if not isinstance(folds, list) or not folds or any(type(k) is not int or k < 0 for k in folds):
+        raise BundleError(f"{where}: {key} must be a non-empty list of fold numbers (0, 1, ...), found {_show(folds)}")
+    repeated = sorted({k for k in folds if folds.count(k) > 1})
+    if repeated:
+        raise BundleError(f"{where}: {key} {folds} list fold {', '.join(map(str, repeated))} more than once "
+                          "(its model would count several times in the average)")
+    return folds
+
+
+def _check_models(where: str, m: dict) -> dict[str, list[int]]:
+    """An ensemble bundle's ``models`` and ``ensemble`` (module docstring); each model's folds by its prefix."""
+    models = m.get("models")
+    if not isinstance(models, list) or not models or not all(isinstance(x, dict) for x in models):
+        raise BundleError(f"{where}: models must be a non-empty list of {{name, folds, previous}}, found "
+                          f"{_show(models)}")
+    names: list[str] = []
+    for i, model in enumerate(models):
+        name = model.get("name")
+        if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or "/" in name or name in (".", ".."):
+            raise BundleError(f"{where}: models[{i}].name must be a plain name (letters, digits, '_', '-', '.'), "
+                              f"found {_show(name)}")
+        if name in names:
+            raise BundleError(f"{where}: models lists {name} twice")
+        names.append(name)
+        _check_folds(where, model.get("folds"), f"models[{i}].folds")
+        unknown = set(model) - {"name", "folds", "previous"}
+        if unknown:
+            raise BundleError(f"{where}: models[{i}] has unknown keys {sorted(unknown)}")
+    previous = {x["name"]: x.get("previous") for x in models}
+    for name, prev in previous.items():
+        if prev is not None and (prev not in previous or prev == name):
+            raise BundleError(f"{where}: model {name}'s previous must be another model's name or null, found "
+                              f"{_show(prev)}")
+        seen, at = {name}, prev
+        while at is not None:
+            if at in seen:
+                raise BundleError(f"{where}: model {name}'s previous stages loop back to {at}")
+            seen.add(at)
+            at = previous[at]
+    ensemble = m.get("ensemble")
+    if (not isinstance(ensemble, list) or not ensemble or any(not isinstance(e, str) or e not in previous
+                                                               for e in ensemble)
+            or len(set(ensemble)) != len(ensemble)):
+        raise BundleError(f"{where}: ensemble must be a non-empty list of distinct model names ({', '.join(names)}), "
+                          f"found {_show(ensemble)}")
+    used, todo = set(), list(ensemble)
+    while todo:
+        at = todo.pop()
+        used.add(at)
+        todo += [previous[at]] if previous[at] is not None else []
+    if set(names) - used:
+        raise BundleError(f"{where}: models lists {', '.join(sorted(set(names) - used))}, which neither the ensemble "
+                          "nor a previous stage of it uses")
+    return {f"models/{x['name']}/": x["folds"] for x in models}
 
 
 def _show(value) -> str:

@@ -12,7 +12,7 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-from planner.bundle_file import MAX_MEMBER_MB, BundleError, bundle_plan, open_bundle
+from planner.bundle_file import BUNDLE_VERSION, MAX_MEMBER_MB, BundleError, bundle_plan, open_bundle
 from planner.memory import estimate_for_plan
 from planner.plan import Plan, pool_divisor
 
@@ -25,6 +25,9 @@ def plan_from_bundle(new: Plan, reasons: dict, bundle: Path, plan_path: Path,
     and ``training.initial_weights`` pointing at fold 0's weights, copied beside ``plan_path``."""
     with tempfile.TemporaryDirectory(prefix="segplan_from_") as tmp:
         manifest = open_bundle(Path(bundle), Path(tmp), max_member_mb)
+        if manifest["bundle_version"] != BUNDLE_VERSION:
+            raise BundleError(f"{bundle}: holds {len(manifest['models'])} plans (an ensemble, or a cascade and its "
+                              "previous stage); fine-tuning starts from one plan's bundle: `segplan export PLAN`")
         k = manifest["folds"][0]
         old = bundle_plan(Path(bundle), Path(tmp), k)
         if len(old.dataset.channels) != len(new.dataset.channels):

@@ -217,6 +217,14 @@ class Plan:
         return dataclasses.replace(self, **changes)
 
 
+def input_channels(plan: Plan) -> int:
+    """The network's input channels: the image's, and for a 3d_cascade_fullres plan one per foreground
+    class more (the previous stage's prediction, one-hot; nnU-Net's determine_num_input_channels
+    counts the foreground labels, background being what the others leave)."""
+    extra = len(plan.dataset.labels) - 1 if plan.configuration == "3d_cascade_fullres" else 0
+    return len(plan.dataset.channels) + extra
+
+
 def pool_divisor(network: NetworkSection) -> list[int]:
     """Total down-sampling per axis: the patch must be a multiple of it."""
     return [math.prod(p[a] for p in network.pool_sizes) for a in range(3)]

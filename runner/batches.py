@@ -27,14 +27,15 @@ LOOKAHEAD = 2  # batches queued per worker
 _WORKER: dict = {}
 
 
-def _make_source(folder: str, case_ids: list[str], plan: Plan) -> dict:
+def _make_source(folder: str, case_ids: list[str], plan: Plan, previous: str | None = None) -> dict:
     tr = plan.training
-    return {"sampler": PatchSampler(Path(folder), case_ids, tr.patch_size, tr.sampling.foreground_oversampling),
+    return {"sampler": PatchSampler(Path(folder), case_ids, tr.patch_size, tr.sampling.foreground_oversampling,
+                                    Path(previous) if previous is not None else None),
             "augment": build_augmentation(tr.augmentation, tr.patch_size), "plan": plan}
 
 
-def _start_worker(folder: str, case_ids: list[str], plan: Plan) -> None:
-    _WORKER.update(_make_source(folder, case_ids, plan))
+def _start_worker(folder: str, case_ids: list[str], plan: Plan, previous: str | None = None) -> None:
+    _WORKER.update(_make_source(folder, case_ids, plan, previous))
 
 
 def _worker_batch(fold: int, epoch: int, index: int) -> dict:
@@ -68,13 +69,16 @@ def _ordered(pool: Executor, make: Callable, plan: Plan, fold: int, epoch: int, 
 
 
 @contextlib.contextmanager
-def batch_stream(folder: Path, case_ids: list[str], plan: Plan, fold: int, workers: int) -> Iterator[Callable]:
+def batch_stream(folder: Path, case_ids: list[str], plan: Plan, fold: int, workers: int,
+                 previous: Path | None = None) -> Iterator[Callable]:
     """Yields ``epoch_batches(epoch, n)``: an iterator over that epoch's n (x, y) Keras batches.
 
     ``workers`` 0: one background thread of this process (one thread keeps batchgenerators' global
-    random state race-free); >= 1: that many spawned processes."""
+    random state race-free); >= 1: that many spawned processes. ``previous``: a cascade's
+    previous-stage maps (runner/cascade.py)."""
+    previous = str(previous) if previous is not None else None
     if workers <= 0:
-        source = _make_source(str(folder), list(case_ids), plan)
+        source = _make_source(str(folder), list(case_ids), plan, previous)
 
         def make(f, e, i):
             return augmented_batch(source["sampler"], source["augment"], plan, f, e, i)
@@ -83,7 +87,7 @@ def batch_stream(folder: Path, case_ids: list[str], plan: Plan, fold: int, worke
     else:
         make = _worker_batch
         pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_start_worker,
-                                   initargs=(str(folder), list(case_ids), plan))
+                                   initargs=(str(folder), list(case_ids), plan, previous))
         depth = LOOKAHEAD * workers + 1
     try:
         pending: dict = {}

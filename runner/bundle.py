@@ -1,13 +1,23 @@
 """A model bundle: everything needed to predict, in one zip that travels to another machine or
 hospital without the dataset or the work folder (issue 13).
 
-Layout inside the zip (``BUNDLE_VERSION`` 1)::
+Layout inside the zip (``BUNDLE_VERSION`` 1: one plan)::
 
     manifest.json               bundle version, segplan version, folds, SHA-256 of every other file
     folds/K/plan.yaml           fold K's frozen plan (network, preprocessing, labels, channels)
     folds/K/model.weights.h5    the weights its plan's inference.checkpoint names
     postprocessing.yaml         the postprocessing decided on cross-validation, if any
     cv_summary.yaml             the cross-validation report, if any
+
+``ENSEMBLE_BUNDLE_VERSION`` 2, several plans: a cascade with the 3d_lowres stage it builds on, or
+`segplan select`'s winning ensemble (`segplan export --selection`)::
+
+    manifest.json               models (name, folds, previous: the model it builds on), ensemble (the
+                                models whose probabilities are averaged), SHA-256 of every other file
+    models/NAME/folds/K/...     each model's folds, as above
+    postprocessing.yaml         the postprocessing decided for what is averaged (the selection's, or
+                                the cascade plan's), if any
+    selection.yaml              the `segplan select` ranking it came from, if any (for reading)
 
 Only YAML (safe loading) and Keras weight files are read from a bundle: nothing is unpickled or
 executed. A changed or missing file, a fold without its files, or an unknown bundle version is
@@ -17,48 +27,112 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tempfile
 import zipfile
 from importlib import metadata
 from pathlib import Path
 
-from planner.bundle_file import (BUNDLE_VERSION, MANIFEST, MAX_MEMBER_MB, BundleError, bundle_plan, choose_folds,
-                                 open_bundle, sha256)
+from planner.bundle_file import (BUNDLE_VERSION, ENSEMBLE_BUNDLE_VERSION, MANIFEST, MAX_MEMBER_MB, BundleError,
+                                 bundle_models, bundle_plan, choose_folds, open_bundle, sha256)
 from planner.fileio import atomic
+from planner.plan import input_channels
 from planner.plan_file import save_plan
 from runner import postprocess
-from runner.predict import build_models, find_input_cases, fold_weights, predict_cases
+from runner.predict import build_models, find_input_cases, fold_weights
 from runner.workspace import Workspace
 
-__all__ = ["BundleError", "export", "open_bundle", "predict_with_bundle"]
+__all__ = ["BundleError", "export", "export_selection", "open_bundle", "predict_with_bundle"]
 
 
 def export(plan_path: Path, out: Path, folds: list[int] | None = None) -> Path:
-    """Write the bundle of the finished ``folds`` (default: all of the plan's) to ``out``."""
+    """Write the bundle of the finished ``folds`` (default: all of the plan's) to ``out``; a cascade's
+    bundle holds its previous stage too."""
     ws = Workspace(plan_path)
-    folds = list(range(ws.plan.cross_validation.folds)) if folds is None else list(folds)
-    unfinished = [k for k in folds if not ws.fold(k).is_finished()]
-    if unfinished:
-        raise BundleError(f"folds {unfinished} have not finished training in {ws.root}: finish them "
-                          f"(`segplan run {plan_path} --fold K`) or export --folds with the finished ones")
-    out = Path(out)
+    extra = {name: path for name, path in (("postprocessing.yaml", ws.postprocessing),
+                                           ("cv_summary.yaml", ws.cv_summary_yaml)) if path.exists()}
+    return _export([ws], Path(out), folds, extra, {"plan": ws.plan.name})
+
+
+def export_selection(selection: Path, out: Path, folds: list[int] | None = None) -> Path:
+    """`segplan export --selection FILE`: the winner of a `segplan select` (one plan, a cascade, or an
+    ensemble) with the postprocessing decided for it; `segplan predict --model` predicts as
+    `segplan predict --selection` does."""
+    from runner.selection import winner_workspaces
+    sel, workspaces = winner_workspaces(Path(selection))
+    with tempfile.TemporaryDirectory(prefix="segplan_export_") as staging:
+        post = Path(staging) / "postprocessing.yaml"
+        postprocess.save(sel.postprocessing, post)
+        return _export(workspaces, Path(out), folds, {"postprocessing.yaml": post, "selection.yaml": Path(selection)},
+                       {"selection": sel.winner})
+
+
+def _chain(workspaces: list[Workspace]) -> list[tuple[Workspace, Workspace | None]]:
+    """The plans to bundle, each once, with the plan each builds on (a cascade's previous stage),
+    previous stages first."""
+    from runner.cascade import previous_workspace
+    found: dict[Path, tuple[Workspace, Workspace | None]] = {}
+
+    def add(ws: Workspace) -> Workspace:
+        key = ws.plan_path.resolve()
+        if key not in found:
+            prev = add(previous_workspace(ws)) if ws.plan.configuration == "3d_cascade_fullres" else None
+            found[key] = (ws, prev)
+        return found[key][0]
+    for ws in workspaces:
+        add(ws)
+    return list(found.values())
+
+
+def _bundled_plan(ws: Workspace, k: int, path: Path, previous_stage: str | None = None) -> None:
+    """Fold k's plan as a bundle holds it: the frozen network/preprocessing with the live inference
+    settings, and nothing of the training machine (no paths, no training case ids: the units of the
+    training cases mean nothing to new images)."""
+    plan = ws.fold_plan(k)
+    save_plan(plan.replace(dataset=dataclasses.replace(plan.dataset, path=".", work_dir=".", splits_file=None),
+                           intensity=dataclasses.replace(plan.intensity, conventions={}),
+                           previous_stage=previous_stage if plan.configuration == "3d_cascade_fullres" else None),
+              path)
+
+
+def _export(workspaces: list[Workspace], out: Path, folds: list[int] | None, extra: dict[str, Path],
+            info: dict) -> Path:
+    """The bundle of ``workspaces`` (averaged) and the stages they build on, with ``extra`` files:
+    one plan as BUNDLE_VERSION's folds/K/..., several as ENSEMBLE_BUNDLE_VERSION's models/NAME/folds/K/..."""
+    from runner.selection import member_names
+    chain = _chain(workspaces)
+    for ws, _ in chain:
+        chosen = list(range(ws.plan.cross_validation.folds)) if folds is None else list(folds)
+        unfinished = [k for k in chosen if not ws.fold(k).is_finished()]
+        if unfinished:
+            raise BundleError(f"folds {unfinished} have not finished training in {ws.root}: finish them "
+                              f"(`segplan run {ws.plan_path} --fold K`) or export --folds with the finished ones")
+    names = dict(zip([ws.plan_path.resolve() for ws, _ in chain],
+                     [re.sub(r"[^A-Za-z0-9_.-]", "_", n) for n in member_names([ws for ws, _ in chain])]))
+    single = len(chain) == 1
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="segplan_export_") as staging:
         files: dict[str, Path] = {}
-        for k in folds:
-            plan = ws.fold_plan(k)  # the frozen network/preprocessing with the live inference settings
-            files[f"folds/{k}/plan.yaml"] = Path(staging) / f"plan_{k}.yaml"
-            # no training case ids: the units of the training cases mean nothing to new images
-            save_plan(plan.replace(dataset=dataclasses.replace(plan.dataset, path=".", work_dir=".", splits_file=None),
-                                   intensity=dataclasses.replace(plan.intensity, conventions={})),
-                      files[f"folds/{k}/plan.yaml"])
-            files[f"folds/{k}/model.weights.h5"] = fold_weights(plan, ws.fold(k))
-        for name, path in (("postprocessing.yaml", ws.postprocessing), ("cv_summary.yaml", ws.cv_summary_yaml)):
-            if path.exists():
-                files[name] = path
-        manifest = {"bundle_version": BUNDLE_VERSION, "segplan_version": metadata.version("segplan"),
-                    "plan": ws.plan.name, "folds": folds, "inference": {"checkpoint": ws.plan.inference.checkpoint},
-                    "files": {name: sha256(path) for name, path in files.items()}}
+        models = []
+        for ws, prev in chain:
+            name = names[ws.plan_path.resolve()]
+            prefix = "" if single else f"models/{name}/"
+            chosen = list(range(ws.plan.cross_validation.folds)) if folds is None else list(folds)
+            prev_name = names[prev.plan_path.resolve()] if prev is not None else None
+            for k in chosen:
+                staged = Path(staging) / f"{name}_plan_{k}.yaml"
+                _bundled_plan(ws, k, staged, f"../../../{prev_name}/folds/{chosen[0]}/plan.yaml" if prev else None)
+                files[f"{prefix}folds/{k}/plan.yaml"] = staged
+                files[f"{prefix}folds/{k}/model.weights.h5"] = fold_weights(ws.fold_plan(k), ws.fold(k))
+            models.append({"name": name, "folds": chosen, "previous": prev_name})
+        files |= extra
+        manifest = {"bundle_version": BUNDLE_VERSION if single else ENSEMBLE_BUNDLE_VERSION,
+                    "segplan_version": metadata.version("segplan"), **info}
+        if single:
+            manifest |= {"folds": models[0]["folds"], "inference": {"checkpoint": chain[0][0].plan.inference.checkpoint}}
+        else:
+            manifest |= {"models": models, "ensemble": [names[ws.plan_path.resolve()] for ws in workspaces]}
+        manifest["files"] = {name: sha256(path) for name, path in files.items()}
         with atomic(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
             for name, path in files.items():
                 z.write(path, name)
@@ -146,7 +220,7 @@ def export_network(plan_path: Path, out: Path, fmt: str, folds: list[int] | None
         try:
             if fmt == "onnx":
                 import keras
-                spec = keras.InputSpec(shape=(None, None, None, None, len(plan.dataset.channels)), dtype="float32",
+                spec = keras.InputSpec(shape=(None, None, None, None, input_channels(plan)), dtype="float32",
                                        name="image")
                 with atomic(target) as tmp:
                     model.export(str(tmp), format="onnx", verbose=False, input_signature=[spec])
@@ -164,21 +238,47 @@ def predict_with_bundle(bundle: Path, input_dir: Path, output_dir: Path, folds: 
                         progress: bool = True, max_member_mb: float = MAX_MEMBER_MB,
                         output_format: str = "nifti") -> list[dict]:
     """`segplan predict --model BUNDLE`: the bundle's folds (or ``folds`` among them), averaged, on
-    every case of ``input_dir``; the same options, and the same result, as `segplan predict PLAN`."""
+    every case of ``input_dir``; the same options, and the same result, as `segplan predict PLAN`
+    (an ensemble bundle: as `segplan predict --selection`)."""
+    from runner.predict import predict_ensemble
     with tempfile.TemporaryDirectory(prefix="segplan_bundle_") as tmp:
         root = Path(tmp)
         manifest = open_bundle(Path(bundle), root, max_member_mb)
-        folds = choose_folds(Path(bundle), manifest, folds)
-        plans = [bundle_plan(Path(bundle), root, k) for k in folds]
-        cases = find_input_cases(input_dir, len(plans[0].dataset.channels))  # wrong channel count: refused here
-        try:
-            plan, models = build_models(plans, [root / f"folds/{k}/model.weights.h5" for k in folds], folds)
-        except (OSError, ValueError) as e:  # weights that do not fit their plan, or are no weights file at all
-            raise BundleError(f"{bundle}: {' '.join(str(e).replace(str(root) + '/', '').split())}") from e
+        stages = _bundle_stages(Path(bundle), root, manifest, folds, tta)
+        labels = stages[0].plan.dataset.labels
+        cases = find_input_cases(input_dir, len(stages[0].plan.dataset.channels))  # wrong channel count: refused
         post_file = root / "postprocessing.yaml"
-        post = postprocess.load(post_file, plan.dataset.labels) if postprocessing and post_file.exists() else None
+        post = postprocess.load(post_file, labels) if postprocessing and post_file.exists() else None
         if post is not None:
             print(f"postprocessing: {', '.join(r.keep_largest for r in post.rules) or 'none'} "
                   f"({Path(bundle).name}: postprocessing.yaml)")
-        return predict_cases(cases, plan, models, Path(output_dir), tta, save_probabilities, progress, post,
-                             output_format=output_format)
+        return predict_ensemble(cases, stages, Path(output_dir), save_probabilities, progress, post, output_format)
+
+
+def _bundle_stages(bundle: Path, root: Path, manifest: dict, folds: list[int] | None, tta: bool) -> list:
+    """The stages the bundle averages, each model built once (an ensemble member may also be a
+    cascade's previous stage); a model's weights that do not fit its plan, or a cascade without its
+    previous stage (or a previous stage for what is no cascade), refused naming the bundle."""
+    from runner.predict import make_stage
+    models, ensemble = bundle_models(manifest)
+    built: dict[str, object] = {}
+
+    def load(name: str):
+        if name not in built:
+            model = models[name]
+            chosen = choose_folds(bundle, manifest, folds, model)
+            plans = [bundle_plan(bundle, root, k, model["prefix"]) for k in chosen]
+            previous = load(model["previous"]) if model["previous"] is not None else None
+            if (plans[0].configuration == "3d_cascade_fullres") != (previous is not None):
+                raise BundleError(f"{bundle}: model {name} is a '{plans[0].configuration}' plan "
+                                  + ("without a previous model" if previous is None else
+                                     f"with previous model {model['previous']}") + ": only a 3d_cascade_fullres plan "
+                                  "builds on a previous stage")
+            try:
+                plan, nets = build_models(plans, [root / f"{model['prefix']}folds/{k}/model.weights.h5" for k in chosen],
+                                          chosen)
+            except (OSError, ValueError) as e:  # weights that do not fit their plan, or no weights file at all
+                raise BundleError(f"{bundle}: {' '.join(str(e).replace(str(root) + '/', '').split())}") from e
+            built[name] = make_stage(plan, nets, tta, previous)
+        return built[name]
+    return [load(name) for name in ensemble]

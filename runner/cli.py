@@ -109,8 +109,9 @@ def cmd_run(a) -> int:
 
 
 def cmd_predict(a) -> int:
-    if (a.plan is None) == (a.model is None):
-        return _fail("predict needs a plan (its work folder's folds) or --model BUNDLE.zip, one of the two")
+    if sum(x is not None for x in (a.plan, a.model, a.selection)) != 1:
+        return _fail("predict needs a plan (its work folder's folds), --model BUNDLE.zip or --selection FILE, "
+                     "one of them")
     if a.folds is not None and len(set(a.folds)) != len(a.folds):
         return _fail(f"--folds {' '.join(map(str, a.folds))}: a fold given twice would count twice in the average")
     if a.model is None and a.max_member_mb is not None:
@@ -123,6 +124,10 @@ def cmd_predict(a) -> int:
         from runner.bundle import predict_with_bundle
         predict_with_bundle(Path(a.model), Path(a.input), Path(a.output), **options,
                             max_member_mb=MAX_MEMBER_MB if a.max_member_mb is None else a.max_member_mb)
+        return 0
+    if a.selection is not None:
+        from runner.selection import predict_selection
+        predict_selection(Path(a.selection), Path(a.input), Path(a.output), **options)
         return 0
     from runner.predict import predict_folder
     predict_folder(Path(a.plan), Path(a.input), Path(a.output), **options)
@@ -159,6 +164,15 @@ def cmd_status(a) -> int:
 
 
 def cmd_export(a) -> int:
+    if (a.plan is None) == (a.selection is None):
+        return _fail("export needs a plan or --selection FILE, one of the two")
+    if a.selection is not None:
+        if a.format:
+            return _fail("--format writes one plan's networks; a selection may be an ensemble: export a plan")
+        from runner.bundle import export_selection
+        print(f"wrote {export_selection(Path(a.selection), Path(a.output), a.folds)}; on another machine: "
+              f"segplan predict --model {Path(a.output).name} -i IN -o OUT")
+        return 0
     if a.format:
         from runner.bundle import export_network
         for path in export_network(Path(a.plan), Path(a.output), a.format, a.folds):
@@ -167,6 +181,14 @@ def cmd_export(a) -> int:
     from runner.bundle import export
     print(f"wrote {export(Path(a.plan), Path(a.output), a.folds)}; on another machine: "
           f"segplan predict --model {Path(a.output).name} -i IN -o OUT")
+    return 0
+
+
+def cmd_select(a) -> int:
+    from runner.selection import select
+    sel, table = select([Path(p) for p in a.plans], Path(a.output), progress=a.bars)
+    print(table)
+    print(f"wrote {a.output}; next: segplan predict --selection {a.output} -i IN -o OUT")
     return 0
 
 
@@ -250,8 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=2)
     s.set_defaults(fn=cmd_run)
     s = sub.add_parser("predict", help="segment new images with the trained folds or a model bundle")
-    s.add_argument("plan", nargs="?", help="a plan whose folds are trained (or use --model)")
+    s.add_argument("plan", nargs="?", help="a plan whose folds are trained (or use --model or --selection)")
     s.add_argument("--model", help="a bundle written by `segplan export` (no dataset or work folder needed)")
+    s.add_argument("--selection", metavar="FILE",
+                   help="the winner of `segplan select` (a configuration or an ensemble) and its postprocessing")
     s.add_argument("-i", "--input", required=True)
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--folds", type=int, nargs="+", default=None)
@@ -291,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("plan")
     s.set_defaults(fn=cmd_status)
     s = sub.add_parser("export", help="write a model bundle (zip) that predicts without the dataset or work folder")
-    s.add_argument("plan")
+    s.add_argument("plan", nargs="?", help="a plan whose folds have finished (or use --selection)")
+    s.add_argument("--selection", metavar="FILE", help="bundle the winner of `segplan select`, ensembles included")
     s.add_argument("-o", "--output", required=True, help="NAME.zip (a bundle) or, with --format, a folder")
     s.add_argument("--format", choices=["savedmodel", "onnx"], default=None,
                    help="the network alone for serving stacks, one per fold (onnx needs tf2onnx)")
@@ -301,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(summarize does it too)")
     s.add_argument("plan")
     s.set_defaults(fn=cmd_postprocess)
+    s = sub.add_parser("select", help="rank each plan and every pair (probabilities averaged) on the out-of-fold "
+                                      "predictions; the winner and its postprocessing")
+    s.add_argument("plans", nargs="+", metavar="PLAN", help="plans whose folds have all finished, on one split")
+    s.add_argument("-o", "--output", default="selection.yaml", help="the selection file (default: selection.yaml here)")
+    s.set_defaults(fn=cmd_select)
     s = sub.add_parser("demo", help="phantoms -> plan -> fold 0 -> predict -> evaluate, on a CPU")
     s.add_argument("workdir", nargs="?", default="segplan_demo")
     s.add_argument("--minutes", type=float, default=4.0, help="training time budget")

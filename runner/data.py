@@ -18,6 +18,7 @@ import numpy as np
 
 from planner.plan import AugmentationSection, Plan, SupervisedLevel, supervised_levels
 from runner.regions import region_table
+from runner.cascade import load_previous, move_previous_to_data
 from runner.targets import targets
 from runner.preprocess import ANNOTATED, load_case, load_locations
 
@@ -88,12 +89,17 @@ def crop_patch(data: np.ndarray, seg: np.ndarray | None, start: list[int], patch
 
 
 class PatchSampler:
-    """Draws patches from preprocessed cases; foreground patches are centred on a stored class voxel."""
+    """Draws patches from preprocessed cases; foreground patches are centred on a stored class voxel.
+    ``previous`` (a cascade): the folder of the previous stage's class maps on the same grid
+    (runner/cascade.py); each patch's crop of it rides along as a second seg channel."""
 
-    def __init__(self, folder: Path, case_ids: list[str], patch: list[int], fg_fraction: float):
+    def __init__(self, folder: Path, case_ids: list[str], patch: list[int], fg_fraction: float,
+                 previous: Path | None = None):
         self.folder, self.case_ids, self.patch, self.fg = Path(folder), list(case_ids), list(patch), fg_fraction
         self.cases = {cid: load_case(self.folder, cid) for cid in self.case_ids}
         self.locs = {cid: load_locations(self.folder, cid) for cid in self.case_ids}
+        self.previous = ({cid: load_previous(Path(previous), cid, self.cases[cid][0].shape[1:]) for cid in self.case_ids}
+                         if previous is not None else {})
 
     def sample(self, rng: np.random.Generator, force_fg: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """A foreground patch centred on a stored voxel of a random class, else (with an ignore label)
@@ -113,7 +119,11 @@ class PatchSampler:
             start = [int(c) - p // 2 + int(rng.integers(-(p // 4), p // 4 + 1)) for c, p in zip(centre, self.patch)]
         else:
             start = [int(rng.integers(min(0, n - p), max(0, n - p) + 1)) for n, p in zip(shape, self.patch)]
-        return crop_patch(data, seg, start, self.patch)
+        x, y = crop_patch(data, seg, start, self.patch)
+        if cid in self.previous:
+            p, _ = crop_patch(self.previous[cid][None], None, start, self.patch)
+            return x, np.stack([y, p[0].astype(y.dtype)])
+        return x, y[None]
 
     def batch(self, rng: np.random.Generator, size: int) -> dict:
         """A batch; like nnU-Net, at least one patch per batch is foreground when oversampling is on."""
@@ -121,7 +131,7 @@ class PatchSampler:
         for i in range(size):
             x, y = self.sample(rng, force_fg=self.fg > 0 and i == size - 1)
             xs.append(x)
-            ys.append(y[None])
+            ys.append(y)
         return {"data": np.stack(xs), "seg": np.stack(ys).astype(np.float32)}
 
 
@@ -144,13 +154,16 @@ def to_keras(batch: dict, n_classes: int, levels: list[SupervisedLevel] | None =
 def augmented_batch(sampler: PatchSampler, augment, plan: Plan, fold: int, epoch: int, index: int) -> dict:
     """Batch ``index`` of ``epoch`` of ``fold``, before the Keras layout: a pure function of
     (seed, fold, epoch, index), whichever process or thread makes it. The seg stays compact
-    (int8/int16) so worker processes send little back; one-hot happens in ``to_keras``."""
+    (int8/int16) so worker processes send little back; one-hot happens in ``to_keras``. A cascade's
+    previous-stage channel, augmented spatially with the labels, becomes input channels here."""
     seed = [plan.training.seed, fold, epoch, index]
     rng = np.random.default_rng(seed)
     batch = sampler.batch(rng, plan.training.batch_size)
     if augment is not None:
         with seeded_global_numpy(int(rng.integers(2 ** 31))):
             batch = augment(**batch)
+    if sampler.previous:
+        batch = move_previous_to_data(batch, len(plan.dataset.labels), rng)
     seg = np.rint(batch["seg"]).astype(np.int8 if len(plan.dataset.labels) < 128 else np.int16)
     return {"data": batch["data"].astype(np.float32, copy=False), "seg": seg}
 
@@ -160,13 +173,17 @@ def make_batch(sampler: PatchSampler, augment, plan: Plan, fold: int, epoch: int
                     supervised_levels(plan.network), **target_options(plan))
 
 
-def validation_batches(folder: Path, case_ids: list[str], plan: Plan, fold: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """A fixed set of validation patches (half centred on foreground), the same every epoch."""
+def validation_batches(folder: Path, case_ids: list[str], plan: Plan, fold: int,
+                       previous: Path | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A fixed set of validation patches (half centred on foreground), the same every epoch; a
+    cascade's previous-stage channels as they are (not augmented)."""
     if not case_ids:
         return []
-    sampler = PatchSampler(folder, case_ids, plan.training.patch_size, VALIDATION_FOREGROUND_SHARE)
+    sampler = PatchSampler(folder, case_ids, plan.training.patch_size, VALIDATION_FOREGROUND_SHARE, previous)
     rng = np.random.default_rng([plan.training.seed, fold, VALIDATION_STREAM])
-    n, b = plan.training.schedule.validation_patches, plan.training.batch_size
+    n, b, k = plan.training.schedule.validation_patches, plan.training.batch_size, len(plan.dataset.labels)
     levels = supervised_levels(plan.network)
-    return [to_keras(sampler.batch(rng, min(b, n - i)), len(plan.dataset.labels), levels, **target_options(plan))
-            for i in range(0, n, b)]
+    batches = [sampler.batch(rng, min(b, n - i)) for i in range(0, n, b)]
+    if previous is not None:
+        batches = [move_previous_to_data(batch, k, None) for batch in batches]
+    return [to_keras(batch, k, levels, **target_options(plan)) for batch in batches]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from planner.plan import NetworkSection, Plan, output_channels, supervised_levels
+from planner.plan import NetworkSection, Plan, input_channels, output_channels, supervised_levels
 
 
 def _norm_act(x, net: NetworkSection, name: str, activate: bool = True):
@@ -87,7 +87,7 @@ def _head(x, n_classes: int, suffix: str, activation: str = "softmax"):
 def plan_network(plan: Plan) -> keras.Model:
     """The network a plan trains and predicts with: a softmax over its labels, or for a region plan
     one sigmoid per region (overlapping regions are not exclusive)."""
-    return build_unet(plan.network, len(plan.dataset.channels), output_channels(plan.dataset),
+    return build_unet(plan.network, input_channels(plan), output_channels(plan.dataset),
                       "sigmoid" if plan.dataset.regions else "softmax")
 
 

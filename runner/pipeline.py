@@ -8,19 +8,31 @@ from planner.dataset import Case
 from planner.fileio import data_files, renamed, split_ending, write_text
 from runner.evaluate import evaluate_folder
 from runner.locks import hold
+from runner.oof import missing_probabilities
 from runner.predict import load_fold_models, predict_cases, selection_note
 from runner.train import FoldFinished, train_fold
 from runner.workspace import Workspace
 
 
-def predict_validation(ws: Workspace, k: int, progress: bool = True) -> str:
-    """Predict fold k's validation cases into its validation/ folder and evaluate them there."""
+def predict_validation(ws: Workspace, k: int, progress: bool = True, redo: bool = True) -> str:
+    """Predict fold k's validation cases into its validation/ folder (label maps and out-of-fold
+    probabilities, runner/oof.py) and evaluate them there. ``redo`` False: only the cases whose
+    probabilities (written last) are missing, as after an interrupted validation of the same weights.
+    A cascade's cases take fold k's out-of-fold predictions of its previous stage as extra input."""
     fold = ws.fold(k)
     val_ids = set(ws.splits()[k]["val"])
     cases = [c for c in ws.dataset.cases if c.case_id in val_ids]
-    plan, models = load_fold_models(ws, [k])
-    predict_cases([Case(c.case_id, c.image_files, None) for c in cases], plan, models, fold.validation, True, False,
-                  progress, training_cases=True)  # read in the units the plan gives them, as in training
+    todo = [c for c in cases if redo or not fold.validation_probabilities(c.case_id).exists()]
+    previous = None
+    if ws.plan.configuration == "3d_cascade_fullres":
+        from runner.cascade import check_previous_stage, out_of_fold_labels
+        previous = out_of_fold_labels(check_previous_stage(ws), k)
+    if todo:
+        plan, models = load_fold_models(ws, [k])
+        predict_cases([Case(c.case_id, c.image_files, None) for c in todo], plan, models, fold.validation, True,
+                      True, progress, training_cases=True,  # read in the units the plan gives them, as in training
+                      previous=previous)
+    plan = ws.fold_plan(k)
     link_references(cases, fold.validation_reference)
     notes = {"checkpoint": plan.inference.checkpoint, "monitor": plan.training.schedule.monitor,
              "selection_note": selection_note(plan)}
@@ -63,6 +75,9 @@ def run_fold(ws: Workspace, k: int, resume: bool = False, restart: bool = False,
     refuses with the holder's host and pid); an error is kept in the fold's failed.txt for
     `segplan status` and removed by the next run that succeeds."""
     fold = ws.fold(k)
+    if ws.plan.configuration == "3d_cascade_fullres":  # refused before any work, naming what to run first
+        from runner.cascade import check_previous_stage
+        check_previous_stage(ws)
     with hold(fold.lock, f"fold {k} of {ws.plan.name}"):
         try:
             trained = True
@@ -72,8 +87,8 @@ def run_fold(ws: Workspace, k: int, resume: bool = False, restart: bool = False,
             except FoldFinished as e:
                 print(f"segplan: {e}")
                 trained = False
-            if trained or not fold.validation_summary.exists():
-                predict_validation(ws, k, progress)
+            if trained or not fold.validation_summary.exists() or missing_probabilities(ws, k):
+                predict_validation(ws, k, progress, redo=trained)
         except BaseException as e:
             if fold.dir.exists() and not isinstance(e, (KeyboardInterrupt, SystemExit)):
                 write_text(fold.failed, f"{type(e).__name__}: {e}".splitlines()[0] + "\n")

@@ -227,15 +227,20 @@ def load(path: Path, labels: dict[str, int]) -> Postprocessing:
     reader = Reader(str(path), lines)
     post = reader.build(Postprocessing, data)
     if not reader.errors:
-        known = set(labels.values()) - {0}
-        for i, rule in enumerate(post.rules):
-            bad = sorted(set(rule.labels) - known)
-            if bad or not rule.labels:
-                reader.error(f"rules.{i}.labels", f"{bad or '[]'} are not foreground label values of the plan "
-                                                  f"{sorted(known)}")
+        check_rules(reader, post, labels)
     if reader.errors:
         raise SchemaError(reader.errors)
     return post
+
+
+def check_rules(reader: Reader, post: Postprocessing, labels: dict[str, int], key: str = "") -> None:
+    """Each rule must cover foreground label values of the plan (``key``: where ``post`` sits in its file)."""
+    known = set(labels.values()) - {0}
+    for i, rule in enumerate(post.rules):
+        bad = sorted(set(rule.labels) - known)
+        if bad or not rule.labels:
+            reader.error(f"{key}rules.{i}.labels", f"{bad or '[]'} are not foreground label values of the plan "
+                                                   f"{sorted(known)}")
 
 
 def _kept(post: Postprocessing) -> str:

@@ -1,10 +1,14 @@
-"""`segplan predict`: segment images with the trained folds, each built from its frozen plan."""
+"""`segplan predict`: segment images with the trained folds, each built from its frozen plan; a
+cascade after the stage it builds on, an ensemble (`segplan select`'s winner) as nnU-Net ensembles:
+each member at its own spacing, its probabilities resampled to the input's grid, averaged, argmax."""
 from __future__ import annotations
 
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -113,12 +117,14 @@ def warn_unknown_units(case: Case, props: dict) -> None:
 
 
 def predict_case(case: Case, plan: Plan, predict, progress: bool = False, probabilities: bool = False,
-                 training_case: bool = False) -> tuple[np.ndarray, Geometry, np.ndarray | None, dict]:
+                 training_case: bool = False,
+                 previous=None) -> tuple[np.ndarray, Geometry, np.ndarray | None, dict]:
     """Label map (original label values) with the input's geometry, the probabilities on the
     original grid if asked for (else None; a region plan's: one sigmoid probability per region), and
     the time of each step. ``training_case``: the case
     is one of the plan's training cases (a fold's validation case), read in the plan's unit for it;
-    otherwise the image's own values decide its unit, whatever its name."""
+    otherwise the image's own values decide its unit, whatever its name. ``previous`` (a cascade):
+    case -> the previous stage's label map on the original grid, added as one-hot input channels."""
     t = {}
     t0 = time.perf_counter()
     image, geom = read_case_image(case)
@@ -127,6 +133,9 @@ def predict_case(case: Case, plan: Plan, predict, progress: bool = False, probab
     data, _, props = preprocess_image(image, geom, plan, case.case_id, training_case=training_case)
     del image
     warn_unknown_units(case, props)
+    if previous is not None:
+        from runner.cascade import previous_channels
+        data = np.concatenate([data, previous_channels(previous(case), props, plan)])
     t["preprocess_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     bar = tqdm(total=None, desc=f"{case.case_id}", disable=not progress, leave=False, unit="window")
@@ -142,12 +151,11 @@ def predict_case(case: Case, plan: Plan, predict, progress: bool = False, probab
     t0 = time.perf_counter()
     if plan.dataset.regions:  # region probabilities on the original grid, thresholded and written in order
         full = invert_probabilities(probs, props, plan, full=True, background=False)
-        labels = regions_to_labels(full, plan.dataset.regions_class_order,
-                                   np.uint8 if max(plan.dataset.regions_class_order) < 256 else np.uint16)
+        labels = labels_of(full, plan)
         full = full if probabilities else None
     elif probabilities:
         full = invert_probabilities(probs, props, plan, full=True)
-        labels = classes_to_labels(np.argmax(full, axis=0), plan)
+        labels = labels_of(full, plan)
     else:
         full = None
         labels = classes_to_labels(invert_probabilities(probs, props, plan, full=False), plan)
@@ -155,23 +163,25 @@ def predict_case(case: Case, plan: Plan, predict, progress: bool = False, probab
     return labels, geom, full, t
 
 
+def labels_of(full: np.ndarray, plan: Plan) -> np.ndarray:
+    """The label map of probabilities on the original grid: a region plan's sigmoids thresholded at
+    0.5 and written in ``regions_class_order``, or the arg-max class's label value."""
+    if plan.dataset.regions:
+        order = plan.dataset.regions_class_order
+        return regions_to_labels(full, order, np.uint8 if max(order) < 256 else np.uint16)
+    return classes_to_labels(np.argmax(full, axis=0), plan)
+
+
 def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tta: bool = True,
                   save_probabilities: bool = False, progress: bool = True, post=None,
-                  training_cases: bool = False, output_format: str = "nifti") -> list[dict]:
+                  training_cases: bool = False, output_format: str = "nifti", previous=None) -> list[dict]:
     """Segment ``cases`` into ``out_dir`` with the averaged models (then ``post``, a Postprocessing,
     if given); returns per-case timings. ``training_cases``: they are the plan's own training cases
     (validation), read in the units its table gives them; new images never are. ``output_format``:
     nifti (``<case>.nii.gz``) or dicom-seg (``<case>.dcm``, DICOM series only). DICOM series that are
-    refused are named on stderr, the others predicted, then a DatasetError names their ids."""
-    if output_format not in OUTPUT_FORMATS:
-        raise ValueError(f"output format {output_format!r}: one of {', '.join(OUTPUT_FORMATS)}")
-    if output_format == "dicom-seg":
-        from runner.dicom_seg import check_seg_output
-        check_seg_output(cases)
-    skipped = refused(cases)
-    for case in skipped:
-        print(f"segplan: refused {case.series.describe()}: {case.series.problem}", file=sys.stderr, flush=True)
-    cases = [c for c in cases if c not in skipped]
+    refused are named on stderr, the others predicted, then a DatasetError names their ids.
+    ``previous``: a cascade's previous stage (see ``predict_case``)."""
+    cases, skipped = admit(cases, output_format)
     predict = keras_predictor(models)
     if tta and plan.inference.mirroring:
         predict = mirrored(predict, plan.training.augmentation.mirror_axes)
@@ -180,7 +190,7 @@ def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tt
     for case in tqdm(cases, desc="predict", disable=not progress, unit="case"):
         try:
             labels, geom, probs, t = predict_case(case, plan, predict, progress, probabilities=save_probabilities,
-                                                  training_case=training_cases)
+                                                  training_case=training_cases, previous=previous)
         except DatasetError as e:
             # a series whose headers passed but which the reader cannot read (ITK 5.4 refuses a
             # Spacing Between Slices of 0): refused by name like the others, the rest still predicted
@@ -189,20 +199,25 @@ def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tt
             print(f"segplan: refused {e}", file=sys.stderr, flush=True)
             skipped.append(case)
             continue
-        t0 = time.perf_counter()
-        if post is not None:
-            labels = postprocess.apply(labels, post)
-        written = write_labels(labels, geom, case, plan, out_dir, output_format)
-        if save_probabilities:
-            save_npz(out_dir / f"{case.case_id}.npz", compressed=True, probabilities=probs.astype(np.float16))
-        t["write_s"] = time.perf_counter() - t0
-        timings.append({"case": case.case_id, **t})
-        if not progress:  # no bar (a log file): one line per case
-            print(f"predicted {case.case_id} in {sum(t.values()):.1f} s -> {written}", flush=True)
+        timings.append(write_prediction(case, labels, geom, probs, out_dir, post, t, progress, plan, output_format))
     if skipped:
         raise DatasetError(f"{len(skipped)} DICOM series refused, as said above "
                            f"({', '.join(c.case_id for c in skipped)}); {len(timings)} predicted into {out_dir}")
     return timings
+
+
+def admit(cases: list[Case], output_format: str) -> tuple[list[Case], list[Case]]:
+    """The cases to predict and the DICOM series refused (each named on stderr); an unknown output
+    format, or a DICOM SEG asked for input that is not DICOM, refused before any work."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output format {output_format!r}: one of {', '.join(OUTPUT_FORMATS)}")
+    if output_format == "dicom-seg":
+        from runner.dicom_seg import check_seg_output
+        check_seg_output(cases)
+    skipped = refused(cases)
+    for case in skipped:
+        print(f"segplan: refused {case.series.describe()}: {case.series.problem}", file=sys.stderr, flush=True)
+    return [c for c in cases if c not in skipped], skipped
 
 
 def write_labels(labels: np.ndarray, geom: Geometry, case: Case, plan: Plan, out_dir: Path,
@@ -218,11 +233,29 @@ def write_labels(labels: np.ndarray, geom: Geometry, case: Case, plan: Plan, out
     return path
 
 
+def write_prediction(case: Case, labels: np.ndarray, geom: Geometry, probs: np.ndarray | None, out_dir: Path,
+                     post, t: dict, progress: bool, plan: Plan, output_format: str = "nifti") -> dict:
+    """Write a case's label map (after ``post``, if given; as ``output_format`` says) and, if given,
+    its probabilities (float16 .npz, after the label map: its presence marks a complete case);
+    returns the case's timings."""
+    t0 = time.perf_counter()
+    if post is not None:
+        labels = postprocess.apply(labels, post)
+    written = write_labels(labels, geom, case, plan, out_dir, output_format)
+    if probs is not None:
+        save_npz(out_dir / f"{case.case_id}.npz", compressed=True, probabilities=probs.astype(np.float16))
+    t["write_s"] = time.perf_counter() - t0
+    if not progress:  # no bar (a log file): one line per case
+        print(f"predicted {case.case_id} in {sum(t.values()):.1f} s -> {written}", flush=True)
+    return {"case": case.case_id, **t}
+
+
 def predict_folder(plan_path: Path, input_dir: Path, output_dir: Path, folds: list[int] | None = None,
                    tta: bool = True, save_probabilities: bool = False, progress: bool = True,
                    postprocessing: bool = True, output_format: str = "nifti") -> list[dict]:
     """`segplan predict`: every case in ``input_dir`` with the averaged (by default all trained) folds,
-    then the postprocessing decided on cross-validation (WORK/postprocessing.yaml) unless told not to."""
+    then the postprocessing decided on cross-validation (WORK/postprocessing.yaml) unless told not to.
+    A cascade plan's previous stage (its 3d_lowres plan's folds) predicts each case first."""
     ws = Workspace(plan_path)
     folds = folds if folds is not None else [f.index for f in ws.folds() if f.is_trained()]
     if not folds:
@@ -233,6 +266,94 @@ def predict_folder(plan_path: Path, input_dir: Path, output_dir: Path, folds: li
             if postprocessing and ws.postprocessing.exists() else None)
     if post is not None:
         print(f"postprocessing: {', '.join(r.keep_largest for r in post.rules) or 'none'} ({ws.postprocessing})")
+    previous = None
+    if ws.plan.configuration == "3d_cascade_fullres":
+        previous = previous_labels(workspace_stage(ws, folds, tta, plan=plan, models=models))
     return predict_cases(cases, plan, models, Path(output_dir), tta, save_probabilities, progress, post,
-                         output_format=output_format)
+                         output_format=output_format, previous=previous)
 
+
+# Stages: a configuration's folds ready to predict, alone, chained (a cascade) or averaged (an ensemble).
+
+@dataclass(frozen=True)
+class Stage:
+    """One configuration's folds, ready to predict."""
+
+    plan: Plan
+    predict: Callable[[np.ndarray], np.ndarray]  # (b, c, *patch) -> (b, classes, *patch)
+    previous: "Stage | None" = None              # a cascade's 3d_lowres stage: predicts first
+
+
+def make_stage(plan: Plan, models: list, tta: bool, previous: Stage | None = None) -> Stage:
+    predict = keras_predictor(models)
+    if tta and plan.inference.mirroring:
+        predict = mirrored(predict, plan.training.augmentation.mirror_axes)
+    return Stage(plan, predict, previous)
+
+
+def workspace_stage(ws: Workspace, folds: list[int] | None = None, tta: bool = True, plan: Plan | None = None,
+                    models: list | None = None) -> Stage:
+    """The plan's ``folds`` (default: every trained one; ``plan`` and ``models`` if loaded already) as a
+    stage; a cascade's previous stage with the same folds (default: every trained one of it), as
+    nnU-Net predicts both stages with the same folds."""
+    if models is None:
+        chosen = folds if folds is not None else [f.index for f in ws.folds() if f.is_trained()]
+        if not chosen:
+            raise FileNotFoundError(f"no trained fold in {ws.root}; run `segplan run {ws.plan_path} --fold 0` first")
+        plan, models = load_fold_models(ws, chosen)
+    previous = None
+    if ws.plan.configuration == "3d_cascade_fullres":
+        from runner.cascade import previous_workspace
+        previous = workspace_stage(previous_workspace(ws), folds, tta)
+    return make_stage(plan, models, tta, previous)
+
+
+def previous_labels(stage: Stage) -> Callable[[Case], np.ndarray] | None:
+    """case -> the label map ``stage``'s previous stage predicts on the case's grid (after its own
+    previous stage, if it has one); None for a stage without one."""
+    prev = stage.previous
+    if prev is None:
+        return None
+    return lambda case: predict_case(case, prev.plan, prev.predict, previous=previous_labels(prev))[0]
+
+
+def predict_ensemble(cases: list[Case], stages: list[Stage], out_dir: Path, save_probabilities: bool = False,
+                     progress: bool = True, post=None, output_format: str = "nifti") -> list[dict]:
+    """Segment ``cases`` into ``out_dir`` with the average of the stages' probabilities on each
+    case's original grid (one stage: its own prediction), then ``post``; returns per-case timings.
+    DICOM series and ``output_format`` as in ``predict_cases``."""
+    first = stages[0].plan
+    for s in stages[1:]:
+        if s.plan.dataset.labels != first.dataset.labels or s.plan.dataset.regions != first.dataset.regions:
+            raise ValueError(f"ensemble members segment other labels: {first.dataset.labels} and "
+                             f"{s.plan.dataset.labels}")
+    cases, skipped = admit(cases, output_format)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings = []
+    for case in tqdm(cases, desc="predict", disable=not progress, unit="case"):
+        total, t = None, {}
+        try:
+            for stage in stages:
+                labels, geom, probs, ts = predict_case(case, stage.plan, stage.predict, progress,
+                                                       probabilities=save_probabilities or len(stages) > 1,
+                                                       previous=previous_labels(stage))
+                for key, v in ts.items():
+                    t[key] = t.get(key, 0.0) + v
+                total = probs if total is None else total + probs
+        except DatasetError as e:  # as in predict_cases: an unreadable series refused, the rest predicted
+            if not isinstance(case, SeriesCase):
+                raise
+            print(f"segplan: refused {e}", file=sys.stderr, flush=True)
+            skipped.append(case)
+            continue
+        if len(stages) > 1:
+            t0 = time.perf_counter()
+            total /= len(stages)
+            labels = labels_of(total, first)
+            t["average_s"] = time.perf_counter() - t0
+        timings.append(write_prediction(case, labels, geom, total if save_probabilities else None, out_dir,
+                                        post, t, progress, first, output_format))
+    if skipped:
+        raise DatasetError(f"{len(skipped)} DICOM series refused, as said above "
+                           f"({', '.join(c.case_id for c in skipped)}); {len(timings)} predicted into {out_dir}")
+    return timings

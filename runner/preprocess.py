@@ -81,15 +81,23 @@ def preprocess_image(image: np.ndarray, geom: Geometry, plan: Plan, case_id: str
     new_shape = target_shape(image.shape[1:], geom.spacing, rs.target_spacing)
     data = np.stack([resample(ch, geom.spacing, rs.target_spacing, new_shape, rs.image_order,
                               rs.anisotropy_threshold, rs.anisotropic_order) for ch in image]).astype(np.float32)
-    seg = None
-    if label is not None:
-        classes = labels_to_classes(label[sl], plan)
-        seg = resample(classes, geom.spacing, rs.target_spacing, new_shape, 0, rs.anisotropy_threshold, 0,
-                       label=rs.label_mode == "onehot_linear").astype(np.int8 if len(plan.dataset.labels) < 128 else np.int16)
     props = {"case_id": case_id, "geometry": geom.to_dict(), "crop_box": [list(b) for b in box],
              "cropped_shape": list(image.shape[1:]), "resampled_shape": new_shape,
              "conventions": [u[0] for u in units], "convention_evidence": [u[1] for u in units]}
+    seg = label_to_grid(label, props, plan) if label is not None else None
     return data, seg, props
+
+
+def label_to_grid(label: np.ndarray, props: dict, plan: Plan) -> np.ndarray:
+    """A label map (label values) on a case's original grid -> class indices on its preprocessed grid
+    (the crop box and target spacing ``props`` record), resampled as the plan resamples labels: the
+    reference in preprocessing, a cascade's previous-stage prediction (runner/cascade.py)."""
+    rs = plan.resampling
+    sl = tuple(slice(a, b) for a, b in props["crop_box"])
+    classes = labels_to_classes(label[sl], plan)
+    spacing = Geometry.from_dict(props["geometry"]).spacing
+    return resample(classes, spacing, rs.target_spacing, props["resampled_shape"], 0, rs.anisotropy_threshold, 0,
+                    label=rs.label_mode == "onehot_linear").astype(np.int8 if len(plan.dataset.labels) < 128 else np.int16)
 
 
 def labels_to_classes(label: np.ndarray, plan: Plan) -> np.ndarray:

@@ -11,9 +11,10 @@ import numpy as np
 from tqdm import tqdm
 
 from planner.fileio import write_json
-from planner.plan import Plan, supervised_levels
+from planner.plan import Plan, input_channels, supervised_levels
 from runner import backend
 from runner.batches import batch_stream
+from runner.cascade import previous_stage_maps
 from runner.checkpoint import load_latest, save_best, save_latest
 from runner.data import validation_batches
 from runner.plots import plot_progress
@@ -102,12 +103,14 @@ def train_fold(ws: Workspace, k: int, resume: bool = False, restart: bool = Fals
     fold = _start(ws, k, resume, restart)
     plan = ws.freeze(k)  # the fold's own plan: frozen network/preprocessing/labels, live schedule
     pre = preprocess_dataset(ws, workers=workers, progress=progress)
+    previous = previous_stage_maps(ws, pre) if plan.configuration == "3d_cascade_fullres" else None
     split = ws.splits()[k]
     with backend.distributed(plan.training.batch_size, data_parallel, plan.training.schedule.validation_patches):
-        return _train(ws, k, fold, plan, pre, split, resume, progress)
+        return _train(ws, k, fold, plan, pre, split, resume, progress, previous)
 
 
-def _train(ws: Workspace, k: int, fold: Fold, plan: Plan, pre, split: dict, resume: bool, progress: bool) -> Fold:
+def _train(ws: Workspace, k: int, fold: Fold, plan: Plan, pre, split: dict, resume: bool, progress: bool,
+           previous=None) -> Fold:
     tr, sched = plan.training, plan.training.schedule
     model = compile_model(plan, tr.learning_rate)
     state = load_latest(fold, model) if resume else None
@@ -116,10 +119,10 @@ def _train(ws: Workspace, k: int, fold: Fold, plan: Plan, pre, split: dict, resu
     state = state or TrainState(learning_rate=tr.learning_rate)
     state = dataclasses.replace(state, stopped=stop_reason(state, sched))
     history = read_rows(fold.history)[: state.epoch]
-    val = validation_batches(pre, split["val"], plan, k)
+    val = validation_batches(pre, split["val"], plan, k, previous)
     times = {}
     if not state.stopped:
-        with batch_stream(pre, split["train"], plan, k, tr.workers) as epoch_batches:
+        with batch_stream(pre, split["train"], plan, k, tr.workers, previous) as epoch_batches:
             state, times = _train_epochs(model, plan, fold, k, state, history, epoch_batches, val, progress)
     write_json(fold.finished, {"reason": state.stopped, "epochs": state.epoch, "best_epoch": state.best_epoch,
                                "training_seconds": round(state.elapsed_s, 1), **times})

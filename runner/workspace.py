@@ -7,7 +7,9 @@ Layout (``WORK`` is the plan's ``dataset.work_dir``, relative to the plan file):
     WORK/splits.yaml             the seeded split (unless the dataset brings splits_final.json)
     WORK/fold_K/plan.yaml        the plan as it was when fold K started: frozen, never rewritten
     WORK/fold_K/...              checkpoints, history, plots, TensorBoard, finished.json
-    WORK/fold_K/validation/      predictions of the fold's validation cases, metrics, summary
+    WORK/fold_K/validation/      predictions of the fold's validation cases (label maps and, as
+                                 <case>.npz, probabilities), metrics, summary
+    WORK/previous_stage/<key>/   a cascade's previous-stage predictions on its preprocessed grid
     WORK/cv_summary.md|yaml, cv_boxplots.png, overlays/, quantification.csv
 
 Nothing else in segplan builds a path under WORK. A fold trains and predicts with its frozen plan's
@@ -64,8 +66,10 @@ def _flat(d, prefix: str = "") -> dict[str, object]:
 
 def weight_fields(plan: Plan) -> dict[str, object]:
     """Dotted keys of everything a fold's weights depend on: network, preprocessing, labels, channels,
-    and a region plan's regions (its outputs; no regions add no key)."""
-    return _flat(to_plain({"network": plan.network, "intensity": plan.intensity, "resampling": plan.resampling,
+    and a region plan's regions (its outputs; no regions add no key), and the configuration (a
+    cascade's network has more input channels)."""
+    return _flat(to_plain({"configuration": plan.configuration, "network": plan.network, "intensity": plan.intensity,
+                           "resampling": plan.resampling,
                            "dataset": {"labels": plan.dataset.labels, "channels": plan.dataset.channels,
                                        "regions": plan.dataset.regions}}))
 
@@ -128,6 +132,15 @@ class Fold:
     def validation_reference(self) -> Path:
         return self.validation / "reference"
 
+    def validation_probabilities(self, case_id: str) -> Path:
+        """A validation case's softmax probabilities on its original grid (float16 .npz, written after
+        its label map): the out-of-fold probabilities `segplan select` ranks and ensembles."""
+        return self.validation / f"{case_id}.npz"
+
+    def validation_labels(self, case_id: str) -> Path:
+        """A validation case's predicted label map (before postprocessing): a cascade's input."""
+        return self.validation / f"{case_id}.nii.gz"
+
     @property
     def validation_summary(self) -> Path:
         return self.validation / "summary.yaml"
@@ -170,6 +183,12 @@ class Workspace:
     @property
     def preprocessed(self) -> Path:
         return (self.root / "preprocessed" / preprocessing_key(self.plan)).resolve()
+
+    @property
+    def previous_stage_maps(self) -> Path:
+        """A cascade plan's copy of its previous stage's out-of-fold predictions on its own preprocessed
+        grid (runner/cascade.py), beside the cache they align with."""
+        return (self.root / "previous_stage" / preprocessing_key(self.plan)).resolve()
 
     @property
     def splits_file(self) -> Path:

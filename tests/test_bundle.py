@@ -393,7 +393,7 @@ def test_the_flag_cases_cover_every_option_of_predict():
     from runner.cli import build_parser
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     options = {o for a in sub.choices["predict"]._actions for o in a.option_strings if o.startswith("--")}
-    where = {"--help", "--model", "--input", "--output", "--max-member-mb"}  # what and where, not how
+    where = {"--help", "--model", "--selection", "--input", "--output", "--max-member-mb"}  # what and where, not how
     where.add("--output-format")  # DICOM input only: test_dicom predicts a SEG with --model as with a plan
     assert options - where == {f for case in PREDICT_FLAG_CASES for f in case if f.startswith("--")}
 
