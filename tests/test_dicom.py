@@ -306,7 +306,7 @@ def test_a_series_the_reader_cannot_read_is_refused_by_name_and_the_others_are_s
     assert [c.case_id for c in cases] == ["PAT1_series3", "PAT1_series4", "PAT1_series5"]
     assert all(c.series.problem is None for c in cases)                  # the headers are fine
 
-    def stand_in(case, plan, predict, progress=False, probabilities=False, training_case=False):
+    def stand_in(case, plan, predict, progress=False, probabilities=False, training_case=False, previous=None):
         image, geom = rp.read_case_image(case)
         return (image[0] > 0).astype(np.uint8), geom, None, {}
     monkeypatch.setattr(rp, "keras_predictor", lambda models: None)
