@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from planner.plan import Plan, supervised_levels
-from runner.data import PatchSampler, augmented_batch, build_augmentation, target_options, to_keras
+from runner.data import PatchSampler, augmented_batch, build_augmentation, outside_class, target_options, to_keras
 
 LOOKAHEAD = 2  # batches queued per worker
 
@@ -29,9 +29,10 @@ _WORKER: dict = {}
 
 def _make_source(folder: str, case_ids: list[str], plan: Plan, previous: str | None = None) -> dict:
     tr = plan.training
+    outside = outside_class(plan)
     return {"sampler": PatchSampler(Path(folder), case_ids, tr.patch_size, tr.sampling.foreground_oversampling,
-                                    Path(previous) if previous is not None else None),
-            "augment": build_augmentation(tr.augmentation, tr.patch_size), "plan": plan}
+                                    Path(previous) if previous is not None else None, outside),
+            "augment": build_augmentation(tr.augmentation, tr.patch_size, outside), "plan": plan}
 
 
 def _start_worker(folder: str, case_ids: list[str], plan: Plan, previous: str | None = None) -> None:
