@@ -61,8 +61,10 @@ def _flat(d, prefix: str = "") -> dict[str, object]:
 
 
 def weight_fields(plan: Plan) -> dict[str, object]:
-    """Dotted keys of everything a fold's weights depend on: network, preprocessing, labels, channels."""
-    return _flat(to_plain({"network": plan.network, "intensity": plan.intensity, "resampling": plan.resampling,
+    """Dotted keys of everything a fold's weights depend on: the configuration (a 2d plan's slice axis,
+    a cascade's extra inputs), network, preprocessing, labels, channels."""
+    return _flat(to_plain({"configuration": plan.configuration, "slice_axis": plan.slice_axis,
+                           "network": plan.network, "intensity": plan.intensity, "resampling": plan.resampling,
                            "dataset": {"labels": plan.dataset.labels, "channels": plan.dataset.channels}}))
 
 
