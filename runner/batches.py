@@ -30,7 +30,8 @@ _WORKER: dict = {}
 
 def _make_source(folder: str, case_ids: list[str], plan: Plan) -> dict:
     tr = plan.training
-    return {"sampler": PatchSampler(Path(folder), case_ids, tr.patch_size, tr.sampling.foreground_oversampling),
+    return {"sampler": PatchSampler(Path(folder), case_ids, tr.patch_size, tr.sampling.foreground_oversampling,
+                                    plan.slice_axis),
             "augment": build_augmentation(tr.augmentation, tr.patch_size), "plan": plan}
 
 

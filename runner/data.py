@@ -1,5 +1,9 @@
 """Training batches: random patches (with foreground oversampling) + batchgenerators augmentation.
 
+Patches have 3 spatial axes, or 2 for a 2d plan: its patches are windows one slice deep along the
+plan's slice axis (planner.plan.volume_patch), reshaped to (c, *patch), so that batchgenerators'
+transforms see (b, c, y, x) batches and apply their 2D forms.
+
 Every batch is a pure function of (seed, fold, epoch, index): the sampler draws from its own
 ``numpy.random.Generator``, and batchgenerators (which draws from numpy's and Python's global generators) runs
 inside ``seeded_global_numpy`` which seeds them and restores it afterwards. A resumed run therefore
@@ -16,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from planner.plan import AugmentationSection, Plan, SupervisedLevel, supervised_levels
+from planner.plan import AugmentationSection, Plan, SupervisedLevel, supervised_levels, volume_patch
 from runner.targets import targets
 from runner.preprocess import load_case, load_locations
 
@@ -87,10 +91,14 @@ def crop_patch(data: np.ndarray, seg: np.ndarray | None, start: list[int], patch
 
 
 class PatchSampler:
-    """Draws patches from preprocessed cases; foreground patches are centred on a stored class voxel."""
+    """Draws patches from preprocessed cases; foreground patches are centred on a stored class voxel.
+    With a ``slice_axis`` (a 2d plan) each patch is a slice of the volume: a window one voxel deep
+    along that axis, returned as a (c, *patch) 2D patch."""
 
-    def __init__(self, folder: Path, case_ids: list[str], patch: list[int], fg_fraction: float):
+    def __init__(self, folder: Path, case_ids: list[str], patch: list[int], fg_fraction: float,
+                 slice_axis: int | None = None):
         self.folder, self.case_ids, self.patch, self.fg = Path(folder), list(case_ids), list(patch), fg_fraction
+        self.window = volume_patch(self.patch, slice_axis)
         self.cases = {cid: load_case(self.folder, cid) for cid in self.case_ids}
         self.locs = {cid: load_locations(self.folder, cid) for cid in self.case_ids}
 
@@ -102,10 +110,11 @@ class PatchSampler:
         if (force_fg or rng.random() < self.fg) and locs:
             cls = locs[int(rng.integers(len(locs)))]
             centre = cls[int(rng.integers(len(cls)))]
-            start = [int(c) - p // 2 + int(rng.integers(-(p // 4), p // 4 + 1)) for c, p in zip(centre, self.patch)]
+            start = [int(c) - p // 2 + int(rng.integers(-(p // 4), p // 4 + 1)) for c, p in zip(centre, self.window)]
         else:
-            start = [int(rng.integers(min(0, n - p), max(0, n - p) + 1)) for n, p in zip(shape, self.patch)]
-        return crop_patch(data, seg, start, self.patch)
+            start = [int(rng.integers(min(0, n - p), max(0, n - p) + 1)) for n, p in zip(shape, self.window)]
+        x, y = crop_patch(data, seg, start, self.window)
+        return x.reshape((x.shape[0], *self.patch)), y.reshape(self.patch)
 
     def batch(self, rng: np.random.Generator, size: int) -> dict:
         """A batch; like nnU-Net, at least one patch per batch is foreground when oversampling is on."""
@@ -118,7 +127,8 @@ class PatchSampler:
 
 
 def to_keras(batch: dict, n_classes: int, levels: list[SupervisedLevel] | None = None):
-    """(b, c, z, y, x) data and (b, 1, z, y, x) seg -> channels-last image and one-hot target(s)."""
+    """(b, c, z, y, x) data and (b, 1, z, y, x) seg (2d: (b, c, y, x), (b, 1, y, x)) -> channels-last
+    image and one-hot target(s)."""
     x = np.moveaxis(batch["data"], 1, -1).astype(np.float32)
     seg = np.rint(batch["seg"][:, 0]).astype(np.int64)
     return x, targets(seg, n_classes, levels)
@@ -147,7 +157,7 @@ def validation_batches(folder: Path, case_ids: list[str], plan: Plan, fold: int)
     """A fixed set of validation patches (half centred on foreground), the same every epoch."""
     if not case_ids:
         return []
-    sampler = PatchSampler(folder, case_ids, plan.training.patch_size, VALIDATION_FOREGROUND_SHARE)
+    sampler = PatchSampler(folder, case_ids, plan.training.patch_size, VALIDATION_FOREGROUND_SHARE, plan.slice_axis)
     rng = np.random.default_rng([plan.training.seed, fold, VALIDATION_STREAM])
     n, b = plan.training.schedule.validation_patches, plan.training.batch_size
     levels = supervised_levels(plan.network)

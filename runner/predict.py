@@ -11,9 +11,9 @@ from tqdm import tqdm
 
 from planner.dataset import Case, DatasetError, Geometry, read_image, write_volume
 from planner.fileio import ENDINGS, image_files, save_npz
-from planner.plan import Plan
+from planner.plan import Plan, input_channels, volume_patch
 from runner import postprocess
-from runner.infer import keras_predictor, mirrored, sliding_window
+from runner.infer import keras_predictor, mirrored, on_windows, sliding_window
 from runner.preprocess import classes_to_labels, invert_probabilities, preprocess_image
 from runner.workspace import Fold, Workspace, weight_fields
 
@@ -71,7 +71,7 @@ def build_models(plans: list[Plan], weights: list[Path], folds: list[int]) -> tu
     from runner.model import build_unet, prediction_model
     models = []
     for k, plan, w in zip(folds, plans, weights):
-        model = build_unet(plan.network, len(plan.dataset.channels), len(plan.dataset.labels))
+        model = build_unet(plan.network, input_channels(plan), len(plan.dataset.labels))
         try:
             model.load_weights(str(w))
         except (OSError, ValueError) as e:  # not a weights file, or the weights of another network
@@ -127,8 +127,10 @@ def predict_case(case: Case, plan: Plan, predict, progress: bool = False, probab
         bar.total = total
         bar.n = done
         bar.refresh()
-    probs = sliding_window(data, plan.training.patch_size, predict, len(plan.dataset.labels), plan.inference.overlap,
-                           plan.inference.weighting, plan.inference.batch_size, progress=tick)
+    window = volume_patch(plan.training.patch_size, plan.slice_axis)  # a 2d plan: one slice deep
+    probs = sliding_window(data, window, on_windows(predict, plan.training.patch_size, window),
+                           len(plan.dataset.labels), plan.inference.overlap, plan.inference.weighting,
+                           plan.inference.batch_size, progress=tick)
     bar.close()
     t["network_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
