@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-from planner.plan import NetworkSection, supervised_levels
+from planner.plan import NetworkSection, input_channels, supervised_levels
 
 GPU_BYTES_PER_ACTIVATION = {False: 6.6, True: 4.8}   # float32 / mixed precision, fitted (see above)
 OVERHEAD_GB = 0.8
@@ -155,9 +155,10 @@ def estimate_training_gb(net: NetworkSection, patch: list[int], batch: int, in_c
 
 def estimate_for_plan(plan) -> float:
     """The training-step estimate for a Plan's network, patch, batch and precision (GiB): GPU memory
-    for a GPU plan, the training process's resident memory for a CPU plan."""
+    for a GPU plan, the training process's resident memory for a CPU plan. A cascade's network
+    counts its extra input channels (planner.plan.input_channels)."""
     tr = plan.training
-    return estimate_training_gb(plan.network, tr.patch_size, tr.batch_size, len(plan.dataset.channels),
+    return estimate_training_gb(plan.network, tr.patch_size, tr.batch_size, input_channels(plan),
                                 len(plan.dataset.labels), tr.mixed_precision, device=plan.device)
 
 
