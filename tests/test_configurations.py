@@ -246,6 +246,24 @@ def test_lowres_and_cascade_plans_exactly_where_the_coverage_rule_says(fp, budge
                for p, m, d in zip(two.training.patch_size, in_plane, div))
 
 
+def test_the_benchmark_plans_phantoms_from_their_specs_as_from_their_files(phantoms, tmp_path):
+    """benchmarks/configurations.py plans full-size phantoms from the generator's specifications: the
+    same configurations, spacings and patches as the written files' fingerprint gives."""
+    from benchmarks.configurations import phantom_fingerprint
+    from planner.fingerprint import fingerprint_for
+    files, _ = fingerprint_for(phantoms, tmp_path / "fp.yaml", progress=False)
+    specs = phantom_fingerprint(len(files.cases), seed=3, scale=0.12)   # the phantoms fixture's (tests/conftest.py)
+    for a, b in zip(files.cases, specs.cases):
+        assert a.shape == a.cropped_shape == b.shape and np.allclose(a.spacing, b.spacing, rtol=1e-5)
+    plans = [plan_family(lambda c, fp=fp: make_plan(fp, "p", "ds", "w", LOWRES_GPU_GB, "t", configuration=c))
+             for fp in (files, specs)]
+    assert list(plans[0]) == list(plans[1]) == ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]
+    for c in plans[0]:
+        a, b = plans[0][c][0], plans[1][c][0]
+        assert a.resampling.target_spacing == pytest.approx(b.resampling.target_spacing, rel=1e-4)
+        assert a.training.patch_size == b.training.patch_size and a.slice_axis == b.slice_axis
+
+
 # ------------------------------------------------------------------ training and prediction (Keras)
 
 def _predict_first_case(plan_path: Path, tmp_path: Path, *extra: str) -> tuple[np.ndarray, Path]:
