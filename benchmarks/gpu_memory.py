@@ -80,13 +80,13 @@ def backend_peak_gb() -> float | None:
 
 def network(patch: list[int], width: int, architecture: str = "plain", deep_supervision: bool = False,
             activation: str | None = None):
-    """The default planner's topology for an isotropic patch: nnU-Net pooling, 16x width at most; the
+    """The default planner's topology for an isotropic patch (3D, or 2D for two entries): nnU-Net pooling, 16x width at most; the
     plain U-Net of the paper, or the residual encoder of the resenc presets (heuristics.RESENC_NETWORK),
     with its own activation unless one is given."""
     import dataclasses
 
     from planner import heuristics as H
-    pools, kernels = H.topology(patch, [1.0, 1.0, 1.0])
+    pools, kernels = H.topology(patch, [1.0] * len(patch))  # 3 axes, or a 2d plan's 2
     filters = H.filters_for(len(pools) + 1, width, 16 * width)
     template = H.RESENC_NETWORK if architecture == "residual_encoder" else H.PLAIN_NETWORK
     template = dataclasses.replace(template, deep_supervision=deep_supervision,

@@ -1,8 +1,8 @@
 """The planner's CPU memory model, measured (issue 15, item 4): one training step per grid point, each
 in a fresh child process, peak resident memory beside the planner's estimate.
 
-    python benchmarks/memory_calibration.py [--out benchmarks/results/cpu_memory.json] [--grid full|tiny|networks]
-                                            [--repeats 3]
+    python benchmarks/memory_calibration.py [--out benchmarks/results/cpu_memory.json] [--grid full|tiny|networks|2d]
+                                            [--repeats 3] [--rows OLD.jsonl]
 
 Per point (patch, batch, first-stage filters, precision, and the kind of network: the plain U-Net or
 the residual encoder, with or without deep supervision) the child imports Keras (TensorFlow on
@@ -48,12 +48,17 @@ GRIDS = {
              ([64, 128, 128], 2, 16, "float32", "resenc_ds"), ([64, 64, 64], 2, 16, "mixed_bfloat16", "resenc_ds"),
              # the activation's share: leaky ReLU keeps its input, ReLU only its output
              ([64, 64, 64], 2, 16, "float32", "plain_leaky"), ([64, 64, 64], 2, 16, "float32", "resenc_relu"),
-             ([32, 32, 32], 2, 8, "float32", "resenc"), ([64, 64, 64], 1, 4, "float32", "resenc")],
+             ([32, 32, 32], 2, 8, "float32", "resenc"), ([64, 64, 64], 1, 4, "float32", "resenc")] + [
+             # 2D networks (issue 22): a 2d plan's slices
+             ([256, 256], 8, 16, "float32"), ([192, 160], 24, 32, "float32"), ([512, 512], 4, 32, "float32"),
+             ([256, 256], 8, 16, "mixed_bfloat16"), ([256, 256], 16, 16, "float32", "plain_ds")],
     "tiny": [([16, 32, 32], 2, 4, "float32"), ([32, 32, 32], 2, 8, "float32"), ([32, 32, 32], 2, 8, "float32", "resenc_ds")],
     # only the points added with deep supervision and the residual encoder (the others are measured)
     "networks": [],
+    "2d": [],
 }
-GRIDS["networks"] = [p for p in GRIDS["full"] if len(p) > 4]
+GRIDS["networks"] = [p for p in GRIDS["full"] if len(p) > 4 and len(p[0]) == 3]
+GRIDS["2d"] = [p for p in GRIDS["full"] if len(p[0]) == 2]
 N_CLASSES = 4
 GB = 1024 ** 3
 

@@ -9,11 +9,12 @@ import subprocess
 import numpy as np
 
 from planner import heuristics as H
+from planner.configurations import size
 from planner.fingerprint import Fingerprint
 from planner.plan import (SCHEMA_VERSION, AugmentationSection, ChannelNormalization, CrossValidationSection,
                           DatasetSection, InferenceSection, IntensitySection, LossSection, MemorySection, NetworkSection,
                           Plan, ResamplingSection, SamplingSection, ScheduleSection, TrainingSection,
-                          supervised_levels)
+                          network_inputs, supervised_levels)
 from planner.memory import estimate_training_gb
 
 CONVS_PER_STAGE = 2
@@ -68,23 +69,32 @@ def gpu_memory_budget(requested: float | None, preset: str = "default") -> tuple
 
 def make_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, gpu_memory_gb: float,
               budget_source: str, preset: str = "default", splits_file: str | None = None,
-              first: int = H.FIRST_FILTERS, cap: int = H.MAX_FILTERS) -> tuple[Plan, dict]:
+              first: int = H.FIRST_FILTERS, cap: int = H.MAX_FILTERS, configuration: str = "3d_fullres"
+              ) -> tuple[Plan, dict]:
     """The GPU plan for ``fp`` (presets default, miscnn-covid19, resenc-m and resenc-l) and the reasons
-    behind its values. The cpu preset starts from this plan with its own rules: planner.cpu_plan."""
+    behind its values, for one of nnU-Net's configurations (planner/configurations.py; a cascade's
+    previous_stage is the caller's to set). The cpu preset starts from this plan with its own rules:
+    planner.cpu_plan."""
     if preset == "miscnn-covid19":
+        if configuration != "3d_fullres":
+            raise ValueError(f"the miscnn-covid19 preset is the paper's 3D network at full resolution, not "
+                             f"'{configuration}'")
         return _miscnn(fp, name, dataset_rel, work_rel, gpu_memory_gb, budget_source, splits_file)
     if preset != "default" and preset not in RESENC_PRESETS:
         raise ValueError(f"make_plan makes the default, miscnn-covid19 and {', '.join(RESENC_PRESETS)} presets, not "
                          f"'{preset}' (planner.cpu_plan.make_cpu_plan makes cpu plans)")
     reasons: dict[str, str] = {}
     resenc = preset in RESENC_PRESETS
-    spacing = H.target_spacing(np.array([c.spacing for c in fp.cases]), reasons)
-    median = H.median_resampled_shape(fp, spacing)
-    n_in, n_cls = len(fp.channel_names), len(fp.regions) or len(fp.labels)
-    fit = H.fit_patch_and_batch(median, spacing, gpu_memory_gb, n_in, n_cls, H.dataset_voxels(fp, spacing),
-                                reasons, first=first, cap=min(cap, RESENC_MAX_FILTERS) if resenc else cap,
-                                network=H.RESENC_NETWORK if resenc else DEFAULT_NETWORK,
-                                max_batch_share=1.0 if resenc else H.MAX_BATCH_SHARE)
+    n_cls = len(fp.regions) or len(fp.labels)
+    n_in = network_inputs(configuration, len(fp.channel_names), len(fp.labels))
+
+    def fit_at(spacing: list[float], median: list[float], voxels: float) -> dict:
+        return H.fit_patch_and_batch(median, spacing, gpu_memory_gb, n_in, n_cls, voxels, reasons, first=first,
+                                     cap=min(cap, RESENC_MAX_FILTERS) if resenc else cap,
+                                     network=H.RESENC_NETWORK if resenc else DEFAULT_NETWORK,
+                                     max_batch_share=1.0 if resenc else H.MAX_BATCH_SHARE)
+    spacing, slice_axis, fit = size(configuration, fp, H.target_spacing(np.array([c.spacing for c in fp.cases]),
+                                                                        reasons), fit_at, reasons)
     _network_reasons(fit["network"], preset, reasons)
     norms = []
     _channel_sources(fp, reasons)
@@ -99,16 +109,22 @@ def make_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, gpu_m
     reasons["training.schedule.monitor"] = ("nothing is chosen on the validation cases: they are the cross-validation's "
                                             "test cases")
     reasons["training.sampling.foreground_oversampling"] = "nnU-Net's 1/3 of patches centred on foreground"
+    # mirrored along every axis of the patch (a 2d plan's two); a 2d plan predicts a batch of slices per call
+    augmentation = dataclasses.replace(PAPER_AUGMENTATION, mirror_axes=list(range(len(fit["patch"]))))
+    window_batch = 2 if slice_axis is None else fit["batch"]
+    if slice_axis is not None:
+        reasons["inference.batch_size"] = "slices per network call: the training batch (a slice is one window)"
     plan = Plan(
-        schema_version=SCHEMA_VERSION, name=name, preset=preset, device="gpu",
+        schema_version=SCHEMA_VERSION, name=name, preset=preset, device="gpu", configuration=configuration,
+        slice_axis=slice_axis,
         dataset=label_handling(fp, DatasetSection(dataset_rel, work_rel, list(fp.channel_names), dict(fp.labels),
                                                   groups, splits_file), reasons),
         intensity=IntensitySection(list(fp.windowed_range), _conventions(fp, reasons), norms),
         resampling=ResamplingSection(spacing, 3, "onehot_linear", 3.0, 0),
         network=fit["network"],
         training=TrainingSection(fit["patch"], fit["batch"], 1e-3, False, 12345, SamplingSection(0.33),
-                                 PAPER_AUGMENTATION, PAPER_LOSS, PAPER_SCHEDULE, batch_workers(reasons)),
-        inference=InferenceSection(0.5, "gaussian", True, 2),
+                                 augmentation, PAPER_LOSS, PAPER_SCHEDULE, batch_workers(reasons)),
+        inference=InferenceSection(0.5, "gaussian", True, window_batch),
         cross_validation=CrossValidationSection(_folds(fp, reasons), 12345),
         memory=MemorySection(gpu_memory_gb, budget_source, round(fit["estimate"], 2)))
     return plan, reasons

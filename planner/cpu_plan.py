@@ -18,7 +18,7 @@ from planner import heuristics as H
 from planner.build import make_plan, supervision_note
 from planner.fingerprint import Fingerprint
 from planner.memory import estimate_cpu_run_gb
-from planner.plan import Plan
+from planner.plan import Plan, input_channels, volume_patch
 from planner.probing import run_probe
 from planner.schema import to_plain
 
@@ -43,6 +43,14 @@ DEEP_SUPERVISION_WHY = ("off until measured to pay: on Hippocampus fold 0 at 5 m
                         "not yet compared; set true to try")
 
 
+# 2D against 3D on a CPU, measured by benchmarks/configurations.py (Hippocampus fold 0, both at one
+# budget). The text is a 3d_fullres CPU plan's comment on its configuration
+CONFIGURATION_WHY = ("CPU plans are 3d_fullres unless --configuration (or --configurations all) asks for another: "
+                     "2d was ahead at 3 minutes on Hippocampus fold 0 (Dice 0.839 / 0.834 against 0.827 / 0.824, the "
+                     "two averaged 0.855 / 0.848; benchmarks/configurations.py, one run on a loaded 2-core machine), "
+                     "too little to switch the default; longer budgets not yet compared")
+
+
 def choose_width(seconds: list[float], budget_s: float, case_seconds: list[float] | None = None) -> int:
     """Index of the widest candidate reaching MIN_ITERATIONS in the budget and predicting a median
     case within MAX_CASE_SECONDS (the fastest to train if none does)."""
@@ -53,12 +61,12 @@ def choose_width(seconds: list[float], budget_s: float, case_seconds: list[float
 
 def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, time_budget: float | None = None,
                   splits_file: str | None = None, probe: bool = True, why: str = "",
-                  memory_gb: float = CPU_BUDGET_GB) -> tuple[Plan, dict]:
+                  memory_gb: float = CPU_BUDGET_GB, configuration: str = "3d_fullres") -> tuple[Plan, dict]:
     """The GPU rules with a small memory proxy for the patch (``memory_gb``), then every CPU rule:
     narrow networks, the width the probe picks, a training time budget, no mirroring at inference."""
     plan, reasons = make_plan(fp, name, dataset_rel, work_rel, memory_gb,
                               "CPU plan: a small memory proxy keeps steps short", splits_file=splits_file,
-                              first=WIDTHS[0], cap=WIDTHS[0] * WIDTH_GROWTH)
+                              first=WIDTHS[0], cap=WIDTHS[0] * WIDTH_GROWTH, configuration=configuration)
     minutes = float(time_budget or DEFAULT_MINUTES)
     tr = plan.training
     net = dataclasses.replace(plan.network, deep_supervision=DEEP_SUPERVISION)
@@ -66,13 +74,14 @@ def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, t
     candidates = [{"filters": H.filters_for(n_stages, w, WIDTH_GROWTH * w), "pool_sizes": net.pool_sizes,
                    "kernel_sizes": net.kernel_sizes, "blocks_per_stage": net.blocks_per_stage, "patch": tr.patch_size,
                    "batch": tr.batch_size} for w in WIDTHS]
-    measured, failed = (run_probe(candidates, to_plain(net), to_plain(tr.loss), len(fp.channel_names),
-                                  len(fp.regions) or len(fp.labels), steps=PROBE_STEPS) if probe else (None, "no probe run (probe=False)"))
+    measured, failed = (run_probe(candidates, to_plain(net), to_plain(tr.loss), input_channels(plan),
+                                  len(fp.regions) or len(fp.labels), steps=PROBE_STEPS)
+                        if probe else (None, "no probe run (probe=False)"))
     if measured and (len(measured) < len(candidates) or any(m["oom"] for m in measured)):
         measured, failed = None, "the probe ran out of memory"
     seconds = [m["seconds"] for m in measured] if measured else None
-    windows = H.window_count(H.median_resampled_shape(fp, plan.resampling.target_spacing), tr.patch_size,
-                             plan.inference.overlap)
+    windows = H.window_count(H.median_resampled_shape(fp, plan.resampling.target_spacing),
+                             volume_patch(tr.patch_size, plan.slice_axis), plan.inference.overlap)
     if seconds:
         case_s = [windows * m["window_seconds"] for m in measured]
         pick = choose_width(seconds, minutes * 60, case_s)
@@ -109,6 +118,8 @@ def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, t
                         training=dataclasses.replace(tr, schedule=sched, workers=0),
                         inference=dataclasses.replace(plan.inference, mirroring=False))
     plan = plan.replace(memory=dataclasses.replace(plan.memory, estimate_gb=_run_memory(plan, fp, reasons)))
+    if configuration == "3d_fullres":
+        reasons["configuration"] = f"{CONFIGURATION_WHY}. {reasons.get('configuration', '3d_fullres')}"
     reasons["training.schedule.time_budget_minutes"] = (f"{minutes:g} minutes of training{why}; the learning rate "
                                                         "decays over the budget and the final weights are evaluated")
     if step_s:

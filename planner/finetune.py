@@ -1,7 +1,7 @@
 """Plans that start from a trained model bundle (`segplan plan NEW_DATASET --from MODEL.zip`).
 
-What the weights depend on is kept from the bundle: the network, the target spacing and
-resampling, the normalisation of each channel (scheme, clip and statistics: the weights were
+What the weights depend on is kept from the bundle: the configuration (it must be the plan's), the
+network, the slice axis of a 2d model, the target spacing and resampling, the normalisation of each channel (scheme, clip and statistics: the weights were
 trained on that input distribution), and the channel count. Everything else (patch, batch, labels,
 schedule, folds, ...) is planned for the new dataset. A different class count is allowed: the
 network's last layer is then trained from scratch, and the plan says so.
@@ -30,6 +30,9 @@ def plan_from_bundle(new: Plan, reasons: dict, bundle: Path, plan_path: Path,
                               "previous stage); fine-tuning starts from one plan's bundle: `segplan export PLAN`")
         k = manifest["folds"][0]
         old = bundle_plan(Path(bundle), Path(tmp), k)
+        if old.configuration != new.configuration:
+            raise BundleError(f"{bundle}: a {old.configuration} model, and this plan is {new.configuration}: plan "
+                              f"with --configuration {old.configuration} to fine-tune it")
         if len(old.dataset.channels) != len(new.dataset.channels):
             raise BundleError(f"{bundle}: trained on {len(old.dataset.channels)} channels "
                               f"({', '.join(old.dataset.channels)}); this dataset has {len(new.dataset.channels)}")
@@ -39,7 +42,7 @@ def plan_from_bundle(new: Plan, reasons: dict, bundle: Path, plan_path: Path,
                                                                        new.intensity.normalization)]
     div = pool_divisor(old.network)
     patch = [max(d, -(-p // d) * d) for p, d in zip(new.training.patch_size, div)]
-    plan = new.replace(network=old.network, resampling=old.resampling,
+    plan = new.replace(network=old.network, resampling=old.resampling, slice_axis=old.slice_axis,
                        intensity=dataclasses.replace(new.intensity, normalization=norms,
                                                      windowed_range=old.intensity.windowed_range),
                        training=dataclasses.replace(new.training, patch_size=patch, initial_weights=weights.name))

@@ -49,14 +49,14 @@ def target_spacing(spacings: np.ndarray, reasons: dict) -> list[float]:
 
 
 def topology(patch: list[int], spacing: list[float]) -> tuple[list[list[int]], list[list[int]]]:
-    """Pool sizes and kernel sizes: pool an axis while it stays >= 4 voxels and its spacing is within
+    """Pool sizes and kernel sizes (per axis of the patch: 3, or a 2d plan's 2): pool an axis while it stays >= 4 voxels and its spacing is within
     2x of the finest; 1-voxel kernels along an axis still over 2x coarser than the finest."""
     size, sp = list(patch), list(spacing)
     kernels = [[1 if s > 2 * min(sp) else 3 for s in sp]]
     pools: list[list[int]] = []
     while len(pools) < MAX_POOLS:
         finest = min(sp)
-        pool = [2 if (size[a] // 2 >= MIN_STAGE_VOXELS and sp[a] <= 2 * finest) else 1 for a in range(3)]
+        pool = [2 if (size[a] // 2 >= MIN_STAGE_VOXELS and sp[a] <= 2 * finest) else 1 for a in range(len(size))]
         if not any(p == 2 for p in pool):
             break
         size = [s // p for s, p in zip(size, pool)]
@@ -81,14 +81,14 @@ def shaped(template: NetworkSection, filters: list[int], pools: list[list[int]],
 
 
 def _divisible(patch: list[int], pools: list[list[int]]) -> list[int]:
-    div = [math.prod(p[a] for p in pools) for a in range(3)]
+    div = [math.prod(p[a] for p in pools) for a in range(len(patch))]
     return [max(d, int(math.ceil(s / d)) * d) for s, d in zip(patch, div)]
 
 
 def _can_shrink(patch: list[int], pools: list[list[int]], floor: list[int]) -> list[bool]:
     """Axes that can lose one pooling multiple and stay at or above their floor."""
-    div = [math.prod(p[a] for p in pools) for a in range(3)]
-    return [patch[a] - div[a] >= floor[a] for a in range(3)]
+    div = [math.prod(p[a] for p in pools) for a in range(len(patch))]
+    return [patch[a] - div[a] >= floor[a] for a in range(len(patch))]
 
 
 def fit_patch_and_batch(median_shape: list[float], spacing: list[float], budget_gb: float, in_channels: int,

@@ -1,4 +1,4 @@
-"""Estimate of the training memory of segplan's Keras 3D U-Nets (no TensorFlow needed).
+"""Estimate of the training memory of segplan's Keras U-Nets, 3D and 2D (no TensorFlow needed).
 
 The shape of the model is analytic: counted per sample, for each stage at its resolution, every
 convolution keeps its output, the batch-norm output and the activation output for the backward
@@ -20,19 +20,20 @@ from __future__ import annotations
 
 import math
 
-from planner.plan import NetworkSection, output_channels, supervised_levels
+from planner.plan import NetworkSection, input_channels, output_channels, supervised_levels
 
 GPU_BYTES_PER_ACTIVATION = {False: 6.6, True: 4.8}   # float32 / mixed precision, fitted (see above)
 OVERHEAD_GB = 0.8
 # on a CPU (TensorFlow, peak resident memory of the training process; fitted by
-# benchmarks/memory_calibration.py to benchmarks/results/cpu_memory.json, 24 points, the median of
-# 3 processes each, every one within 4.1%): bytes per kept activation value, and the process's
-# fixed memory (the runtime, 0.88 GB with TensorFlow 2.21, plus what a step costs whatever its size)
-CPU_BYTES_PER_ACTIVATION = {False: 3.70, True: 3.35}
-CPU_PROCESS_GB = 0.95
+# benchmarks/memory_calibration.py to benchmarks/results/cpu_memory.json, 29 points (24 3D, 5 2D
+# networks of 2d plans), the median of 3 processes each, every one within 4.5%): bytes per kept
+# activation value, and the process's fixed memory (the runtime, 0.88 GB with TensorFlow 2.21, plus
+# what a step costs whatever its size). A 2D network counts as the 3D one a voxel deep.
+CPU_BYTES_PER_ACTIVATION = {False: 3.66, True: 3.31}
+CPU_PROCESS_GB = 0.92
 # and what each convolution layer holds whatever the patch (TensorFlow's kernels and their caches;
 # it tells nnU-Net's residual encoder, 2-3x the convolutions of the plain U-Net, from the plain one)
-CPU_GB_PER_CONVOLUTION = 0.0049
+CPU_GB_PER_CONVOLUTION = 0.0062
 # what a `segplan run` holds beyond one training step: the libraries of the runner (SimpleITK,
 # batchgenerators, matplotlib), the validation and prediction graphs, batches in flight. Measured:
 # the Hippocampus CPU plan's whole run peaked at 1.49 GB (PSS of the process tree) against 1.24 GB
@@ -155,9 +156,10 @@ def estimate_training_gb(net: NetworkSection, patch: list[int], batch: int, in_c
 
 def estimate_for_plan(plan) -> float:
     """The training-step estimate for a Plan's network, patch, batch and precision (GiB): GPU memory
-    for a GPU plan, the training process's resident memory for a CPU plan."""
+    for a GPU plan, the training process's resident memory for a CPU plan. A cascade's network
+    counts its extra input channels (planner.plan.input_channels)."""
     tr = plan.training
-    return estimate_training_gb(plan.network, tr.patch_size, tr.batch_size, len(plan.dataset.channels),
+    return estimate_training_gb(plan.network, tr.patch_size, tr.batch_size, input_channels(plan),
                                 output_channels(plan.dataset), tr.mixed_precision, device=plan.device)
 
 

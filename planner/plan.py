@@ -71,8 +71,10 @@ class ResamplingSection:
 class NetworkSection:
     filters: list[int] = doc("filters per stage, first stage first")
     pool_sizes: list[list[int]] = doc("down-sampling (z, y, x) after each stage but the last: max-pooling (plain) or "
-                                      "the stride of the next stage's first residual block (residual_encoder)")
-    kernel_sizes: list[list[int]] = doc("convolution kernel (z, y, x) per stage (1 along an axis much coarser than the others)")
+                                      "the stride of the next stage's first residual block (residual_encoder); a 2d "
+                                      "plan: its two in-plane axes")
+    kernel_sizes: list[list[int]] = doc("convolution kernel (z, y, x) per stage (1 along an axis much coarser than the "
+                                        "others); a 2d plan: its two in-plane axes")
     convs_per_stage: int = doc("convolutions per stage (residual_encoder: per decoder stage; the encoder's are in "
                                "blocks_per_stage)")
     normalization: Literal["batch", "none"] = doc("after each convolution")
@@ -99,7 +101,7 @@ class SamplingSection:
 @dataclass(frozen=True)
 class AugmentationSection:
     mirror_p: float = doc("probability per sample; each axis in mirror_axes flipped with p 0.5 when applied")
-    mirror_axes: list[int] = doc("axes of the patch (0 z, 1 y, 2 x)")
+    mirror_axes: list[int] = doc("axes of the patch (0 z, 1 y, 2 x; a 2d plan: 0 and 1, its in-plane axes)")
     elastic_p: float = doc("elastic deformation probability")
     elastic_alpha: list[float] = doc("deformation magnitude range")
     elastic_sigma: list[float] = doc("deformation smoothness range")
@@ -146,7 +148,8 @@ class ScheduleSection:
 
 @dataclass(frozen=True)
 class TrainingSection:
-    patch_size: list[int] = doc("voxels (z, y, x)")
+    patch_size: list[int] = doc("voxels (z, y, x); a 2d plan: the two in-plane axes, in that order without slice_axis "
+                                "((y, x) when slice_axis is 0)")
     batch_size: int = doc("patches per step")
     learning_rate: float = doc("Adam's initial learning rate")
     mixed_precision: bool = doc("float16/bfloat16 activations (GPU); off on CPU")
@@ -203,11 +206,14 @@ class Plan:
         "with the 3d_lowres prediction as extra input channels)", default="3d_fullres")
     previous_stage: str | None = doc("3d_cascade_fullres only: the 3d_lowres plan file whose out-of-fold predictions "
                                      "are extra input channels (relative to this file); null otherwise", default=None)
+    slice_axis: int | None = doc("2d only: the axis (0 z, 1 y, 2 x) the volume is cut along; the network sees the "
+                                 "other two, in (z, y, x) order, one slice at a time; null otherwise", default=None)
     dataset: DatasetSection = doc("")
     intensity: IntensitySection = doc("")
     resampling: ResamplingSection = doc("")
-    network: NetworkSection = doc("3D U-Net: conv + norm + activation blocks (plain) or residual blocks (residual_encoder) "
-                                  "down, up + concatenation skips, softmax (one sigmoid per region with dataset.regions)")
+    network: NetworkSection = doc("U-Net (3D; 2D for a 2d plan): conv + norm + activation blocks (plain) or residual "
+                                  "blocks (residual_encoder) down, up + concatenation skips, softmax (one sigmoid per "
+                                  "region with dataset.regions)")
     training: TrainingSection = doc("")
     inference: InferenceSection = doc("sliding-window prediction")
     cross_validation: CrossValidationSection = doc("")
@@ -217,23 +223,52 @@ class Plan:
         return dataclasses.replace(self, **changes)
 
 
-def input_channels(plan: Plan) -> int:
-    """The network's input channels: the image's, and for a 3d_cascade_fullres plan one per foreground
-    class more (the previous stage's prediction, one-hot; nnU-Net's determine_num_input_channels
-    counts the foreground labels, background being what the others leave)."""
-    extra = len(plan.dataset.labels) - 1 if plan.configuration == "3d_cascade_fullres" else 0
-    return len(plan.dataset.channels) + extra
+def spatial_dims(network: NetworkSection) -> int:
+    """Spatial axes the network works on: 2 (a 2d plan's slices) or 3, as its kernels say."""
+    return len(network.kernel_sizes[0]) if network.kernel_sizes else 3
 
 
 def pool_divisor(network: NetworkSection) -> list[int]:
     """Total down-sampling per axis: the patch must be a multiple of it."""
-    return [math.prod(p[a] for p in network.pool_sizes) for a in range(3)]
+    dims = len(network.pool_sizes[0]) if network.pool_sizes else spatial_dims(network)
+    return [math.prod(p[a] for p in network.pool_sizes) for a in range(dims)]
+
+
+def volume_patch(patch: list[int], slice_axis: int | None) -> list[int]:
+    """The window a patch takes from a (z, y, x) volume: the patch itself, or for a 2d plan the patch
+    with one voxel along ``slice_axis`` (a slice). Sampling and tiling cut these windows and reshape
+    them to the patch for the network: the one place where a 2d plan differs from a 3d one."""
+    if slice_axis is None:
+        return list(patch)
+    return [*patch[:slice_axis], 1, *patch[slice_axis:]]
+
+
+def patch_axes(plan: "Plan") -> str:
+    """Names of the patch's axes, in order: 'zyx', or a 2d plan's in-plane two (e.g. 'yx')."""
+    return "".join(a for i, a in enumerate("zyx") if i != plan.slice_axis)
+
+
+def cascade_channels(n_classes: int) -> int:
+    """Extra input channels of a 3d_cascade_fullres network: the previous stage's prediction one-hot,
+    one channel per foreground class (nnU-Net's determine_num_input_channels: its foreground labels)."""
+    return n_classes - 1
+
+
+def network_inputs(configuration: str, n_channels: int, n_classes: int) -> int:
+    """Input channels of a configuration's network: the image channels, and for 3d_cascade_fullres
+    the previous stage's one-hot prediction (``cascade_channels``) after them."""
+    return n_channels + (cascade_channels(n_classes) if configuration == "3d_cascade_fullres" else 0)
+
+
+def input_channels(plan: "Plan") -> int:
+    """Input channels of the plan's network (``network_inputs``)."""
+    return network_inputs(plan.configuration, len(plan.dataset.channels), len(plan.dataset.labels))
 
 
 @dataclass(frozen=True)
 class SupervisedLevel:
     """One output the network trains with: its decoder stage (0: full resolution), the factor per
-    axis (z, y, x) by which its resolution is below the patch, and its weight in the loss."""
+    axis of the patch (z, y, x; a 2d plan's two in-plane axes) by which its resolution is below the patch, and its weight in the loss."""
     stage: int
     factors: list[int]
     weight: float
@@ -256,7 +291,7 @@ def supervised_levels(network: NetworkSection) -> list[SupervisedLevel]:
     if len(raw) > 1:
         raw[-1] = 0.0
     total = sum(raw)
-    levels, factors = [], [1, 1, 1]
+    levels, factors = [], [1] * spatial_dims(network)
     for k, w in enumerate(raw):
         if w > 0:
             levels.append(SupervisedLevel(k, list(factors), w / total))

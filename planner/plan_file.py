@@ -18,7 +18,7 @@ from pathlib import Path
 
 from planner.fileio import write_text
 from planner.heuristics import RESENC_BLOCKS
-from planner.plan import PLAN_CONVENTIONS, PRESETS, SCHEMA_VERSION, Plan, pool_divisor
+from planner.plan import PLAN_CONVENTIONS, PRESETS, SCHEMA_VERSION, Plan, patch_axes, pool_divisor
 from planner.schema import Reader, SchemaError, dump_yaml, load_yaml_with_lines, to_plain
 
 
@@ -56,6 +56,8 @@ def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
     if plan.configuration != "3d_cascade_fullres" and plan.previous_stage is not None:
         r.error("previous_stage", f"only a 3d_cascade_fullres plan has a previous stage; this one is "
                                   f"'{plan.configuration}': set it to null")
+    if base_dir is not None and plan.previous_stage:
+        _check_previous_stage(plan, base_dir, r)
     if base_dir is not None and not (base_dir / ds.path).is_dir():
         r.error("dataset.path", f"folder {(base_dir / ds.path).resolve()} does not exist")
     elif base_dir is not None:
@@ -86,7 +88,8 @@ def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
         if conv not in PLAN_CONVENTIONS:
             r.error(f"intensity.conventions.{case}", f"'{conv}' is not one of {', '.join(PLAN_CONVENTIONS)}")
     _positive_list(r, "resampling.target_spacing", plan.resampling.target_spacing, 3, float)
-    _positive_list(r, "training.patch_size", tr.patch_size, 3, int)
+    dims = _check_dims(plan, r)
+    _positive_list(r, "training.patch_size", tr.patch_size, dims, int)
     n_stages = len(net.filters)
     if n_stages < 1 or any(f <= 0 for f in net.filters):
         r.error("network.filters", "needs at least one stage, every count > 0")
@@ -97,17 +100,18 @@ def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
         r.error("network.kernel_sizes", f"{len(net.kernel_sizes)} entries; the {n_stages} stages of network.filters "
                                         f"need {n_stages}")
     for i, p in enumerate(net.pool_sizes):
-        if len(p) != 3 or any(v not in (1, 2) for v in p):
-            r.error(f"network.pool_sizes.{i}", f"{p}: each entry is 3 values of 1 or 2")
+        if len(p) != dims or any(v not in (1, 2) for v in p):
+            r.error(f"network.pool_sizes.{i}", f"{p}: each entry is {dims} values of 1 or 2{_AXES_NOTE[dims]}")
     for i, k in enumerate(net.kernel_sizes):
-        if len(k) != 3 or any(v not in (1, 3, 5) for v in k):
-            r.error(f"network.kernel_sizes.{i}", f"{k}: each entry is 3 values of 1, 3 or 5")
-    if len(tr.patch_size) == 3 and all(len(p) == 3 for p in net.pool_sizes):
+        if len(k) != dims or any(v not in (1, 3, 5) for v in k):
+            r.error(f"network.kernel_sizes.{i}", f"{k}: each entry is {dims} values of 1, 3 or 5{_AXES_NOTE[dims]}")
+    if len(tr.patch_size) == dims and all(len(p) == dims for p in net.pool_sizes):
         div = pool_divisor(net)
+        names = patch_axes(plan)
         for a, (p, d) in enumerate(zip(tr.patch_size, div)):
             if d and p % d:
                 r.error(f"training.patch_size.{a}", f"{p} is not divisible by the total pooling {d} of "
-                                                    f"network.pool_sizes on axis {'zyx'[a]}; use "
+                                                    f"network.pool_sizes on axis {names[a]}; use "
                                                     f"{max(d, round(p / d) * d)}")
     if net.convs_per_stage < 1:
         r.error("network.convs_per_stage", "must be >= 1")
@@ -153,8 +157,9 @@ def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
     if plan.inference.overlap >= 1.0:
         r.error("inference.overlap", "must be < 1")
     for i, a in enumerate(tr.augmentation.mirror_axes):
-        if a not in (0, 1, 2):
-            r.error(f"training.augmentation.mirror_axes.{i}", f"{a}: axes are 0, 1, 2")
+        if a not in range(dims):
+            r.error(f"training.augmentation.mirror_axes.{i}", f"{a}: the patch's axes are "
+                                                              f"{', '.join(map(str, range(dims)))}")
     for f in dataclasses.fields(tr.augmentation):
         v = getattr(tr.augmentation, f.name)
         if isinstance(v, list) and f.name != "mirror_axes" and (len(v) != 2 or v[0] > v[1]):
@@ -214,6 +219,37 @@ def _check_folds(plan: Plan, base_dir: Path, r: Reader) -> None:
                                           f"dataset has {n}: set folds to {n} or fewer")
 
 
+def _check_previous_stage(plan: Plan, base_dir: Path, r: Reader) -> None:
+    """A cascade's source: an existing 3d_lowres plan of the same dataset, channels, labels and
+    split (the cascade trains on its out-of-fold predictions)."""
+    path = base_dir / plan.previous_stage
+    if not path.is_file():
+        r.error("previous_stage", f"{path.resolve()} does not exist: a cascade needs the 3d_lowres plan it builds on "
+                                  "(`segplan plan DATASET -o DIR/NAME.yaml --configurations all` writes both)")
+        return
+    try:
+        prev = load_plan(path, check_paths=False)
+    except SchemaError as e:
+        r.error("previous_stage", f"{path}: not a valid plan: {e.problems[0]}")
+        return
+    if prev.configuration != "3d_lowres":
+        r.error("previous_stage", f"{path} is a '{prev.configuration}' plan; a cascade builds on a 3d_lowres plan")
+    if (path.parent / prev.dataset.path).resolve() != (base_dir / plan.dataset.path).resolve():
+        r.error("previous_stage", f"{path} plans dataset {(path.parent / prev.dataset.path).resolve()}, this plan "
+                                  f"{(base_dir / plan.dataset.path).resolve()}: a cascade needs one dataset")
+    for key, mine, theirs in (("dataset.labels", plan.dataset.labels, prev.dataset.labels),
+                              ("dataset.channels", plan.dataset.channels, prev.dataset.channels),
+                              ("cross_validation", to_plain(plan.cross_validation), to_plain(prev.cross_validation))):
+        if mine != theirs:
+            r.error("previous_stage", f"{path} has {key} {theirs}, this plan {mine}: a cascade needs the same "
+                                      f"(edit {key} of one of them)")
+    given = [(b / p.dataset.splits_file).resolve() if p.dataset.splits_file else None
+             for b, p in ((base_dir, plan), (path.parent, prev))]
+    if given[0] != given[1]:
+        r.error("previous_stage", f"{path} splits by {given[1] or 'its own seeded split'}, this plan by "
+                                  f"{given[0] or 'its own seeded split'}: a cascade needs the same split")
+
+
 def _non_finite(value, key: str = "") -> list[str]:
     """Dotted keys of the NaN and infinite numbers in a plan's plain values (nothing in a plan is either:
     a NaN passes every ``<`` check unnoticed, then turns training's losses into NaN)."""
@@ -224,9 +260,23 @@ def _non_finite(value, key: str = "") -> list[str]:
     return [key.rstrip(".")] if isinstance(value, float) and not math.isfinite(value) else []
 
 
+_AXES_NOTE = {2: " (a 2d plan: its two in-plane axes)", 3: " (z, y, x)"}
+
+
+def _check_dims(plan: Plan, r: Reader) -> int:
+    """The patch's axes: 2 for a 2d plan (which names the axis it slices along), else 3."""
+    if plan.configuration == "2d":
+        if plan.slice_axis not in (0, 1, 2):
+            r.error("slice_axis", f"{plan.slice_axis}: a 2d plan slices along axis 0 (z), 1 (y) or 2 (x)")
+        return 2
+    if plan.slice_axis is not None:
+        r.error("slice_axis", f"only a 2d plan slices; this one is '{plan.configuration}': set it to null")
+    return 3
+
+
 def _positive_list(r: Reader, key: str, values: list, n: int, kind: type) -> None:
     if len(values) != n:
-        r.error(key, f"expected {n} values (z, y, x), found {len(values)}")
+        r.error(key, f"expected {n} values{_AXES_NOTE[n]}, found {len(values)}")
     for i, v in enumerate(values):
         if v <= 0:
             r.error(f"{key}.{i}", f"{v} must be > 0")

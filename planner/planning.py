@@ -1,4 +1,5 @@
-"""`segplan plan` and `segplan check`: fingerprint (cached) -> plan YAML; validate a hand-edited plan."""
+"""`segplan plan` and `segplan check`: fingerprint (cached) -> plan YAML (one configuration, or every
+one that applies, from one fingerprint); validate a hand-edited plan."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,11 +9,12 @@ from pathlib import Path
 
 from planner.build import gpu_memory_budget, gpu_present, make_plan
 from planner.bundle_file import MAX_MEMBER_MB
+from planner.configurations import plan_family
 from planner.cpu_plan import make_cpu_plan
 from planner.finetune import plan_from_bundle
 from planner.fingerprint import fingerprint_for
 from planner.memory import estimate_for_plan
-from planner.plan import PRESETS, supervised_levels
+from planner.plan import CONFIGURATIONS, PRESETS, supervised_levels
 from planner.plan_file import load_plan, save_plan
 from planner.probing import fit_by_probe
 
@@ -25,43 +27,91 @@ def plan_dataset(dataset: Path, output: Path | None = None, gpu_memory: float | 
                  preset: str | None = None, workers: int = 2, force: bool = False, device: str | None = None,
                  time_budget: float | None = None, progress: bool = True, probe: bool = True,
                  from_bundle: Path | None = None, gpu_probe: bool = False,
-                 max_member_mb: float = MAX_MEMBER_MB) -> Path:
+                 max_member_mb: float = MAX_MEMBER_MB, configuration: str = "3d_fullres") -> Path:
     """Write the plan for ``dataset``; never overwrites an existing plan unless ``force``.
 
     With no device, preset or memory budget given and no GPU found, the plan is made for this CPU
     (and says so); ``probe=False`` skips the CPU speed probe (tests). ``gpu_probe`` fits a GPU plan's
     patch and batch by measured peaks on this machine's GPU (planner/probing.py); without a GPU the
     fitted memory model stands and the plan says so. ``max_member_mb`` bounds each file unpacked from
-    ``from_bundle`` (planner/bundle_file.py)."""
+    ``from_bundle`` (planner/bundle_file.py). ``configuration``: one of nnU-Net's configurations
+    (planner/configurations.py); a 3d_cascade_fullres plan is written only with its 3d_lowres plan
+    (``plan_configurations``)."""
     dataset = Path(dataset)
     output = Path(output) if output else default_plan_path(dataset)
-    if output.exists() and not force:
-        raise FileExistsError(f"{output} exists (hand edits would be lost); pass --force to overwrite it")
+    if configuration not in CONFIGURATIONS:
+        raise ValueError(f"unknown configuration '{configuration}'; known: {', '.join(CONFIGURATIONS)}")
+    if configuration == "3d_cascade_fullres":
+        raise ValueError("a 3d_cascade_fullres plan is written with the 3d_lowres plan it builds on: "
+                         f"segplan plan {dataset} -o {output} --configurations all")
+    _refuse_existing([output], force)
+    plan, reasons = _plan_maker(dataset, output.parent, gpu_memory, preset, workers, device, time_budget, progress,
+                                probe, gpu_probe)(configuration, output)
+    if from_bundle is not None:
+        plan = plan_from_bundle(plan, reasons, Path(from_bundle), output, max_member_mb)
+    save_plan(plan, output, reasons)
+    return output
+
+
+def plan_configurations(dataset: Path, output: Path | None = None, gpu_memory: float | None = None,
+                        preset: str | None = None, workers: int = 2, force: bool = False, device: str | None = None,
+                        time_budget: float | None = None, progress: bool = True, probe: bool = True,
+                        gpu_probe: bool = False) -> dict[str, Path]:
+    """`segplan plan --configurations all`: DIR/NAME_<configuration>.yaml for every configuration
+    that applies (planner.configurations.plan_family), side by side, from one fingerprint; the
+    cascade's previous_stage names the 3d_lowres plan beside it. Nothing is written unless every
+    plan could be made; an existing one is kept unless ``force``. Returns configuration -> path."""
+    dataset = Path(dataset)
+    output = Path(output) if output else default_plan_path(dataset)
+    paths = {c: output.with_name(f"{output.stem}_{c}.yaml") for c in CONFIGURATIONS}
+    _refuse_existing(list(paths.values()), force)
+    make = _plan_maker(dataset, output.parent, gpu_memory, preset, workers, device, time_budget, progress, probe,
+                       gpu_probe)
+    family = plan_family(lambda c: make(c, paths[c]))
+    if "3d_cascade_fullres" in family:
+        plan, reasons = family["3d_cascade_fullres"]
+        reasons["previous_stage"] = ("the 3d_lowres plan beside this one, planned with it from the same fingerprint; "
+                                     "checked when loaded (a 3d_lowres plan of this dataset, labels and split)")
+        family["3d_cascade_fullres"] = (plan.replace(previous_stage=paths["3d_lowres"].name), reasons)
+    for c, (plan, reasons) in family.items():
+        save_plan(plan, paths[c], reasons)
+    return {c: paths[c] for c in family}
+
+
+def _refuse_existing(paths: list[Path], force: bool) -> None:
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not force:
+        raise FileExistsError(f"{', '.join(existing)} exist{'s' if len(existing) == 1 else ''} (hand edits would be "
+                              "lost); pass --force to overwrite")
+
+
+def _plan_maker(dataset: Path, plans_dir: Path, gpu_memory: float | None, preset: str | None, workers: int,
+                device: str | None, time_budget: float | None, progress: bool, probe: bool, gpu_probe: bool):
+    """The dataset fingerprinted once (cached beside the plans), and ``make(configuration, path)`` ->
+    (plan, reasons) for the plan file ``path`` (its name and work folder follow from it)."""
     why = ""
     if device is None and preset is None and gpu_memory is None and not gpu_present():
         device, why = "cpu", " (no GPU found, so the plan is made for this CPU; --device gpu plans for a GPU)"
     preset = preset or ("cpu" if device == "cpu" else "default")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}'; known: {', '.join(PRESETS)}")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fp, _ = fingerprint_for(dataset, fingerprint_cache(dataset, output.parent), workers=workers, progress=progress)
-    if preset == "cpu":
-        plan, reasons = make_cpu_plan(fp, output.stem, _rel(dataset, output), _rel(output.parent / "work" / output.stem, output),
-                                      time_budget=time_budget, splits_file=_splits(dataset, output), probe=probe,
-                                      why=why)
-    else:
+    Path(plans_dir).mkdir(parents=True, exist_ok=True)
+    fp, _ = fingerprint_for(dataset, fingerprint_cache(dataset, plans_dir), workers=workers, progress=progress)
+
+    def make(configuration: str, output: Path):
+        dataset_rel, work_rel = _rel(dataset, output), _rel(output.parent / "work" / output.stem, output)
+        if preset == "cpu":
+            return make_cpu_plan(fp, output.stem, dataset_rel, work_rel, time_budget=time_budget,
+                                 splits_file=_splits(dataset, output), probe=probe, why=why,
+                                 configuration=configuration)
         gb, source = gpu_memory_budget(gpu_memory, preset)
 
         def replan(model_gb: float):
-            plan, reasons = make_plan(fp, output.stem, _rel(dataset, output),
-                                      _rel(output.parent / "work" / output.stem, output), model_gb, source, preset,
-                                      _splits(dataset, output))
+            plan, reasons = make_plan(fp, output.stem, dataset_rel, work_rel, model_gb, source, preset,
+                                      _splits(dataset, output), configuration=configuration)
             return plan.replace(memory=dataclasses.replace(plan.memory, gpu_memory_gb=gb)), reasons
-        plan, reasons = _gpu_plan(replan, gb, gpu_probe)
-    if from_bundle is not None:
-        plan = plan_from_bundle(plan, reasons, Path(from_bundle), output, max_member_mb)
-    save_plan(plan, output, reasons)
-    return output
+        return _gpu_plan(replan, gb, gpu_probe)
+    return make
 
 
 def _gpu_plan(replan, gb: float, gpu_probe: bool):
@@ -105,7 +155,10 @@ def check_plan_report(path: Path) -> str:
     kind = (f"residual encoder ({', '.join(map(str, net.blocks_per_stage))} blocks)"
             if net.architecture == "residual_encoder" else "plain")
     outputs = len(supervised_levels(net))
-    lines = [f"{path}: valid plan '{plan.name}' ({plan.preset}, {plan.device})",
+    config = plan.configuration + (f", slices along {'zyx'[plan.slice_axis]}" if plan.slice_axis is not None else "")
+    if plan.previous_stage:
+        config += f", previous_stage {plan.previous_stage} (a 3d_lowres plan of this dataset, labels and split)"
+    lines = [f"{path}: valid plan '{plan.name}' ({plan.preset}, {plan.device}, {config})",
              f"  patch {plan.training.patch_size} x batch {plan.training.batch_size}, "
              f"{len(net.filters)} stages {net.filters[0]}..{max(net.filters)} filters, {kind}"
              + (f", deep supervision ({outputs} outputs)" if outputs > 1 else ""),

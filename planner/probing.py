@@ -15,7 +15,7 @@ import sys
 from typing import Callable
 
 from planner.memory import estimate_for_plan
-from planner.plan import Plan
+from planner.plan import Plan, input_channels
 from planner.schema import to_plain
 
 PROBE_TIMEOUT_S = 300
@@ -58,7 +58,7 @@ def candidate(plan: Plan) -> dict:
 def measure_plan(plan: Plan) -> tuple[dict | None, str]:
     """The planned training step measured in a child process: {seconds, peak_gb, oom}, or (None, why)."""
     out, why = run_probe([candidate(plan)], to_plain(plan.network), to_plain(plan.training.loss),
-                         len(plan.dataset.channels), len(plan.dataset.labels),
+                         input_channels(plan), len(plan.dataset.labels),
                          mixed_precision=plan.training.mixed_precision)
     return (out[0], "") if out else (None, why)
 

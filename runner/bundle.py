@@ -36,7 +36,7 @@ from pathlib import Path
 from planner.bundle_file import (BUNDLE_VERSION, ENSEMBLE_BUNDLE_VERSION, MANIFEST, MAX_MEMBER_MB, BundleError,
                                  bundle_models, bundle_plan, choose_folds, open_bundle, sha256)
 from planner.fileio import atomic
-from planner.plan import input_channels
+from planner.plan import input_channels, patch_axes, spatial_dims
 from planner.plan_file import save_plan
 from runner import postprocess
 from runner.predict import build_models, find_input_cases, fold_weights
@@ -177,7 +177,7 @@ def _finish_onnx(path: Path, plan, fold: int) -> None:
         node.input[:] = ["softmax" if i == old else i for i in node.input]
     model.graph.output[0].name = "softmax"
     for value in (model.graph.input[0], model.graph.output[0]):
-        for dim, name in zip(value.type.tensor_type.shape.dim, ("batch", "z", "y", "x")):
+        for dim, name in zip(value.type.tensor_type.shape.dim, ("batch", *patch_axes(plan))):
             dim.dim_param = name
     meta = {"segplan.fold": str(fold), "segplan.plan": plan.name,
             "segplan.labels": json.dumps(plan.dataset.labels),
@@ -220,8 +220,8 @@ def export_network(plan_path: Path, out: Path, fmt: str, folds: list[int] | None
         try:
             if fmt == "onnx":
                 import keras
-                spec = keras.InputSpec(shape=(None, None, None, None, input_channels(plan)), dtype="float32",
-                                       name="image")
+                spec = keras.InputSpec(shape=(None,) * (1 + spatial_dims(plan.network)) + (input_channels(plan),),
+                                       dtype="float32", name="image")
                 with atomic(target) as tmp:
                     model.export(str(tmp), format="onnx", verbose=False, input_signature=[spec])
                     _finish_onnx(tmp, plan, k)

@@ -63,12 +63,19 @@ def cmd_import(a) -> int:
 
 def cmd_plan(a) -> int:
     from planner.bundle_file import MAX_MEMBER_MB
-    from planner.planning import plan_dataset
+    from planner.planning import plan_configurations, plan_dataset
     if a.max_member_mb is not None and a.from_bundle is None:
         return _fail("--max-member-mb limits what a bundle unpacks: it goes with --from")
-    path = plan_dataset(Path(a.dataset), Path(a.output) if a.output else None, gpu_memory=a.gpu_memory,
-                        preset=a.preset, workers=a.workers, force=a.force, device=a.device,
-                        time_budget=a.time_budget, progress=a.bars, from_bundle=a.from_bundle, gpu_probe=a.probe,
+    common = dict(gpu_memory=a.gpu_memory, preset=a.preset, workers=a.workers, force=a.force, device=a.device,
+                  time_budget=a.time_budget, progress=a.bars, gpu_probe=a.probe)
+    output = Path(a.output) if a.output else None
+    if a.configurations:
+        if a.from_bundle is not None:
+            return _fail("--from keeps one trained network: plan one --configuration with it, not --configurations all")
+        for c, path in plan_configurations(Path(a.dataset), output, **common).items():
+            print(f"{c}: plan written to {path}; edit it, then: segplan check {path}")
+        return 0
+    path = plan_dataset(Path(a.dataset), output, **common, from_bundle=a.from_bundle, configuration=a.configuration,
                         max_member_mb=MAX_MEMBER_MB if a.max_member_mb is None else a.max_member_mb)
     print(f"plan written to {path}; edit it, then: segplan check {path}")
     return 0
@@ -206,7 +213,7 @@ def cmd_demo(a) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from planner.bundle_file import MAX_MEMBER_MB
-    from planner.plan import PRESETS
+    from planner.plan import CONFIGURATIONS, PRESETS
     p = argparse.ArgumentParser(prog="segplan", description="Plan and run 3D medical image segmentation.")
     p.add_argument("--verbose", action="store_true",
                    help="keep TensorFlow's start-up messages (hidden by default: they are notices, not problems)")
@@ -242,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["gpu", "cpu"], default=None,
                    help="cpu: plan for throughput within a time budget (the default when no GPU is found)")
     s.add_argument("--time-budget", type=float, default=None, help="minutes of training (cpu plans)")
+    which = s.add_mutually_exclusive_group()
+    which.add_argument("--configuration", choices=CONFIGURATIONS, default="3d_fullres",
+                       help="nnU-Net's configuration to plan (default 3d_fullres; 3d_cascade_fullres only with "
+                            "--configurations all, beside its 3d_lowres plan)")
+    which.add_argument("--configurations", choices=["all"], default=None,
+                       help="all: every configuration that applies (2d, 3d_fullres, and where the full-resolution "
+                            "patch covers under a quarter of the median image 3d_lowres and 3d_cascade_fullres), "
+                            "as DIR/NAME_<configuration>.yaml from one fingerprint")
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--force", action="store_true", help="overwrite an existing plan")
     s.add_argument("--probe", action="store_true",

@@ -1,5 +1,9 @@
 """Training batches: random patches (with foreground oversampling) + batchgenerators augmentation.
 
+Patches have 3 spatial axes, or 2 for a 2d plan: its patches are windows one slice deep along the
+plan's slice axis (planner.plan.volume_patch), reshaped to (c, *patch), so that batchgenerators'
+transforms see (b, c, y, x) batches and apply their 2D forms.
+
 Every batch is a pure function of (seed, fold, epoch, index): the sampler draws from its own
 ``numpy.random.Generator``, and batchgenerators (which draws from numpy's and Python's global generators) runs
 inside ``seeded_global_numpy`` which seeds them and restores it afterwards. A resumed run therefore
@@ -19,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from planner.plan import AugmentationSection, Plan, SupervisedLevel, supervised_levels
+from planner.plan import AugmentationSection, Plan, SupervisedLevel, supervised_levels, volume_patch
 from runner.regions import region_table
 from runner.cascade import load_previous, move_previous_to_data
 from runner.targets import targets
@@ -107,12 +111,15 @@ class PatchSampler:
     """Draws patches from preprocessed cases; foreground patches are centred on a stored class voxel.
     ``previous`` (a cascade): the folder of the previous stage's class maps on the same grid
     (runner/cascade.py); each patch's crop of it rides along as a second seg channel. ``outside``: the
-    label of patch voxels past the image's border (``outside_class``)."""
+    label of patch voxels past the image's border (``outside_class``). With a ``slice_axis`` (a 2d
+    plan) each patch is a slice of the volume: a window one voxel deep along that axis, returned as a
+    (c, *patch) 2D patch."""
 
     def __init__(self, folder: Path, case_ids: list[str], patch: list[int], fg_fraction: float,
-                 previous: Path | None = None, outside: int = 0):
+                 previous: Path | None = None, outside: int = 0, slice_axis: int | None = None):
         self.folder, self.case_ids, self.patch, self.fg = Path(folder), list(case_ids), list(patch), fg_fraction
         self.outside = outside
+        self.window = volume_patch(self.patch, slice_axis)
         self.cases = {cid: load_case(self.folder, cid) for cid in self.case_ids}
         self.locs = {cid: load_locations(self.folder, cid) for cid in self.case_ids}
         self.previous = ({cid: load_previous(Path(previous), cid, self.cases[cid][0].shape[1:]) for cid in self.case_ids}
@@ -133,13 +140,14 @@ class PatchSampler:
         elif annotated is not None and len(annotated):
             centre = annotated[int(rng.integers(len(annotated)))]
         if centre is not None:
-            start = [int(c) - p // 2 + int(rng.integers(-(p // 4), p // 4 + 1)) for c, p in zip(centre, self.patch)]
+            start = [int(c) - p // 2 + int(rng.integers(-(p // 4), p // 4 + 1)) for c, p in zip(centre, self.window)]
         else:
-            start = [int(rng.integers(min(0, n - p), max(0, n - p) + 1)) for n, p in zip(shape, self.patch)]
-        x, y = crop_patch(data, seg, start, self.patch, self.outside)
+            start = [int(rng.integers(min(0, n - p), max(0, n - p) + 1)) for n, p in zip(shape, self.window)]
+        x, y = crop_patch(data, seg, start, self.window, self.outside)
+        x, y = x.reshape((x.shape[0], *self.patch)), y.reshape(self.patch)
         if cid in self.previous:
-            p, _ = crop_patch(self.previous[cid][None], None, start, self.patch)
-            return x, np.stack([y, p[0].astype(y.dtype)])
+            p, _ = crop_patch(self.previous[cid][None], None, start, self.window)
+            return x, np.stack([y, p.reshape(self.patch).astype(y.dtype)])
         return x, y[None]
 
     def batch(self, rng: np.random.Generator, size: int) -> dict:
@@ -161,8 +169,8 @@ def target_options(plan: Plan) -> dict:
 
 
 def to_keras(batch: dict, n_classes: int, levels: list[SupervisedLevel] | None = None, **options):
-    """(b, c, z, y, x) data and (b, 1, z, y, x) seg -> channels-last image and one-hot target(s)
-    (``options``: ``target_options``)."""
+    """(b, c, z, y, x) data and (b, 1, z, y, x) seg (2d: (b, c, y, x), (b, 1, y, x)) -> channels-last
+    image and one-hot target(s) (``options``: ``target_options``)."""
     x = np.moveaxis(batch["data"], 1, -1).astype(np.float32)
     seg = np.rint(batch["seg"][:, 0]).astype(np.int64)
     return x, targets(seg, n_classes, levels, **options)
@@ -197,7 +205,7 @@ def validation_batches(folder: Path, case_ids: list[str], plan: Plan, fold: int,
     if not case_ids:
         return []
     sampler = PatchSampler(folder, case_ids, plan.training.patch_size, VALIDATION_FOREGROUND_SHARE, previous,
-                           outside_class(plan))
+                           outside_class(plan), plan.slice_axis)
     rng = np.random.default_rng([plan.training.seed, fold, VALIDATION_STREAM])
     n, b, k = plan.training.schedule.validation_patches, plan.training.batch_size, len(plan.dataset.labels)
     levels = supervised_levels(plan.network)

@@ -1,5 +1,10 @@
 """Sliding-window inference in numpy; the predictor is any function, so tiling knows nothing of Keras.
 
+Tiling works on any number of spatial axes. A 2d plan tiles its 3D volume with windows one slice
+deep (planner.plan.volume_patch) and ``on_windows`` hands its 2D network each window as a slice:
+the slices are predicted in batches of ``inference.batch_size`` and land on the 3D grid as 3D
+windows would.
+
 Memory is O(volume x classes): one float32 accumulator for the weighted sum and one for the
 weights; windows are cut, predicted and added in batches, never all held at once.
 """
@@ -14,9 +19,12 @@ from planner.heuristics import window_starts
 
 
 def gaussian_weights(patch: list[int], sigma_scale: float = 1.0 / 8) -> np.ndarray:
-    """Importance map: a Gaussian centred on the patch (sigma = patch / 8), never zero."""
+    """Importance map: a Gaussian centred on the patch (sigma = patch / 8, per axis, any number of
+    axes; 1 along an axis one voxel long), never zero."""
     grids = [np.exp(-0.5 * ((np.arange(p) - (p - 1) / 2) / max(p * sigma_scale, 1e-6)) ** 2) for p in patch]
-    w = grids[0][:, None, None] * grids[1][None, :, None] * grids[2][None, None, :]
+    w = np.ones((), np.float64)
+    for g in grids:
+        w = np.multiply.outer(w, g)
     w = w / w.max()
     return np.maximum(w, 1e-3).astype(np.float32)
 
@@ -24,7 +32,8 @@ def gaussian_weights(patch: list[int], sigma_scale: float = 1.0 / 8) -> np.ndarr
 def sliding_window(volume: np.ndarray, patch: list[int], predict: Callable[[np.ndarray], np.ndarray],
                    n_out: int, overlap: float = 0.5, weighting: str = "constant", batch_size: int = 1,
                    progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """Predict a (c, z, y, x) volume window by window.
+    """Predict a (c, z, y, x) volume window by window (any number of spatial axes, one per entry
+    of ``patch``).
 
     ``predict`` maps a (b, c, *patch) batch to (b, n_out, *patch). Volumes smaller than the patch are
     padded (edge values) and cropped back. Overlapping outputs are averaged with constant or Gaussian
@@ -55,6 +64,17 @@ def sliding_window(volume: np.ndarray, patch: list[int], predict: Callable[[np.n
         sl = tuple(slice(d // 2, d // 2 + s) for d, s in zip(pad, shape))
         acc = np.ascontiguousarray(acc[(slice(None), *sl)])
     return acc
+
+
+def on_windows(predict: Callable[[np.ndarray], np.ndarray], patch: list[int], window: list[int]
+               ) -> Callable[[np.ndarray], np.ndarray]:
+    """A predictor of (b, c, *window) batches from a network's of (b, c, *patch): each window
+    reshaped to the patch and the output back. The same voxels either way: a 2d plan's window is
+    its patch with a one-voxel slice axis (planner.plan.volume_patch); a 3d plan's is the patch."""
+    def predict_windows(batch: np.ndarray) -> np.ndarray:
+        out = np.asarray(predict(batch.reshape(batch.shape[:2] + tuple(patch))))
+        return out.reshape(out.shape[:2] + tuple(window))
+    return predict_windows
 
 
 def mirrored(predict: Callable[[np.ndarray], np.ndarray], axes: list[int]) -> Callable[[np.ndarray], np.ndarray]:

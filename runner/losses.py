@@ -1,5 +1,5 @@
 """Multi-class Tversky + categorical cross-entropy (per supervised level with deep supervision), and
-a soft Dice metric (channels-last, one-hot targets).
+a soft Dice metric (channels-last, one-hot targets; 2 or 3 spatial axes).
 
 A region plan (dataset.regions) trains its sigmoid outputs with Tversky per region + binary
 cross-entropy (``make_region_loss``; nnU-Net's DC_and_BCE_loss with Tversky for its soft Dice).
@@ -14,17 +14,21 @@ from keras import ops
 
 from planner.plan import LossSection, SupervisedLevel
 
-_SPATIAL = (1, 2, 3)
+
+def spatial_axes(y) -> tuple[int, ...]:
+    """The spatial axes of a channels-last (batch, ..., classes) tensor: 2 or 3 of them, whichever the plan's."""
+    return tuple(range(1, len(y.shape) - 1))
 
 
 def tversky_index(y_true, y_pred, alpha: float, beta: float, smooth: float, mask=None):
     """Per sample and class: TP / (TP + alpha FN + beta FP), summed over voxels (shape (batch, classes));
-    ``mask`` (b, z, y, x, 1): only its voxels are summed."""
+    ``mask`` (b, *spatial, 1): only its voxels are summed."""
     if mask is not None:
         y_true, y_pred = y_true * mask, y_pred * mask
-    tp = ops.sum(y_true * y_pred, axis=_SPATIAL)
-    fn = ops.sum(y_true * (1.0 - y_pred), axis=_SPATIAL)
-    fp = ops.sum((1.0 - y_true) * y_pred, axis=_SPATIAL)
+    axes = spatial_axes(y_true)
+    tp = ops.sum(y_true * y_pred, axis=axes)
+    fn = ops.sum(y_true * (1.0 - y_pred), axis=axes)
+    fp = ops.sum((1.0 - y_true) * y_pred, axis=axes)
     return (tp + smooth) / (tp + alpha * fn + beta * fp + smooth)
 
 
@@ -36,8 +40,9 @@ def tversky_loss(y_true, y_pred, alpha: float = 0.5, beta: float = 0.5, smooth: 
 
 def soft_dice_loss(y_true, y_pred, smooth: float = 1e-6):
     """n_classes - sum_c 2 TP / (2 TP + FN + FP): what Tversky with alpha = beta = 0.5 must equal."""
-    inter = ops.sum(y_true * y_pred, axis=_SPATIAL)
-    denom = ops.sum(y_true, axis=_SPATIAL) + ops.sum(y_pred, axis=_SPATIAL)
+    axes = spatial_axes(y_true)
+    inter = ops.sum(y_true * y_pred, axis=axes)
+    denom = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
     dice = (2.0 * inter + 2.0 * smooth) / (denom + 2.0 * smooth)
     return ops.mean(ops.cast(ops.shape(dice)[-1], dice.dtype) - ops.sum(dice, axis=-1))
 
@@ -101,8 +106,9 @@ def soft_dice_metric(regions: bool, ignore: bool):
         y_true, y_pred = y_true[..., first:], ops.cast(y_pred, "float32")[..., first:]
         if mask is not None:
             y_true, y_pred = y_true * mask, y_pred * mask
-        inter = ops.sum(y_true * y_pred, axis=(0, 1, 2, 3))
-        denom = ops.sum(y_true, axis=(0, 1, 2, 3)) + ops.sum(y_pred, axis=(0, 1, 2, 3))
+        axes = tuple(range(len(y_true.shape) - 1))  # batch and every spatial axis (2 or 3)
+        inter = ops.sum(y_true * y_pred, axis=axes)
+        denom = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
         return ops.mean((2 * inter + 1e-6) / (denom + 1e-6))
     return fg_soft_dice
 

@@ -16,9 +16,9 @@ from tqdm import tqdm
 from planner.dataset import Case, DatasetError, Geometry, write_volume
 from planner.dicom import SeriesCase, dicom_cases, read_case_image, refused
 from planner.fileio import ENDINGS, image_files, save_npz
-from planner.plan import Plan, output_channels
+from planner.plan import Plan, output_channels, volume_patch
 from runner import postprocess
-from runner.infer import keras_predictor, mirrored, sliding_window
+from runner.infer import keras_predictor, mirrored, on_windows, sliding_window
 from runner.preprocess import classes_to_labels, invert_probabilities, preprocess_image
 from runner.regions import regions_to_labels
 from runner.workspace import Fold, Workspace, weight_fields
@@ -144,8 +144,10 @@ def predict_case(case: Case, plan: Plan, predict, progress: bool = False, probab
         bar.total = total
         bar.n = done
         bar.refresh()
-    probs = sliding_window(data, plan.training.patch_size, predict, output_channels(plan.dataset),
-                           plan.inference.overlap, plan.inference.weighting, plan.inference.batch_size, progress=tick)
+    window = volume_patch(plan.training.patch_size, plan.slice_axis)  # a 2d plan: one slice deep
+    probs = sliding_window(data, window, on_windows(predict, plan.training.patch_size, window),
+                           output_channels(plan.dataset), plan.inference.overlap, plan.inference.weighting,
+                           plan.inference.batch_size, progress=tick)
     bar.close()
     t["network_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from planner.fileio import write_json
-from planner.plan import Plan, input_channels, supervised_levels
+from planner.plan import Plan, supervised_levels
 from runner import backend
 from runner.batches import batch_stream
 from runner.cascade import previous_stage_maps
@@ -59,8 +59,9 @@ def fg_soft_dice(y_true, y_pred):
     """Mean soft Dice of the foreground classes (a training metric)."""
     from keras import ops
     y_true, y_pred = ops.cast(y_true, "float32")[..., 1:], ops.cast(y_pred, "float32")[..., 1:]
-    inter = ops.sum(y_true * y_pred, axis=(0, 1, 2, 3))
-    denom = ops.sum(y_true, axis=(0, 1, 2, 3)) + ops.sum(y_pred, axis=(0, 1, 2, 3))
+    axes = tuple(range(len(y_true.shape) - 1))  # batch and every spatial axis (2 or 3)
+    inter = ops.sum(y_true * y_pred, axis=axes)
+    denom = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
     return ops.mean((2 * inter + 1e-6) / (denom + 1e-6))
 
 

@@ -65,11 +65,11 @@ def _flat(d, prefix: str = "") -> dict[str, object]:
 
 
 def weight_fields(plan: Plan) -> dict[str, object]:
-    """Dotted keys of everything a fold's weights depend on: network, preprocessing, labels, channels,
-    and a region plan's regions (its outputs; no regions add no key), and the configuration (a
-    cascade's network has more input channels)."""
-    return _flat(to_plain({"configuration": plan.configuration, "network": plan.network, "intensity": plan.intensity,
-                           "resampling": plan.resampling,
+    """Dotted keys of everything a fold's weights depend on: the configuration (a 2d plan's slice axis,
+    a cascade's extra inputs), network, preprocessing, labels, channels, and a region plan's regions
+    (its outputs; no regions add no key)."""
+    return _flat(to_plain({"configuration": plan.configuration, "slice_axis": plan.slice_axis,
+                           "network": plan.network, "intensity": plan.intensity, "resampling": plan.resampling,
                            "dataset": {"labels": plan.dataset.labels, "channels": plan.dataset.channels,
                                        "regions": plan.dataset.regions}}))
 

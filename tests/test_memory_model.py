@@ -46,11 +46,12 @@ def test_cpu_constants_are_the_fit_of_the_cpu_measurements():
 
 def test_every_cpu_grid_point_within_five_percent():
     """Every measured point (32^3 .. 80x160x160, batch 1..9, 8..32 first filters, float32 and
-    bfloat16; the plain U-Net and the residual encoder, with and without deep supervision) within
-    5% of the planner's estimate."""
+    bfloat16; the plain U-Net and the residual encoder, with and without deep supervision; and 2D
+    networks of 2d plans, 160x192 .. 512x512, batch 4..24) within 5% of the planner's estimate."""
     from planner.memory import estimate_training_gb
     rows = _cpu_rows()
     assert len(rows) >= 10 and {r["mixed"] for r in rows} == {False, True}
+    assert {len(r["patch"]) for r in rows} == {2, 3}
     kinds = {(r["network"].architecture, r["network"].deep_supervision) for r in rows}
     assert kinds == {("plain", False), ("plain", True), ("residual_encoder", False), ("residual_encoder", True)}
     for r in rows:

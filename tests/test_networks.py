@@ -181,13 +181,13 @@ def _losses(fold_dir: Path) -> list[float]:
         return [float(r["train_loss"]) for r in csv.DictReader(f)]
 
 
-def _train_resume_predict(phantoms, tmp_path, network: dict) -> Path:
+def _train_resume_predict(phantoms, tmp_path, network: dict | None, **plan) -> Path:
     """4 epochs straight and 2 + 2 resumed give the same losses; the fold predicts its validation
-    cases; returns the resumed plan's path."""
+    cases; returns the resumed plan's path. ``plan``: more tiny_plan arguments (a configuration)."""
     from runner.pipeline import predict_validation
     from runner.train import train_fold
     from runner.workspace import Workspace
-    kw = {"epochs": 4, "iterations": 2, "network": network}
+    kw = {"epochs": 4, "iterations": 2, "network": network, **plan}
     a = tiny_plan(phantoms, tmp_path / "a" / "p.yaml", **kw)
     fa = train_fold(Workspace(a), 0, progress=False, workers=1).dir
     b = tiny_plan(phantoms, tmp_path / "b" / "p.yaml", **kw)
