@@ -31,7 +31,8 @@ def _make_source(folder: str, case_ids: list[str], plan: Plan, previous: str | N
     tr = plan.training
     outside = outside_class(plan)
     return {"sampler": PatchSampler(Path(folder), case_ids, tr.patch_size, tr.sampling.foreground_oversampling,
-                                    Path(previous) if previous is not None else None, outside, plan.slice_axis),
+                                    previous=Path(previous) if previous is not None else None, outside=outside,
+                                    slice_axis=plan.slice_axis),
             "augment": build_augmentation(tr.augmentation, tr.patch_size, outside), "plan": plan}
 
 

@@ -115,7 +115,7 @@ class PatchSampler:
     plan) each patch is a slice of the volume: a window one voxel deep along that axis, returned as a
     (c, *patch) 2D patch."""
 
-    def __init__(self, folder: Path, case_ids: list[str], patch: list[int], fg_fraction: float,
+    def __init__(self, folder: Path, case_ids: list[str], patch: list[int], fg_fraction: float, *,
                  previous: Path | None = None, outside: int = 0, slice_axis: int | None = None):
         self.folder, self.case_ids, self.patch, self.fg = Path(folder), list(case_ids), list(patch), fg_fraction
         self.outside = outside
@@ -204,8 +204,8 @@ def validation_batches(folder: Path, case_ids: list[str], plan: Plan, fold: int,
     cascade's previous-stage channels as they are (not augmented)."""
     if not case_ids:
         return []
-    sampler = PatchSampler(folder, case_ids, plan.training.patch_size, VALIDATION_FOREGROUND_SHARE, previous,
-                           outside_class(plan), plan.slice_axis)
+    sampler = PatchSampler(folder, case_ids, plan.training.patch_size, VALIDATION_FOREGROUND_SHARE,
+                           previous=previous, outside=outside_class(plan), slice_axis=plan.slice_axis)
     rng = np.random.default_rng([plan.training.seed, fold, VALIDATION_STREAM])
     n, b, k = plan.training.schedule.validation_patches, plan.training.batch_size, len(plan.dataset.labels)
     levels = supervised_levels(plan.network)

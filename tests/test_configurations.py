@@ -89,9 +89,10 @@ def test_2d_patches_are_slices_and_augmented_as_2d_batches(plan_2d):
     ws = Workspace(plan_2d, plan)
     pre = preprocess_dataset(ws, workers=1, progress=False)
     ids = [c.case_id for c in ws.dataset.cases]
-    sampler = PatchSampler(pre, ids, plan.training.patch_size, 0.0, plan.slice_axis)
+    sampler = PatchSampler(pre, ids, plan.training.patch_size, 0.0, slice_axis=plan.slice_axis)
     x, y = sampler.sample(np.random.default_rng(0))
-    assert x.shape == (1, 32, 32) and y.shape == (32, 32)
+    assert x.shape == (1, 32, 32) and y.shape == (1, 32, 32)  # labels with their channel axis
+    y = y[0]
     found = False
     for cid in ids:  # the patch is a crop of one slice of one case, image and labels alike
         data, seg, _ = sampler.cases[cid]
