@@ -147,10 +147,12 @@ def _sitk_reads_outside(x: np.ndarray, n: int, order: int) -> np.ndarray:
     gives 11.07, 11.10 or 11.11 in three volumes, where the mirror spline gives 11.19; over 1500
     random volumes, values up to 2e38). Its coefficients on such an axis can be garbage too: a
     (2, 2, 5) volume once came back as -1e23 at every voxel (hypothesis seed 2300, spacings
-    0.52/1.44/2.00 -> 1.39/1.90/1.50 mm), so a cubic 2-voxel axis is left out of the comparison
-    altogether. The operator is checked there against scipy's mirror spline instead
+    0.52/1.44/2.00 -> 1.39/1.90/1.50 mm), and a (4, 3, 3) volume came back with -3.4e38 (-FLT_MAX) at
+    voxels along its 3-voxel axes (seed 709, 0.77/1.67/1.71 -> 1.90/1.37/1.70 mm): a cubic axis of
+    fewer than 4 voxels (the spline's support) is left out of the comparison altogether. The operator
+    is checked there against scipy's mirror spline instead
     (test_cubic_operator_is_the_mirror_spline_on_axes_of_any_length)."""
-    return np.full(np.shape(x), (order == 3) and (n == 2))
+    return np.full(np.shape(x), (order == 3) and (n < 4))
 
 
 _AXIS = st.one_of(st.integers(1, 3), st.integers(4, 24))   # axes of 1, 2 and 3 voxels, often
@@ -188,7 +190,7 @@ def test_axis_by_axis_equals_simpleitk_3d_on_random_grids(seed, shape, old, new,
             drop |= np.isclose(x - np.floor(x), 0.5, atol=1e-9)
         keep[(slice(None),) * a + (drop,)] = False
         inside[(slice(None),) * a + ((x < -0.5) | (x > shape[a] - 0.5),)] = False
-    tol = 1e-4 * max(1.0, np.abs(ref).max())
+    tol = 1e-4 * max([1.0, *np.abs(ref[keep]).ravel()])  # the scale of the compared voxels, not of garbage
     assert np.allclose(ours[keep & inside], ref[keep & inside], atol=tol)
     assert np.allclose(ours[keep], per_axis[keep], atol=tol)
 
