@@ -13,18 +13,18 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from planner.dataset import Case, DatasetError, Geometry, write_volume
-from planner.dicom import SeriesCase, dicom_cases, read_case_image, refused
-from planner.fileio import ENDINGS, image_files, save_npz
+from planner.dataset import Case, DatasetError, Geometry
+from planner.dicom import dicom_cases, read_case_image
+from planner.fileio import ENDINGS, image_files
 from planner.plan import Plan, output_channels, volume_patch
 from runner import postprocess
 from runner.infer import keras_predictor, mirrored, on_windows, sliding_window
+from runner.outputs import admit, refuse_unreadable, report_refused, write_prediction
 from runner.preprocess import classes_to_labels, invert_probabilities, preprocess_image
 from runner.regions import regions_to_labels
 from runner.workspace import Fold, Workspace, weight_fields
 
 CHANNEL = re.compile(r"^(.*)_(\d{4})$")
-OUTPUT_FORMATS = ("nifti", "dicom-seg")
 
 
 def find_input_cases(folder: Path, n_channels: int) -> list[Case]:
@@ -194,62 +194,11 @@ def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tt
             labels, geom, probs, t = predict_case(case, plan, predict, progress, probabilities=save_probabilities,
                                                   training_case=training_cases, previous=previous)
         except DatasetError as e:
-            # a series whose headers passed but which the reader cannot read (ITK 5.4 refuses a
-            # Spacing Between Slices of 0): refused by name like the others, the rest still predicted
-            if not isinstance(case, SeriesCase):
-                raise
-            print(f"segplan: refused {e}", file=sys.stderr, flush=True)
-            skipped.append(case)
+            refuse_unreadable(case, e, skipped)
             continue
         timings.append(write_prediction(case, labels, geom, probs, out_dir, post, t, progress, plan, output_format))
-    if skipped:
-        raise DatasetError(f"{len(skipped)} DICOM series refused, as said above "
-                           f"({', '.join(c.case_id for c in skipped)}); {len(timings)} predicted into {out_dir}")
+    report_refused(skipped, len(timings), out_dir)
     return timings
-
-
-def admit(cases: list[Case], output_format: str) -> tuple[list[Case], list[Case]]:
-    """The cases to predict and the DICOM series refused (each named on stderr); an unknown output
-    format, or a DICOM SEG asked for input that is not DICOM, refused before any work."""
-    if output_format not in OUTPUT_FORMATS:
-        raise ValueError(f"output format {output_format!r}: one of {', '.join(OUTPUT_FORMATS)}")
-    if output_format == "dicom-seg":
-        from runner.dicom_seg import check_seg_output
-        check_seg_output(cases)
-    skipped = refused(cases)
-    for case in skipped:
-        print(f"segplan: refused {case.series.describe()}: {case.series.problem}", file=sys.stderr, flush=True)
-    return [c for c in cases if c not in skipped], skipped
-
-
-def write_labels(labels: np.ndarray, geom: Geometry, case: Case, plan: Plan, out_dir: Path,
-                 output_format: str = "nifti") -> Path:
-    """A case's label map as ``<case>.nii.gz``, or as ``<case>.dcm``, a DICOM SEG of the series it was read from."""
-    if output_format == "dicom-seg":
-        from runner.dicom_seg import write_seg
-        path = out_dir / f"{case.case_id}.dcm"
-        write_seg(labels, case.series, plan.dataset.labels, path, plan.name)
-    else:
-        path = out_dir / f"{case.case_id}.nii.gz"
-        write_volume(labels, geom, path)
-    return path
-
-
-def write_prediction(case: Case, labels: np.ndarray, geom: Geometry, probs: np.ndarray | None, out_dir: Path,
-                     post, t: dict, progress: bool, plan: Plan, output_format: str = "nifti") -> dict:
-    """Write a case's label map (after ``post``, if given; as ``output_format`` says) and, if given,
-    its probabilities (float16 .npz, after the label map: its presence marks a complete case);
-    returns the case's timings."""
-    t0 = time.perf_counter()
-    if post is not None:
-        labels = postprocess.apply(labels, post)
-    written = write_labels(labels, geom, case, plan, out_dir, output_format)
-    if probs is not None:
-        save_npz(out_dir / f"{case.case_id}.npz", compressed=True, probabilities=probs.astype(np.float16))
-    t["write_s"] = time.perf_counter() - t0
-    if not progress:  # no bar (a log file): one line per case
-        print(f"predicted {case.case_id} in {sum(t.values()):.1f} s -> {written}", flush=True)
-    return {"case": case.case_id, **t}
 
 
 def predict_folder(plan_path: Path, input_dir: Path, output_dir: Path, folds: list[int] | None = None,
@@ -342,11 +291,8 @@ def predict_ensemble(cases: list[Case], stages: list[Stage], out_dir: Path, save
                 for key, v in ts.items():
                     t[key] = t.get(key, 0.0) + v
                 total = probs if total is None else total + probs
-        except DatasetError as e:  # as in predict_cases: an unreadable series refused, the rest predicted
-            if not isinstance(case, SeriesCase):
-                raise
-            print(f"segplan: refused {e}", file=sys.stderr, flush=True)
-            skipped.append(case)
+        except DatasetError as e:
+            refuse_unreadable(case, e, skipped)
             continue
         if len(stages) > 1:
             t0 = time.perf_counter()
@@ -355,7 +301,5 @@ def predict_ensemble(cases: list[Case], stages: list[Stage], out_dir: Path, save
             t["average_s"] = time.perf_counter() - t0
         timings.append(write_prediction(case, labels, geom, total if save_probabilities else None, out_dir,
                                         post, t, progress, first, output_format))
-    if skipped:
-        raise DatasetError(f"{len(skipped)} DICOM series refused, as said above "
-                           f"({', '.join(c.case_id for c in skipped)}); {len(timings)} predicted into {out_dir}")
+    report_refused(skipped, len(timings), out_dir)
     return timings
