@@ -184,9 +184,7 @@ def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tt
     refused are named on stderr, the others predicted, then a DatasetError names their ids.
     ``previous``: a cascade's previous stage (see ``predict_case``)."""
     cases, skipped = admit(cases, output_format)
-    predict = keras_predictor(models)
-    if tta and plan.inference.mirroring:
-        predict = mirrored(predict, plan.training.augmentation.mirror_axes)
+    predict = make_stage(plan, models, tta).predict
     out_dir.mkdir(parents=True, exist_ok=True)
     timings = []
     for case in tqdm(cases, desc="predict", disable=not progress, unit="case"):

@@ -36,7 +36,6 @@ from runner import postprocess
 from runner.evaluate import case_metrics
 from runner.oof import load_probabilities, require_finished, require_same_split
 from runner.postprocess import Postprocessing
-from runner.preprocess import classes_to_labels
 from runner.workspace import Workspace
 
 SELECTION_VERSION = 1
@@ -111,11 +110,13 @@ def _check_comparable(workspaces: list[Workspace]) -> None:
 
 
 def _prediction(probs: list[np.ndarray], members: tuple[int, ...], plan) -> np.ndarray:
-    """The label map of a candidate: the argmax of its members' probabilities averaged in float32."""
+    """The label map of a candidate: its members' probabilities averaged in float32, then the arg-max
+    (a region plan: thresholded per region), as prediction does (runner.predict.labels_of)."""
+    from runner.predict import labels_of
     p = probs[members[0]].astype(np.float32)
     for i in members[1:]:
         p += probs[i]
-    return classes_to_labels(np.argmax(p / len(members), axis=0), plan)
+    return labels_of(p / len(members), plan)
 
 
 def _out_of_fold(workspaces: list[Workspace], progress: bool, folds: list[int] | None = None):
