@@ -38,9 +38,9 @@ FALLBACK_PATIENCE = 20     # ... and early stopping after this many epochs witho
 # Deep supervision on a CPU, decided by benchmarks/deep_supervision.py (Hippocampus fold 0, on vs off
 # at the same time budget). The text is the plan's comment on the choice: change the two together
 DEEP_SUPERVISION = False
-DEEP_SUPERVISION_WHY = ("off until measured to pay: on Hippocampus fold 0 at 5 minutes it was a wash (0.867 / 0.850 "
-                        "on, 0.862 / 0.853 off, 4% slower steps; benchmarks/deep_supervision.py), longer budgets "
-                        "not yet compared; set true to try")
+DEEP_SUPERVISION_WHY = ("off: on Hippocampus fold 0 it was a wash at 5 minutes (0.867 / 0.850 on, 0.862 / 0.853 "
+                        "off, 4% slower steps) and at 15 minutes (0.890 / 0.874 on, 0.886 / 0.871 off, within "
+                        "run-to-run noise; benchmarks/deep_supervision.py), so the cheaper network; set true to try")
 
 
 # 2D against 3D on a CPU, measured by benchmarks/configurations.py (Hippocampus fold 0, both at one
