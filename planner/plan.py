@@ -77,7 +77,9 @@ class NetworkSection:
                                         "others); a 2d plan: its two in-plane axes")
     convs_per_stage: int = doc("convolutions per stage (residual_encoder: per decoder stage; the encoder's are in "
                                "blocks_per_stage)")
-    normalization: Literal["batch", "none"] = doc("after each convolution")
+    normalization: Literal["batch", "instance", "none"] = doc(
+        "after each convolution: batch (the paper), instance (nnU-Net: each image's own statistics, the same in "
+        "training and inference, whatever the batch size) or none")
     batchnorm_momentum: float = doc("Keras BatchNormalization momentum")
     activation: Literal["relu", "leaky_relu"] = doc("after each convolution")
     upsampling: Literal["transpose", "upsample"] = doc("transposed convolution (paper) or nearest upsampling + conv")

@@ -30,9 +30,19 @@ def _ops(net: NetworkSection) -> dict:
     return dict(zip(("conv", "transpose", "max_pool", "average_pool", "upsample"), _LAYERS[spatial_dims(net)]))
 
 
-def _norm_act(x, net: NetworkSection, name: str, activate: bool = True):
+def _norm(x, net: NetworkSection, name: str, index: str = ""):
+    """The plan's normalization after a convolution: batch (the paper; moving statistics at
+    inference), instance (nnU-Net's: each image's own statistics per channel, the same in training
+    and inference, independent of the batch size) or none. The layer: ``name``_bn``index`` (_in for instance)."""
     if net.normalization == "batch":
-        x = layers.BatchNormalization(momentum=net.batchnorm_momentum, name=f"{name}_bn")(x)
+        return layers.BatchNormalization(momentum=net.batchnorm_momentum, name=f"{name}_bn{index}")(x)
+    if net.normalization == "instance":  # GroupNormalization with a group per channel = instance norm
+        return layers.GroupNormalization(groups=-1, epsilon=1e-5, name=f"{name}_in{index}")(x)
+    return x
+
+
+def _norm_act(x, net: NetworkSection, name: str, activate: bool = True):
+    x = _norm(x, net, name)
     if not activate:
         return x
     return (layers.ReLU(name=f"{name}_relu") if net.activation == "relu"
@@ -44,8 +54,7 @@ def _conv_block(x, filters: int, kernel, net: NetworkSection, name: str, convs: 
     for i in range(net.convs_per_stage if convs is None else convs):
         x = _ops(net)["conv"](filters, tuple(kernel), padding="same", use_bias=net.normalization == "none",
                               name=f"{name}_conv{i}")(x)
-        if net.normalization == "batch":
-            x = layers.BatchNormalization(momentum=net.batchnorm_momentum, name=f"{name}_bn{i}")(x)
+        x = _norm(x, net, name, str(i))
         x = (layers.ReLU(name=f"{name}_relu{i}") if net.activation == "relu"
              else layers.LeakyReLU(0.01, name=f"{name}_lrelu{i}"))(x)
     return x

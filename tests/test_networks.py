@@ -111,6 +111,32 @@ def test_residual_encoder_is_nnunets_resenc():
     assert model.count_params() == pytest.approx(count_parameters(net, 2, 3), rel=0.01)
 
 
+@needs_keras
+@pytest.mark.parametrize("architecture", ["plain", "residual_encoder"])
+def test_instance_normalization_normalizes_each_image_on_its_own(architecture):
+    """normalization: instance puts a per-channel instance norm (GroupNormalization, a group per
+    channel) after every convolution: the prediction ignores the image's intensity scale (the
+    convolutions before a norm have no bias) and one image's prediction does not depend on the
+    others in its batch, which inference-mode batch norm with its moving statistics does not give."""
+    from runner.model import build_unet
+    blocks = {"blocks_per_stage": [1, 2, 2], "convs_per_stage": 1} if architecture == "residual_encoder" else {}
+    net = _net(3, deep_supervision=False, normalization="instance", architecture=architecture, **blocks)
+    model = build_unet(net, 1, 3)
+    norms = [layer for layer in model.layers if layer.__class__.__name__ == "GroupNormalization"]
+    assert norms and not any(layer.__class__.__name__ == "BatchNormalization" for layer in model.layers)
+    assert all(layer.groups == layer.input.shape[-1] for layer in norms)  # one group per channel
+    x = np.random.default_rng(0).normal(size=(2, 8, 16, 16, 1)).astype(np.float32)
+    # random, not initial (gamma 1, beta 0), normalization weights, so the check is not trivial
+    for layer in norms:
+        layer.set_weights([w + np.random.default_rng(1).normal(0, 0.3, w.shape).astype(np.float32)
+                           for w in layer.get_weights()])
+    p = model.predict_on_batch(x)
+    assert np.abs(model.predict_on_batch(7.0 * x) - p).max() < 1e-3
+    assert np.abs(model.predict_on_batch(x[:1]) - p[:1]).max() < 1e-5
+    batch = build_unet(dataclasses.replace(net, normalization="batch"), 1, 3)
+    assert np.abs(batch.predict_on_batch(7.0 * x) - batch.predict_on_batch(x)).max() > 1e-2
+
+
 def test_check_refuses_an_unknown_architecture_by_name(phantoms, tmp_path):
     from runner.cli import main
     path = tiny_plan(phantoms, tmp_path / "p.yaml")
@@ -123,6 +149,10 @@ def test_check_refuses_an_unknown_architecture_by_name(phantoms, tmp_path):
     (tmp_path / "blocks.yaml").write_text(text.replace("architecture: plain", "architecture: residual_encoder"))
     with pytest.raises(ValueError, match=r"network\.blocks_per_stage: \[\]: a residual_encoder needs one count"):
         load_plan(tmp_path / "blocks.yaml")
+    (tmp_path / "norm.yaml").write_text(text.replace("normalization: batch", "normalization: layer"))
+    with pytest.raises(ValueError, match=r"network\.normalization: 'layer' is not one of \['batch', 'instance', "
+                                         r"'none'\]"):
+        load_plan(tmp_path / "norm.yaml")
 
 
 def test_plans_written_before_load_as_the_plain_network_without_deep_supervision(phantoms, tmp_path):
