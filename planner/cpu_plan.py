@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from planner import heuristics as H
-from planner.build import make_plan, supervision_note
+from planner.build import MIRROR_TTA_WHY, make_plan, supervision_note
 from planner.fingerprint import Fingerprint
 from planner.memory import estimate_cpu_run_gb
 from planner.plan import Plan, input_channels, volume_patch
@@ -127,7 +127,7 @@ def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, t
     reasons["training.schedule.max_epochs"] = "the time budget, not the epoch count, ends a CPU run"
     reasons["training.patch_size"] = ("the median image rounded up to the pooling, shrunk only to keep CPU steps "
                                       f"short ({memory_gb:g} GB memory proxy); it must still see the whole structure")
-    reasons["inference.mirroring"] = "off on a CPU: mirroring multiplies the prediction time by 8"
+    reasons["inference.mirroring"] = f"off: {MIRROR_TTA_WHY}; on a CPU it would also multiply the prediction time by 8"
     reasons["training.workers"] = ("0, a thread: on a CPU the training step needs the cores, and small batches cost "
                                    "more to send between processes than to make (benchmarks/batch_pipeline.py)")
     return plan, reasons

@@ -7,7 +7,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from planner.build import gpu_memory_budget, gpu_present, make_plan
+from planner.build import MIRROR_TTA_EVIDENCE, MIRROR_TTA_MIN_P, gpu_memory_budget, gpu_present, make_plan
 from planner.bundle_file import MAX_MEMBER_MB
 from planner.configurations import plan_family
 from planner.cpu_plan import make_cpu_plan
@@ -173,7 +173,19 @@ def check_plan_report(path: Path) -> str:
     elif plan.device == "gpu" and est > budget:
         lines.append(f"  WARNING: the estimate exceeds the budget by {est - budget:.2f} GB: training may run out of "
                      "GPU memory; lower training.batch_size or training.patch_size, or re-plan with --gpu-memory")
-    return "\n".join(lines + label_handling_lines(plan.dataset))
+    return "\n".join(lines + mirroring_lines(plan) + label_handling_lines(plan.dataset))
+
+
+def mirroring_lines(plan) -> list[str]:
+    """`segplan check`'s warning on test-time mirroring that training did not prepare the network for."""
+    aug = plan.training.augmentation
+    if not plan.inference.mirroring or (aug.mirror_p >= MIRROR_TTA_MIN_P and aug.mirror_axes):
+        return []
+    return ["  WARNING: inference.mirroring averages flipped views, but training mirrors "
+            + (f"only {aug.mirror_p:.0%} of the patches (training.augmentation.mirror_p {aug.mirror_p:g})"
+               if aug.mirror_axes else "along no axis (training.augmentation.mirror_axes is empty)")
+            + f": predictions get worse ({MIRROR_TTA_EVIDENCE}); set inference.mirroring: "
+            f"false, or mirror_p >= {MIRROR_TTA_MIN_P:g} and train again"]
 
 
 def label_handling_lines(ds) -> list[str]:

@@ -144,6 +144,25 @@ def test_check_warns_when_estimate_exceeds_budget(phantom_plan):
     assert "WARNING: the estimate exceeds the budget" in check_plan_report(tight)
 
 
+def test_test_time_mirroring_only_where_training_mirrors_most_patches(phantom_plan):
+    """The default plan trains with the paper's augmentation (mirror_p 0.15): it predicts without
+    test-time mirroring, and says why; `segplan check` warns when an edit turns mirroring on without
+    training that mirrors at least half the patches, and not once it does."""
+    from planner.planning import check_plan_report
+    plan = load_plan(phantom_plan)
+    assert plan.training.augmentation.mirror_p == 0.15 and plan.inference.mirroring is False
+    text = phantom_plan.read_text()
+    assert "only where training mirrors at least half the patches" in text
+    on = phantom_plan.with_name("mirror_on.yaml")  # beside it: the dataset path is relative
+    on.write_text(text.replace("mirroring: false", "mirroring: true"))
+    assert "WARNING: inference.mirroring averages flipped views" in check_plan_report(on)
+    assert "mirror_p 0.15" in check_plan_report(on)
+    trained = phantom_plan.with_name("mirror_trained.yaml")
+    trained.write_text(on.read_text().replace("mirror_p: 0.15", "mirror_p: 1.0"))
+    assert "WARNING" not in check_plan_report(trained)
+    assert "WARNING" not in check_plan_report(phantom_plan)
+
+
 def test_hu_and_windowed_detection(phantoms, ct_example):
     import json
     truth = {i["case"]: i["windowed"] for i in json.loads((phantoms / "phantoms.json").read_text())}
