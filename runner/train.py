@@ -23,7 +23,7 @@ from runner.schedule import TrainState, after_epoch, budget_learning_rate, stop_
 from runner.tables import read_rows, write_rows
 from runner.workspace import Fold, Workspace
 
-BOOKKEEPING_RATIO = 50  # checkpoints and plots take at most ~2% of the training loop (_bookkeeping_due)
+BOOKKEEPING_RATIO = 100  # checkpoints and plots take at most ~1% of the training loop (_bookkeeping_due)
 HISTORY_FIELDS = ["epoch", "train_loss", "train_dice", "val_loss", "val_dice", "learning_rate", "seconds",
                   "seconds_per_iteration"]
 
@@ -147,6 +147,7 @@ def _train_epochs(model, plan: Plan, fold: Fold, k: int, state: TrainState, hist
     budget_s = sched.time_budget_minutes * 60 if sched.time_budget_minutes is not None else math.inf
     loop_t0 = time.perf_counter()
     step_s, since_s, cost_s, best_weights = 0.0, 0.0, 0.0, None
+    val_s = book_s = wait_s = 0.0  # seconds spent validating, checkpointing + plotting, waiting for batches
     while not state.stopped:
         lr = (budget_learning_rate(tr.learning_rate, sched.min_learning_rate, state.elapsed_s, sched.time_budget_minutes)
               if sched.time_budget_minutes is not None else state.learning_rate)
@@ -156,8 +157,10 @@ def _train_epochs(model, plan: Plan, fold: Fold, k: int, state: TrainState, hist
         bar = tqdm(epoch_batches(state.epoch, sched.iterations_per_epoch),
                    total=sched.iterations_per_epoch, desc=f"fold {k} epoch {state.epoch}", disable=not progress,
                    dynamic_ncols=True, leave=False)
+        tw = time.perf_counter()
         for x, y in bar:
             ts = time.perf_counter()
+            wait_s += ts - tw
             out = model.train_on_batch(x, y, return_dict=True)
             losses.append(float(out["loss"]))
             step_s += time.perf_counter() - ts
@@ -167,15 +170,18 @@ def _train_epochs(model, plan: Plan, fold: Fold, k: int, state: TrainState, hist
                             s_it=f"{it_s:.2f}")
             if state.elapsed_s + time.perf_counter() - t0 >= budget_s:
                 break
+            tw = time.perf_counter()
         bar.close()
         train_s = time.perf_counter() - t0
         validated = state.epoch % sched.validation_every == 0
+        tv = time.perf_counter()
         val_loss, val_dice = _validate(model, val, plan) if validated else (float("nan"), float("nan"))
         state = dataclasses.replace(state, learning_rate=lr, elapsed_s=state.elapsed_s + train_s)
         monitored = val_loss if sched.monitor == "val_loss" and not math.isnan(val_loss) else float(np.mean(losses))
         state, improved = after_epoch(state, monitored, sched)
         if state.stopped and not validated:  # the last epoch is always validated
             val_loss, val_dice = _validate(model, val, plan)
+        val_s += time.perf_counter() - tv
         row = {"epoch": state.epoch - 1, "train_loss": float(np.mean(losses)), "train_dice": float(np.nanmean(dices)),
                "val_loss": val_loss, "val_dice": val_dice, "learning_rate": lr,
                "seconds": round(time.perf_counter() - t0, 2), "seconds_per_iteration": round(train_s / max(len(losses), 1), 3)}
@@ -194,12 +200,15 @@ def _train_epochs(model, plan: Plan, fold: Fold, k: int, state: TrainState, hist
             plot_progress(history, fold.progress)
             save_latest(fold, model, state)
             since_s, cost_s = 0.0, time.perf_counter() - tb
+            book_s += cost_s
         print(f"fold {k} epoch {row['epoch']}: loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, "
                   f"val Dice {val_dice:.3f}, lr {lr:.2e}, {row['seconds_per_iteration']:.2f} s/it"
                   + (" *best*" if improved else ""), flush=True)
     loop_s = time.perf_counter() - loop_t0
     return state, {"loop_seconds": round(loop_s, 1), "step_seconds": round(step_s, 1),
-                   "outside_steps_share": round(1 - step_s / loop_s, 4) if loop_s else 0.0}
+                   "outside_steps_share": round(1 - step_s / loop_s, 4) if loop_s else 0.0,
+                   "validation_seconds": round(val_s, 1), "bookkeeping_seconds": round(book_s, 1),
+                   "batch_wait_seconds": round(wait_s, 1)}
 
 
 def _save_best_weights(fold: Fold, model, weights: list) -> None:

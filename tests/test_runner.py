@@ -249,7 +249,7 @@ def test_time_budget_stops_and_keeps_a_usable_best_checkpoint(phantoms, tmp_path
 
 @needs_keras
 def test_sigkill_during_training_resumes_from_the_last_checkpoint(phantoms, tmp_path):
-    """Checkpoints come every epoch or, for short epochs, once the loop has run 50 times what the
+    """Checkpoints come every epoch or, for short epochs, once the loop has run 100 times what the
     last one cost: a kill loses at most that, never the pointer or the weights it names."""
     import subprocess
     import sys
@@ -299,6 +299,10 @@ def test_validation_every_k_epochs_and_after_the_last(phantoms, tmp_path):
     assert (fold / "progress.png").exists() and (fold / "checkpoint_best.weights.h5").exists()
     done = json.loads((fold / "finished.json").read_text())
     assert 0 < done["step_seconds"] <= done["loop_seconds"] and 0 <= done["outside_steps_share"] < 1
+    # validation ran 3 times, bookkeeping at least once (the end): both inside the loop, outside the steps
+    assert 0 < done["validation_seconds"] and 0 < done["bookkeeping_seconds"] and 0 <= done["batch_wait_seconds"]
+    parts = ("step_seconds", "validation_seconds", "bookkeeping_seconds", "batch_wait_seconds")
+    assert sum(done[k] for k in parts) <= done["loop_seconds"] + 0.3  # each rounded to 0.1 s
     save_plan(plan.replace(training=dataclasses.replace(plan.training, schedule=dataclasses.replace(
         plan.training.schedule, monitor="val_loss"))), p)
     with pytest.raises(SchemaError, match="training.schedule.validation_every"):
