@@ -5,11 +5,13 @@ import dataclasses
 import os
 import shutil
 import subprocess
+from collections import Counter
 
 import numpy as np
 
 from planner import heuristics as H
 from planner.configurations import size
+from planner.dataset import left_right_axis
 from planner.fingerprint import Fingerprint
 from planner.plan import (SCHEMA_VERSION, AugmentationSection, ChannelNormalization, CrossValidationSection,
                           DatasetSection, InferenceSection, IntensitySection, LossSection, MemorySection, NetworkSection,
@@ -120,8 +122,9 @@ def make_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, gpu_m
                                             "test cases")
     reasons["training.sampling.foreground_oversampling"] = "nnU-Net's 1/3 of patches centred on foreground"
     reasons["inference.mirroring"] = MIRROR_TTA_WHY
-    # mirrored along every axis of the patch (a 2d plan's two); a 2d plan predicts a batch of slices per call
-    augmentation = dataclasses.replace(PAPER_AUGMENTATION, mirror_axes=list(range(len(fit["patch"]))))
+    # mirrored along every axis of the patch (a 2d plan's two) but a left-right one that would swap
+    # left and right labels; a 2d plan predicts a batch of slices per call
+    augmentation = dataclasses.replace(PAPER_AUGMENTATION, mirror_axes=_mirror_axes(fp, slice_axis, reasons))
     window_batch = 2 if slice_axis is None else fit["batch"]
     if slice_axis is not None:
         reasons["inference.batch_size"] = "slices per network call: the training batch (a slice is one window)"
@@ -236,6 +239,23 @@ def _conventions(fp: Fingerprint, reasons: dict) -> dict[str, str]:
                                             "for these training cases only: an image given to predict is judged by "
                                             "its own values, whatever its name")
     return out
+
+
+def _mirror_axes(fp: Fingerprint, slice_axis: int | None, reasons: dict) -> list[int]:
+    """Every axis of the patch, except, where labels name a left and a right side, the axis that
+    runs along the patient's left-right direction in most training cases: a flip along it turns a
+    left lung into a right one drawn where the left should be, and the network learns to confuse them."""
+    patch_axes = [a for a in range(3) if a != slice_axis]
+    pairs = _label_groups(fp.labels)
+    votes = Counter(left_right_axis(c.direction) for c in fp.cases)
+    lr = votes.most_common(1)[0][0] if votes else None
+    if not pairs or lr not in patch_axes:
+        return list(range(len(patch_axes)))
+    names = ", ".join(" / ".join(p) for p in pairs.values())
+    reasons["training.augmentation.mirror_axes"] = (
+        f"every axis of the patch but {'zyx'[lr]}, the patient's left-right axis in {votes[lr]} of {len(fp.cases)} "
+        f"training cases (their direction cosines): the labels name sides ({names}), which a flip along it would swap")
+    return [i for i, a in enumerate(patch_axes) if a != lr]
 
 
 def _label_groups(labels: dict[str, int]) -> dict[str, list[str]]:

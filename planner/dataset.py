@@ -340,6 +340,14 @@ def zyx_to_xyz(values) -> tuple:
     return tuple(reversed(tuple(values)))
 
 
+def left_right_axis(direction) -> int:
+    """The (z, y, x) array axis that runs most nearly along the patient's left-right axis, from
+    SimpleITK's row-major direction cosines (column j: the world direction of index axis j, x first;
+    world x is LPS' right-to-left)."""
+    j = int(np.argmax(np.abs(np.asarray(direction, float).reshape(3, 3)[0])))
+    return 2 - j
+
+
 def centred_origin(shape, spacing) -> tuple[float, float, float]:
     """The (x, y, z) origin that puts the centre of a (z, y, x) grid at the world origin."""
     return tuple(-(n - 1) / 2 * s for n, s in zip(zyx_to_xyz(shape), zyx_to_xyz(spacing)))

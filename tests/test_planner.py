@@ -163,6 +163,29 @@ def test_test_time_mirroring_only_where_training_mirrors_most_patches(phantom_pl
     assert "WARNING" not in check_plan_report(phantom_plan)
 
 
+def test_left_right_axis_from_direction_cosines():
+    """The array axis along the patient's left-right direction, whatever the orientation or sign."""
+    from planner.dataset import left_right_axis
+    assert left_right_axis([1, 0, 0, 0, 1, 0, 0, 0, 1]) == 2            # axial, identity: x
+    assert left_right_axis([-1, 0, 0, 0, -1, 0, 0, 0, 1]) == 2          # flipped (ct_example, Hippocampus)
+    assert left_right_axis([0, 0, 1, 1, 0, 0, 0, 1, 0]) == 0            # index axis z runs along world x (sagittal)
+    assert left_right_axis([0, 0.98, 0.2, 0, -0.2, 0.98, 1, 0, 0]) == 1  # oblique: y mostly left-right
+
+
+def test_no_mirroring_along_the_left_right_axis_when_labels_name_sides(phantom_plan, phantoms, tmp_path):
+    """Phantoms label left and right lungs: flipping the left-right axis (x here) would teach the
+    network a left lung where the right one is, so the plan mirrors z and y only and says why; a 2d
+    plan slicing along z keeps y. The paper's preset keeps the paper's three axes."""
+    plan = load_plan(phantom_plan)
+    assert plan.training.augmentation.mirror_axes == [0, 1]
+    assert "left_lung / right_lung" in phantom_plan.read_text()
+    two_d = load_plan(plan_dataset(phantoms, tmp_path / "2d.yaml", gpu_memory=8, progress=False, configuration="2d"))
+    assert two_d.slice_axis == 0 and two_d.training.augmentation.mirror_axes == [0]
+    paper = load_plan(plan_dataset(phantoms, tmp_path / "paper.yaml", gpu_memory=8, progress=False,
+                                   preset="miscnn-covid19"))
+    assert paper.training.augmentation.mirror_axes == [0, 1, 2]
+
+
 def test_hu_and_windowed_detection(phantoms, ct_example):
     import json
     truth = {i["case"]: i["windowed"] for i in json.loads((phantoms / "phantoms.json").read_text())}
@@ -188,6 +211,7 @@ def test_planner_on_hippocampus(hippocampus, tmp_path, monkeypatch):
     for p, m, d in zip(plan.training.patch_size, median, div):
         assert p <= int(np.ceil(m / d) * d)
     assert plan.intensity.normalization[0].scheme == "zscore" and plan.dataset.splits_file.endswith("splits_final.json")
+    assert plan.training.augmentation.mirror_axes == [0, 1, 2]  # no left/right labels: every axis
     # re-planning, under another name too, reuses the dataset's cached fingerprint: reading any
     # image would fail here
     def no_reading(*a, **k):
