@@ -178,7 +178,7 @@ def test_no_mirroring_along_the_left_right_axis_when_labels_name_sides(phantom_p
     plan slicing along z keeps y. The paper's preset keeps the paper's three axes."""
     plan = load_plan(phantom_plan)
     assert plan.training.augmentation.mirror_axes == [0, 1]
-    assert "left_lung / right_lung" in phantom_plan.read_text()
+    assert "the labels name sides (left_lung, right_lung)" in phantom_plan.read_text()
     two_d = load_plan(plan_dataset(phantoms, tmp_path / "2d.yaml", gpu_memory=8, progress=False, configuration="2d"))
     assert two_d.slice_axis == 0 and two_d.training.augmentation.mirror_axes == [0]
     paper = load_plan(plan_dataset(phantoms, tmp_path / "paper.yaml", gpu_memory=8, progress=False,
