@@ -2,12 +2,15 @@
 # One short GPU check (issue 15), for a machine with python3, CUDA torch and jax, numpy, scipy, pyyaml
 # and tqdm but no TensorFlow and no internet. Brought along in .whl/ (git-ignored, README "Measured on
 # a GPU" says how to fill it): keras and the small wheels, SimpleITK as simpleitk.tar.xz (its wheel is
-# 51 MB, xz makes it 28), and the Hippocampus dataset as hippocampus.tar.xz (its .nii files, 14 MB).
-#   benchmarks/gpu_check.sh [grid] [probe] [hippocampus]     (no argument: all three)
+# 51 MB, xz makes it 28), the Hippocampus dataset as hippocampus.tar.xz (its .nii files, 14 MB), and
+# for sidebyside nnU-Net v2's wheels (docs/gpus-and-backends.md lists them).
+#   benchmarks/gpu_check.sh [grid] [probe] [hippocampus] [sidebyside]   (no argument: the first three)
 # grid: the memory model's calibration grid (plain U-Net, deep supervision, residual encoder) and one
 # paper-sized prediction (~6 min on an H200);
 # probe: `segplan plan --probe` for an 8 GB budget, then that plan trained under an 8 GB cap;
-# hippocampus: a 3-minute Hippocampus fold 0 from a GPU plan, evaluated on its 52 validation cases.
+# hippocampus: a 3-minute Hippocampus fold 0 from a GPU plan, evaluated on its 52 validation cases;
+# sidebyside: nnU-Net v2 against segplan on that fold, SIDE_MINUTES (default 3) of training each, so
+# that both fit one 10-minute call (SIDE_TOOLS=segplan, then SIDE_TOOLS=nnunet: one tool per call).
 # Writes its figures under ${OUT:-benchmarks/results}/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,5 +40,16 @@ for step in $steps; do
     find /tmp/hip -name '*.nii' -print0 | xargs -0 -P 16 -n 20 gzip -1
     timeout 330 python3 benchmarks/hippocampus_budget.py --device gpu --gpu-memory 8 --minutes 3 --no-best \
       --data /tmp/hip/Dataset004_Hippocampus --work /tmp/hip_work 2>&1 | tail -40 | tee "$out/gpu_hippocampus_3min.log" ;;
+  sidebyside)
+    if [ ! -d /tmp/hip/Dataset004_Hippocampus ]; then
+      mkdir -p /tmp/hip && tar xJf .whl/hippocampus.tar.xz -C /tmp/hip || exit 1
+      find /tmp/hip -name '*.nii' -print0 | xargs -0 -P 16 -n 20 gzip -1
+    fi
+    # nnU-Net compiles its network by default; without Triton it could not, so it is told not to
+    compile=; python3 -c "import triton" 2>/dev/null || compile=--no-compile
+    m=${SIDE_MINUTES:-3}
+    timeout 590 python3 benchmarks/side_by_side.py --device cuda --gpu-memory 8 --minutes "$m" $compile \
+      --tools ${SIDE_TOOLS:-segplan nnunet} --data /tmp/hip/Dataset004_Hippocampus --work /tmp/side_by_side \
+      --out "$out/side_by_side_${m}min.json" 2>&1 | grep -v "^\s*$" | tail -40 | tee "$out/side_by_side_${m}min.log" ;;
   esac
 done

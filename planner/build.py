@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import subprocess
 from collections import Counter
@@ -242,20 +243,29 @@ def _conventions(fp: Fingerprint, reasons: dict) -> dict[str, str]:
 
 
 def _mirror_axes(fp: Fingerprint, slice_axis: int | None, reasons: dict) -> list[int]:
-    """Every axis of the patch, except, where labels name a left and a right side, the axis that
-    runs along the patient's left-right direction in most training cases: a flip along it turns a
-    left lung into a right one drawn where the left should be, and the network learns to confuse them."""
+    """Every axis of the patch, except, where labels (or a region plan's regions) name a side, the
+    axis that runs along the patient's left-right direction in most training cases: a flip along it
+    turns a left lung into a right one drawn where the left should be, and the network learns to
+    confuse them (a lone 'right_lung' too: flipped, the left lung wears its label)."""
     patch_axes = [a for a in range(3) if a != slice_axis]
-    pairs = _label_groups(fp.labels)
+    sided = _side_names([*fp.labels, *fp.regions])
     votes = Counter(left_right_axis(c.direction) for c in fp.cases)
     lr = votes.most_common(1)[0][0] if votes else None
-    if not pairs or lr not in patch_axes:
+    if not sided or lr not in patch_axes:
         return list(range(len(patch_axes)))
-    names = ", ".join(" / ".join(p) for p in pairs.values())
+    names = ", ".join(sided)
     reasons["training.augmentation.mirror_axes"] = (
         f"every axis of the patch but {'zyx'[lr]}, the patient's left-right axis in {votes[lr]} of {len(fp.cases)} "
         f"training cases (their direction cosines): the labels name sides ({names}), which a flip along it would swap")
     return [i for i, a in enumerate(patch_axes) if a != lr]
+
+
+def _side_names(names) -> list[str]:
+    """The label or region names that name a side ('left_lung', 'Kidney Right', 'rightLung'; not
+    'cleft' or 'bright'): one side-specific structure is enough, as a flip draws it on the other side.
+    A region plan's labels are named by value (label_1, ...): its region names carry the sides."""
+    words = {n: re.sub(r"(?<=[a-z])(?=[A-Z])", "_", n).lower() for n in names}   # 'LungLeft' -> 'lung_left'
+    return [n for n, w in words.items() if re.search(r"(?<![a-z])(left|right)", w)]
 
 
 def _label_groups(labels: dict[str, int]) -> dict[str, list[str]]:

@@ -234,8 +234,15 @@ class Stage:
 
 
 def make_stage(plan: Plan, models: list, tta: bool, previous: Stage | None = None) -> Stage:
+    """The plan's models as a predictor, mirrored at test time where the plan says so; a plan (or a
+    bundle's) from before mirroring followed training's mirror_p is used as written, with the
+    warning `segplan check` gives, on stderr."""
     predict = keras_predictor(models)
     if tta and plan.inference.mirroring:
+        from planner.planning import mirroring_lines
+        for line in mirroring_lines(plan):
+            print(f"segplan: warning: plan '{plan.name}': {line.strip().removeprefix('WARNING: ')} "
+                  "(`segplan predict --no-tta` predicts unmirrored)", file=sys.stderr, flush=True)
         predict = mirrored(predict, plan.training.augmentation.mirror_axes)
     return Stage(plan, predict, previous)
 

@@ -178,7 +178,7 @@ def test_no_mirroring_along_the_left_right_axis_when_labels_name_sides(phantom_p
     plan slicing along z keeps y. The paper's preset keeps the paper's three axes."""
     plan = load_plan(phantom_plan)
     assert plan.training.augmentation.mirror_axes == [0, 1]
-    assert "left_lung / right_lung" in phantom_plan.read_text()
+    assert "the labels name sides (left_lung, right_lung)" in phantom_plan.read_text()
     two_d = load_plan(plan_dataset(phantoms, tmp_path / "2d.yaml", gpu_memory=8, progress=False, configuration="2d"))
     assert two_d.slice_axis == 0 and two_d.training.augmentation.mirror_axes == [0]
     paper = load_plan(plan_dataset(phantoms, tmp_path / "paper.yaml", gpu_memory=8, progress=False,
@@ -280,3 +280,21 @@ def test_cpu_plan_with_probe_and_no_tensorflow_in_the_planner(phantoms, tmp_path
     assert "windows of" in text and "s per window" in text   # what a case costs to predict, in the plan
     assert gpu_present() or "no GPU found" in text
     assert plan.network.filters[0] in (8, 16, 32) and plan.training.schedule.iterations_per_epoch >= 10
+
+
+def test_prediction_warns_when_an_old_plan_mirrors_at_test_time_what_training_rarely_did(phantom_plan, capsys):
+    """A plan or bundle written before the rule (inference.mirroring: true with mirror_p 0.15) is
+    predicted as written, but `segplan run/predict` say on stderr what `segplan check` says; not
+    when training mirrored at least half the patches, nor when mirroring is off or --no-tta."""
+    import dataclasses
+    from runner.predict import make_stage
+    plan = load_plan(phantom_plan)
+    old = plan.replace(inference=dataclasses.replace(plan.inference, mirroring=True))
+    make_stage(old, [], tta=True)
+    err = capsys.readouterr().err
+    assert "segplan: warning:" in err and "mirror_p 0.15" in err and "--no-tta" in err
+    trained = old.replace(training=dataclasses.replace(
+        old.training, augmentation=dataclasses.replace(old.training.augmentation, mirror_p=1.0)))
+    for quiet in (make_stage(trained, [], tta=True), make_stage(old, [], tta=False), make_stage(plan, [], tta=True)):
+        assert quiet.plan is not None
+    assert capsys.readouterr().err == ""

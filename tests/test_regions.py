@@ -105,6 +105,19 @@ def region_plan(region_data, tmp_path_factory) -> Path:
                         time_budget=None, progress=False, probe=False)
 
 
+def test_a_side_named_region_keeps_mirroring_off_the_left_right_axis(region_plan):
+    """A region plan's labels are named by value (label_1, ...); its region names carry the sides:
+    'right_lung' alone is enough, since a flip along x (the phantoms' left-right axis) would draw
+    the left lung where the right one is and train it as 'right_lung'. Names merely containing
+    'left'/'right' do not count; CamelCase and spaces do."""
+    from planner.build import _side_names
+    plan = load_plan(region_plan)
+    assert plan.training.augmentation.mirror_axes == [0, 1]
+    assert "the labels name sides (right_lung)" in region_plan.read_text()
+    assert _side_names(["cleft_palate", "bright_spot", "label_1", "LungLeft", "Right Kidney", "left_lung"]) == \
+        ["LungLeft", "Right Kidney", "left_lung"]
+
+
 @pytest.mark.parametrize("old,new,key,words", [
     ("lungs: [1, 2, 3]", "lungs: [1, 2, 7]", "dataset.regions.lungs", "[7] are not values of dataset.labels"),
     ("lungs: [1, 2, 3]", "lungs: []", "dataset.regions.lungs", "an empty region"),
