@@ -82,6 +82,19 @@ def subset(data: Path, out: Path, n: int) -> Path:
     return out
 
 
+def plan_once(a) -> Path:
+    """The CPU plan for ``a.minutes`` of the dataset (or its first ``a.cases`` cases), written under
+    ``a.work`` once for every variant to derive from; its path."""
+    from planner.planning import plan_dataset
+    work = Path(a.work)
+    data = subset(a.data, work / "subset", a.cases) if a.cases else a.data
+    base_path = work / f"hippocampus_cpu_{a.minutes:g}min.yaml"
+    t = time.perf_counter()
+    plan_dataset(data, base_path, device="cpu", time_budget=a.minutes, force=True, progress=False, probe=not a.no_probe)
+    print(f"plan: {time.perf_counter() - t:.1f} s -> {base_path}", flush=True)
+    return base_path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=15.0, help="training budget of each variant")
@@ -95,15 +108,9 @@ def main() -> None:
     a = ap.parse_args()
     import keras
     from planner.plan_file import load_plan, save_plan
-    from planner.planning import plan_dataset
     from runner.pipeline import run_fold
     from runner.workspace import Workspace
-    work = Path(a.work)
-    data = subset(a.data, work / "subset", a.cases) if a.cases else a.data
-    base_path = work / f"hippocampus_cpu_{a.minutes:g}min.yaml"
-    t = time.perf_counter()
-    plan_dataset(data, base_path, device="cpu", time_budget=a.minutes, force=True, progress=False, probe=not a.no_probe)
-    print(f"plan: {time.perf_counter() - t:.1f} s -> {base_path}", flush=True)
+    work, base_path = Path(a.work), plan_once(a)
     results = {}
     for name, plan in variants(load_plan(base_path), a.max_epochs).items():
         path = work / f"{plan.name}.yaml"

@@ -28,7 +28,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import HIPPOCAMPUS as DATA  # noqa: E402
-from benchmarks.deep_supervision import fold_figures, subset  # noqa: E402
+from benchmarks.deep_supervision import fold_figures, plan_once  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -79,16 +79,10 @@ def main() -> None:
             ap.error(f"--repredict {again}: set inference.* keys only (the weights stay those trained)")
     import keras
     from planner.plan_file import load_plan, save_plan
-    from planner.planning import plan_dataset
     from planner.schema import to_plain
     from runner.pipeline import predict_validation, run_fold
     from runner.workspace import Workspace
-    work = Path(a.work)
-    data = subset(a.data, work / "subset", a.cases) if a.cases else a.data
-    base_path = work / f"hippocampus_cpu_{a.minutes:g}min.yaml"
-    t = time.perf_counter()
-    plan_dataset(data, base_path, device="cpu", time_budget=a.minutes, force=True, progress=False, probe=not a.no_probe)
-    print(f"plan: {time.perf_counter() - t:.1f} s -> {base_path}", flush=True)
+    work, base_path = Path(a.work), plan_once(a)
     base = load_plan(base_path)
     results = {}
     for name, sets in a.variant:
