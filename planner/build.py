@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import shutil
 import subprocess
-from collections import Counter
 
 import numpy as np
 
 from planner import heuristics as H
+from planner.augmentation import MIRROR_TTA_MIN_P, MIRROR_TTA_WHY, mirror_axes
 from planner.configurations import size
-from planner.dataset import left_right_axis
 from planner.fingerprint import Fingerprint
 from planner.plan import (SCHEMA_VERSION, AugmentationSection, ChannelNormalization, CrossValidationSection,
                           DatasetSection, InferenceSection, IntensitySection, LossSection, MemorySection, NetworkSection,
@@ -35,16 +33,6 @@ PAPER_AUGMENTATION = AugmentationSection(
     rotation_p=0.15, rotation_degrees=15.0, scaling_p=0.15, scaling_range=[0.85, 1.25], brightness_p=0.15,
     brightness_range=[0.5, 2.0], contrast_p=0.15, contrast_range=[0.3, 3.0], gamma_p=0.15, gamma_range=[0.7, 1.5],
     noise_p=0.15, noise_variance=[0.0, 0.05])
-# Test-time mirroring averages flipped views: it pays only where training showed the network many of
-# them (nnU-Net mirrors every patch, each axis with p 0.5). With the paper's p 0.15 it cost Dice on
-# Hippocampus fold 0 (5 CPU-minutes, benchmarks/plan_variants.py --repredict): 0.868 / 0.859 without,
-# 0.793 / 0.803 with; mirroring every patch in training instead cost more at that budget (0.816 / 0.814,
-# 0.826 / 0.830 with test-time mirroring). Below this training probability a plan predicts unmirrored.
-MIRROR_TTA_MIN_P = 0.5
-MIRROR_TTA_EVIDENCE = "Hippocampus fold 0, 5 CPU-minutes: Dice 0.868 / 0.859 without, 0.793 / 0.803 with"
-MIRROR_TTA_WHY = ("test-time mirroring only where training mirrors at least half the patches (training.augmentation."
-                  "mirror_p >= 0.5, as nnU-Net): with the paper's 0.15 the flipped views are ones the network rarely saw "
-                  f"({MIRROR_TTA_EVIDENCE})")
 PAPER_LOSS = LossSection(tversky_alpha=0.5, tversky_beta=0.5, tversky_weight=1.0, cross_entropy_weight=1.0, smooth=1e-6)
 PAPER_SCHEDULE = ScheduleSection(max_epochs=1000, iterations_per_epoch=150, monitor="train_loss", plateau_factor=0.1,
                                  plateau_patience=15, plateau_min_delta=1e-4, plateau_cooldown=1, min_learning_rate=1e-5,
@@ -125,7 +113,7 @@ def make_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, gpu_m
     reasons["inference.mirroring"] = MIRROR_TTA_WHY
     # mirrored along every axis of the patch (a 2d plan's two) but a left-right one that would swap
     # left and right labels; a 2d plan predicts a batch of slices per call
-    augmentation = dataclasses.replace(PAPER_AUGMENTATION, mirror_axes=_mirror_axes(fp, slice_axis, reasons))
+    augmentation = dataclasses.replace(PAPER_AUGMENTATION, mirror_axes=mirror_axes(fp, slice_axis, reasons))
     window_batch = 2 if slice_axis is None else fit["batch"]
     if slice_axis is not None:
         reasons["inference.batch_size"] = "slices per network call: the training batch (a slice is one window)"
@@ -240,32 +228,6 @@ def _conventions(fp: Fingerprint, reasons: dict) -> dict[str, str]:
                                             "for these training cases only: an image given to predict is judged by "
                                             "its own values, whatever its name")
     return out
-
-
-def _mirror_axes(fp: Fingerprint, slice_axis: int | None, reasons: dict) -> list[int]:
-    """Every axis of the patch, except, where labels (or a region plan's regions) name a side, the
-    axis that runs along the patient's left-right direction in most training cases: a flip along it
-    turns a left lung into a right one drawn where the left should be, and the network learns to
-    confuse them (a lone 'right_lung' too: flipped, the left lung wears its label)."""
-    patch_axes = [a for a in range(3) if a != slice_axis]
-    sided = _side_names([*fp.labels, *fp.regions])
-    votes = Counter(left_right_axis(c.direction) for c in fp.cases)
-    lr = votes.most_common(1)[0][0] if votes else None
-    if not sided or lr not in patch_axes:
-        return list(range(len(patch_axes)))
-    names = ", ".join(sided)
-    reasons["training.augmentation.mirror_axes"] = (
-        f"every axis of the patch but {'zyx'[lr]}, the patient's left-right axis in {votes[lr]} of {len(fp.cases)} "
-        f"training cases (their direction cosines): the labels name sides ({names}), which a flip along it would swap")
-    return [i for i, a in enumerate(patch_axes) if a != lr]
-
-
-def _side_names(names) -> list[str]:
-    """The label or region names that name a side ('left_lung', 'Kidney Right', 'rightLung'; not
-    'cleft' or 'bright'): one side-specific structure is enough, as a flip draws it on the other side.
-    A region plan's labels are named by value (label_1, ...): its region names carry the sides."""
-    words = {n: re.sub(r"(?<=[a-z])(?=[A-Z])", "_", n).lower() for n in names}   # 'LungLeft' -> 'lung_left'
-    return [n for n, w in words.items() if re.search(r"(?<![a-z])(left|right)", w)]
 
 
 def _label_groups(labels: dict[str, int]) -> dict[str, list[str]]:

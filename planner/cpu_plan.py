@@ -15,7 +15,8 @@ import math
 import numpy as np
 
 from planner import heuristics as H
-from planner.build import MIRROR_TTA_WHY, make_plan, supervision_note
+from planner.augmentation import MIRROR_TTA_WHY
+from planner.build import make_plan, supervision_note
 from planner.fingerprint import Fingerprint
 from planner.memory import estimate_cpu_run_gb
 from planner.plan import Plan, input_channels, volume_patch

@@ -7,7 +7,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from planner.build import MIRROR_TTA_EVIDENCE, MIRROR_TTA_MIN_P, gpu_memory_budget, gpu_present, make_plan
+from planner.augmentation import MIRROR_TTA_EVIDENCE, MIRROR_TTA_MIN_P
+from planner.build import gpu_memory_budget, gpu_present, make_plan
 from planner.bundle_file import MAX_MEMBER_MB
 from planner.configurations import plan_family
 from planner.cpu_plan import make_cpu_plan

@@ -110,7 +110,7 @@ def test_a_side_named_region_keeps_mirroring_off_the_left_right_axis(region_plan
     'right_lung' alone is enough, since a flip along x (the phantoms' left-right axis) would draw
     the left lung where the right one is and train it as 'right_lung'. Names merely containing
     'left'/'right' do not count; CamelCase and spaces do."""
-    from planner.build import _side_names
+    from planner.augmentation import _side_names
     plan = load_plan(region_plan)
     assert plan.training.augmentation.mirror_axes == [0, 1]
     assert "the labels name sides (right_lung)" in region_plan.read_text()
