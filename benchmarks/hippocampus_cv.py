@@ -5,12 +5,15 @@ training budget per fold, then `segplan summarize` (issue 6).
 
 The committed plan is copied next to a work folder (its dataset path is rewritten to the shared
 data), its time budget set to --minutes, and the folds of nnU-Net's splits_final.json are run in
-turn. Prints the Table-1 summary, mean Dice per class and the time per epoch.
+turn. Prints the Table-1 summary, per fold the time of training and of predicting its validation
+cases, the share of the training loop outside training steps and its mean Dice, then the mean
+Dice per class over the folds.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import sys
 import time
@@ -33,7 +36,8 @@ def main() -> None:
     a = ap.parse_args()
     from planner.plan_file import load_plan, save_plan
     from runner.report import summarize
-    from runner.pipeline import run_fold
+    from runner.pipeline import predict_validation
+    from runner.train import train_fold
     from runner.workspace import Workspace
     import dataclasses
     work = Path(a.work)
@@ -51,9 +55,14 @@ def main() -> None:
     save_plan(plan, plan_path)
     ws = Workspace(plan_path)
     t = time.perf_counter()
+    timing = {}
     for k in a.folds:
         if not ws.fold(k).validation_summary.exists():
-            run_fold(ws, k, restart=True)
+            t0 = time.perf_counter()
+            train_fold(ws, k, restart=True, progress=False)
+            t1 = time.perf_counter()
+            predict_validation(ws, k, False, redo=True)
+            timing[k] = (t1 - t0, time.perf_counter() - t1)
     print(summarize(ws))
     per_epoch = []
     for k in a.folds:
@@ -65,6 +74,15 @@ def main() -> None:
         s = yaml.safe_load(ws.fold(k).validation_summary.read_text())
         for c, v in s["classes"].items():
             means.setdefault(c, []).append(v["dice"]["mean"])
+    for k in a.folds:
+        done = json.loads(ws.fold(k).finished.read_text())
+        s = yaml.safe_load(ws.fold(k).validation_summary.read_text())
+        dice = ", ".join(f"{c} {v['dice']['mean']:.3f}" for c, v in s["classes"].items())
+        took = (f"train_fold {timing[k][0] / 60:.1f} min (preprocessing included on the first), prediction + "
+                f"evaluation of its validation cases {timing[k][1]:.0f} s; " if k in timing else "")
+        print(f"fold {k}: {took}training loop {done.get('loop_seconds', float('nan')):.0f} s, "
+              f"{done.get('outside_steps_share', float('nan')):.1%} outside training steps, {done['epochs']} epochs; "
+              f"mean Dice {dice}")
     print(f"budget {a.minutes:g} min per fold; wall time {(time.perf_counter() - t) / 60:.1f} min; "
           f"{sum(per_epoch) / len(per_epoch):.1f} s per epoch")
     print("mean Dice over folds (mean over cases per fold): " +

@@ -3,8 +3,9 @@
 A plan fitted to GPU memory is the wrong plan on a laptop: nnU-Net's own plan for Hippocampus runs
 at 10.5 s per iteration on 2 cores and learns nothing in 15 minutes. Here the patch follows the
 median image (as on a GPU, but with a small memory proxy so steps stay short), and the network
-width is chosen by a probe that times a few training steps of each candidate on this machine: the
-widest network that still buys ``MIN_ITERATIONS`` iterations within the budget wins. The probe runs
+width is chosen by a probe that times a few training steps of the candidates on this machine,
+narrowest first up to the first too slow: the widest network that still buys ``MIN_ITERATIONS``
+iterations within the budget wins. The probe runs
 in a separate process (``runner.probe``), so the planner itself never imports TensorFlow.
 """
 from __future__ import annotations
@@ -75,23 +76,27 @@ def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, t
     candidates = [{"filters": H.filters_for(n_stages, w, WIDTH_GROWTH * w), "pool_sizes": net.pool_sizes,
                    "kernel_sizes": net.kernel_sizes, "blocks_per_stage": net.blocks_per_stage, "patch": tr.patch_size,
                    "batch": tr.batch_size} for w in WIDTHS]
-    measured, failed = (run_probe(candidates, to_plain(net), to_plain(tr.loss), input_channels(plan),
-                                  len(fp.regions) or len(fp.labels), steps=PROBE_STEPS)
-                        if probe else (None, "no probe run (probe=False)"))
-    if measured and (len(measured) < len(candidates) or any(m["oom"] for m in measured)):
-        measured, failed = None, "the probe ran out of memory"
-    seconds = [m["seconds"] for m in measured] if measured else None
     windows = H.window_count(H.median_resampled_shape(fp, plan.resampling.target_spacing),
                              volume_patch(tr.patch_size, plan.slice_axis), plan.inference.overlap)
+    # narrowest first, up to the first too slow to train MIN_ITERATIONS or to predict a case in time
+    limits = {"seconds": minutes * 60 * USABLE_SHARE / MIN_ITERATIONS, "window_seconds": MAX_CASE_SECONDS / windows}
+    measured, failed = (run_probe(candidates, to_plain(net), to_plain(tr.loss), input_channels(plan),
+                                  len(fp.regions) or len(fp.labels), steps=PROBE_STEPS, stop_above=limits)
+                        if probe else (None, "no probe run (probe=False)"))
+    if measured and any(m["oom"] for m in measured):
+        measured, failed = None, "the probe ran out of memory"
+    seconds = [m["seconds"] for m in measured] if measured else None
     if seconds:
         case_s = [windows * m["window_seconds"] for m in measured]
         pick = choose_width(seconds, minutes * 60, case_s)
         figures = ", ".join(f"{c['filters'][0]}..{max(c['filters'])} filters {s:.2f} s/step "
                             f"(~{int(minutes * 60 * USABLE_SHARE / s)} iterations), {p:.1f} s per median case"
                             for c, s, p in zip(candidates, seconds, case_s))
-        reasons["network.filters"] = (f"probe on this machine, patch {tr.patch_size} x batch {tr.batch_size}: {figures}; "
-                                      f"chose the widest reaching {MIN_ITERATIONS} iterations in {minutes:g} min and "
-                                      f"predicting a median case within {MAX_CASE_SECONDS:g} s")
+        unmeasured = [f"{c['filters'][0]}.." for c in candidates[len(measured):]]
+        skipped = (f" (wider candidates, {', '.join(unmeasured)}, not probed: slower still)" if unmeasured else "")
+        reasons["network.filters"] = (f"probe on this machine, patch {tr.patch_size} x batch {tr.batch_size}: {figures}"
+                                      f"{skipped}; chose the widest reaching {MIN_ITERATIONS} iterations in {minutes:g} "
+                                      f"min and predicting a median case within {MAX_CASE_SECONDS:g} s")
         reasons["inference.overlap"] = (f"a median case is {windows} windows of {tr.patch_size}: about "
                                         f"{case_s[pick]:.1f} s of network time to predict on this machine (probe, "
                                         f"{measured[pick]['window_seconds']:.2f} s per window, no mirroring)")

@@ -28,11 +28,14 @@ MAX_REPLANS = 30         # ... at most this many times (the smallest plan the ru
 
 
 def run_probe(candidates: list[dict], network: dict, loss: dict, in_channels: int, n_classes: int, steps: int = 3,
-              mixed_precision: bool = False) -> tuple[list[dict] | None, str]:
-    """Per candidate {seconds, peak_gb, oom} from ``python -m runner.probe`` with the plan's own
-    network settings and loss; (None, why) when the probe failed (its error's last line)."""
+              mixed_precision: bool = False, stop_above: dict | None = None) -> tuple[list[dict] | None, str]:
+    """Per candidate {seconds, window_seconds, peak_gb, oom} from ``python -m runner.probe`` with the
+    plan's own network settings and loss; (None, why) when the probe failed (its error's last line).
+    ``stop_above``: the candidates are measured in order up to the first whose ``seconds`` or
+    ``window_seconds`` exceed these limits (the list returned is then shorter)."""
     spec = json.dumps({"candidates": candidates, "network": network, "loss": loss, "in_channels": in_channels,
-                       "n_classes": n_classes, "steps": steps, "mixed_precision": mixed_precision})
+                       "n_classes": n_classes, "steps": steps, "mixed_precision": mixed_precision,
+                       "stop_above": stop_above})
     try:
         r = subprocess.run([sys.executable, "-m", "runner.probe", spec], capture_output=True, text=True,
                            timeout=PROBE_TIMEOUT_S)

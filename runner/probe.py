@@ -5,7 +5,10 @@ measurement must not inherit another candidate's allocations):
 ``python -m runner.probe SPEC_JSON`` prints one JSON line with, per candidate, its seconds per step
 (median over a few steps after one warm-up step on random data), seconds to predict one window
 (what inference costs per window, without mirroring), the backend's GPU memory peak in
-GiB (None on a CPU), and ``oom: true`` when the step ran out of device memory.
+GiB (None on a CPU), and ``oom: true`` when the step ran out of device memory. With ``stop_above``
+(limits on ``seconds`` and ``window_seconds``) the candidates, sent narrowest first, are measured
+until the first that exceeds a limit: every wider one would be slower still, so measuring it is
+time the planner's user waits for nothing.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import numpy as np
 
 
 def probe(candidates: list[dict], network: dict, loss: dict, in_channels: int, n_classes: int,
-          steps: int = 3, mixed_precision: bool = False) -> list[dict]:
+          steps: int = 3, mixed_precision: bool = False, stop_above: dict | None = None) -> list[dict]:
     """Measure each candidate: the plan's network settings (``network``, a NetworkSection as a
     dict: architecture, deep supervision, ...) with the candidate's filters/pools/kernels (and blocks
     per stage), at its patch and batch, with the plan's loss on every supervised level, weighted as
@@ -67,6 +70,8 @@ def probe(candidates: list[dict], network: dict, loss: dict, in_channels: int, n
                     "peak_gb": None if peak is None else round(peak, 3), "oom": False})
         del model, full
         keras.backend.clear_session()
+        if stop_above and any(out[-1][k] > v for k, v in stop_above.items()):
+            break
     return out
 
 
@@ -75,7 +80,7 @@ def main() -> None:
     backend.load_quietly()
     spec = json.loads(sys.argv[1])
     print(json.dumps(probe(spec["candidates"], spec["network"], spec["loss"], spec["in_channels"], spec["n_classes"],
-                           spec.get("steps", 3), spec.get("mixed_precision", False))))
+                           spec.get("steps", 3), spec.get("mixed_precision", False), spec.get("stop_above"))))
 
 
 if __name__ == "__main__":

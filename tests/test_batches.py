@@ -69,3 +69,25 @@ def test_next_epochs_first_batches_are_made_ahead_and_are_the_same(prepared, mon
     assert len(first) == len(second) == 2
     for (xa, ya), (xb, yb) in zip(second, expected):
         assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+
+
+def test_asking_for_an_epoch_starts_its_batches_before_the_first_is_taken(prepared, monkeypatch):
+    """Training asks for epoch 0 before it builds the model: the first batches are made meanwhile,
+    not when the loop takes the first one, and taking them later gives the same batches."""
+    import time
+    import runner.batches as B
+    ws, pre = prepared
+    ids = [c.case_id for c in ws.dataset.cases]
+    made = []
+    real = B.augmented_batch
+    monkeypatch.setattr(B, "augmented_batch", lambda s, a, p, f, e, i: made.append((e, i)) or real(s, a, p, f, e, i))
+    with deadline(120), batch_stream(pre, ids, ws.plan, 1, 0) as epoch_batches:
+        epoch_batches(0, 3)  # not iterated
+        time.sleep(1.0)
+        assert (0, 0) in made, "the first batch waited for the first `next`"
+        early = list(epoch_batches(0, 3))
+    assert made.count((0, 0)) == 1  # asked twice, made once
+    with batch_stream(pre, ids, ws.plan, 1, 0) as fresh:
+        expected = list(fresh(0, 3))
+    for (xa, ya), (xb, yb) in zip(early, expected):
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)

@@ -305,3 +305,21 @@ def test_the_probe_measures_the_planned_network_with_its_outputs_and_blocks(phan
     assert m["oom"] is False and m["seconds"] > 0 and m["window_seconds"] > 0 and m["peak_gb"] is None
     with pytest.raises(ValueError):  # a candidate's blocks must match its stages, as the plan's must
         probe([{**c, "blocks_per_stage": [1, 3]}], to_plain(plan.network), to_plain(plan.training.loss), 1, 4, steps=1)
+
+
+@needs_keras
+def test_the_width_probe_stops_at_the_first_candidate_too_slow(phantoms, tmp_path):
+    """The CPU width probe measures narrowest first and stops after the first candidate over a
+    limit (every wider one is slower still): with no limit every candidate is measured, with a limit
+    no step can meet only the first is, and a limit on the prediction window stops it as well."""
+    from planner.probing import candidate
+    from planner.schema import to_plain
+    from runner.probe import probe
+    plan = load_plan(tiny_plan(phantoms, tmp_path / "p.yaml"))
+    c = candidate(plan)
+    wider = [{**c, "filters": [w * f // c["filters"][0] for f in c["filters"]]} for w in (2, 4)]
+    args = (to_plain(plan.network), to_plain(plan.training.loss), 1, 4)
+    assert len(probe(wider, *args, steps=1)) == 2
+    assert len(probe(wider, *args, steps=1, stop_above={"seconds": 1e-9})) == 1
+    assert len(probe(wider, *args, steps=1, stop_above={"seconds": 1e9, "window_seconds": 1e-9})) == 1
+    assert len(probe(wider, *args, steps=1, stop_above={"seconds": 1e9, "window_seconds": 1e9})) == 2

@@ -234,7 +234,7 @@ def test_time_budget_stops_and_keeps_a_usable_best_checkpoint(phantoms, tmp_path
     p = tiny_plan(phantoms, tmp_path / "p.yaml", epochs=1000, iterations=2)
     plan = load_plan(p)
     plan = plan.replace(training=dataclasses.replace(plan.training, schedule=dataclasses.replace(
-        plan.training.schedule, time_budget_minutes=0.1)))
+        plan.training.schedule, time_budget_minutes=0.1, early_stopping_patience=1000)))  # the budget alone stops it
     save_plan(plan, p)
     t = time.perf_counter()
     fold = train_fold(Workspace(p), 0, progress=False).dir
