@@ -40,6 +40,9 @@ def main() -> None:
     from runner.train import train_fold
     from runner.workspace import Workspace
     import dataclasses
+    import gc
+
+    import keras
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     if a.replan:
@@ -58,6 +61,8 @@ def main() -> None:
     timing = {}
     for k in a.folds:
         if not ws.fold(k).validation_summary.exists():
+            keras.backend.clear_session()  # each fold starts from an empty Keras state, as `segplan run` does
+            gc.collect()
             t0 = time.perf_counter()
             train_fold(ws, k, restart=True, progress=False)
             t1 = time.perf_counter()

@@ -55,7 +55,7 @@ def _ordered(pool: Executor, make: Callable, plan: Plan, fold: int, epoch: int, 
         key = divmod(position, n)
         if key[0] <= epoch + 1 and key not in pending:
             pending[key] = pool.submit(make, fold, *key)
-    for stale in [key for key in pending if key[0] != epoch]:  # a different epoch than prefetched
+    for stale in [key for key in pending if key[0] not in (epoch, epoch + 1)]:  # not this epoch nor the next
         pending.pop(stale).cancel()
     start = epoch * n
     for p in range(start, start + depth):

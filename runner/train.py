@@ -113,19 +113,20 @@ def train_fold(ws: Workspace, k: int, resume: bool = False, restart: bool = Fals
 def _train(ws: Workspace, k: int, fold: Fold, plan: Plan, pre, split: dict, resume: bool, progress: bool,
            previous=None) -> Fold:
     tr, sched = plan.training, plan.training.schedule
+    # the model first: its initial weights come from the global random state that compile_model seeds
+    # and that the batch thread (seeded_global_numpy) swaps while it augments
+    model = compile_model(plan, tr.learning_rate)
+    state = load_latest(fold, model) if resume else None
+    if state is None and tr.initial_weights:  # a fresh fold of a fine-tuning plan: start from those weights
+        model.load_weights(str(ws.base / tr.initial_weights), skip_mismatch=True)
+    state = state or TrainState(learning_rate=tr.learning_rate)
+    state = dataclasses.replace(state, stopped=stop_reason(state, sched))
+    history = read_rows(fold.history)[: state.epoch]
     times = {}
-    with batch_stream(pre, split["train"], plan, k, tr.workers, previous) as epoch_batches:
-        if not resume:  # the first batches are made while the model is built and the validation patches cut
-            epoch_batches(0, sched.iterations_per_epoch)
-        model = compile_model(plan, tr.learning_rate)
-        state = load_latest(fold, model) if resume else None
-        if state is None and tr.initial_weights:  # a fresh fold of a fine-tuning plan: start from those weights
-            model.load_weights(str(ws.base / tr.initial_weights), skip_mismatch=True)
-        state = state or TrainState(learning_rate=tr.learning_rate)
-        state = dataclasses.replace(state, stopped=stop_reason(state, sched))
-        history = read_rows(fold.history)[: state.epoch]
-        val = validation_batches(pre, split["val"], plan, k, previous)
-        if not state.stopped:
+    if not state.stopped:
+        with batch_stream(pre, split["train"], plan, k, tr.workers, previous) as epoch_batches:
+            epoch_batches(state.epoch, sched.iterations_per_epoch)  # made while the validation patches are cut
+            val = validation_batches(pre, split["val"], plan, k, previous)
             state, times = _train_epochs(model, plan, fold, k, state, history, epoch_batches, val, progress)
     write_json(fold.finished, {"reason": state.stopped, "epochs": state.epoch, "best_epoch": state.best_epoch,
                                "training_seconds": round(state.elapsed_s, 1), **times})

@@ -109,7 +109,7 @@ def test_status_and_dry_run_read_a_read_only_work_folder_without_writing(phantom
         _read_only(monkeypatch, tmp_path)
         assert main(["status", str(plan)]) == 0
         out = capsys.readouterr().out
-        assert "fold 0: not started" in out and f"fold 1: training (first epoch) [host" in out
+        assert "fold 0: not started" in out and "fold 1: training (first epoch) [host" in out
         assert f"pid {live.pid}" in out and f"pid {dead.pid}" not in out
         assert main(["submit", str(plan), "--dry-run"]) == 0
         out = capsys.readouterr().out

@@ -9,8 +9,6 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
-
 from planner.plan_reference import markdown, rows
 from runner.cli import build_parser, main
 
