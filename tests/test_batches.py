@@ -49,16 +49,21 @@ def test_a_failing_worker_stops_with_its_error(prepared):
             list(epoch_batches(0, 4))
 
 
+def _record_batches(monkeypatch) -> list:
+    """The (epoch, index) of every batch the stream makes from now on, in the order made."""
+    import runner.batches as B
+    made, real = [], B.augmented_batch
+    monkeypatch.setattr(B, "augmented_batch", lambda s, a, p, f, e, i: made.append((e, i)) or real(s, a, p, f, e, i))
+    return made
+
+
 def test_next_epochs_first_batches_are_made_ahead_and_are_the_same(prepared, monkeypatch):
     """While the last steps of an epoch run (and validation, checkpoints), the next epoch's first
     batches are already being made; they are the very batches a fresh stream would make."""
     import time
-    import runner.batches as B
     ws, pre = prepared
     ids = [c.case_id for c in ws.dataset.cases]
-    made = []
-    real = B.augmented_batch
-    monkeypatch.setattr(B, "augmented_batch", lambda s, a, p, f, e, i: made.append((e, i)) or real(s, a, p, f, e, i))
+    made = _record_batches(monkeypatch)
     with deadline(120), batch_stream(pre, ids, ws.plan, 1, 0) as epoch_batches:
         first = list(epoch_batches(0, 2))
         time.sleep(1.0)
@@ -75,12 +80,9 @@ def test_asking_for_an_epoch_starts_its_batches_before_the_first_is_taken(prepar
     """Training asks for epoch 0 before it builds the model: the first batches are made meanwhile,
     not when the loop takes the first one, and taking them later gives the same batches."""
     import time
-    import runner.batches as B
     ws, pre = prepared
     ids = [c.case_id for c in ws.dataset.cases]
-    made = []
-    real = B.augmented_batch
-    monkeypatch.setattr(B, "augmented_batch", lambda s, a, p, f, e, i: made.append((e, i)) or real(s, a, p, f, e, i))
+    made = _record_batches(monkeypatch)
     with deadline(120), batch_stream(pre, ids, ws.plan, 1, 0) as epoch_batches:
         epoch_batches(0, 3)  # not iterated
         time.sleep(1.0)
