@@ -48,25 +48,18 @@ def _ordered(pool: Executor, make: Callable, plan: Plan, fold: int, epoch: int, 
              pending: dict) -> Iterator:
     """The epoch's n batches in order, ``depth`` submitted ahead, running on into the next epoch's
     first batches (so they are made during validation and checkpoints); ``pending`` maps
-    (epoch, index) to submitted batches across calls. The first ``depth`` are submitted on the call,
-    not on the first ``next``: a caller that asks early (before building the model) finds them made.
-    A dead worker becomes an error."""
+    (epoch, index) to submitted batches across calls. A dead worker becomes an error."""
+    levels, options = supervised_levels(plan.network), target_options(plan)
+
     def submit(position: int) -> None:  # batches in one sequence over this epoch and the next
         key = divmod(position, n)
         if key[0] <= epoch + 1 and key not in pending:
             pending[key] = pool.submit(make, fold, *key)
-    for stale in [key for key in pending if key[0] not in (epoch, epoch + 1)]:  # not this epoch nor the next
+    for stale in [key for key in pending if key[0] != epoch]:  # a different epoch than prefetched
         pending.pop(stale).cancel()
     start = epoch * n
     for p in range(start, start + depth):
         submit(p)
-    return _collect(plan, fold, epoch, n, depth, pending, submit)
-
-
-def _collect(plan: Plan, fold: int, epoch: int, n: int, depth: int, pending: dict, submit: Callable) -> Iterator:
-    """The batches _ordered submitted, in order, each replaced by the next one ``depth`` ahead."""
-    levels, options = supervised_levels(plan.network), target_options(plan)
-    start = epoch * n
     for i in range(n):
         try:
             raw = pending.pop((epoch, i)).result()

@@ -21,10 +21,10 @@ import numpy as np
 
 def probe(candidates: list[dict], network: dict, loss: dict, in_channels: int, n_classes: int,
           steps: int = 3, mixed_precision: bool = False, stop_above: dict | None = None) -> list[dict]:
-    """Measure the candidates in order (up to the first over ``stop_above``): the plan's network settings (``network``, a NetworkSection as a
-    dict: architecture, deep supervision, ...) with the candidate's filters/pools/kernels (and blocks
-    per stage), at its patch and batch, with the plan's loss on every supervised level, weighted as
-    in training."""
+    """Measure the candidates in order (up to the first over ``stop_above``): the plan's network
+    settings (``network``, a NetworkSection as a dict: architecture, deep supervision, ...) with the
+    candidate's filters/pools/kernels (and blocks per stage), at its patch and batch, with the plan's
+    loss on every supervised level, weighted as in training."""
     import dataclasses
 
     import keras

@@ -113,8 +113,8 @@ def train_fold(ws: Workspace, k: int, resume: bool = False, restart: bool = Fals
 def _train(ws: Workspace, k: int, fold: Fold, plan: Plan, pre, split: dict, resume: bool, progress: bool,
            previous=None) -> Fold:
     tr, sched = plan.training, plan.training.schedule
-    # the model first: its initial weights come from the global random state that compile_model seeds
-    # and that the batch thread (seeded_global_numpy) swaps while it augments
+    # the model before the batch thread: its initial weights come from the global random state that
+    # compile_model seeds and that the thread (seeded_global_numpy) swaps while it augments
     model = compile_model(plan, tr.learning_rate)
     state = load_latest(fold, model) if resume else None
     if state is None and tr.initial_weights:  # a fresh fold of a fine-tuning plan: start from those weights
@@ -125,7 +125,6 @@ def _train(ws: Workspace, k: int, fold: Fold, plan: Plan, pre, split: dict, resu
     times = {}
     if not state.stopped:
         with batch_stream(pre, split["train"], plan, k, tr.workers, previous) as epoch_batches:
-            epoch_batches(state.epoch, sched.iterations_per_epoch)  # made while the validation patches are cut
             val = validation_batches(pre, split["val"], plan, k, previous)
             state, times = _train_epochs(model, plan, fold, k, state, history, epoch_batches, val, progress)
     write_json(fold.finished, {"reason": state.stopped, "epochs": state.epoch, "best_epoch": state.best_epoch,

@@ -49,21 +49,16 @@ def test_a_failing_worker_stops_with_its_error(prepared):
             list(epoch_batches(0, 4))
 
 
-def _record_batches(monkeypatch) -> list:
-    """The (epoch, index) of every batch the stream makes from now on, in the order made."""
-    import runner.batches as B
-    made, real = [], B.augmented_batch
-    monkeypatch.setattr(B, "augmented_batch", lambda s, a, p, f, e, i: made.append((e, i)) or real(s, a, p, f, e, i))
-    return made
-
-
 def test_next_epochs_first_batches_are_made_ahead_and_are_the_same(prepared, monkeypatch):
     """While the last steps of an epoch run (and validation, checkpoints), the next epoch's first
     batches are already being made; they are the very batches a fresh stream would make."""
     import time
+    import runner.batches as B
     ws, pre = prepared
     ids = [c.case_id for c in ws.dataset.cases]
-    made = _record_batches(monkeypatch)
+    made = []
+    real = B.augmented_batch
+    monkeypatch.setattr(B, "augmented_batch", lambda s, a, p, f, e, i: made.append((e, i)) or real(s, a, p, f, e, i))
     with deadline(120), batch_stream(pre, ids, ws.plan, 1, 0) as epoch_batches:
         first = list(epoch_batches(0, 2))
         time.sleep(1.0)
@@ -73,23 +68,4 @@ def test_next_epochs_first_batches_are_made_ahead_and_are_the_same(prepared, mon
         expected = list(fresh(1, 2))
     assert len(first) == len(second) == 2
     for (xa, ya), (xb, yb) in zip(second, expected):
-        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
-
-
-def test_asking_for_an_epoch_starts_its_batches_before_the_first_is_taken(prepared, monkeypatch):
-    """Training asks for epoch 0 before it builds the model: the first batches are made meanwhile,
-    not when the loop takes the first one, and taking them later gives the same batches."""
-    import time
-    ws, pre = prepared
-    ids = [c.case_id for c in ws.dataset.cases]
-    made = _record_batches(monkeypatch)
-    with deadline(120), batch_stream(pre, ids, ws.plan, 1, 0) as epoch_batches:
-        epoch_batches(0, 3)  # not iterated
-        time.sleep(1.0)
-        assert (0, 0) in made, "the first batch waited for the first `next`"
-        early = list(epoch_batches(0, 3))
-    assert made.count((0, 0)) == 1  # asked twice, made once
-    with batch_stream(pre, ids, ws.plan, 1, 0) as fresh:
-        expected = list(fresh(0, 3))
-    for (xa, ya), (xb, yb) in zip(early, expected):
         assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
