@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from runner.demo import DEMO_MINUTES
 
 KERAS_COMMANDS = ("run", "predict", "demo")
 
@@ -348,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_select)
     s = sub.add_parser("demo", help="phantoms -> plan -> fold 0 -> predict -> evaluate, on a CPU")
     s.add_argument("workdir", nargs="?", default="segplan_demo")
-    s.add_argument("--minutes", type=float, default=4.0, help="training time budget")
+    s.add_argument("--minutes", type=float, default=DEMO_MINUTES,
+                   help="training time budget in minutes (default %(default)g: the whole demo under 4 on 2 cores)")
     s.set_defaults(fn=cmd_demo)
     return p
 
