@@ -94,9 +94,13 @@ def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, t
                             for c, s, p in zip(candidates, seconds, case_s))
         unmeasured = [f"{c['filters'][0]}.." for c in candidates[len(measured):]]
         skipped = (f" (wider candidates, {', '.join(unmeasured)}, not probed: slower still)" if unmeasured else "")
+        reaches = minutes * 60 * USABLE_SHARE / seconds[pick] >= MIN_ITERATIONS and case_s[pick] <= MAX_CASE_SECONDS
+        choice = (f"chose the widest reaching {MIN_ITERATIONS} iterations in {minutes:g} min and predicting a median "
+                  f"case within {MAX_CASE_SECONDS:g} s" if reaches else
+                  f"none reaches {MIN_ITERATIONS} iterations in {minutes:g} min and predicts a median case within "
+                  f"{MAX_CASE_SECONDS:g} s: chose the fastest to train (a longer budget buys more iterations)")
         reasons["network.filters"] = (f"probe on this machine, patch {tr.patch_size} x batch {tr.batch_size}: {figures}"
-                                      f"{skipped}; chose the widest reaching {MIN_ITERATIONS} iterations in {minutes:g} "
-                                      f"min and predicting a median case within {MAX_CASE_SECONDS:g} s")
+                                      f"{skipped}; {choice}")
         reasons["inference.overlap"] = (f"a median case is {windows} windows of {tr.patch_size}: about "
                                         f"{case_s[pick]:.1f} s of network time to predict on this machine (probe, "
                                         f"{measured[pick]['window_seconds']:.2f} s per window, no mirroring)")

@@ -145,3 +145,20 @@ def test_too_few_cases_for_the_folds(tmp_path):
     with pytest.raises(ValueError, match="at least 2"):
         make_plan(fp.__class__(**{**fp.__dict__, "cases": fp_cases[:1]}), "p", "ds", "work", 8.0, "test")
     assert np.isfinite(plan.memory.estimate_gb)
+
+
+@pytest.mark.parametrize("step_s, expected", [(0.01, "chose the widest reaching"), (5.0, "none reaches")])
+def test_the_width_reason_says_when_no_width_buys_enough_iterations(monkeypatch, step_s, expected):
+    """The demo's 3-minute budget: every width too slow for MIN_ITERATIONS, so the fastest is taken,
+    and the plan must not claim it reaches them."""
+    import planner.cpu_plan as cp
+    fp_cases = [CaseFingerprint(f"c{i}", [1.0] * 3, [40] * 3, [40] * 3, [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0], ["other"],
+                                [10, 10]) for i in range(5)]
+    ch = [ChannelStats("MR", False, 0.0, 1.0, 0.0, 1.0, 0.0, 0.5, 1.0, 10)]
+    fp = Fingerprint(FINGERPRINT_VERSION, "x", ["MR"], {"background": 0, "a": 1}, [-1250.0, 250.0], fp_cases, ch,
+                     [0.5, 0.5], [2, 2])
+    monkeypatch.setattr(cp, "run_probe", lambda candidates, *a, **k: (
+        [{"seconds": step_s * (i + 1), "window_seconds": 0.01, "oom": False} for i in range(len(candidates))], ""))
+    plan, reasons = make_cpu_plan(fp, "p", "ds", "work", time_budget=3.0)
+    assert expected in reasons["network.filters"]
+    assert plan.network.filters[0] == (cp.WIDTHS[-1] if step_s < 1 else cp.WIDTHS[0])
