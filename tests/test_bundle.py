@@ -39,16 +39,20 @@ def _rezip(src, dst, change: dict):
 
 
 @pytest.mark.e2e
-def test_bundle_predicts_like_the_work_folder_and_refuses_what_it_cannot_trust(phantoms, tmp_path):
-    plan_path = tiny_plan(phantoms, tmp_path / "plans" / "p.yaml", epochs=1, iterations=2)
-    assert main(["run", str(plan_path), "--fold", "0"]) == 0
-    with pytest.raises(ValueError, match=r"folds \[1\] have not finished"):
-        from runner.bundle import export
-        export(plan_path, tmp_path / "m.zip")
-    assert main(["run", str(plan_path), "--fold", "1"]) == 0
-    assert main(["summarize", str(plan_path)]) == 0
-    bundle = tmp_path / "m.zip"
-    assert main(["export", str(plan_path), "-o", str(bundle)]) == 0
+def test_bundle_predicts_like_the_work_folder_and_refuses_what_it_cannot_trust(exported, tmp_path):
+    """The module's two-fold plan (trained once, in ``exported``): export refuses while a fold is
+    unfinished; the bundle holds no training case ids, predicts what the work folder predicts once
+    the work folder and plan are gone, and refuses files changed after export."""
+    plan_path, bundle = exported.plan, exported.bundle
+    done = Workspace(plan_path).fold(1).finished
+    held = done.with_suffix(".held")
+    done.rename(held)
+    try:
+        with pytest.raises(ValueError, match=r"folds \[1\] have not finished"):
+            from runner.bundle import export
+            export(plan_path, tmp_path / "m.zip")
+    finally:
+        held.rename(done)
     names = zipfile.ZipFile(bundle).namelist()
     assert {"manifest.json", "folds/0/plan.yaml", "folds/1/model.weights.h5", "postprocessing.yaml"} <= set(names)
     # no training case ids: the training cases' units mean nothing to new images (issue 19)
@@ -74,8 +78,12 @@ def test_bundle_predicts_like_the_work_folder_and_refuses_what_it_cannot_trust(p
     x = np.random.default_rng(0).normal(size=(1, 8, 32, 32, 1)).astype(np.float32)
     served = tf.saved_model.load(str(tmp_path / "served" / "fold_0"))
     assert np.allclose(np.asarray(served.serve(x)), model.predict_on_batch(x), atol=1e-5)
-    shutil.rmtree(tmp_path / "plans")                       # the work folder and plan are gone
-    assert main(["predict", "--model", str(bundle), "-i", str(inp), "-o", str(tmp_path / "from_bundle")]) == 0
+    plans, away = Path(plan_path).parent, tmp_path / "plans_away"
+    shutil.move(plans, away)                                # the work folder and plan are gone
+    try:
+        assert main(["predict", "--model", str(bundle), "-i", str(inp), "-o", str(tmp_path / "from_bundle")]) == 0
+    finally:
+        shutil.move(away, plans)                            # back, for the module's other tests
     a = read_label(tmp_path / "from_work" / f"{case.case_id}.nii.gz")[0]
     b = read_label(tmp_path / "from_bundle" / f"{case.case_id}.nii.gz")[0]
     assert np.array_equal(a, b)

@@ -239,28 +239,22 @@ def _train_resume_predict(phantoms, tmp_path, network: dict | None, **plan) -> P
 
 
 @needs_keras
-def test_deep_supervision_fold_trains_resumes_and_predicts(phantoms, tmp_path):
-    _train_resume_predict(phantoms, tmp_path, {**FOUR_STAGES, "deep_supervision": True})
-
-
-@needs_keras
 @pytest.mark.e2e
 def test_residual_encoder_fold_trains_resumes_predicts_and_travels_in_a_bundle(phantoms, tmp_path):
-    """The resenc network with deep supervision: fold 0 resumed exactly and predicted; exported with
-    fold 1 as a bundle, which predicts what the work folder predicts and starts a fine-tuning plan
-    that keeps its architecture."""
+    """The resenc network with deep supervision: fold 0 resumed exactly and predicted; exported as a
+    bundle, which predicts what the work folder predicts and starts a fine-tuning plan that keeps
+    its architecture. (Deep supervision of the plain U-Net: test_regions' region fold.)"""
     from planner.dataset import read_label
     from planner.planning import plan_dataset
     from runner.cli import main
     net = {**FOUR_STAGES, "architecture": "residual_encoder", "blocks_per_stage": [1, 3, 4, 6], "convs_per_stage": 1,
            "activation": "leaky_relu", "deep_supervision": True}
     plan_path = _train_resume_predict(phantoms, tmp_path, net)
-    assert main(["run", str(plan_path), "--fold", "1"]) == 0
     bundle = tmp_path / "m.zip"
-    assert main(["export", str(plan_path), "-o", str(bundle)]) == 0
+    assert main(["export", str(plan_path), "-o", str(bundle), "--folds", "0"]) == 0
     inp = tmp_path / "in"
     image = first_case_input(plan_path, inp)
-    assert main(["predict", str(plan_path), "-i", str(inp), "-o", str(tmp_path / "work_pred")]) == 0
+    assert main(["predict", str(plan_path), "-i", str(inp), "-o", str(tmp_path / "work_pred"), "--folds", "0"]) == 0
     assert main(["predict", "--model", str(bundle), "-i", str(inp), "-o", str(tmp_path / "bundle_pred")]) == 0
     case = image.name.replace("_0000.nii.gz", ".nii.gz")
     assert np.array_equal(read_label(tmp_path / "work_pred" / case)[0], read_label(tmp_path / "bundle_pred" / case)[0])
