@@ -44,13 +44,17 @@ def _worker_batch(fold: int, epoch: int, index: int) -> dict:
     return augmented_batch(_WORKER["sampler"], _WORKER["augment"], _WORKER["plan"], fold, epoch, index)
 
 
-def _ordered(pool: Executor, make: Callable, plan: Plan, fold: int, epoch: int, n: int, depth: int,
+def _keras_batch(plan: Plan, raw: dict) -> tuple:
+    """A made batch in the Keras layout (one-hot targets, one per supervised level)."""
+    return to_keras(raw, len(plan.dataset.labels), supervised_levels(plan.network), **target_options(plan))
+
+
+def _ordered(pool: Executor, make: Callable, finish: Callable, fold: int, epoch: int, n: int, depth: int,
              pending: dict) -> Iterator:
     """The epoch's n batches in order, ``depth`` submitted ahead, running on into the next epoch's
-    first batches (so they are made during validation and checkpoints); ``pending`` maps
-    (epoch, index) to submitted batches across calls. A dead worker becomes an error."""
-    levels, options = supervised_levels(plan.network), target_options(plan)
-
+    first batches (so they are made during validation and checkpoints), each passed through
+    ``finish`` as it is taken; ``pending`` maps (epoch, index) to submitted batches across calls.
+    A dead worker becomes an error."""
     def submit(position: int) -> None:  # batches in one sequence over this epoch and the next
         key = divmod(position, n)
         if key[0] <= epoch + 1 and key not in pending:
@@ -67,7 +71,7 @@ def _ordered(pool: Executor, make: Callable, plan: Plan, fold: int, epoch: int, 
             raise RuntimeError(f"a batch worker died while making batch {i} of epoch {epoch} (fold {fold}); "
                                "its error, if it printed one, is above; training stops here") from e
         submit(start + i + depth)
-        yield to_keras(raw, len(plan.dataset.labels), levels, **options)
+        yield finish(raw)
 
 
 @contextlib.contextmanager
@@ -76,23 +80,25 @@ def batch_stream(folder: Path, case_ids: list[str], plan: Plan, fold: int, worke
     """Yields ``epoch_batches(epoch, n)``: an iterator over that epoch's n (x, y) Keras batches.
 
     ``workers`` 0: one background thread of this process (one thread keeps batchgenerators' global
-    random state race-free); >= 1: that many spawned processes. ``previous``: a cascade's
-    previous-stage maps (runner/cascade.py)."""
+    random state race-free), which also one-hot encodes the targets, off the training step's
+    thread; >= 1: that many spawned processes, which send the compact labels and leave the one-hot
+    to this process. ``previous``: a cascade's previous-stage maps (runner/cascade.py)."""
     previous = str(previous) if previous is not None else None
     if workers <= 0:
         source = _make_source(str(folder), list(case_ids), plan, previous)
 
         def make(f, e, i):
-            return augmented_batch(source["sampler"], source["augment"], plan, f, e, i)
+            return _keras_batch(plan, augmented_batch(source["sampler"], source["augment"], plan, f, e, i))
+        finish: Callable = lambda batch: batch  # noqa: E731 (made whole in the thread)
         pool: Executor = ThreadPoolExecutor(max_workers=1)
         depth = LOOKAHEAD + 1
     else:
-        make = _worker_batch
+        make, finish = _worker_batch, lambda raw: _keras_batch(plan, raw)
         pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_start_worker,
                                    initargs=(str(folder), list(case_ids), plan, previous))
         depth = LOOKAHEAD * workers + 1
     try:
         pending: dict = {}
-        yield lambda epoch, n: _ordered(pool, make, plan, fold, epoch, n, depth, pending)
+        yield lambda epoch, n: _ordered(pool, make, finish, fold, epoch, n, depth, pending)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
