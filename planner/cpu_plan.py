@@ -49,16 +49,21 @@ DEEP_SUPERVISION_WHY = ("off: on Hippocampus fold 0 it was a wash at 5 minutes (
 # budget). The text is a 3d_fullres CPU plan's comment on its configuration
 CONFIGURATION_WHY = ("CPU plans are 3d_fullres unless --configuration (or --configurations all) asks for another: "
                      "2d was ahead at 3 minutes on Hippocampus fold 0 (Dice 0.839 / 0.834 against 0.827 / 0.824, the "
-                     "two averaged 0.855 / 0.848; benchmarks/configurations.py, one run on a loaded 2-core machine), "
-                     "too little to switch the default; longer budgets not yet compared")
+                     "two averaged 0.855 / 0.848; one run on a loaded 2-core machine) and behind at 5 minutes (0.870 / "
+                     "0.858 against 0.876 / 0.862; their ensemble 0.885 / 0.870 costs twice the training time; "
+                     "benchmarks/configurations.py)")
 
 
 def choose_width(seconds: list[float], budget_s: float, case_seconds: list[float] | None = None) -> int:
     """Index of the widest candidate reaching MIN_ITERATIONS in the budget and predicting a median
     case within MAX_CASE_SECONDS (the fastest to train if none does)."""
-    ok = [i for i, s in enumerate(seconds) if budget_s * USABLE_SHARE / s >= MIN_ITERATIONS
-          and (case_seconds is None or case_seconds[i] <= MAX_CASE_SECONDS)]
+    ok = [i for i, s in enumerate(seconds) if fits(s, budget_s, None if case_seconds is None else case_seconds[i])]
     return max(ok) if ok else min(range(len(seconds)), key=lambda i: seconds[i])
+
+
+def fits(step_s: float, budget_s: float, case_s: float | None = None) -> bool:
+    """A width trains MIN_ITERATIONS in the budget and predicts a median case within MAX_CASE_SECONDS."""
+    return budget_s * USABLE_SHARE / step_s >= MIN_ITERATIONS and (case_s is None or case_s <= MAX_CASE_SECONDS)
 
 
 def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, time_budget: float | None = None,
@@ -94,9 +99,8 @@ def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, t
                             for c, s, p in zip(candidates, seconds, case_s))
         unmeasured = [f"{c['filters'][0]}.." for c in candidates[len(measured):]]
         skipped = (f" (wider candidates, {', '.join(unmeasured)}, not probed: slower still)" if unmeasured else "")
-        reaches = minutes * 60 * USABLE_SHARE / seconds[pick] >= MIN_ITERATIONS and case_s[pick] <= MAX_CASE_SECONDS
         choice = (f"chose the widest reaching {MIN_ITERATIONS} iterations in {minutes:g} min and predicting a median "
-                  f"case within {MAX_CASE_SECONDS:g} s" if reaches else
+                  f"case within {MAX_CASE_SECONDS:g} s" if fits(seconds[pick], minutes * 60, case_s[pick]) else
                   f"none reaches {MIN_ITERATIONS} iterations in {minutes:g} min and predicts a median case within "
                   f"{MAX_CASE_SECONDS:g} s: chose the fastest to train (a longer budget buys more iterations)")
         reasons["network.filters"] = (f"probe on this machine, patch {tr.patch_size} x batch {tr.batch_size}: {figures}"
