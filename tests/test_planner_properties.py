@@ -128,12 +128,17 @@ def test_cpu_plans_end_and_validate_without_a_probe(fp, minutes):
     assert all(p % d == 0 for p, d in zip(plan.training.patch_size, pool_divisor(plan.network)))
 
 
-def test_too_few_cases_for_the_folds(tmp_path):
-    fp_cases = [CaseFingerprint(f"c{i}", [1.0] * 3, [20] * 3, [20] * 3, [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0], ["other"],
-                                [10, 10]) for i in range(2)]
+def _mr_fingerprint(cases: int, side: int) -> Fingerprint:
+    """A one-channel MR fingerprint of ``cases`` cubes of ``side`` voxels at 1 mm, one foreground class."""
+    fp_cases = [CaseFingerprint(f"c{i}", [1.0] * 3, [side] * 3, [side] * 3, [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0],
+                                ["other"], [10, 10]) for i in range(cases)]
     ch = [ChannelStats("MR", False, 0.0, 1.0, 0.0, 1.0, 0.0, 0.5, 1.0, 10)]
-    fp = Fingerprint(FINGERPRINT_VERSION, "x", ["MR"], {"background": 0, "a": 1}, [-1250.0, 250.0], fp_cases, ch,
-                     [0.5, 0.5], [2, 2])
+    return Fingerprint(FINGERPRINT_VERSION, "x", ["MR"], {"background": 0, "a": 1}, [-1250.0, 250.0], fp_cases, ch,
+                       [0.5, 0.5], [2, 2])
+
+
+def test_too_few_cases_for_the_folds(tmp_path):
+    fp = _mr_fingerprint(2, 20)
     ds = _dataset(tmp_path, 2)
     plan, reasons = make_plan(fp, "p", ds.name, "work", 8.0, "test")
     assert plan.cross_validation.folds == 2 and "only 2 cases" in reasons["cross_validation.folds"]
@@ -143,7 +148,7 @@ def test_too_few_cases_for_the_folds(tmp_path):
     with pytest.raises(SchemaError, match=r"cross_validation.folds: 5 folds need at least as many cases; the dataset has 2"):
         load_plan(out)
     with pytest.raises(ValueError, match="at least 2"):
-        make_plan(fp.__class__(**{**fp.__dict__, "cases": fp_cases[:1]}), "p", "ds", "work", 8.0, "test")
+        make_plan(fp.__class__(**{**fp.__dict__, "cases": fp.cases[:1]}), "p", "ds", "work", 8.0, "test")
     assert np.isfinite(plan.memory.estimate_gb)
 
 
@@ -152,11 +157,7 @@ def test_the_width_reason_says_when_no_width_buys_enough_iterations(monkeypatch,
     """The demo's 3-minute budget: every width too slow for MIN_ITERATIONS, so the fastest is taken,
     and the plan must not claim it reaches them."""
     import planner.cpu_plan as cp
-    fp_cases = [CaseFingerprint(f"c{i}", [1.0] * 3, [40] * 3, [40] * 3, [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0], ["other"],
-                                [10, 10]) for i in range(5)]
-    ch = [ChannelStats("MR", False, 0.0, 1.0, 0.0, 1.0, 0.0, 0.5, 1.0, 10)]
-    fp = Fingerprint(FINGERPRINT_VERSION, "x", ["MR"], {"background": 0, "a": 1}, [-1250.0, 250.0], fp_cases, ch,
-                     [0.5, 0.5], [2, 2])
+    fp = _mr_fingerprint(5, 40)
     monkeypatch.setattr(cp, "run_probe", lambda candidates, *a, **k: (
         [{"seconds": step_s * (i + 1), "window_seconds": 0.01, "oom": False} for i in range(len(candidates))], ""))
     plan, reasons = make_cpu_plan(fp, "p", "ds", "work", time_budget=3.0)
