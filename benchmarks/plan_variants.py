@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -32,12 +33,13 @@ from benchmarks.deep_supervision import fold_figures, plan_once  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """``NAME[:a.b=1,c.d=true]`` -> (NAME, {"a.b": 1, "c.d": True}); values are YAML."""
+    """``NAME[:a.b=1,c.d=true,e.f=[1,2]]`` -> (NAME, {"a.b": 1, "c.d": True, "e.f": [1, 2]}); values are
+    YAML (a comma starts the next key only where a ``key=`` follows it, so lists keep theirs)."""
     name, _, sets = text.partition(":")
     if not name:
         raise argparse.ArgumentTypeError(f"a variant needs a name: {text!r}")
     pairs = {}
-    for item in filter(None, sets.split(",")):
+    for item in filter(None, re.split(r",(?=[A-Za-z_][\w.]*=)", sets)):
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise argparse.ArgumentTypeError(f"{item!r} in variant {name!r} is not KEY=VALUE")
