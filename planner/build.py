@@ -70,12 +70,12 @@ def gpu_memory_budget(requested: float | None, preset: str = "default") -> tuple
 
 def make_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, gpu_memory_gb: float,
               budget_source: str, preset: str = "default", splits_file: str | None = None,
-              first: int = H.FIRST_FILTERS, cap: int = H.MAX_FILTERS, configuration: str = "3d_fullres"
-              ) -> tuple[Plan, dict]:
+              first: int = H.FIRST_FILTERS, cap: int = H.MAX_FILTERS, configuration: str = "3d_fullres",
+              min_cover: float | None = None) -> tuple[Plan, dict]:
     """The GPU plan for ``fp`` (presets default, miscnn-covid19, resenc-m and resenc-l) and the reasons
     behind its values, for one of nnU-Net's configurations (planner/configurations.py; a cascade's
     previous_stage is the caller's to set). The cpu preset starts from this plan with its own rules:
-    planner.cpu_plan."""
+    planner.cpu_plan, which passes ``min_cover`` (heuristics.fit_patch_and_batch)."""
     if preset == "miscnn-covid19":
         if configuration != "3d_fullres":
             raise ValueError(f"the miscnn-covid19 preset is the paper's 3D network at full resolution, not "
@@ -93,7 +93,7 @@ def make_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, gpu_m
         return H.fit_patch_and_batch(median, spacing, gpu_memory_gb, n_in, n_cls, voxels, reasons, first=first,
                                      cap=min(cap, RESENC_MAX_FILTERS) if resenc else cap,
                                      network=H.RESENC_NETWORK if resenc else DEFAULT_NETWORK,
-                                     max_batch_share=1.0 if resenc else H.MAX_BATCH_SHARE)
+                                     max_batch_share=1.0 if resenc else H.MAX_BATCH_SHARE, min_cover=min_cover)
     spacing, slice_axis, fit = size(configuration, fp, H.target_spacing(np.array([c.spacing for c in fp.cases]),
                                                                         reasons), fit_at, reasons)
     _network_reasons(fit["network"], preset, reasons)

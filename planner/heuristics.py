@@ -80,9 +80,14 @@ def shaped(template: NetworkSection, filters: list[int], pools: list[list[int]],
                                kernel_sizes=[list(k) for k in kernels], blocks_per_stage=blocks)
 
 
-def _divisible(patch: list[int], pools: list[list[int]]) -> list[int]:
+def _divisible(patch: list[int], pools: list[list[int]], down_to: list[float] | None = None) -> list[int]:
+    """Each axis a multiple of its total pooling: rounded up, or down where ``down_to`` is given and
+    the multiple below is still at least ``down_to`` on that axis (and one pooling multiple)."""
     div = [math.prod(p[a] for p in pools) for a in range(len(patch))]
-    return [max(d, int(math.ceil(s / d)) * d) for s, d in zip(patch, div)]
+    up = [max(d, int(math.ceil(s / d)) * d) for s, d in zip(patch, div)]
+    if down_to is None:
+        return up
+    return [s // d * d if s // d * d >= max(d, lo) else u for s, d, u, lo in zip(patch, div, up, down_to)]
 
 
 def _can_shrink(patch: list[int], pools: list[list[int]], floor: list[int]) -> list[bool]:
@@ -94,11 +99,14 @@ def _can_shrink(patch: list[int], pools: list[list[int]], floor: list[int]) -> l
 def fit_patch_and_batch(median_shape: list[float], spacing: list[float], budget_gb: float, in_channels: int,
                         n_classes: int, dataset_voxels: float, reasons: dict, first: int = FIRST_FILTERS,
                         cap: int = MAX_FILTERS, mixed_precision: bool = False, network: NetworkSection = PLAIN_NETWORK,
-                        min_batch: int = MIN_BATCH, max_batch_share: float = MAX_BATCH_SHARE) -> dict:
+                        min_batch: int = MIN_BATCH, max_batch_share: float = MAX_BATCH_SHARE,
+                        min_cover: float | None = None) -> dict:
     """nnU-Net's rule: a patch proportional to the median image in mm, shrunk along the axis largest
     relative to the median shape until the estimate fits ``budget_gb``; the rest goes to the batch,
     which covers at most ``max_batch_share`` of the dataset's voxels. ``network`` is the kind of
     network sized (its topology is the rules'); the fitted one is returned as ``network``.
+    ``min_cover`` (CPU plans): the median is rounded down to the pooling, not up, on every axis where
+    the patch still covers at least this share of it (padding costs step time and teaches nothing).
 
     Always ends: every step takes one pooling multiple off an axis that stays at or above its floor
     (MIN_PATCH voxels, or the median where that is smaller), so the patch strictly shrinks. When even
@@ -113,7 +121,7 @@ def fit_patch_and_batch(median_shape: list[float], spacing: list[float], budget_
                                     mixed_precision)
     while True:
         pools, kernels = topology(patch, spacing)
-        patch = _divisible(patch, pools)
+        patch = _divisible(patch, pools, None if min_cover is None else [min_cover * m for m in median_shape])
         filters = filters_for(len(pools) + 1, first, cap)
         est = estimate(patch, pools, kernels, filters, min_batch)
         movable = _can_shrink(patch, pools, floor)

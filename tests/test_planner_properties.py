@@ -124,8 +124,27 @@ def test_every_fingerprint_gets_a_checkable_plan_in_under_a_second(tmp_path_fact
 def test_cpu_plans_end_and_validate_without_a_probe(fp, minutes):
     with deadline(10):
         plan, reasons = make_cpu_plan(fp, "p", "ds", "work", time_budget=minutes, probe=False)
-    assert plan.device == "cpu" and plan.training.schedule.time_budget_minutes == pytest.approx(minutes)
+    s = plan.training.schedule
+    assert plan.device == "cpu" and s.time_budget_minutes == pytest.approx(minutes)
+    # the budget ends the run: early stopping would keep weights of a learning rate not yet decayed
+    assert s.early_stopping_patience >= s.max_epochs
     assert all(p % d == 0 for p, d in zip(plan.training.patch_size, pool_divisor(plan.network)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(median=st.lists(st.floats(4.0, 300.0), min_size=3, max_size=3), cover=st.floats(0.5, 0.99))
+def test_a_cpu_patch_rounds_the_median_down_only_while_it_covers_min_cover_of_it(median, cover):
+    """With memory to spare nothing is shrunk: each axis is the multiple of its pooling just below the
+    median where that still covers ``cover`` of it, else the one above (nnU-Net's, and a GPU plan's)."""
+    spacing = [1.0, 1.0, 1.0]
+    cpu = H.fit_patch_and_batch(median, spacing, 1e4, 1, 3, 1e12, {}, first=8, cap=64, min_cover=cover)
+    gpu = H.fit_patch_and_batch(median, spacing, 1e4, 1, 3, 1e12, {}, first=8, cap=64)
+    for p, g, m, d in zip(cpu["patch"], gpu["patch"], median, pool_divisor(cpu["network"])):
+        below = math.ceil(m) // d * d
+        assert p % d == 0 and p in (below, g)
+        assert (p == below) == (below >= max(d, cover * m)), (median, cpu["patch"], gpu["patch"])
+    assert H.fit_patch_and_batch([36, 50, 35], spacing, 1e4, 1, 3, 1e12, {}, first=8, cap=64,
+                                 min_cover=0.85)["patch"] == [32, 48, 32]  # Hippocampus' median image
 
 
 def _mr_fingerprint(cases: int, side: int) -> Fingerprint:
