@@ -129,6 +129,9 @@ class LossSection:
     cross_entropy_weight: float = doc("weight of the cross-entropy term (categorical; binary per region with "
                                       "dataset.regions)")
     smooth: float = doc("added to numerator and denominator")
+    batch_dice: bool = doc("sum the Tversky index over the whole batch as one volume (nnU-Net's batch_dice), not per "
+                           "patch: a patch with little or none of a class then adds no noisy term of its own",
+                           default=False)
 
 
 @dataclass(frozen=True)

@@ -20,21 +20,24 @@ def spatial_axes(y) -> tuple[int, ...]:
     return tuple(range(1, len(y.shape) - 1))
 
 
-def tversky_index(y_true, y_pred, alpha: float, beta: float, smooth: float, mask=None):
+def tversky_index(y_true, y_pred, alpha: float, beta: float, smooth: float, mask=None, batch: bool = False):
     """Per sample and class: TP / (TP + alpha FN + beta FP), summed over voxels (shape (batch, classes));
-    ``mask`` (b, *spatial, 1): only its voxels are summed."""
+    ``batch``: summed over the batch's voxels as one volume (shape (classes,)); ``mask`` (b, *spatial,
+    1): only its voxels are summed."""
     if mask is not None:
         y_true, y_pred = y_true * mask, y_pred * mask
-    axes = spatial_axes(y_true)
+    axes = (0,) * batch + spatial_axes(y_true)
     tp = ops.sum(y_true * y_pred, axis=axes)
     fn = ops.sum(y_true * (1.0 - y_pred), axis=axes)
     fp = ops.sum((1.0 - y_true) * y_pred, axis=axes)
     return (tp + smooth) / (tp + alpha * fn + beta * fp + smooth)
 
 
-def tversky_loss(y_true, y_pred, alpha: float = 0.5, beta: float = 0.5, smooth: float = 1e-6, mask=None):
-    """n_classes - sum_c TI_c, averaged over the batch (MIScnn's form, background included)."""
-    ti = tversky_index(y_true, y_pred, alpha, beta, smooth, mask)
+def tversky_loss(y_true, y_pred, alpha: float = 0.5, beta: float = 0.5, smooth: float = 1e-6, mask=None,
+                 batch: bool = False):
+    """n_classes - sum_c TI_c, averaged over the batch (MIScnn's form, background included); ``batch``:
+    one index per class over the whole batch (nnU-Net's batch_dice)."""
+    ti = tversky_index(y_true, y_pred, alpha, beta, smooth, mask, batch)
     return ops.mean(ops.cast(ops.shape(ti)[-1], ti.dtype) - ops.sum(ti, axis=-1))
 
 
@@ -61,12 +64,12 @@ def _mean(values, mask):
 
 
 def make_loss(cfg: LossSection, ignore: bool = False):
-    """The plan's loss: tversky_weight * Tversky + cross_entropy_weight * mean CCE (``ignore``: over
-    the annotated voxels, the target's last channel)."""
+    """The plan's loss: tversky_weight * Tversky (per patch, or over the batch with batch_dice) +
+    cross_entropy_weight * mean CCE (``ignore``: over the annotated voxels, the target's last channel)."""
     def loss(y_true, y_pred):
         y_pred = ops.cast(y_pred, "float32")
         y_true, mask = _split(ops.cast(y_true, "float32"), ignore)
-        tv = tversky_loss(y_true, y_pred, cfg.tversky_alpha, cfg.tversky_beta, cfg.smooth, mask)
+        tv = tversky_loss(y_true, y_pred, cfg.tversky_alpha, cfg.tversky_beta, cfg.smooth, mask, cfg.batch_dice)
         ce = _mean(keras.losses.categorical_crossentropy(y_true, ops.clip(y_pred, 1e-7, 1.0)), mask)
         return cfg.tversky_weight * tv + cfg.cross_entropy_weight * ce
     return loss
@@ -82,7 +85,7 @@ def make_region_loss(cfg: LossSection, ignore: bool = False):
     def loss(y_true, y_pred):
         y_pred = ops.cast(y_pred, "float32")
         y_true, mask = _split(ops.cast(y_true, "float32"), ignore)
-        tv = tversky_loss(y_true, y_pred, cfg.tversky_alpha, cfg.tversky_beta, cfg.smooth, mask)
+        tv = tversky_loss(y_true, y_pred, cfg.tversky_alpha, cfg.tversky_beta, cfg.smooth, mask, cfg.batch_dice)
         p = ops.clip(y_pred, eps, 1.0 - eps)
         bce = -ops.mean(y_true * ops.log(p) + (1.0 - y_true) * ops.log(1.0 - p), axis=-1)
         return cfg.tversky_weight * tv + cfg.cross_entropy_weight * _mean(bce, mask)

@@ -37,6 +37,31 @@ def test_tversky_half_half_equals_soft_dice():
     assert float(tversky_loss(y, p, 0.9, 0.1)) != pytest.approx(tv)
 
 
+
+@needs_keras
+def test_batch_dice_is_one_dice_over_the_batch_and_ignores_absent_classes_per_patch():
+    """batch_dice sums TP/FN/FP over every patch of the batch (nnU-Net's batch_dice): the numpy
+    oracle's one Dice per class; per-patch Tversky differs when a class is absent from one patch
+    (its near-empty term counts as a full miss there), batch Dice does not."""
+    from planner.plan import LossSection
+    from runner.losses import make_loss
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, (2, 4, 5, 6))
+    labels[0, :2] = 2  # class 2 only in the first patch
+    y = np.eye(3, dtype=np.float32)[labels]
+    p = rng.random((2, 4, 5, 6, 3)).astype(np.float32)
+    p /= p.sum(-1, keepdims=True)
+    cfg = LossSection(0.5, 0.5, 1.0, 0.0, 1e-6, batch_dice=True)
+    tp = (y * p).sum((0, 1, 2, 3))
+    oracle = 3 - (2 * tp / (y.sum((0, 1, 2, 3)) + p.sum((0, 1, 2, 3)))).sum()
+    assert float(make_loss(cfg)(y, p)) == pytest.approx(float(oracle), rel=1e-4)
+    tp = (y * p).sum((1, 2, 3))
+    per_patch_dice = 2 * tp / (y.sum((1, 2, 3)) + p.sum((1, 2, 3)) + 2e-6)
+    assert per_patch_dice[1, 2] < 1e-5  # class 2 absent from the second patch: a full miss there
+    per_patch = float(make_loss(dataclasses.replace(cfg, batch_dice=False))(y, p))
+    assert per_patch == pytest.approx(float(np.mean(3 - per_patch_dice.sum(-1))), rel=1e-4)
+    assert per_patch > float(oracle) + 0.05
+
 @needs_keras
 def test_unet_matches_plan_topology():
     from planner.plan import NetworkSection
