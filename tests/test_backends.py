@@ -16,7 +16,7 @@ from runner.workspace import Workspace
 from tests.tiny import FOUR_STAGES, tiny_plan
 
 ROOT = Path(__file__).resolve().parents[1]
-RESENC_DS = {**FOUR_STAGES, "architecture": "residual_encoder", "blocks_per_stage": [1, 3, 4, 6], "convs_per_stage": 1,
+RESENC_DS = {**FOUR_STAGES, "architecture": "residual_encoder", "blocks_per_stage": [1, 2, 2, 3], "convs_per_stage": 1,
              "activation": "leaky_relu", "deep_supervision": True}
 OTHER = next((b for b in ("jax", "torch") if importlib.util.find_spec(b)), None)
 

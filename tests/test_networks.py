@@ -256,7 +256,7 @@ def test_residual_encoder_fold_trains_resumes_predicts_and_travels_in_a_bundle(p
     from planner.dataset import read_label
     from planner.planning import plan_dataset
     from runner.cli import main
-    net = {**FOUR_STAGES, "architecture": "residual_encoder", "blocks_per_stage": [1, 3, 4, 6], "convs_per_stage": 1,
+    net = {**FOUR_STAGES, "architecture": "residual_encoder", "blocks_per_stage": [1, 2, 2, 3], "convs_per_stage": 1,
            "activation": "leaky_relu", "deep_supervision": True}
     plan_path = _train_resume_predict(phantoms, tmp_path, net)
     bundle = tmp_path / "m.zip"
@@ -299,11 +299,11 @@ def test_the_probe_measures_the_planned_network_with_its_outputs_and_blocks(phan
     from planner.probing import candidate
     from planner.schema import to_plain
     from runner.probe import probe
-    net = {**FOUR_STAGES, "architecture": "residual_encoder", "blocks_per_stage": [1, 3, 4, 6], "convs_per_stage": 1,
+    net = {**FOUR_STAGES, "architecture": "residual_encoder", "blocks_per_stage": [1, 2, 2, 3], "convs_per_stage": 1,
            "deep_supervision": True}
     plan = load_plan(tiny_plan(phantoms, tmp_path / "p.yaml", network=net))
     c = candidate(plan)
-    assert c["blocks_per_stage"] == [1, 3, 4, 6]
+    assert c["blocks_per_stage"] == [1, 2, 2, 3]
     (m,) = probe([c], to_plain(plan.network), to_plain(plan.training.loss), 1, 4, steps=1)
     assert m["oom"] is False and m["seconds"] > 0 and m["window_seconds"] > 0 and m["peak_gb"] is None
     with pytest.raises(ValueError):  # a candidate's blocks must match its stages, as the plan's must
