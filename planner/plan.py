@@ -156,7 +156,7 @@ class TrainingSection:
     patch_size: list[int] = doc("voxels (z, y, x); a 2d plan: the two in-plane axes, in that order without slice_axis "
                                 "((y, x) when slice_axis is 0)")
     batch_size: int = doc("patches per step")
-    learning_rate: float = doc("Adam's initial learning rate")
+    learning_rate: float = doc("the optimizer's initial learning rate")
     mixed_precision: bool = doc("float16/bfloat16 activations (GPU); off on CPU")
     seed: int = doc("seeds sampling and augmentation")
     sampling: SamplingSection = doc("")
@@ -169,6 +169,9 @@ class TrainingSection:
                        "training process); the batches are the same whatever the number", default=1)
     initial_weights: str | None = doc("Keras weights to start from (relative to this file; layers whose shape "
                                       "differs, e.g. another class count, start from scratch); null: random", default=None)
+    optimizer: Literal["adam", "sgd"] = doc("adam (the paper) or sgd: SGD with Nesterov momentum 0.99 and gradients "
+                                            "clipped to norm 12 (nnU-Net's; it starts at learning_rate 0.01)",
+                                            default="adam")
 
 
 @dataclass(frozen=True)

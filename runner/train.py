@@ -33,7 +33,7 @@ class FoldFinished(Exception):
 
 
 def compile_model(plan: Plan, learning_rate: float):
-    """The plan's network with Adam and the plan's loss; with deep supervision the loss of each
+    """The plan's network with the plan's optimizer and loss; with deep supervision the loss of each
     supervised level, weighted as planner.plan.supervised_levels says (Keras sums them), and the
     Dice metric of the full-resolution output."""
     import keras
@@ -44,10 +44,18 @@ def compile_model(plan: Plan, learning_rate: float):
     model = plan_network(plan)
     regions, ignore = bool(plan.dataset.regions), plan.dataset.ignore_label is not None
     metric = soft_dice_metric(regions, ignore) if regions or ignore else fg_soft_dice
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+    model.compile(optimizer=make_optimizer(plan.training.optimizer, learning_rate),
                   **compile_arguments(plan.training.loss, supervised_levels(plan.network), metric,
                                       plan_loss(plan.training.loss, regions, ignore)))
     return model
+
+
+def make_optimizer(name: str, learning_rate: float):
+    """Adam (the paper's), or nnU-Net's SGD: Nesterov momentum 0.99, gradient norm clipped to 12."""
+    import keras
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate, momentum=0.99, nesterov=True, clipnorm=12.0)
+    return keras.optimizers.Adam(learning_rate)
 
 
 def _dice_of(out: dict) -> float:

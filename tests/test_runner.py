@@ -253,6 +253,33 @@ def test_resume_equivalence(phantoms, tmp_path):
 
 
 @needs_keras
+def test_sgd_is_nnunets_and_resumes_with_its_momentum(phantoms, tmp_path):
+    """training.optimizer: sgd compiles nnU-Net's SGD (Nesterov, momentum 0.99, clip norm 12), and
+    1 + 1 epochs resumed give the losses of 2 straight: the momentum buffers travel in the checkpoint
+    (with them zeroed the second epoch's losses would differ)."""
+    from runner.train import compile_model, train_fold
+
+    def sgd_plan(name: str) -> Path:
+        path = tiny_plan(phantoms, tmp_path / name / "p.yaml", epochs=2, iterations=2)
+        plan = load_plan(path)
+        save_plan(plan.replace(training=dataclasses.replace(plan.training, optimizer="sgd", learning_rate=0.01)), path)
+        return path
+    a, b = sgd_plan("a"), sgd_plan("b")
+    opt = compile_model(load_plan(a), 0.01).optimizer
+    assert (type(opt).__name__, float(opt.momentum), opt.nesterov, opt.clipnorm) == ("SGD", 0.99, True, 12.0)
+    fa = train_fold(Workspace(a), 0, progress=False).dir
+    plan_b = load_plan(b)
+    save_plan(plan_b.replace(training=dataclasses.replace(plan_b.training, schedule=dataclasses.replace(
+        plan_b.training.schedule, max_epochs=1))), b)
+    train_fold(Workspace(b), 0, progress=False)
+    save_plan(plan_b, b)
+    (b.parent / plan_b.dataset.work_dir / "fold_0" / "finished.json").unlink()
+    fb = train_fold(Workspace(b), 0, resume=True, progress=False).dir
+    losses = [[float(r["train_loss"]) for r in _history(f)] for f in (fa, fb)]
+    assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+@needs_keras
 def test_time_budget_stops_and_keeps_a_usable_best_checkpoint(phantoms, tmp_path):
     from runner.predict import load_fold_models
     from runner.train import train_fold
