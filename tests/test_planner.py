@@ -93,9 +93,9 @@ def _edit(path: Path, tmp_path: Path, old: str, new: str) -> Path:
 
 
 @pytest.mark.parametrize("old,new,key,words", [
-    ("  batch_size: 2\n  # Adam", "  bach_size: 2\n  # Adam", "training.bach_size", "did you mean 'batch_size'"),
+    ("  batch_size: 2\n  # the optimizer", "  bach_size: 2\n  # the optimizer", "training.bach_size", "did you mean 'batch_size'"),
     ("learning_rate: 0.001", "learning_rate: fast", "training.learning_rate", "expected a number"),
-    ("  batch_size: 2\n  # Adam", "  batch_size: 0\n  # Adam", "training.batch_size", "must be >= 1"),
+    ("  batch_size: 2\n  # the optimizer", "  batch_size: 0\n  # the optimizer", "training.batch_size", "must be >= 1"),
     ("mirror_p: 0.15", "mirror_p: 1.5", "training.augmentation.mirror_p", "within [0, 1]"),
     ("weighting: gaussian", "weighting: gausian", "inference.weighting", "did you mean 'gaussian'"),
     ("preset: default", "preset: nnunet-fancy", "preset", "unknown preset"),
