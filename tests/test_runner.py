@@ -37,7 +37,6 @@ def test_tversky_half_half_equals_soft_dice():
     assert float(tversky_loss(y, p, 0.9, 0.1)) != pytest.approx(tv)
 
 
-
 @needs_keras
 def test_batch_dice_is_one_dice_over_the_batch_and_ignores_absent_classes_per_patch():
     """batch_dice sums TP/FN/FP over every patch of the batch (nnU-Net's batch_dice): the numpy
@@ -61,6 +60,7 @@ def test_batch_dice_is_one_dice_over_the_batch_and_ignores_absent_classes_per_pa
     per_patch = float(make_loss(dataclasses.replace(cfg, batch_dice=False))(y, p))
     assert per_patch == pytest.approx(float(np.mean(3 - per_patch_dice.sum(-1))), rel=1e-4)
     assert per_patch > float(oracle) + 0.05
+
 
 @needs_keras
 def test_unet_matches_plan_topology():
