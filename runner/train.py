@@ -6,6 +6,8 @@ import dataclasses
 import math
 import shutil
 import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -56,6 +58,16 @@ def make_optimizer(name: str, learning_rate: float):
     if name == "sgd":
         return keras.optimizers.SGD(learning_rate, momentum=0.99, nesterov=True, clipnorm=12.0)
     return keras.optimizers.Adam(learning_rate)
+
+
+def load_initial_weights(model, path: Path) -> None:
+    """A fine-tuning plan's starting weights (a bundle fold's) into a freshly compiled model: every
+    layer whose shape matches (a new class count leaves the head new). The file also holds the
+    bundle's optimiser state, left out on purpose (fine-tuning starts a fresh optimiser), so Keras'
+    warning that it skips it says nothing the user needs and is silenced here alone."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(str(path), skip_mismatch=True)
 
 
 def _dice_of(out: dict) -> float:
@@ -126,7 +138,7 @@ def _train(ws: Workspace, k: int, fold: Fold, plan: Plan, pre, split: dict, resu
     model = compile_model(plan, tr.learning_rate)
     state = load_latest(fold, model) if resume else None
     if state is None and tr.initial_weights:  # a fresh fold of a fine-tuning plan: start from those weights
-        model.load_weights(str(ws.base / tr.initial_weights), skip_mismatch=True)
+        load_initial_weights(model, ws.base / tr.initial_weights)
     state = state or TrainState(learning_rate=tr.learning_rate)
     state = dataclasses.replace(state, stopped=stop_reason(state, sched))
     history = read_rows(fold.history)[: state.epoch]
