@@ -2,6 +2,7 @@
 carriage-returned progress bars, and no TensorFlow start-up notices unless --verbose."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,5 +31,10 @@ def test_a_log_file_gets_lines_not_bars_and_no_tensorflow_noise(phantoms, tmp_pa
     assert sum(line.startswith("fold 0 epoch ") for line in lines) == 2
     assert sum(line.startswith("predicted ") for line in lines) == 4          # the fold's validation cases
     assert not [line for line in lines if any(n in line for n in NOISE)], log[:2000]
-    verbose = _segplan("--verbose", "run", str(plan), "--fold", "1")
+    one = tmp_path / "in"  # --verbose on a cheaper command that starts TensorFlow too: predict one image
+    one.mkdir()
+    image = sorted((phantoms / "imagesTr").glob("*"))[0]
+    shutil.copy(image, one / image.name)
+    verbose = _segplan("--verbose", "predict", str(plan), "-i", str(one), "-o", str(tmp_path / "out"), "--folds", "0")
     assert any(n in verbose for n in NOISE), "--verbose should keep TensorFlow's messages"
+    assert len(list((tmp_path / "out").glob("*.nii.gz"))) == 1
