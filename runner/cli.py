@@ -7,7 +7,6 @@ import os
 import sys
 
 from runner import commands
-from runner.commands import fail
 from runner.demo import DEMO_MINUTES
 
 KERAS_COMMANDS = ("run", "predict", "demo")
@@ -174,9 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         print("segplan: the plan has problems:\n  " + "\n  ".join(e.problems), file=sys.stderr)
         return 2
     except (DatasetError, FileExistsError, FileNotFoundError, ValueError, Busy, MissingExtra) as e:
-        return fail(str(e))
+        return commands.fail(str(e))
     except KeyboardInterrupt:
-        return fail("interrupted; `segplan run PLAN --fold K --resume` continues a training run")
+        return commands.fail("interrupted; `segplan run PLAN --fold K --resume` continues a training run")
 
 
 if __name__ == "__main__":
