@@ -25,7 +25,7 @@ GPU_PAPER_STEP_S = 0.16
 
 
 def per_batch(ws, pre, ids, workers: int, n: int) -> float:
-    from runner.batches import batch_stream
+    from segplan.runner.training.batches import batch_stream
     with batch_stream(pre, ids, ws.plan, 0, workers) as epoch_batches:
         it = epoch_batches(0, n + 1)
         next(it)
@@ -36,7 +36,7 @@ def per_batch(ws, pre, ids, workers: int, n: int) -> float:
 
 
 def report(name: str, ws, ids, n: int, step_s: float) -> None:
-    from runner.preprocess import preprocess_dataset
+    from segplan.runner.preprocessing.preprocess import preprocess_dataset
     pre = preprocess_dataset(ws, workers=2, progress=False)
     tr = ws.plan.training
     print(f"{name}: patch {tr.patch_size} x {tr.batch_size}, {len(ids)} cases")
@@ -50,9 +50,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, default=16)
     a = ap.parse_args()
-    from datasets.phantoms import make_phantoms
-    from planner.planning import plan_dataset
-    from runner.workspace import Workspace
+    from segplan.datasets.phantoms import make_phantoms
+    from segplan.planner.planning import plan_dataset
+    from segplan.runner.workspace import Workspace
     print(f"{os.cpu_count()} CPU cores")
     tmp = Path(tempfile.mkdtemp())
     data = make_phantoms(tmp / "phantoms", cases=6, seed=2, scale=0.5, workers=2, progress=False)

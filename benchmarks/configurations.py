@@ -46,8 +46,8 @@ def phantom_fingerprint(cases: int = 20, seed: int = 0, scale: float = 1.0):
     """A fingerprint of ``cases`` phantoms (full size by default) from their specifications, no
     files: the geometry the planner reads of them (tests/test_configurations.py checks it against
     written phantoms); the intensity statistics are placeholders, which no configuration rule reads."""
-    from datasets.phantoms import LABELS, make_spec
-    from planner.fingerprint import FINGERPRINT_VERSION, CaseFingerprint, ChannelStats, Fingerprint
+    from segplan.datasets.phantoms import LABELS, make_spec
+    from segplan.planner.fingerprint import FINGERPRINT_VERSION, CaseFingerprint, ChannelStats, Fingerprint
     specs = [make_spec(seed, i, scale) for i in range(cases)]
     fps = [CaseFingerprint(s.case_id, list(s.spacing), list(s.shape), list(s.shape),
                            [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0], ["hu"], [1] * len(LABELS)) for s in specs]
@@ -65,12 +65,12 @@ def family_rows(family: dict) -> dict:
 
 
 def plan_phantoms(a) -> None:
-    from planner import heuristics as H
-    from planner.build import make_plan
-    from planner.configurations import plan_family
-    from planner.cpu_plan import make_cpu_plan
-    from planner.fingerprint import fingerprint_for
-    from planner.planning import fingerprint_cache
+    from segplan.planner import heuristics as H
+    from segplan.planner.build import make_plan
+    from segplan.planner.configurations import plan_family
+    from segplan.planner.cpu_plan import make_cpu_plan
+    from segplan.planner.fingerprint import fingerprint_for
+    from segplan.planner.planning import fingerprint_cache
     if a.data:
         t = time.perf_counter()
         fp, cached = fingerprint_for(Path(a.data), fingerprint_cache(Path(a.data), Path(a.work)), workers=2,
@@ -109,7 +109,7 @@ def plan_phantoms(a) -> None:
 def ensemble(fold_dirs: dict[str, Path], out: Path, labels: dict[str, int]) -> Path:
     """Average the configurations' saved probabilities (on the original grid) per case, arg-max, and
     write the label maps with the geometry of the first configuration's prediction."""
-    from planner.dataset import read_label, write_volume
+    from segplan.planner.dataset import read_label, write_volume
     out.mkdir(parents=True, exist_ok=True)
     first = next(iter(fold_dirs.values()))
     values = np.array(list(labels.values()))
@@ -128,13 +128,14 @@ def train_hippocampus(a) -> None:
     import yaml
 
     from benchmarks.deep_supervision import fold_figures, subset
-    from planner.dataset import Case
-    from planner.plan_file import load_plan, save_plan
-    from planner.planning import plan_configurations
-    from runner.evaluate import evaluate_folder
-    from runner.pipeline import run_fold
-    from runner.predict import load_fold_models, predict_cases
-    from runner.workspace import Workspace
+    from segplan.planner.dataset import Case
+    from segplan.planner.plan_file import load_plan, save_plan
+    from segplan.planner.planning import plan_configurations
+    from segplan.runner.evaluation.evaluate import evaluate_folder
+    from segplan.runner.pipeline import run_fold
+    from segplan.runner.inference.models import load_fold_models
+    from segplan.runner.inference.predict import predict_cases
+    from segplan.runner.workspace import Workspace
     work = Path(a.work)
     data = subset(a.data, work / "subset", a.cases) if a.cases else a.data
     t = time.perf_counter()

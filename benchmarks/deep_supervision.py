@@ -85,7 +85,7 @@ def subset(data: Path, out: Path, n: int) -> Path:
 def plan_once(a) -> Path:
     """The CPU plan for ``a.minutes`` of the dataset (or its first ``a.cases`` cases), written under
     ``a.work`` once for every variant to derive from; its path."""
-    from planner.planning import plan_dataset
+    from segplan.planner.planning import plan_dataset
     work = Path(a.work)
     data = subset(a.data, work / "subset", a.cases) if a.cases else a.data
     base_path = work / f"hippocampus_cpu_{a.minutes:g}min.yaml"
@@ -107,9 +107,9 @@ def main() -> None:
     ap.add_argument("--no-probe", action="store_true", help="a quick check: skip the planner's width probe")
     a = ap.parse_args()
     import keras
-    from planner.plan_file import load_plan, save_plan
-    from runner.pipeline import run_fold
-    from runner.workspace import Workspace
+    from segplan.planner.plan_file import load_plan, save_plan
+    from segplan.runner.pipeline import run_fold
+    from segplan.runner.workspace import Workspace
     work, base_path = Path(a.work), plan_once(a)
     results = {}
     for name, plan in variants(load_plan(base_path), a.max_epochs).items():

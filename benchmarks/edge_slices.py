@@ -3,7 +3,7 @@ of the phantoms' geometries come back as background when every resampled voxel s
 
 For each of N phantom geometries (the shapes and spacings `segplan make-phantoms` draws, full size
 by default; no image is made) and each axis, a volume that is one class everywhere is taken to the
-target spacing and back with runner.preprocess's inverse; every original index along the axis where
+target spacing and back with segplan.runner.preprocessing.preprocess's inverse; every original index along the axis where
 the voxel on the central line of the other two axes is not that class counts as lost. The other two
 axes are kept 8 voxels thin: the grids are separable, so what is lost along one axis does not
 depend on the others' length.
@@ -17,11 +17,11 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from datasets.phantoms import make_spec
-from planner.dataset import Geometry
-from planner.plan import ResamplingSection
-from runner.preprocess import invert_probabilities
-from runner.resampling import target_shape
+from segplan.datasets.phantoms import make_spec
+from segplan.planner.dataset import Geometry
+from segplan.planner.plan import ResamplingSection
+from segplan.runner.preprocessing.preprocess import invert_probabilities
+from segplan.runner.preprocessing.resampling import target_shape
 
 
 def lost_along(shape, spacing, target, axis: int) -> int:

@@ -30,10 +30,10 @@ def main() -> None:
     ap.add_argument("--fold", type=int, default=0)
     ap.add_argument("--train", action="store_true", help="run the fold of each plan first")
     args = ap.parse_args()
-    from runner.cli import main as segplan
-    from runner.oof import missing_probabilities, require_same_split
-    from runner.selection import score
-    from runner.workspace import Workspace
+    from segplan.runner.cli import main as segplan
+    from segplan.runner.evaluation.oof import missing_probabilities, require_same_split
+    from segplan.runner.evaluation.selection import score
+    from segplan.runner.workspace import Workspace
     run_minutes = {}
     for plan in args.plans:
         if args.train:

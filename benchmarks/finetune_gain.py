@@ -33,11 +33,11 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=2.0)
     ap.add_argument("--work", default="/tmp/finetune_gain")
     a = ap.parse_args()
-    from planner.plan_file import load_plan, save_plan
-    from planner.planning import plan_dataset
-    from runner.bundle import export
-    from runner.pipeline import run_fold
-    from runner.workspace import Workspace
+    from segplan.planner.plan_file import load_plan, save_plan
+    from segplan.planner.planning import plan_dataset
+    from segplan.runner.inference.bundle import export
+    from segplan.runner.pipeline import run_fold
+    from segplan.runner.workspace import Workspace
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     splits = json.loads((DATA / "splits_final.json").read_text())

@@ -36,14 +36,14 @@ def main() -> None:
     ap.add_argument("--cap", action="store_true")
     a = ap.parse_args()
     import keras
-    from datasets.phantoms import make_phantoms
-    from planner.plan_file import load_plan, save_plan
-    from planner.planning import plan_dataset
-    from runner import backend
-    from runner.data import PatchSampler, build_augmentation, make_batch
-    from runner.pipeline import run_fold
-    from runner.preprocess import preprocess_dataset
-    from runner.workspace import Workspace
+    from segplan.datasets.phantoms import make_phantoms
+    from segplan.planner.plan_file import load_plan, save_plan
+    from segplan.planner.planning import plan_dataset
+    from segplan.runner import backend
+    from segplan.runner.training.data import PatchSampler, build_augmentation, make_batch
+    from segplan.runner.pipeline import run_fold
+    from segplan.runner.preprocessing.preprocess import preprocess_dataset
+    from segplan.runner.workspace import Workspace
     tmp = Path(tempfile.mkdtemp())
     t = time.perf_counter()
     data = make_phantoms(tmp / "phantoms", cases=a.cases, seed=0, scale=a.scale, workers=8, progress=False)

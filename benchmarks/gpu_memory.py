@@ -3,11 +3,11 @@
     KERAS_BACKEND=torch python benchmarks/gpu_memory.py [--grid full|tiny] [--out results.json]
 
 For each grid point (patch, batch, first-stage filters, precision) one process builds the plan's
-network (runner.model.build_unet, nnU-Net topology from planner.heuristics), compiles it with the
+network (segplan.runner.training.model.build_unet, nnU-Net topology from segplan.planner.heuristics), compiles it with the
 plan's Tversky + cross-entropy loss and Adam, runs 2 warm-up and N timed training steps on random
 data, and records the backend's own peak of allocated device memory for that point
 (torch.cuda.max_memory_allocated after a reset, jax's peak_bytes_in_use, TensorFlow's
-get_memory_info peak) next to planner.memory.estimate_training_gb. It ends with the sliding-window
+get_memory_info peak) next to segplan.planner.memory.estimate_training_gb. It ends with the sliding-window
 prediction time of one paper-sized CT (320 x 320 x 128 voxels at the paper's 160 x 160 x 80 patch,
 half-patch overlap). Runs where keras has a GPU backend; on a CPU the memory column is empty.
 """
@@ -85,7 +85,7 @@ def network(patch: list[int], width: int, architecture: str = "plain", deep_supe
     with its own activation unless one is given."""
     import dataclasses
 
-    from planner import heuristics as H
+    from segplan.planner import heuristics as H
     pools, kernels = H.topology(patch, [1.0] * len(patch))  # 3 axes, or a 2d plan's 2
     filters = H.filters_for(len(pools) + 1, width, 16 * width)
     template = H.RESENC_NETWORK if architecture == "residual_encoder" else H.PLAIN_NETWORK
@@ -113,10 +113,10 @@ def compiled_model(net, patch, batch):
     """The grid point's U-Net compiled with the plan's loss (on every supervised level) and Adam, and
     one random batch for it."""
     import keras
-    from planner.plan import LossSection, supervised_levels
-    from runner.targets import targets
-    from runner.losses import compile_arguments
-    from runner.model import build_unet
+    from segplan.planner.plan import LossSection, supervised_levels
+    from segplan.runner.training.targets import targets
+    from segplan.runner.training.losses import compile_arguments
+    from segplan.runner.training.model import build_unet
     model = build_unet(net, 1, N_CLASSES)
     levels = supervised_levels(net)
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
@@ -129,7 +129,7 @@ def compiled_model(net, patch, batch):
 
 def measure(patch, batch, width, precision, steps: int, kind: str = "plain") -> dict:
     import keras
-    from planner.memory import estimate_training_gb
+    from segplan.planner.memory import estimate_training_gb
     keras.mixed_precision.set_global_policy(precision)
     net = point_network(patch, width, kind)
     est = estimate_training_gb(net, patch, batch, 1, N_CLASSES, precision != "float32")
@@ -157,8 +157,8 @@ def measure(patch, batch, width, precision, steps: int, kind: str = "plain") -> 
 def window_time(volume_shape=(128, 320, 320), patch=(80, 160, 160)) -> dict:
     """Sliding-window prediction of one paper-sized CT with the paper's network (float32, no mirroring)."""
     import keras
-    from runner.infer import keras_predictor, sliding_window, window_starts
-    from runner.model import build_unet
+    from segplan.runner.inference.infer import keras_predictor, sliding_window, window_starts
+    from segplan.runner.training.model import build_unet
     keras.mixed_precision.set_global_policy("float32")
     model = build_unet(network(list(patch), 32), 1, N_CLASSES)
     vol = np.random.default_rng(1).normal(size=(1, *volume_shape)).astype(np.float32)

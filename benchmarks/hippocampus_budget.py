@@ -41,11 +41,11 @@ def main() -> None:
     ap.add_argument("--no-best", action="store_true", help="skip the second evaluation with checkpoint_best")
     a = ap.parse_args()
     from benchmarks.common import peak_rss_gb
-    from planner.planning import plan_dataset
-    from runner.pipeline import run_fold
-    from runner.workspace import Workspace
+    from segplan.planner.planning import plan_dataset
+    from segplan.runner.pipeline import run_fold
+    from segplan.runner.workspace import Workspace
     import dataclasses
-    from planner.plan_file import load_plan, save_plan
+    from segplan.planner.plan_file import load_plan, save_plan
     plan_path = Path(a.work) / f"hippocampus_{a.device}_{a.minutes:g}min.yaml"
     t = time.perf_counter()
     if a.device == "cpu":
@@ -71,7 +71,7 @@ def main() -> None:
     summary = yaml.safe_load(fold.validation_summary.read_text())
     dice = {c: round(v["dice"]["mean"], 4) for c, v in summary["classes"].items()}
     best_dice = None if a.no_best else _best_checkpoint_dice(plan_path, a.fold, fold, a.data)
-    from runner import backend
+    from segplan.runner import backend
     print(json.dumps({"device": a.device, "backend": backend.name(), "gpu": backend.has_gpu(),
                       "minutes": a.minutes, "filters": plan["network"]["filters"], "patch": plan["training"]["patch_size"],
                       "batch": plan["training"]["batch_size"], "epochs": len(hist), "iterations_about": iters,
@@ -86,9 +86,9 @@ def main() -> None:
 def _best_checkpoint_dice(plan_path: Path, fold: int, fold_files, data: Path) -> dict:
     """Predict the fold's validation cases again with checkpoint_best and evaluate them."""
     import dataclasses
-    from planner.plan_file import load_plan, save_plan
-    from runner.evaluate import evaluate_folder
-    from runner.predict import predict_folder
+    from segplan.planner.plan_file import load_plan, save_plan
+    from segplan.runner.evaluation.evaluate import evaluate_folder
+    from segplan.runner.inference.predict import predict_folder
     plan = load_plan(plan_path)
     best_plan = plan_path.with_name(plan_path.stem + "_best.yaml")
     save_plan(plan.replace(inference=dataclasses.replace(plan.inference, checkpoint="best")), best_plan)

@@ -34,11 +34,11 @@ def main() -> None:
     ap.add_argument("--replan", action="store_true",
                     help="plan anew for this CPU and --minutes (the probe picks the width the budget can train)")
     a = ap.parse_args()
-    from planner.plan_file import load_plan, save_plan
-    from runner.report import summarize
-    from runner.pipeline import predict_validation
-    from runner.train import train_fold
-    from runner.workspace import Workspace
+    from segplan.planner.plan_file import load_plan, save_plan
+    from segplan.runner.evaluation.report import summarize
+    from segplan.runner.pipeline import predict_validation
+    from segplan.runner.training.train import train_fold
+    from segplan.runner.workspace import Workspace
     import dataclasses
     import gc
 
@@ -46,7 +46,7 @@ def main() -> None:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     if a.replan:
-        from planner.planning import plan_dataset
+        from segplan.planner.planning import plan_dataset
         a.plan = str(plan_dataset(DATA, work / "replanned.yaml", device="cpu", time_budget=a.minutes, force=True,
                                   progress=False))
     plan = load_plan(a.plan)

@@ -29,8 +29,8 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=50)
     ap.add_argument("--report", type=Path, help="a written cv_report.html to measure as well")
     a = ap.parse_args()
-    from planner.dataset import read_volume
-    from runner.html_report import MAX_SIDE, MAX_SLICES, WEBP_QUALITY, case_mosaics
+    from segplan.planner.dataset import read_volume
+    from segplan.runner.evaluation.html_report import MAX_SIDE, MAX_SLICES, WEBP_QUALITY, case_mosaics
     image, geom = read_volume(CT / "images" / "example_ct.nii.gz")
     label, _ = read_volume(CT / "labels" / "example_ct.nii.gz")
     zoom = (300 / image.shape[0], 512 / image.shape[1], 512 / image.shape[2])

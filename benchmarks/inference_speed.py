@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def run(plan, case, out: Path, label: str) -> float:
-    from planner.dataset import write_volume
-    from runner.infer import keras_predictor
-    from runner.model import build_unet, prediction_model
-    from runner.predict import predict_case
+    from segplan.planner.dataset import write_volume
+    from segplan.runner.inference.infer import keras_predictor
+    from segplan.runner.training.model import build_unet, prediction_model
+    from segplan.runner.inference.case import predict_case
     model = prediction_model(build_unet(plan.network, len(plan.dataset.channels), len(plan.dataset.labels)))
     labels, geom, _, t = predict_case(case, plan, keras_predictor([model]))
     t0 = time.perf_counter()
@@ -68,10 +68,10 @@ def main() -> None:
     ap.add_argument("--nnunet-python", default=None)
     a = ap.parse_args()
     from benchmarks.common import peak_rss_gb
-    from datasets.phantoms import make_phantoms
-    from planner.dataset import load_dataset
-    from planner.plan_file import load_plan
-    from planner.planning import plan_dataset
+    from segplan.datasets.phantoms import make_phantoms
+    from segplan.planner.layouts import load_dataset
+    from segplan.planner.plan_file import load_plan
+    from segplan.planner.planning import plan_dataset
     data = Path(a.phantoms)
     if not (data / "dataset.json").exists():
         make_phantoms(data, cases=20, workers=2)

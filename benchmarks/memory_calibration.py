@@ -72,7 +72,7 @@ def rss_gb() -> float:
 
 def measure_point(patch, batch, width, precision, kind: str = "plain") -> dict:
     """In this (fresh) process: runtime memory, then one training step's peak."""
-    from runner import backend
+    from segplan.runner import backend
     backend.load_quietly()
     import keras
     from benchmarks.gpu_memory import compiled_model, point_network
@@ -102,7 +102,7 @@ def median_run(runs: list[dict]) -> dict:
 def rows_with_counts(rows: list[dict]) -> list[dict]:
     """Each measured point with the planner's activation count, weight bytes and convolutions."""
     from benchmarks.gpu_memory import row_network
-    from planner.memory import activation_voxels, count_convolutions, count_parameters
+    from segplan.planner.memory import activation_voxels, count_convolutions, count_parameters
     out = []
     for r in rows:
         net = row_network(r)
@@ -156,7 +156,7 @@ def main() -> None:
         if len(runs) == a.repeats:
             rows.append(median_run(runs))
             print(json.dumps(rows[-1]), flush=True)
-    from planner.memory import estimate_training_gb
+    from segplan.planner.memory import estimate_training_gb
     constants = fit(rows_with_counts(rows))
     print(f"fitted: {constants}")
     for r in rows_with_counts(rows):

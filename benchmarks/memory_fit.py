@@ -23,7 +23,7 @@ MIN_GB = 1.0
 def points(path: Path = RESULTS) -> list[dict]:
     """Measured grid points with the planner's activation count and weight bytes for each."""
     from benchmarks.gpu_memory import N_CLASSES, row_network
-    from planner.memory import activation_voxels, count_parameters
+    from segplan.planner.memory import activation_voxels, count_parameters
     out = []
     for r in json.loads(Path(path).read_text())["grid"]:
         if r.get("measured_gb") is None:
@@ -36,14 +36,14 @@ def points(path: Path = RESULTS) -> list[dict]:
 
 
 def fit(rows: list[dict], mixed: bool) -> float:
-    from planner.memory import GB
+    from segplan.planner.memory import GB
     sel = [r for r in rows if r["mixed"] == mixed and r["measured_gb"] > MIN_GB]
     num = sum(r["activations"] * (r["measured_gb"] * GB - r["weight_bytes"]) for r in sel)
     return num / sum(r["activations"] ** 2 for r in sel)
 
 
 def main() -> None:
-    from planner.memory import GB, GPU_BYTES_PER_ACTIVATION
+    from segplan.planner.memory import GB, GPU_BYTES_PER_ACTIVATION
     rows = points(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS)
     for mixed in (False, True):
         print(f"{'mixed' if mixed else 'float32'}: fitted {fit(rows, mixed):.2f} bytes per activation value "

@@ -30,9 +30,9 @@ def main() -> None:
     ap.add_argument("--data", default="/tmp/segplan_phantoms20")
     a = ap.parse_args()
     from benchmarks.common import peak_rss_gb
-    from datasets.phantoms import make_phantoms
-    from planner.dataset import load_dataset
-    from planner.planning import plan_dataset
+    from segplan.datasets.phantoms import make_phantoms
+    from segplan.planner.layouts import load_dataset
+    from segplan.planner.planning import plan_dataset
     data = Path(a.data)
     if not (data / "dataset.json").exists():
         t = time.perf_counter()

@@ -80,10 +80,10 @@ def main() -> None:
         if not inference or any(not k.startswith("inference.") for k in inference):
             ap.error(f"--repredict {again}: set inference.* keys only (the weights stay those trained)")
     import keras
-    from planner.plan_file import load_plan, save_plan
-    from planner.schema import to_plain
-    from runner.pipeline import predict_validation, run_fold
-    from runner.workspace import Workspace
+    from segplan.planner.plan_file import load_plan, save_plan
+    from segplan.planner.schema import to_plain
+    from segplan.runner.pipeline import predict_validation, run_fold
+    from segplan.runner.workspace import Workspace
     work, base_path = Path(a.work), plan_once(a)
     base = load_plan(base_path)
     results = {}

@@ -56,9 +56,9 @@ def nnunet(python: str, dataset: Path, work: Path, workers: int) -> dict:
 
 def segplan(dataset: Path, work: Path, spacing: list[float], workers: int) -> dict:
     import dataclasses
-    from planner.plan_file import load_plan, save_plan
+    from segplan.planner.plan_file import load_plan, save_plan
     plan_path = work / "plans" / "speed.yaml"
-    cli = [sys.executable, "-m", "runner.cli"]
+    cli = [sys.executable, "-m", "segplan.runner.cli"]
     plan_s, plan_gb, _ = run_measured(cli + ["plan", str(dataset), "-o", str(plan_path), "--device", "gpu",
                                              "--gpu-memory", "8", "--force", "--workers", str(workers)])
     plan = load_plan(plan_path)
@@ -80,7 +80,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="preprocess_speed_"))
     data = a.phantoms
     if data is None:
-        from datasets.phantoms import make_phantoms
+        from segplan.datasets.phantoms import make_phantoms
         data = make_phantoms(work / "phantoms", cases=a.cases, seed=0, scale=1.0, workers=a.workers, progress=False)
     python = a.nnunet_python
     if python is None and subprocess.run([sys.executable, "-c", "import nnunetv2"], capture_output=True).returncode == 0:

@@ -3,7 +3,7 @@
     python benchmarks/resample_operator.py [--rev GIT_REV] [--sizes 4000 8000] [--repeat 3]
 
 For each axis length N and each resampling (spacing 1.0 -> 0.5 mm: N -> 2N voxels; 1.0 -> 2.0 mm:
-N -> N/2), all B-spline order 3, ``runner.resampling._axis_operator`` is built in a fresh Python
+N -> N/2), all B-spline order 3, ``segplan.runner.preprocessing.resampling._axis_operator`` is built in a fresh Python
 process, which prints:
 
 - build s: the fastest of --repeat builds (wall time, time.perf_counter);
@@ -17,7 +17,7 @@ process, which prints:
 Then the whole image resampling (``resample``, order 3) of a (64, 256, 256) float32 volume from
 (2.0, 0.8, 0.8) mm to (1.5, 0.6, 0.6) mm, the fastest of --repeat: the time an actual case spends.
 
-``--rev`` measures ``runner/resampling.py`` as committed at that revision (e.g. the commit before
+``--rev`` measures ``runner/preprocessing/resampling.py`` as committed at that revision (e.g. the commit before
 the change) instead of the working tree's, with the same script: the figures before and after.
 """
 from __future__ import annotations
@@ -38,12 +38,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_module(rev: str | None):
-    """runner.resampling of the working tree, or as committed at ``rev``."""
+    """segplan.runner.preprocessing.resampling of the working tree, or as committed at ``rev``."""
     sys.path.insert(0, str(ROOT))
     if rev is None:
-        import runner.resampling as mod
+        import segplan.runner.preprocessing.resampling as mod
         return mod
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:runner/resampling.py"], check=True,
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:runner/preprocessing/resampling.py"], check=True,
                          capture_output=True, text=True).stdout
     path = Path(tempfile.mkdtemp()) / "resampling_at_rev.py"
     path.write_text(src)
@@ -104,7 +104,7 @@ def measure_volume(rev: str | None, repeat: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rev", default=None, help="measure runner/resampling.py at this git revision")
+    ap.add_argument("--rev", default=None, help="measure runner/preprocessing/resampling.py at this git revision")
     ap.add_argument("--sizes", type=int, nargs="+", default=[4000, 8000])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -124,7 +124,7 @@ def main() -> None:
             cmd += ["--rev", args.rev]
         return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
 
-    print(f"runner/resampling.py at {args.rev or 'the working tree'}; B-spline order 3; "
+    print(f"runner/preprocessing/resampling.py at {args.rev or 'the working tree'}; B-spline order 3; "
           f"fastest of {args.repeat} builds, memory of the first (fresh process each)")
     print(f"{'axis':>24} {'build s':>9} {'traced MB':>10} {'RSS MB':>8} {'op MB':>8}")
     for n in args.sizes:

@@ -24,7 +24,7 @@ cases), each tool with its own plan and trainer, one after the other:
    time where that was longer (segplan's budget counts its training steps, not its validation), so
    both train for the same wall-clock time. nnU-Net's torch.compile follows its own default (on for
    CUDA) unless ``--no-compile``.
-3. One evaluator, segplan's ``runner.evaluate.evaluate_folder``, scores both prediction folders
+3. One evaluator, segplan's ``segplan.runner.evaluation.evaluate.evaluate_folder``, scores both prediction folders
    against the same reference labels: mean Dice per class over the validation cases.
 
 Prints a table and one JSON line (``--out FILE`` writes it too). ``--iterations N`` (iterations per
@@ -175,12 +175,12 @@ def run_segplan(data: Path, work: Path, a) -> dict:
     images; seconds of each step, epochs and iterations."""
     import csv
     import dataclasses
-    from planner.plan_file import load_plan, save_plan
-    from planner.planning import plan_dataset
-    from runner.predict import predict_folder
-    from runner.preprocess import preprocess_dataset
-    from runner.train import train_fold
-    from runner.workspace import Workspace
+    from segplan.planner.plan_file import load_plan, save_plan
+    from segplan.planner.planning import plan_dataset
+    from segplan.runner.inference.predict import predict_folder
+    from segplan.runner.preprocessing.preprocess import preprocess_dataset
+    from segplan.runner.training.train import train_fold
+    from segplan.runner.workspace import Workspace
     shutil.rmtree(work / "segplan", ignore_errors=True)  # from scratch, as nnU-Net's side is
     plan_path = work / "segplan" / "plan.yaml"
     t = time.perf_counter()
@@ -369,7 +369,7 @@ def predict_with_nnunet(trainer, images: Path, out: Path, device, workers: int) 
 def score(pred: Path, reference: Path, labels: dict[str, int]) -> dict[str, float]:
     """Mean Dice per foreground class over the reference cases (segplan's evaluator, for both)."""
     import yaml
-    from runner.evaluate import evaluate_folder
+    from segplan.runner.evaluation.evaluate import evaluate_folder
     evaluate_folder(pred, reference, labels=labels)
     summary = yaml.safe_load((pred / "summary.yaml").read_text())
     if summary["missing_predictions"]:

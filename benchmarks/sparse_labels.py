@@ -45,8 +45,9 @@ def sparse_copy(src: Path, out: Path, every: int = EVERY) -> tuple[Path, int, fl
     """A copy of the nnU-Net dataset ``src`` (images linked) whose label maps are ``sparsify``-ed,
     with ``"ignore"`` (one above the highest label) in its dataset.json; returns (folder, ignore
     value, share of annotated voxels over all label voxels)."""
-    from planner.dataset import load_dataset, read_label, write_volume
-    from planner.fileio import write_json
+    from segplan.planner.layouts import load_dataset
+    from segplan.planner.dataset import read_label, write_volume
+    from segplan.planner.fileio import write_json
     ds = load_dataset(src)
     ignore = max(ds.labels.values()) + 1
     meta = json.loads((Path(src) / "dataset.json").read_text())
@@ -70,8 +71,8 @@ def sparse_copy(src: Path, out: Path, every: int = EVERY) -> tuple[Path, int, fl
 def dense_scores(ws, fold: int, dense_labels: Path, out: Path) -> dict:
     """Mean Dice per class of the fold's validation predictions against the dense label maps
     (evaluated in ``out``, which links both, so the fold's own summary stays as it is)."""
-    from planner.fileio import image_files
-    from runner.evaluate import evaluate_folder
+    from segplan.planner.fileio import image_files
+    from segplan.runner.evaluation.evaluate import evaluate_folder
     preds = image_files(ws.fold(fold).validation)
     for sub, files in (("pred", preds), ("ref", {c: dense_labels / p.name for c, p in preds.items()})):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -98,10 +99,10 @@ def main() -> None:
 
     import keras
     from benchmarks.deep_supervision import fold_figures, subset
-    from planner.plan_file import load_plan, save_plan
-    from planner.planning import plan_dataset
-    from runner.pipeline import run_fold
-    from runner.workspace import Workspace
+    from segplan.planner.plan_file import load_plan, save_plan
+    from segplan.planner.planning import plan_dataset
+    from segplan.runner.pipeline import run_fold
+    from segplan.runner.workspace import Workspace
     dense = subset(a.data, a.work / "dense", a.cases)
     sparse, ignore, share = sparse_copy(dense, a.work / "sparse", a.every)
     print(f"sparse copy: every {a.every}th slice annotated, {share:.1%} of the label voxels; ignore label {ignore}")

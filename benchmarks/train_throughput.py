@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def step_times(plan, pre, ids, steps: int) -> tuple[float, float]:
     """Seconds per iteration without and with the plan's augmentation, batches made as in training."""
-    from runner.batches import batch_stream
-    from runner.train import compile_model
+    from segplan.runner.training.batches import batch_stream
+    from segplan.runner.training.train import compile_model
     model = compile_model(plan, 1e-3)
     off = dataclasses.replace(plan.training.augmentation,
                               **{f: 0.0 for f in vars(plan.training.augmentation) if f.endswith("_p")})
@@ -48,11 +48,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     a = ap.parse_args()
     from benchmarks.common import peak_rss_gb
-    from datasets.phantoms import make_phantoms
-    from planner.plan_file import load_plan, save_plan
-    from planner.planning import plan_dataset
-    from runner.preprocess import preprocess_dataset
-    from runner.workspace import Workspace
+    from segplan.datasets.phantoms import make_phantoms
+    from segplan.planner.plan_file import load_plan, save_plan
+    from segplan.planner.planning import plan_dataset
+    from segplan.runner.preprocessing.preprocess import preprocess_dataset
+    from segplan.runner.workspace import Workspace
     tmp = Path(tempfile.mkdtemp())
     small = make_phantoms(tmp / "small", cases=6, seed=1, scale=0.25, progress=False)
     p = plan_dataset(small, tmp / "small.yaml", device="cpu", time_budget=15, progress=False)

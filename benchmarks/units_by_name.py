@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.phantoms import make_phantoms
-from planner.dataset import load_dataset, read_image, read_label
-from planner.plan_file import load_plan
-from planner.planning import plan_dataset
-from runner.preprocess import preprocess_image
+from segplan.datasets.phantoms import make_phantoms
+from segplan.planner.layouts import load_dataset
+from segplan.planner.dataset import read_image, read_label
+from segplan.planner.plan_file import load_plan
+from segplan.planner.planning import plan_dataset
+from segplan.runner.preprocessing.preprocess import preprocess_image
 
 
 def main() -> None:
@@ -50,7 +51,7 @@ def main() -> None:
               f"(max |difference| {float(np.abs(as_windowed - as_new).max()):.3g})")
         if not a.train:
             return
-        from runner.cli import main as segplan
+        from segplan.runner.cli import main as segplan
         from tests.tiny import tiny_plan
         tiny_plan(ds, plan_path, epochs=a.epochs, iterations=a.iterations)
         assert segplan(["run", str(plan_path), "--fold", "0"]) == 0

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from planner.dataset import DatasetError, read_label, write_volume
-from planner.dicom import Series, find_series, read_series
-from planner.fileio import TEMP_PREFIX, image_files, write_json
-from planner.integrity import compare_geometry
+from segplan.planner.dataset import DatasetError, read_label, write_volume
+from segplan.planner.dicom import Series, find_series, read_series
+from segplan.planner.fileio import TEMP_PREFIX, image_files, write_json
+from segplan.planner.integrity import compare_geometry
 
 CHANNEL_NAMES = {"CT": "CT", "MR": "MRI"}   # DICOM Modality -> dataset.json channel name (CT is read as CT)
 

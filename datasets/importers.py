@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 
 import SimpleITK as sitk
 
-from planner.fileio import atomic, write_json
+from segplan.planner.fileio import atomic, write_json
 
 COVID_URLS = {
     "COVID-19-CT-Seg_20cases.zip": "https://zenodo.org/record/3757476/files/COVID-19-CT-Seg_20cases.zip",

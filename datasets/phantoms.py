@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from planner.dataset import Geometry, centred_origin, write_volume
-from planner.fileio import write_json
-from planner.parallel import parallel_map
+from segplan.planner.dataset import Geometry, centred_origin, write_volume
+from segplan.planner.fileio import write_json
+from segplan.planner.parallel import parallel_map
 
 LABELS = {"background": 0, "left_lung": 1, "right_lung": 2, "infection": 3}
 WINDOW = (-1250.0, 250.0)   # the Radiopaedia cases' window, mapped to 0..255

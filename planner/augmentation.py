@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from planner.dataset import left_right_axis
-from planner.fingerprint import Fingerprint
+from segplan.planner.dataset import left_right_axis
+from segplan.planner.fingerprint import Fingerprint
 
 # Test-time mirroring averages flipped views: it pays only where training showed the network many of
 # them (nnU-Net mirrors every patch, each axis with p 0.5). With the paper's p 0.15 it cost Dice on

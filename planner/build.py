@@ -8,15 +8,15 @@ import subprocess
 
 import numpy as np
 
-from planner import heuristics as H
-from planner.augmentation import MIRROR_TTA_MIN_P, MIRROR_TTA_WHY, mirror_axes
-from planner.configurations import size
-from planner.fingerprint import Fingerprint
-from planner.plan import (SCHEMA_VERSION, AugmentationSection, ChannelNormalization, CrossValidationSection,
-                          DatasetSection, InferenceSection, IntensitySection, LossSection, MemorySection, NetworkSection,
-                          Plan, ResamplingSection, SamplingSection, ScheduleSection, TrainingSection,
-                          network_inputs, supervised_levels)
-from planner.memory import estimate_training_gb
+from segplan.planner import heuristics as H
+from segplan.planner.augmentation import MIRROR_TTA_MIN_P, MIRROR_TTA_WHY, mirror_axes
+from segplan.planner.configurations import size
+from segplan.planner.fingerprint import Fingerprint
+from segplan.planner.plan import (
+    SCHEMA_VERSION, AugmentationSection, ChannelNormalization, CrossValidationSection, DatasetSection,
+    InferenceSection, IntensitySection, LossSection, MemorySection, NetworkSection, Plan, ResamplingSection,
+    SamplingSection, ScheduleSection, TrainingSection, network_inputs, supervised_levels)
+from segplan.planner.memory import estimate_training_gb
 
 CONVS_PER_STAGE = 2
 # the default GPU plan's network: the paper's plain U-Net, trained with deep supervision as nnU-Net
@@ -75,7 +75,7 @@ def make_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, gpu_m
     """The GPU plan for ``fp`` (presets default, miscnn-covid19, resenc-m and resenc-l) and the reasons
     behind its values, for one of nnU-Net's configurations (planner/configurations.py; a cascade's
     previous_stage is the caller's to set). The cpu preset starts from this plan with its own rules:
-    planner.cpu_plan, which passes ``min_cover`` (heuristics.fit_patch_and_batch)."""
+    segplan.planner.cpu_plan, which passes ``min_cover`` (heuristics.fit_patch_and_batch)."""
     if preset == "miscnn-covid19":
         if configuration != "3d_fullres":
             raise ValueError(f"the miscnn-covid19 preset is the paper's 3D network at full resolution, not "
@@ -83,7 +83,7 @@ def make_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, gpu_m
         return _miscnn(fp, name, dataset_rel, work_rel, gpu_memory_gb, budget_source, splits_file)
     if preset != "default" and preset not in RESENC_PRESETS:
         raise ValueError(f"make_plan makes the default, miscnn-covid19 and {', '.join(RESENC_PRESETS)} presets, not "
-                         f"'{preset}' (planner.cpu_plan.make_cpu_plan makes cpu plans)")
+                         f"'{preset}' (segplan.planner.cpu_plan.make_cpu_plan makes cpu plans)")
     reasons: dict[str, str] = {}
     resenc = preset in RESENC_PRESETS
     n_cls = len(fp.regions) or len(fp.labels)

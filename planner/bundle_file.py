@@ -1,4 +1,4 @@
-"""The model-bundle file format (a zip; see runner/bundle.py for what is in it): its manifest, the
+"""The model-bundle file format (a zip; see runner/inference/bundle.py for what is in it): its manifest, the
 SHA-256 of every file, and checked unpacking. No TensorFlow: the planner reads bundles too
 (`segplan plan --from`).
 
@@ -33,9 +33,9 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
-from planner.plan import Plan
-from planner.plan_file import load_plan
-from planner.schema import SchemaError
+from segplan.planner.plan import Plan
+from segplan.planner.plan_file import load_plan
+from segplan.planner.schema import SchemaError
 
 BUNDLE_VERSION = 1           # one plan's folds
 ENSEMBLE_BUNDLE_VERSION = 2  # several plans: an ensemble of configurations, or a cascade and its previous stage

@@ -13,7 +13,7 @@ its patch spans and the median image it is sized for, and whether a low-resoluti
   (nnU-Net v2 ``ExperimentPlanner.plan_experiment``: lowres_creation_threshold 0.25, spacing
   increase factor 1.03, "image size difference too small" below 2).
 - ``3d_cascade_fullres``: 3d_fullres with the 3d_lowres prediction as extra input channels
-  (planner.plan.cascade_channels), which the fit counts; planned only beside a 3d_lowres plan.
+  (segplan.planner.plan.cascade_channels), which the fit counts; planned only beside a 3d_lowres plan.
 """
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from planner import heuristics as H
+from segplan.planner import heuristics as H
 
 if TYPE_CHECKING:  # no image I/O in the rules
-    from planner.fingerprint import Fingerprint
+    from segplan.planner.fingerprint import Fingerprint
 
 LOWRES_COVERAGE = 0.25      # nnU-Net's lowres_creation_threshold
 LOWRES_SPACING_STEP = 1.03  # nnU-Net's spacing_increase_factor

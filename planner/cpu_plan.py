@@ -6,7 +6,7 @@ median image (as on a GPU, but with a small memory proxy so steps stay short), a
 width is chosen by a probe that times a few training steps of the candidates on this machine,
 narrowest first up to the first too slow: the widest network that still buys ``MIN_ITERATIONS``
 iterations within the budget wins. The probe runs
-in a separate process (``runner.probe``), so the planner itself never imports TensorFlow.
+in a separate process (``segplan.runner.training.probe``), so the planner itself never imports TensorFlow.
 """
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ import math
 
 import numpy as np
 
-from planner import heuristics as H
-from planner.augmentation import MIRROR_TTA_WHY
-from planner.build import make_plan, supervision_note
-from planner.fingerprint import Fingerprint
-from planner.memory import estimate_cpu_run_gb
-from planner.plan import Plan, input_channels, volume_patch
-from planner.probing import run_probe
-from planner.schema import to_plain
+from segplan.planner import heuristics as H
+from segplan.planner.augmentation import MIRROR_TTA_WHY
+from segplan.planner.build import make_plan, supervision_note
+from segplan.planner.fingerprint import Fingerprint
+from segplan.planner.memory import estimate_cpu_run_gb
+from segplan.planner.plan import Plan, input_channels, volume_patch
+from segplan.planner.probing import run_probe
+from segplan.planner.schema import to_plain
 
 CPU_BUDGET_GB = 1.0        # memory proxy that keeps the patch near the median image and steps short
 MIN_COVER = 0.85           # the patch rounds the median image down to the pooling while it covers this much of it

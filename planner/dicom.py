@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from planner.dataset import Case, DatasetError, Geometry, read_image, volume_of
-from planner.fileio import split_ending
+from segplan.planner.dataset import Case, DatasetError, Geometry, read_image, volume_of
+from segplan.planner.fileio import split_ending
 
 INSTALL = "pip install 'segplan[dicom]'"
 SPACING_TOL = 0.01        # slice gaps may differ by 1% of the median gap (positions are rounded decimals)

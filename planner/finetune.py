@@ -12,9 +12,9 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-from planner.bundle_file import BUNDLE_VERSION, MAX_MEMBER_MB, BundleError, bundle_plan, open_bundle
-from planner.memory import estimate_for_plan
-from planner.plan import Plan, pool_divisor
+from segplan.planner.bundle_file import BUNDLE_VERSION, MAX_MEMBER_MB, BundleError, bundle_plan, open_bundle
+from segplan.planner.memory import estimate_for_plan
+from segplan.planner.plan import Plan, pool_divisor
 
 INITIAL_WEIGHTS_SUFFIX = ".initial.weights.h5"
 

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from planner.dataset import Dataset, load_dataset, read_label, read_volume
-from planner.fileio import write_text
-from planner.intensity import DEFAULT_WINDOW, detect_convention, nonzero_box, to_hu
-from planner.parallel import parallel_map
-from planner.schema import Reader, SchemaError, doc, dump_yaml
+from segplan.planner.dataset import Dataset, read_label, read_volume
+from segplan.planner.layouts import load_dataset
+from segplan.planner.fileio import write_text
+from segplan.planner.intensity import DEFAULT_WINDOW, detect_convention, nonzero_box, to_hu
+from segplan.planner.parallel import parallel_map
+from segplan.planner.schema import Reader, SchemaError, doc, dump_yaml
 
 FINGERPRINT_VERSION = 3    # 2: conventions by evidence (hu, windowed, shifted_hu, unknown); 3: channel sources
 SAMPLES_PER_CASE = 10_000

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from planner.memory import estimate_training_gb
-from planner.plan import NetworkSection
+from segplan.planner.memory import estimate_training_gb
+from segplan.planner.plan import NetworkSection
 
 if TYPE_CHECKING:  # the rules need no image I/O: SimpleITK stays out of their imports
-    from planner.fingerprint import Fingerprint
+    from segplan.planner.fingerprint import Fingerprint
 
 MAX_POOLS = 5
 MIN_STAGE_VOXELS = 4

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from planner.dataset import Case, Dataset, DatasetError, Geometry, load_dataset, read_volume
-from planner.intensity import explain_convention
+from segplan.planner.dataset import Case, Dataset, DatasetError, Geometry, read_volume
+from segplan.planner.layouts import load_dataset
+from segplan.planner.intensity import explain_convention
 
 SPACING_TOL = 1e-3   # relative
 ORIGIN_TOL = 1e-2    # mm
@@ -171,7 +172,7 @@ def check_dataset(root: str | Path, workers: int = 1, progress: bool = True) -> 
         if n > 1:
             problems.append(Problem("error", cid, str(ds.root), f"case id appears {n} times"))
     allowed = set(ds.labels.values()) | ({ds.ignore_label} if ds.ignore_label is not None else set())
-    from planner.parallel import parallel_map
+    from segplan.planner.parallel import parallel_map
     ct_flags = [ds.is_ct(c) for c in range(ds.num_channels)]
     # channels segplan took for not CT (plain layout, name not changed by a person): do any cases look like CT?
     sniff = [ds.layout == "plain" and not ct_flags[c] and c in ds.channel_evidence for c in range(ds.num_channels)]

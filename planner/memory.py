@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-from planner.plan import NetworkSection, input_channels, output_channels, supervised_levels
+from segplan.planner.plan import NetworkSection, input_channels, output_channels, supervised_levels
 
 GPU_BYTES_PER_ACTIVATION = {False: 6.6, True: 4.8}   # float32 / mixed precision, fitted (see above)
 OVERHEAD_GB = 0.8
@@ -55,7 +55,7 @@ def _conv_params(c_in: int, f: int, kv: int) -> int:
 
 def _residual_encoder_parameters(net: NetworkSection, in_channels: int) -> int:
     """The stem convolution, then per block two convolutions and, where the channels change, a 1x1
-    projection of the skip (runner/model.py)."""
+    projection of the skip (runner/training/model.py)."""
     kv = [math.prod(k) for k in net.kernel_sizes]
     params, prev = _conv_params(in_channels, net.filters[0], kv[0]), net.filters[0]
     for s, (f, n) in enumerate(zip(net.filters, net.blocks_per_stage)):
@@ -157,7 +157,7 @@ def estimate_training_gb(net: NetworkSection, patch: list[int], batch: int, in_c
 def estimate_for_plan(plan) -> float:
     """The training-step estimate for a Plan's network, patch, batch and precision (GiB): GPU memory
     for a GPU plan, the training process's resident memory for a CPU plan. A cascade's network
-    counts its extra input channels (planner.plan.input_channels)."""
+    counts its extra input channels (segplan.planner.plan.input_channels)."""
     tr = plan.training
     return estimate_training_gb(plan.network, tr.patch_size, tr.batch_size, input_channels(plan),
                                 output_channels(plan.dataset), tr.mixed_precision, device=plan.device)

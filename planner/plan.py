@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from planner.schema import doc
+from segplan.planner.schema import doc
 
 SCHEMA_VERSION = 1
 PRESETS = ("default", "miscnn-covid19", "cpu", "resenc-m", "resenc-l")

@@ -16,10 +16,10 @@ import dataclasses
 import math
 from pathlib import Path
 
-from planner.fileio import write_text
-from planner.heuristics import RESENC_BLOCKS
-from planner.plan import PLAN_CONVENTIONS, PRESETS, SCHEMA_VERSION, Plan, patch_axes, pool_divisor
-from planner.schema import Reader, SchemaError, dump_yaml, load_yaml_with_lines, to_plain
+from segplan.planner.fileio import write_text
+from segplan.planner.heuristics import RESENC_BLOCKS
+from segplan.planner.plan import PLAN_CONVENTIONS, PRESETS, SCHEMA_VERSION, Plan, patch_axes, pool_divisor
+from segplan.planner.schema import Reader, SchemaError, dump_yaml, load_yaml_with_lines, to_plain
 
 
 def save_plan(plan: Plan, path: str | Path, reasons: dict[str, str] | None = None) -> None:
@@ -208,7 +208,8 @@ def _check_regions(ds, r: Reader) -> None:
 
 def _check_folds(plan: Plan, base_dir: Path, r: Reader) -> None:
     """Refuse more folds than cases before any work (each fold must validate at least one case)."""
-    from planner.dataset import DatasetError, load_dataset
+    from segplan.planner.dataset import DatasetError
+    from segplan.planner.layouts import load_dataset
     try:
         n = len(load_dataset(base_dir / plan.dataset.path, infer_plain=False).cases)
     except DatasetError as e:

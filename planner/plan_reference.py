@@ -12,7 +12,7 @@ import types
 import typing
 from typing import Any, Literal, Union
 
-from planner.plan import SCHEMA_VERSION, Plan
+from segplan.planner.plan import SCHEMA_VERSION, Plan
 
 
 def type_words(tp: Any) -> str:

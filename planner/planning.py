@@ -7,17 +7,17 @@ import hashlib
 import os
 from pathlib import Path
 
-from planner.augmentation import MIRROR_TTA_EVIDENCE, MIRROR_TTA_MIN_P
-from planner.build import gpu_memory_budget, gpu_present, make_plan
-from planner.bundle_file import MAX_MEMBER_MB
-from planner.configurations import plan_family
-from planner.cpu_plan import make_cpu_plan
-from planner.finetune import plan_from_bundle
-from planner.fingerprint import fingerprint_for
-from planner.memory import estimate_for_plan
-from planner.plan import CONFIGURATIONS, PRESETS, supervised_levels
-from planner.plan_file import load_plan, save_plan
-from planner.probing import fit_by_probe
+from segplan.planner.augmentation import MIRROR_TTA_EVIDENCE, MIRROR_TTA_MIN_P
+from segplan.planner.build import gpu_memory_budget, gpu_present, make_plan
+from segplan.planner.bundle_file import MAX_MEMBER_MB
+from segplan.planner.configurations import plan_family
+from segplan.planner.cpu_plan import make_cpu_plan
+from segplan.planner.finetune import plan_from_bundle
+from segplan.planner.fingerprint import fingerprint_for
+from segplan.planner.memory import estimate_for_plan
+from segplan.planner.plan import CONFIGURATIONS, PRESETS, supervised_levels
+from segplan.planner.plan_file import load_plan, save_plan
+from segplan.planner.probing import fit_by_probe
 
 
 def default_plan_path(dataset: Path) -> Path:
@@ -59,7 +59,7 @@ def plan_configurations(dataset: Path, output: Path | None = None, gpu_memory: f
                         time_budget: float | None = None, progress: bool = True, probe: bool = True,
                         gpu_probe: bool = False) -> dict[str, Path]:
     """`segplan plan --configurations all`: DIR/NAME_<configuration>.yaml for every configuration
-    that applies (planner.configurations.plan_family), side by side, from one fingerprint; the
+    that applies (segplan.planner.configurations.plan_family), side by side, from one fingerprint; the
     cascade's previous_stage names the 3d_lowres plan beside it. Nothing is written unless every
     plan could be made; an existing one is kept unless ``force``. Returns configuration -> path."""
     dataset = Path(dataset)

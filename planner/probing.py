@@ -1,4 +1,4 @@
-"""Measure instead of estimate: run ``python -m runner.probe`` in a child process (the planner never
+"""Measure instead of estimate: run ``python -m segplan.runner.training.probe`` in a child process (the planner never
 imports TensorFlow, and every measurement starts from an empty GPU) and, for GPU plans, fit the
 patch and batch to the budget by measured peaks rather than by the memory model alone.
 
@@ -14,9 +14,9 @@ import subprocess
 import sys
 from typing import Callable
 
-from planner.memory import estimate_for_plan
-from planner.plan import Plan, input_channels
-from planner.schema import to_plain
+from segplan.planner.memory import estimate_for_plan
+from segplan.planner.plan import Plan, input_channels
+from segplan.planner.schema import to_plain
 
 PROBE_TIMEOUT_S = 300
 PROBE_MARGIN = 0.10      # the measured peak may use the budget less this share (CUDA context, fragmentation)
@@ -29,7 +29,7 @@ MAX_REPLANS = 30         # ... at most this many times (the smallest plan the ru
 
 def run_probe(candidates: list[dict], network: dict, loss: dict, in_channels: int, n_classes: int, steps: int = 3,
               mixed_precision: bool = False, stop_above: dict | None = None) -> tuple[list[dict] | None, str]:
-    """Per candidate {seconds, window_seconds, peak_gb, oom} from ``python -m runner.probe`` with the
+    """Per candidate {seconds, window_seconds, peak_gb, oom} from ``python -m segplan.runner.training.probe`` with the
     plan's own network settings and loss; (None, why) when the probe failed (its error's last line).
     ``stop_above``: the candidates are measured in order up to the first whose ``seconds`` or
     ``window_seconds`` exceed these limits (the list returned is then shorter)."""
@@ -37,7 +37,7 @@ def run_probe(candidates: list[dict], network: dict, loss: dict, in_channels: in
                        "n_classes": n_classes, "steps": steps, "mixed_precision": mixed_precision,
                        "stop_above": stop_above})
     try:
-        r = subprocess.run([sys.executable, "-m", "runner.probe", spec], capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "-m", "segplan.runner.training.probe", spec], capture_output=True, text=True,
                            timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return None, f"the probe took over {PROBE_TIMEOUT_S} s"

@@ -14,7 +14,7 @@ also sees the prediction of a 3d_lowres stage, one-hot (a channel per foreground
   (p 0.2 per class): the network learns to correct the first stage, not to copy it.
 - Validation of fold k: the same split means fold k of the low-resolution plan held those cases out,
   so their out-of-fold predictions are the ones it made.
-- Prediction (`segplan predict`, bundles, ensembles: the stages of runner/predict.py): the low-resolution plan's
+- Prediction (`segplan predict`, bundles, ensembles: the stages of runner/inference/predict.py): the low-resolution plan's
   folds first, then the cascade's.
 """
 from __future__ import annotations
@@ -26,14 +26,14 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from planner.bundle_file import sha256
-from planner.dataset import Case, read_label
-from planner.fileio import save_npy, sweep_temporaries, write_json
-from planner.plan import Plan
-from runner.locks import exclusive
-from runner.oof import require_finished, require_same_split
-from runner.preprocess import label_to_grid, load_case
-from runner.workspace import Workspace
+from segplan.planner.bundle_file import sha256
+from segplan.planner.dataset import Case, read_label
+from segplan.planner.fileio import save_npy, sweep_temporaries, write_json
+from segplan.planner.plan import Plan
+from segplan.runner.locks import exclusive
+from segplan.runner.evaluation.oof import require_finished, require_same_split
+from segplan.runner.preprocessing.preprocess import label_to_grid, load_case
+from segplan.runner.workspace import Workspace
 
 CASCADE = "3d_cascade_fullres"
 OPERATOR_P = 0.4            # nnU-Net: ApplyRandomBinaryOperatorTransform(p_per_sample=0.4, strel_size=(1, 8))

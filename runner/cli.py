@@ -1,4 +1,4 @@
-"""The `segplan` command line: its parser, and main, which dispatches to runner.commands; TensorFlow is
+"""The `segplan` command line: its parser, and main, which dispatches to segplan.runner.commands; TensorFlow is
 imported only by the commands that train or predict."""
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import argparse
 import os
 import sys
 
-from runner import commands
-from runner.demo import DEMO_MINUTES
+from segplan.runner import commands
+from segplan.runner.demo import DEMO_MINUTES
 
 KERAS_COMMANDS = ("run", "predict", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from planner.bundle_file import MAX_MEMBER_MB
-    from planner.plan import CONFIGURATIONS, PRESETS
+    from segplan.planner.bundle_file import MAX_MEMBER_MB
+    from segplan.planner.plan import CONFIGURATIONS, PRESETS
     p = argparse.ArgumentParser(prog="segplan", description="Plan and run 3D medical image segmentation.")
     p.add_argument("--verbose", action="store_true",
                    help="keep TensorFlow's start-up messages (hidden by default: they are notices, not problems)")
@@ -156,13 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from planner.dataset import DatasetError
-    from planner.dicom import MissingExtra
-    from planner.schema import SchemaError
-    from runner.locks import Busy
+    from segplan.planner.dataset import DatasetError
+    from segplan.planner.dicom import MissingExtra
+    from segplan.planner.schema import SchemaError
+    from segplan.runner.locks import Busy
     args = build_parser().parse_args(argv)
     if not args.verbose and args.command in KERAS_COMMANDS:
-        from runner.backend import load_quietly
+        from segplan.runner.backend import load_quietly
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's later INFO/WARNING lines
         load_quietly()                                     # and the start-up ones that ignore it
     # progress bars on a terminal; in a log file (a pipe, `> log`) one line per epoch / case instead

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from planner.fileio import write_yaml
-from runner.locks import is_held
-from runner.workspace import Workspace
+from segplan.planner.fileio import write_yaml
+from segplan.runner.locks import is_held
+from segplan.runner.workspace import Workspace
 
 EXECUTORS = ("slurm", "local")
 
@@ -36,7 +36,7 @@ class Resources:
 
 
 def preprocess_job(plan_path: str) -> str:
-    from runner.preprocess import preprocess_dataset
+    from segplan.runner.preprocessing.preprocess import preprocess_dataset
     ws = Workspace(Path(plan_path))
     out = preprocess_dataset(ws, workers=ws.plan.training.workers or 1, progress=False)
     ws.splits()  # written once, under its lock, before the folds start
@@ -44,7 +44,7 @@ def preprocess_job(plan_path: str) -> str:
 
 
 def summarize_job(plan_path: str) -> str:
-    from runner.report import summarize
+    from segplan.runner.evaluation.report import summarize
     return summarize(Workspace(Path(plan_path)))
 
 
@@ -57,8 +57,8 @@ class FoldJob:
         self.plan_path, self.fold, self.data_parallel = plan_path, fold, data_parallel
 
     def __call__(self) -> dict:
-        from runner.backend import load_quietly
-        from runner.pipeline import run_fold
+        from segplan.runner.backend import load_quietly
+        from segplan.runner.pipeline import run_fold
         load_quietly()  # the job's log: segplan's lines, not TensorFlow's start-up notices
         ws = Workspace(Path(self.plan_path))
         f = ws.fold(self.fold)

@@ -1,4 +1,4 @@
-"""What each `segplan` sub-command does with its parsed arguments (runner.cli builds the parser
+"""What each `segplan` sub-command does with its parsed arguments (segplan.runner.cli builds the parser
 and dispatches): one ``cmd_*`` function per command, returning the exit status. Each imports
 what it needs when it runs, so that a command that neither trains nor predicts never loads
 TensorFlow."""
@@ -16,7 +16,7 @@ def fail(msg: str) -> int:
 
 
 def cmd_check_dataset(a) -> int:
-    from planner.integrity import check_dataset, problems_to_json
+    from segplan.planner.integrity import check_dataset, problems_to_json
     t = time.perf_counter()
     ds, problems = check_dataset(a.dataset, workers=a.workers, progress=a.bars and not a.json)
     errors = [p for p in problems if p.severity == "error"]
@@ -33,18 +33,18 @@ def cmd_check_dataset(a) -> int:
 
 
 def cmd_make_phantoms(a) -> int:
-    from datasets.phantoms import make_phantoms
+    from segplan.datasets.phantoms import make_phantoms
     out = make_phantoms(a.out, cases=a.cases, seed=a.seed, scale=a.scale, workers=a.workers, progress=a.bars)
     print(f"wrote {a.cases} phantoms to {out}")
     return 0
 
 
 def cmd_import(a) -> int:
-    from datasets import importers
+    from segplan.datasets import importers
     if (a.labels is not None) != (a.source == "dicom"):
         return fail("import dicom DIR needs --labels LABELS_DIR, and only it takes --labels")
     if a.source == "dicom":
-        from datasets.dicom_import import import_dicom
+        from segplan.datasets.dicom_import import import_dicom
         if len(a.archives) != 1:
             return fail(f"import dicom takes one folder of DICOM series, got {len(a.archives)}")
         import_dicom(a.archives[0], a.labels, a.out)
@@ -60,8 +60,8 @@ def cmd_import(a) -> int:
 
 
 def cmd_plan(a) -> int:
-    from planner.bundle_file import MAX_MEMBER_MB
-    from planner.planning import plan_configurations, plan_dataset
+    from segplan.planner.bundle_file import MAX_MEMBER_MB
+    from segplan.planner.planning import plan_configurations, plan_dataset
     if a.max_member_mb is not None and a.from_bundle is None:
         return fail("--max-member-mb limits what a bundle unpacks: it goes with --from")
     common = dict(gpu_memory=a.gpu_memory, preset=a.preset, workers=a.workers, force=a.force, device=a.device,
@@ -80,28 +80,28 @@ def cmd_plan(a) -> int:
 
 
 def cmd_check(a) -> int:
-    from planner.planning import check_plan_report
+    from segplan.planner.planning import check_plan_report
     print(check_plan_report(Path(a.plan)))
     return 0
 
 
 def cmd_schema(a) -> int:
-    from planner.plan_reference import markdown
+    from segplan.planner.plan_reference import markdown
     print(markdown(), end="")
     return 0
 
 
 def cmd_preprocess(a) -> int:
-    from runner.preprocess import preprocess_dataset
-    from runner.workspace import Workspace
+    from segplan.runner.preprocessing.preprocess import preprocess_dataset
+    from segplan.runner.workspace import Workspace
     out = preprocess_dataset(Workspace(Path(a.plan)), workers=a.workers, progress=a.bars)
     print(f"preprocessed cases in {out}")
     return 0
 
 
 def cmd_run(a) -> int:
-    from runner.pipeline import run_fold
-    from runner.workspace import Workspace
+    from segplan.runner.pipeline import run_fold
+    from segplan.runner.workspace import Workspace
     ws = Workspace(Path(a.plan))
     n = ws.plan.cross_validation.folds
     folds = range(n) if a.fold == "all" else [int(a.fold)]
@@ -121,26 +121,26 @@ def cmd_predict(a) -> int:
         return fail(f"--folds {' '.join(map(str, a.folds))}: a fold given twice would count twice in the average")
     if a.model is None and a.max_member_mb is not None:
         return fail("--max-member-mb limits what a bundle unpacks: it goes with --model")
-    # every option applies to a plan and a bundle alike
-    options = dict(folds=a.folds, tta=not a.no_tta, save_probabilities=a.save_probabilities, progress=a.bars,
-                   postprocessing=not a.no_postprocessing, output_format=a.output_format)
+    from segplan.runner.inference.inputs import refuse_overwrite
+    refuse_overwrite(Path(a.input), Path(a.output))   # -o IN: refused before any network is loaded
+    from segplan.runner.inference.predictor import Predictor
+    # every option applies to a plan, a bundle and a selection alike
+    options = dict(folds=a.folds, tta=not a.no_tta, postprocessing=not a.no_postprocessing)
     if a.model is not None:
-        from planner.bundle_file import MAX_MEMBER_MB
-        from runner.bundle import predict_with_bundle
-        predict_with_bundle(Path(a.model), Path(a.input), Path(a.output), **options,
-                            max_member_mb=MAX_MEMBER_MB if a.max_member_mb is None else a.max_member_mb)
-        return 0
-    if a.selection is not None:
-        from runner.selection import predict_selection
-        predict_selection(Path(a.selection), Path(a.input), Path(a.output), **options)
-        return 0
-    from runner.predict import predict_folder
-    predict_folder(Path(a.plan), Path(a.input), Path(a.output), **options)
+        from segplan.planner.bundle_file import MAX_MEMBER_MB
+        predictor = Predictor.from_bundle(Path(a.model), **options,
+                                          max_member_mb=MAX_MEMBER_MB if a.max_member_mb is None else a.max_member_mb)
+    elif a.selection is not None:
+        predictor = Predictor.from_selection(Path(a.selection), **options)
+    else:
+        predictor = Predictor.from_plan(Path(a.plan), **options)
+    predictor.predict_folder(Path(a.input), Path(a.output), save_probabilities=a.save_probabilities,
+                             progress=a.bars, output_format=a.output_format)
     return 0
 
 
 def cmd_evaluate(a) -> int:
-    from runner.evaluate import evaluate_folder
+    from segplan.runner.evaluation.evaluate import evaluate_folder
     summary = evaluate_folder(Path(a.pred), Path(a.ref), Path(a.plan) if a.plan else None, hd95=a.hd95,
                               nsd_tolerance=a.surface_dice)
     print(summary)
@@ -148,14 +148,14 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_summarize(a) -> int:
-    from runner.report import summarize
-    from runner.workspace import Workspace
+    from segplan.runner.evaluation.report import summarize
+    from segplan.runner.workspace import Workspace
     print(summarize(Workspace(Path(a.plan))))
     return 0
 
 
 def cmd_submit(a) -> int:
-    from runner.cluster import Resources, submit
+    from segplan.runner.cluster import Resources, submit
     folds = None if a.folds == ["all"] else [int(k) for k in a.folds]
     res = Resources(a.partition, a.gpus_per_job, a.cpus_per_job, a.mem, a.time)
     print("\n".join(submit(Path(a.plan), folds, a.executor, res, dry_run=a.dry_run, data_parallel=a.data_parallel)))
@@ -163,7 +163,7 @@ def cmd_submit(a) -> int:
 
 
 def cmd_status(a) -> int:
-    from runner.status import status
+    from segplan.runner.status import status
     print(status(Path(a.plan)))
     return 0
 
@@ -174,23 +174,23 @@ def cmd_export(a) -> int:
     if a.selection is not None:
         if a.format:
             return fail("--format writes one plan's networks; a selection may be an ensemble: export a plan")
-        from runner.bundle import export_selection
+        from segplan.runner.inference.bundle import export_selection
         print(f"wrote {export_selection(Path(a.selection), Path(a.output), a.folds)}; on another machine: "
               f"segplan predict --model {Path(a.output).name} -i IN -o OUT")
         return 0
     if a.format:
-        from runner.bundle import export_network
+        from segplan.runner.inference.bundle import export_network
         for path in export_network(Path(a.plan), Path(a.output), a.format, a.folds):
             print(f"wrote {path}")
         return 0
-    from runner.bundle import export
+    from segplan.runner.inference.bundle import export
     print(f"wrote {export(Path(a.plan), Path(a.output), a.folds)}; on another machine: "
           f"segplan predict --model {Path(a.output).name} -i IN -o OUT")
     return 0
 
 
 def cmd_select(a) -> int:
-    from runner.selection import select
+    from segplan.runner.evaluation.selection import select
     sel, table = select([Path(p) for p in a.plans], Path(a.output), progress=a.bars)
     print(table)
     print(f"wrote {a.output}; next: segplan predict --selection {a.output} -i IN -o OUT")
@@ -198,12 +198,12 @@ def cmd_select(a) -> int:
 
 
 def cmd_postprocess(a) -> int:
-    from runner.postprocess import postprocess_cv
-    from runner.workspace import Workspace
+    from segplan.runner.postprocessing.postprocess import postprocess_cv
+    from segplan.runner.workspace import Workspace
     print(postprocess_cv(Workspace(Path(a.plan)))[1])
     return 0
 
 
 def cmd_demo(a) -> int:
-    from runner.demo import run_demo
+    from segplan.runner.demo import run_demo
     return run_demo(Path(a.workdir), minutes=a.minutes, progress=a.bars)

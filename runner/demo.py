@@ -14,11 +14,11 @@ DEMO_MINUTES = 3.0
 def run_demo(workdir: Path, minutes: float = DEMO_MINUTES, cases: int = DEMO_CASES, scale: float = DEMO_SCALE,
              progress: bool = True) -> int:
     """phantoms -> plan (CPU, time budget) -> fold 0 -> predict + evaluate its validation cases -> report."""
-    from datasets.phantoms import make_phantoms
-    from planner.planning import plan_dataset
-    from runner.pipeline import run_fold
-    from runner.report import summarize
-    from runner.workspace import Workspace
+    from segplan.datasets.phantoms import make_phantoms
+    from segplan.planner.planning import plan_dataset
+    from segplan.runner.pipeline import run_fold
+    from segplan.runner.evaluation.report import summarize
+    from segplan.runner.workspace import Workspace
     t0 = time.perf_counter()
     marks = [t0]
 

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from planner.dataset import Case
-from planner.fileio import data_files, renamed, split_ending, write_text
-from runner.evaluate import evaluate_folder
-from runner.locks import hold
-from runner.oof import missing_probabilities
-from runner.predict import load_fold_models, predict_cases, selection_note
-from runner.train import FoldFinished, train_fold
-from runner.workspace import Workspace
+from segplan.planner.dataset import Case
+from segplan.planner.fileio import data_files, renamed, split_ending, write_text
+from segplan.runner.evaluation.evaluate import evaluate_folder
+from segplan.runner.locks import hold
+from segplan.runner.evaluation.oof import missing_probabilities
+from segplan.runner.inference.models import load_fold_models, selection_note
+from segplan.runner.inference.predict import predict_cases
+from segplan.runner.training.train import FoldFinished, train_fold
+from segplan.runner.workspace import Workspace
 
 
 def predict_validation(ws: Workspace, k: int, progress: bool = True, redo: bool = True) -> str:
     """Predict fold k's validation cases into its validation/ folder (label maps and out-of-fold
-    probabilities, runner/oof.py) and evaluate them there. ``redo`` False: only the cases whose
+    probabilities, runner/evaluation/oof.py) and evaluate them there. ``redo`` False: only the cases whose
     probabilities (written last) are missing, as after an interrupted validation of the same weights.
     A cascade's cases take fold k's out-of-fold predictions of its previous stage as extra input."""
     fold = ws.fold(k)
@@ -25,7 +26,7 @@ def predict_validation(ws: Workspace, k: int, progress: bool = True, redo: bool 
     todo = [c for c in cases if redo or not fold.validation_probabilities(c.case_id).exists()]
     previous = None
     if ws.plan.configuration == "3d_cascade_fullres":
-        from runner.cascade import check_previous_stage, out_of_fold_labels
+        from segplan.runner.cascade import check_previous_stage, out_of_fold_labels
         previous = out_of_fold_labels(check_previous_stage(ws), k)
     if todo:
         plan, models = load_fold_models(ws, [k])
@@ -76,7 +77,7 @@ def run_fold(ws: Workspace, k: int, resume: bool = False, restart: bool = False,
     `segplan status` and removed by the next run that succeeds."""
     fold = ws.fold(k)
     if ws.plan.configuration == "3d_cascade_fullres":  # refused before any work, naming what to run first
-        from runner.cascade import check_previous_stage
+        from segplan.runner.cascade import check_previous_stage
         check_previous_stage(ws)
     with hold(fold.lock, f"fold {k} of {ws.plan.name}"):
         try:

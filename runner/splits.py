@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from planner.fileio import write_yaml
+from segplan.planner.fileio import write_yaml
 
 
 class SplitError(ValueError):

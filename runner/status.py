@@ -4,7 +4,7 @@ finished (Dice) or failed (the last line of its error).
 
 It only reads: a read-only work folder (a colleague's results, a mounted archive) works, and a fold
 job that starts meanwhile is never refused because of it (``locks.is_held`` tests a lock, never takes
-it)."""
+it; on a platform without open-file-description locks, macOS, it takes it for an instant)."""
 from __future__ import annotations
 
 import math
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from runner.locks import holder, is_held
-from runner.tables import read_rows
-from runner.workspace import Fold, Workspace
+from segplan.runner.locks import holder, is_held
+from segplan.runner.evaluation.tables import read_rows
+from segplan.runner.workspace import Fold, Workspace
 
 
 def scheduler_states(job_ids: list[str]) -> dict[str, str]:

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from planner.dataset import Dataset, load_dataset
-from planner.plan import Plan
-from planner.plan_file import load_plan, save_plan
-from planner.schema import to_plain
+from segplan.planner.dataset import Dataset
+from segplan.planner.layouts import load_dataset
+from segplan.planner.plan import Plan
+from segplan.planner.plan_file import load_plan, save_plan
+from segplan.planner.schema import to_plain
 
 CHECKPOINT_POINTER = "checkpoint_latest.json"
 CHECKPOINT_BEST = "checkpoint_best.weights.h5"
@@ -196,8 +197,8 @@ class Workspace:
 
     def splits(self) -> list[dict[str, list[str]]]:
         """The folds' cases; a new split is written once, under a lock (jobs on several nodes)."""
-        from runner.locks import exclusive
-        from runner.splits import load_or_make_splits
+        from segplan.runner.locks import exclusive
+        from segplan.runner.splits import load_or_make_splits
         given = self.base / self.plan.dataset.splits_file if self.plan.dataset.splits_file else None
         self.root.mkdir(parents=True, exist_ok=True)
         with exclusive(self.root / ".splits.lock", "the split file"):

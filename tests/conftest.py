@@ -32,7 +32,7 @@ def ct_example() -> Path:
 @pytest.fixture(scope="session")
 def phantoms(tmp_path_factory) -> Path:
     """8 tiny phantoms (both HU and windowed cases)."""
-    from datasets.phantoms import make_phantoms
+    from segplan.datasets.phantoms import make_phantoms
     return make_phantoms(tmp_path_factory.mktemp("phantoms") / "ds", cases=8, seed=3, scale=0.12, progress=False)
 
 
@@ -41,7 +41,7 @@ def trained_cv(phantoms, tmp_path_factory) -> Path:
     """A tiny plan's two folds trained, predicted and summarized once per session (the plan's path).
     Tests read it and write their outputs elsewhere."""
     pytest.importorskip("keras")
-    from runner.cli import main
+    from segplan.runner.cli import main
     from tests.tiny import tiny_plan
     plan_path = tiny_plan(phantoms, tmp_path_factory.mktemp("trained_cv") / "plans" / "cv.yaml", epochs=2,
                           iterations=3, folds=2)

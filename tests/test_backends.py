@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.workspace import Workspace
+from segplan.runner.workspace import Workspace
 from tests.tiny import FOUR_STAGES, tiny_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,8 +28,8 @@ class NoTensorFlow(importlib.abc.MetaPathFinder):
             raise ImportError("tensorflow is blocked in this test")
 sys.meta_path.insert(0, NoTensorFlow())
 import dataclasses
-from runner.cli import main
-from planner.plan_file import load_plan, save_plan
+from segplan.runner.cli import main
+from segplan.planner.plan_file import load_plan, save_plan
 plan_path, inp, out = sys.argv[1:4]
 assert main(["run", plan_path, "--fold", "0"]) == 0
 plan = load_plan(plan_path)
@@ -67,9 +67,9 @@ def test_every_command_runs_on_another_backend_without_tensorflow(phantoms, tmp_
     assert (tmp_path / "out" / f"{case.case_id}.nii.gz").exists()
     assert not fold.tensorboard.exists()                                   # a TensorFlow-only extra, skipped
     # the weights are Keras weights: TensorFlow (this process) predicts with them
-    from runner.predict import predict_folder
+    from segplan.runner.inference.predict import predict_folder
     predict_folder(plan_path, inp, tmp_path / "out_tf", folds=[0], progress=False)
-    from planner.dataset import read_label
+    from segplan.planner.dataset import read_label
     a = read_label(tmp_path / "out" / f"{case.case_id}.nii.gz")[0]
     b = read_label(tmp_path / "out_tf" / f"{case.case_id}.nii.gz")[0]
     assert a.shape == b.shape and (a == b).mean() > 0.99, (a == b).mean()
@@ -77,8 +77,8 @@ def test_every_command_runs_on_another_backend_without_tensorflow(phantoms, tmp_
 
 DATA_PARALLEL = SCRIPT.split("import dataclasses")[0] + """
 import dataclasses, json
-from runner.cli import main
-from planner.plan_file import load_plan, save_plan
+from segplan.runner.cli import main
+from segplan.planner.plan_file import load_plan, save_plan
 plan_path, single_path = sys.argv[1:3]
 assert main(["run", single_path, "--fold", "0"]) == 0
 assert main(["run", plan_path, "--fold", "0", "--data-parallel"]) == 0
@@ -108,7 +108,7 @@ def test_data_parallel_over_two_devices_trains_resumes_and_matches_one_device(ph
     assert "data parallel: batch 2 split along 'batch' over 2 devices (1 samples each" in r.stdout
     ws, one = Workspace(plan_path), Workspace(single)
     assert json.loads(ws.fold(0).finished.read_text())["epochs"] == 3 and ws.fold(0).validation_summary.exists()
-    from runner.tables import read_rows
+    from segplan.runner.evaluation.tables import read_rows
     dp, sd = read_rows(ws.fold(0).history), read_rows(one.fold(0).history)
     assert len(dp) == 3 and len(sd) == 2
     for a, b in zip(dp[:2], sd):

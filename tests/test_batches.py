@@ -7,10 +7,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from planner.plan_file import load_plan
-from runner.batches import batch_stream
-from runner.preprocess import preprocess_dataset
-from runner.workspace import Workspace
+from segplan.planner.plan_file import load_plan
+from segplan.runner.training.batches import batch_stream
+from segplan.runner.preprocessing.preprocess import preprocess_dataset
+from segplan.runner.workspace import Workspace
 from tests.test_planner_properties import deadline
 from tests.tiny import tiny_plan
 
@@ -53,7 +53,7 @@ def test_next_epochs_first_batches_are_made_ahead_and_are_the_same(prepared, mon
     """While the last steps of an epoch run (and validation, checkpoints), the next epoch's first
     batches are already being made; they are the very batches a fresh stream would make."""
     import time
-    import runner.batches as B
+    import segplan.runner.training.batches as B
     ws, pre = prepared
     ids = [c.case_id for c in ws.dataset.cases]
     made = []

@@ -21,9 +21,9 @@ import SimpleITK as sitk
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from planner.dataset import read_label
-from runner.cli import main
-from runner.workspace import Workspace
+from segplan.planner.dataset import read_label
+from segplan.runner.cli import main
+from segplan.runner.workspace import Workspace
 from tests.tiny import first_case_input, tiny_plan
 
 
@@ -49,7 +49,7 @@ def test_bundle_predicts_like_the_work_folder_and_refuses_what_it_cannot_trust(e
     done.rename(held)
     try:
         with pytest.raises(ValueError, match=r"folds \[1\] have not finished"):
-            from runner.bundle import export
+            from segplan.runner.inference.bundle import export
             export(plan_path, tmp_path / "m.zip")
     finally:
         held.rename(done)
@@ -73,7 +73,7 @@ def test_bundle_predicts_like_the_work_folder_and_refuses_what_it_cannot_trust(e
     assert main(["export", str(plan_path), "-o", str(tmp_path / "served"), "--format", "savedmodel",
                  "--folds", "0"]) == 0
     import tensorflow as tf
-    from runner.predict import load_fold_models
+    from segplan.runner.inference.models import load_fold_models
     _, (model,) = load_fold_models(Workspace(plan_path), [0])
     x = np.random.default_rng(0).normal(size=(1, 8, 32, 32, 1)).astype(np.float32)
     served = tf.saved_model.load(str(tmp_path / "served" / "fold_0"))
@@ -88,7 +88,7 @@ def test_bundle_predicts_like_the_work_folder_and_refuses_what_it_cannot_trust(e
     b = read_label(tmp_path / "from_bundle" / f"{case.case_id}.nii.gz")[0]
     assert np.array_equal(a, b)
     # refused: a changed file, a missing fold file, an unknown version, the wrong channel count
-    from runner.bundle import BundleError, open_bundle
+    from segplan.runner.inference.bundle import BundleError, open_bundle
     plan_text = zipfile.ZipFile(bundle).read("folds/0/plan.yaml").replace(b"overlap: 0.5", b"overlap: 0.25")
     manifest = json.loads(zipfile.ZipFile(bundle).read("manifest.json"))
     cases = [({"folds/0/plan.yaml": plan_text}, "folds/0/plan.yaml was changed after export"),
@@ -122,7 +122,7 @@ def exported(phantoms, tmp_path_factory):
     switched on for inference after training so that --no-tta changes the result."""
     import dataclasses
 
-    from planner.plan_file import load_plan, save_plan
+    from segplan.planner.plan_file import load_plan, save_plan
     root = tmp_path_factory.mktemp("exported")
     plan_path = tiny_plan(phantoms, root / "plans" / "p.yaml", epochs=1, iterations=2)
     for k in (0, 1):
@@ -330,7 +330,7 @@ def _bomb(dst: Path, name: str, megabytes: int) -> str:
 def test_a_decompression_bomb_is_refused_by_its_declared_size_and_nothing_is_written(exported, tmp_path):
     """The issue's bomb: a 0.6 MB zip whose weights inflate to 600 MB, with a manifest that matches
     (anyone can write one). Refused by the declared size against the default limit, before reading."""
-    from planner.bundle_file import MAX_MEMBER_MB, BundleError, open_bundle
+    from segplan.planner.bundle_file import MAX_MEMBER_MB, BundleError, open_bundle
     m = _manifest_of(exported.bundle)
     bomb = tmp_path / "bomb.zip"
     digest = _bomb(bomb, "folds/0/model.weights.h5", 600)
@@ -355,7 +355,7 @@ def test_members_are_hashed_by_streaming_before_anything_is_written(exported, tm
     unpacks it (and zeros are then refused as weights, by name)."""
     import tracemalloc
 
-    from planner.bundle_file import BundleError, open_bundle
+    from segplan.planner.bundle_file import BundleError, open_bundle
     m = _manifest_of(exported.bundle)
     bomb = tmp_path / "bomb.zip"
     digest = _bomb(bomb, "folds/1/model.weights.h5", 40)
@@ -398,7 +398,7 @@ def test_predict_model_honours_every_flag_of_predict_plan(exported, plan_predict
 
 def test_the_flag_cases_cover_every_option_of_predict():
     """A new `predict` option must join PREDICT_FLAG_CASES (or be refused with --model)."""
-    from runner.cli import build_parser
+    from segplan.runner.cli import build_parser
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     options = {o for a in sub.choices["predict"]._actions for o in a.option_strings if o.startswith("--")}
     where = {"--help", "--model", "--selection", "--input", "--output", "--max-member-mb"}  # what and where, not how

@@ -21,11 +21,11 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.dataset import read_image, read_label
-from planner.plan_file import load_plan, save_plan
-from runner.cascade import corrupt, one_hot_foreground
-from runner.cli import main
-from runner.workspace import Workspace
+from segplan.planner.dataset import read_image, read_label
+from segplan.planner.plan_file import load_plan, save_plan
+from segplan.runner.cascade import corrupt, one_hot_foreground
+from segplan.runner.cli import main
+from segplan.runner.workspace import Workspace
 from tests.tiny import first_case_input
 
 
@@ -75,11 +75,11 @@ def test_a_cascade_refuses_until_its_lowres_folds_finish_then_trains_on_their_pr
     assert cascade.trained[0] == 0, cascade.trained[1]
     ws, low = Workspace(cascade.cas), Workspace(cascade.low)
     # the network reads the image and one channel per foreground class
-    from runner.predict import load_fold_models
+    from segplan.runner.inference.models import load_fold_models
     plan, (model,) = load_fold_models(ws, [0])
     assert model.inputs[0].shape[-1] == 1 + len(plan.dataset.labels) - 1 == 4
     # each case's map is its out-of-fold low-resolution prediction on the cascade's preprocessed grid
-    from runner.preprocess import label_to_grid, load_case
+    from segplan.runner.preprocessing.preprocess import label_to_grid, load_case
     held_out = {cid: k for k, s in enumerate(low.splits()) for cid in s["val"]}
     for case in ws.dataset.cases:
         data, _, props = load_case(ws.preprocessed, case.case_id)
@@ -251,7 +251,7 @@ ENSEMBLE_MANIFESTS = {  # edit -> what the refusal says
 
 @pytest.mark.parametrize("case", list(ENSEMBLE_MANIFESTS))
 def test_an_ensemble_bundle_manifest_is_checked_by_name_before_anything_is_unpacked(tmp_path, case):
-    from planner.bundle_file import BundleError, bundle_models, open_bundle
+    from segplan.planner.bundle_file import BundleError, bundle_models, open_bundle
     good = open_bundle(_ensemble_zip(tmp_path / "good.zip"), tmp_path / "good")
     models, ensemble = bundle_models(good)
     assert ensemble == ["full", "cas"] and models["cas"]["prefix"] == "models/cas/" and models["cas"]["previous"] == "low"

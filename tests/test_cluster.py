@@ -16,24 +16,40 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner.locks import Busy, exclusive, hold, holder, is_held
+from segplan.runner.locks import Busy, exclusive, hold, holder, is_held
 from tests.tiny import tiny_plan
 
 ROOT = Path(__file__).resolve().parents[1]
+OFD = ("F_OFD_SETLK", "F_OFD_SETLKW", "F_OFD_GETLK")
+# a platform without open-file-description locks (macOS): the constants hidden, in a child process too
+NO_OFD = f"import fcntl\nfor n in {OFD!r}:\n    delattr(fcntl, n)\n"
 
 
-def _holding(path: Path, seconds: float = 60) -> subprocess.Popen:
-    """Another process that takes the lock at ``path`` and keeps it (until killed)."""
-    code = (f"import time; from runner.locks import hold\n"
+@pytest.fixture(params=["ofd", "flock"])
+def lock_kind(request, monkeypatch) -> str:
+    """The lock tests run twice: with Linux' open-file-description locks, and as on a platform that
+    has none (issue 39: macOS), where locks.py falls back to flock. Returns the code that a child
+    process runs first to be on the same platform."""
+    if request.param == "ofd":
+        return ""
+    for name in OFD:
+        monkeypatch.delattr(fcntl, name)
+    return NO_OFD
+
+
+def _holding(path: Path, seconds: float = 60, first: str = "") -> subprocess.Popen:
+    """Another process that takes the lock at ``path`` and keeps it (until killed); it runs
+    ``first`` before (a lock_kind's platform)."""
+    code = (f"{first}import time; from segplan.runner.locks import hold\n"
             f"with hold({str(path)!r}, 'test'):\n    print('held', flush=True); time.sleep({seconds})")
     p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
     return p
 
 
-def test_a_held_lock_refuses_naming_its_holder_and_a_dead_holder_is_stale(tmp_path, capsys):
+def test_a_held_lock_refuses_naming_its_holder_and_a_dead_holder_is_stale(tmp_path, capsys, lock_kind):
     lock = tmp_path / "x.lock"
-    p = _holding(lock)
+    p = _holding(lock, first=lock_kind)
     try:
         assert is_held(lock)
         with pytest.raises(Busy, match=rf"pid {p.pid}"):
@@ -49,14 +65,29 @@ def test_a_held_lock_refuses_naming_its_holder_and_a_dead_holder_is_stale(tmp_pa
     assert holder(lock) is None  # released cleanly: nothing left to look stale
 
 
-def test_exclusive_waits_for_the_holder(tmp_path):
+def test_exclusive_waits_for_the_holder(tmp_path, lock_kind):
     lock = tmp_path / "y.lock"
-    p = _holding(lock, seconds=1.5)
+    p = _holding(lock, seconds=1.5, first=lock_kind)
     t = time.perf_counter()
     with exclusive(lock, "cache"):
         waited = time.perf_counter() - t
     p.wait()
     assert waited > 0.5
+
+
+def test_without_ofd_locks_the_fallback_is_flock_and_a_second_holder_is_refused(tmp_path, lock_kind):
+    """The same lock file held in this process refuses a second hold (a lock of the open file, not
+    of the process, in both kinds), and on a platform without F_OFD_* the lock really is a flock."""
+    lock = tmp_path / "z.lock"
+    with hold(lock, "fold 0"):
+        assert is_held(lock)
+        with pytest.raises(Busy):
+            with hold(lock, "fold 0"):
+                pass
+        if lock_kind:
+            with open(lock) as f, pytest.raises(BlockingIOError):
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert not is_held(lock)
 
 
 def _read_only(monkeypatch, root: Path) -> None:
@@ -95,8 +126,8 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
 def test_status_and_dry_run_read_a_read_only_work_folder_without_writing(phantoms, tmp_path, monkeypatch, capsys):
     """A colleague's results: fold 0 begun by a process that died holding its lock, fold 1 being
     trained by a live process. Inspecting them needs no write access and writes nothing."""
-    from runner.cli import main
-    from runner.workspace import Workspace
+    from segplan.runner.cli import main
+    from segplan.runner.workspace import Workspace
     plan = tiny_plan(phantoms, tmp_path / "plans" / "t.yaml")
     ws = Workspace(plan)
     ws.freeze(0)
@@ -123,7 +154,7 @@ def test_status_and_dry_run_read_a_read_only_work_folder_without_writing(phantom
 
 def _try_hold(path: Path) -> str:
     """What another process gets when it tries to take the lock now: 'took it' or 'busy: ...'."""
-    code = (f"from runner.locks import Busy, hold\ntry:\n    with hold({str(path)!r}, 'fold 0'):\n"
+    code = (f"from segplan.runner.locks import Busy, hold\ntry:\n    with hold({str(path)!r}, 'fold 0'):\n"
             f"        print('took it')\nexcept Busy as e:\n    print('busy:', e)")
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           check=True).stdout.strip()
@@ -155,12 +186,12 @@ def test_inspecting_a_lock_never_keeps_another_process_from_taking_it(tmp_path, 
 def test_two_preprocessing_processes_write_each_case_once(phantoms, tmp_path):
     plan = tiny_plan(phantoms, tmp_path / "plans" / "t.yaml")
     log = tmp_path / "written.txt"
-    code = ("import sys; from pathlib import Path; import runner.preprocess as P\n"
+    code = ("import sys; from pathlib import Path; import segplan.runner.preprocessing.preprocess as P\n"
             "orig = P._preprocess_one\n"
             "def logged(args):\n"
             f"    open({str(log)!r}, 'a').write(args[0].case_id + '\\n'); return orig(args)\n"
             "P._preprocess_one = logged\n"
-            "from runner.workspace import Workspace\n"
+            "from segplan.runner.workspace import Workspace\n"
             f"P.preprocess_dataset(Workspace(Path({str(plan)!r})), workers=1, progress=False)\n")
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
@@ -171,16 +202,16 @@ def test_two_preprocessing_processes_write_each_case_once(phantoms, tmp_path):
 
 
 def test_a_fold_already_running_refuses_and_status_says_training(phantoms, tmp_path):
-    from runner.pipeline import run_fold
-    from runner.status import status
-    from runner.workspace import Workspace
+    from segplan.runner.pipeline import run_fold
+    from segplan.runner.status import status
+    from segplan.runner.workspace import Workspace
     plan = tiny_plan(phantoms, tmp_path / "plans" / "t.yaml")
     ws = Workspace(plan)
     p = _holding(ws.fold(1).lock)
     try:
         with pytest.raises(Busy, match=rf"fold 1 .* in use by host \S+ pid {p.pid}"):
             run_fold(ws, 1, progress=False)
-        r = subprocess.run([sys.executable, "-m", "runner.cli", "run", str(plan), "--fold", "1"], cwd=ROOT,
+        r = subprocess.run([sys.executable, "-m", "segplan.runner.cli", "run", str(plan), "--fold", "1"], cwd=ROOT,
                            capture_output=True, text=True)
         assert r.returncode == 2 and f"pid {p.pid}" in r.stderr
         text = status(plan)
@@ -194,9 +225,9 @@ def test_a_fold_already_running_refuses_and_status_says_training(phantoms, tmp_p
 
 
 def test_submit_local_runs_preprocess_folds_and_summary_and_resubmit_skips(phantoms, tmp_path):
-    from runner.cluster import Resources, submit
-    from runner.status import status
-    from runner.workspace import Workspace
+    from segplan.runner.cluster import Resources, submit
+    from segplan.runner.status import status
+    from segplan.runner.workspace import Workspace
     plan = tiny_plan(phantoms, tmp_path / "plans" / "t.yaml")
     dry = submit(plan, executor="slurm", resources=Resources(partition="gpu"), dry_run=True)
     assert any("fold1: 1 GPU" in l and "partition gpu" in l and "after preprocess" in l for l in dry)
@@ -215,7 +246,7 @@ def test_submit_local_runs_preprocess_folds_and_summary_and_resubmit_skips(phant
 
 
 def test_fold_job_requeues_as_itself():
-    from runner.cluster import FoldJob
+    from segplan.runner.cluster import FoldJob
     job = FoldJob("/x/plan.yaml", 3, data_parallel=True)
     again = job.checkpoint()
     assert isinstance(again.function, FoldJob)
@@ -226,10 +257,10 @@ def test_a_fold_job_stopped_by_the_scheduler_requeues_and_continues_at_the_next_
     """What SLURM does at a time limit or preemption (USR2 to the job), through submitit's local
     executor: the job checkpoints, is requeued, and the requeued job resumes the fold."""
     import submitit
-    from runner.cluster import FoldJob
-    from runner.preprocess import preprocess_dataset
-    from runner.tables import read_rows
-    from runner.workspace import Workspace
+    from segplan.runner.cluster import FoldJob
+    from segplan.runner.preprocessing.preprocess import preprocess_dataset
+    from segplan.runner.evaluation.tables import read_rows
+    from segplan.runner.workspace import Workspace
     plan = tiny_plan(phantoms, tmp_path / "plans" / "t.yaml", epochs=8, iterations=4)
     ws = Workspace(plan)
     preprocess_dataset(ws, workers=1, progress=False)

@@ -15,16 +15,16 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from planner import heuristics as H
-from planner.build import make_plan
-from planner.configurations import LOWRES_COVERAGE, NotApplicable, plan_family, slice_axis
-from planner.cpu_plan import make_cpu_plan
-from planner.memory import activation_voxels, count_parameters, estimate_for_plan
-from planner.plan import NetworkSection, input_channels, pool_divisor, volume_patch
-from planner.plan_file import load_plan, save_plan
-from planner.planning import check_plan_report, plan_configurations, plan_dataset
-from planner.schema import SchemaError
-from runner.infer import on_windows, sliding_window
+from segplan.planner import heuristics as H
+from segplan.planner.build import make_plan
+from segplan.planner.configurations import LOWRES_COVERAGE, NotApplicable, plan_family, slice_axis
+from segplan.planner.cpu_plan import make_cpu_plan
+from segplan.planner.memory import activation_voxels, count_parameters, estimate_for_plan
+from segplan.planner.plan import NetworkSection, input_channels, pool_divisor, volume_patch
+from segplan.planner.plan_file import load_plan, save_plan
+from segplan.planner.planning import check_plan_report, plan_configurations, plan_dataset
+from segplan.planner.schema import SchemaError
+from segplan.runner.inference.infer import on_windows, sliding_window
 from tests.test_planner_properties import deadline, fingerprints
 from tests.tiny import LOWRES_GPU_GB, first_case_input, tiny_plan
 
@@ -79,9 +79,9 @@ def plan_2d(phantoms, tmp_path_factory) -> Path:
 
 
 def test_2d_patches_are_slices_and_augmented_as_2d_batches(plan_2d):
-    from runner.data import PatchSampler, build_augmentation, make_batch
-    from runner.preprocess import preprocess_dataset
-    from runner.workspace import Workspace
+    from segplan.runner.training.data import PatchSampler, build_augmentation, make_batch
+    from segplan.runner.preprocessing.preprocess import preprocess_dataset
+    from segplan.runner.workspace import Workspace
     plan = load_plan(plan_2d)
     aug = dataclasses.replace(plan.training.augmentation,
                               **{f: 1.0 for f in vars(plan.training.augmentation) if f.endswith("_p")})
@@ -136,13 +136,13 @@ def test_a_2d_plan_slices_along_the_coarse_axis_and_edits_are_refused_by_key(pha
 
 
 def load_fp(plan_path: Path):
-    from planner.fingerprint import load_fingerprint
+    from segplan.planner.fingerprint import load_fingerprint
     return load_fingerprint(next(plan_path.parent.glob("*.fingerprint.yaml")))
 
 
 def test_configurations_all_side_by_side_from_one_fingerprint_each_checked(phantoms, tmp_path, monkeypatch, capsys):
-    import planner.fingerprint as F
-    from runner.cli import main
+    import segplan.planner.fingerprint as F
+    from segplan.runner.cli import main
     computed = []
     real = F.compute_fingerprint
     monkeypatch.setattr(F, "compute_fingerprint", lambda *a, **k: computed.append(1) or real(*a, **k))
@@ -183,7 +183,7 @@ def test_configurations_all_side_by_side_from_one_fingerprint_each_checked(phant
 
 
 def test_a_cascade_whose_previous_stage_is_missing_or_not_3d_lowres_is_refused_by_key(phantoms, tmp_path, capsys):
-    from runner.cli import main
+    from segplan.runner.cli import main
     paths = plan_configurations(phantoms, tmp_path / "ph.yaml", gpu_memory=LOWRES_GPU_GB, progress=False)
     cascade, low = load_plan(paths["3d_cascade_fullres"]), load_plan(paths["3d_lowres"])
     edited = tmp_path / "edited.yaml"
@@ -252,7 +252,7 @@ def test_the_benchmark_plans_phantoms_from_their_specs_as_from_their_files(phant
     """benchmarks/configurations.py plans full-size phantoms from the generator's specifications: the
     same configurations, spacings and patches as the written files' fingerprint gives."""
     from benchmarks.configurations import phantom_fingerprint
-    from planner.fingerprint import fingerprint_for
+    from segplan.planner.fingerprint import fingerprint_for
     files, _ = fingerprint_for(phantoms, tmp_path / "fp.yaml", progress=False)
     specs = phantom_fingerprint(len(files.cases), seed=3, scale=0.12)   # the phantoms fixture's (tests/conftest.py)
     for a, b in zip(files.cases, specs.cases):
@@ -271,8 +271,8 @@ def test_the_benchmark_plans_phantoms_from_their_specs_as_from_their_files(phant
 def _predict_first_case(plan_path: Path, tmp_path: Path, *extra: str) -> tuple[np.ndarray, Path]:
     """Predict the plan's first case from a copy; returns its labels and the output folder, after
     checking they lie on the input's grid (shape, spacing, origin, direction)."""
-    from planner.dataset import read_label, read_volume
-    from runner.cli import main
+    from segplan.planner.dataset import read_label, read_volume
+    from segplan.runner.cli import main
     inp, out = tmp_path / "in", tmp_path / f"out{len(extra)}"
     image = first_case_input(plan_path, inp) if not inp.exists() else next(inp.iterdir())
     assert main(["predict", str(plan_path), "-i", str(inp), "-o", str(out), *extra]) == 0
@@ -286,8 +286,8 @@ def _predict_first_case(plan_path: Path, tmp_path: Path, *extra: str) -> tuple[n
 
 @needs_keras
 def test_a_2d_fold_trains_resumes_exactly_predicts_on_the_original_grid_and_travels_in_a_bundle(phantoms, tmp_path):
-    from runner.cli import main
-    from runner.model import build_unet
+    from segplan.runner.cli import main
+    from segplan.runner.training.model import build_unet
     from tests.test_networks import _train_resume_predict
     plan_path = _train_resume_predict(phantoms, tmp_path, None, configuration="2d")
     plan = load_plan(plan_path)
@@ -299,9 +299,9 @@ def test_a_2d_fold_trains_resumes_exactly_predicts_on_the_original_grid_and_trav
     assert main(["export", str(plan_path), "-o", str(tmp_path / "m.zip"), "--folds", "0"]) == 0
     inp = tmp_path / "in"
     assert main(["predict", "--model", str(tmp_path / "m.zip"), "-i", str(inp), "-o", str(tmp_path / "b")]) == 0
-    from planner.dataset import read_label
+    from segplan.planner.dataset import read_label
     assert np.array_equal(read_label(next((tmp_path / "b").glob("*.nii.gz")))[0], labels)
-    from runner.workspace import PlanChanged, Workspace  # the fold's weights were trained on z slices
+    from segplan.runner.workspace import PlanChanged, Workspace  # the fold's weights were trained on z slices
     save_plan(plan.replace(slice_axis=1), plan_path)
     with pytest.raises(PlanChanged, match="slice_axis"):
         Workspace(plan_path).fold_plan(0)
@@ -320,9 +320,9 @@ def test_a_3d_lowres_fold_trains_resumes_and_predicts_on_the_original_grid(phant
 
 @needs_keras
 def test_the_probe_times_a_2d_plans_network(plan_2d):
-    from planner.probing import candidate
-    from planner.schema import to_plain
-    from runner.probe import probe
+    from segplan.planner.probing import candidate
+    from segplan.planner.schema import to_plain
+    from segplan.runner.training.probe import probe
     plan = load_plan(plan_2d)
     (m,) = probe([candidate(plan)], to_plain(plan.network), to_plain(plan.training.loss), 1, 4, steps=1)
     assert m["oom"] is False and m["seconds"] > 0 and m["window_seconds"] > 0

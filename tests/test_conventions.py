@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from planner.intensity import detect_convention, to_hu
+from segplan.planner.intensity import detect_convention, to_hu
 
 
 def _chest(seed: int = 0) -> np.ndarray:
@@ -58,8 +58,8 @@ def _write(arr: np.ndarray, path) -> None:
 
 
 def test_plain_layout_decides_ct_on_most_images_and_check_names_unknown_cases(tmp_path):
-    from planner.dataset import load_dataset
-    from planner.integrity import check_dataset
+    from segplan.planner.layouts import load_dataset
+    from segplan.planner.integrity import check_dataset
     ds = tmp_path / "plain"
     (ds / "images").mkdir(parents=True)
     (ds / "labels").mkdir()
@@ -77,8 +77,8 @@ def test_plain_layout_decides_ct_on_most_images_and_check_names_unknown_cases(tm
     unknown = [p for p in problems if "no known unit" in p.message]
     assert [p.case for p in unknown] == ["a_odd"] and unknown[0].severity == "warning"
     # the plan says which convention it assumed for that case, and why
-    from planner.plan_file import load_plan
-    from planner.planning import plan_dataset
+    from segplan.planner.plan_file import load_plan
+    from segplan.planner.planning import plan_dataset
     out = plan_dataset(ds, tmp_path / "p.yaml", gpu_memory=4, progress=False)
     text = out.read_text()
     assert load_plan(out).intensity.conventions["a_odd"] == "hu"

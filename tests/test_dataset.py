@@ -5,9 +5,10 @@ import zipfile
 import numpy as np
 import SimpleITK as sitk
 
-from planner.dataset import Geometry, load_dataset, read_image, read_label, to_sitk, write_volume
-from planner.integrity import check_dataset
-from runner.cli import main
+from segplan.planner.dataset import Geometry, read_image, read_label, to_sitk, write_volume
+from segplan.planner.layouts import load_dataset
+from segplan.planner.integrity import check_dataset
+from segplan.runner.cli import main
 
 DIRECTION = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -90,7 +91,7 @@ def test_check_dataset_reports_every_problem_at_once(tmp_path):
 
 
 def test_check_dataset_spacing_message_says_by_how_much(tmp_path):
-    from planner.integrity import compare_geometry
+    from segplan.planner.integrity import compare_geometry
     a = _geom((2, 3, 4))
     b = Geometry((3.0, 0.7, 1.4), a.origin, a.direction, a.shape)
     msg = " ".join(compare_geometry(a, b))
@@ -134,7 +135,7 @@ def test_plain_layout_duplicate_and_missing(tmp_path):
 
 
 def test_phantoms_are_deterministic_whatever_the_workers(tmp_path):
-    from datasets.phantoms import make_phantoms
+    from segplan.datasets.phantoms import make_phantoms
     a = make_phantoms(tmp_path / "a", cases=3, seed=5, scale=0.1, workers=1, progress=False)
     b = make_phantoms(tmp_path / "b", cases=3, seed=5, scale=0.1, workers=2, progress=False)
     c = make_phantoms(tmp_path / "c", cases=1, seed=6, scale=0.1, workers=1, progress=False)

@@ -22,9 +22,9 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from planner.dataset import Geometry, read_label, read_volume, to_sitk, write_volume, zyx_to_xyz
-from planner.dicom import MissingExtra, find_series, read_series, require, unique_ids
-from runner.cli import main
+from segplan.planner.dataset import Geometry, read_label, read_volume, to_sitk, write_volume, zyx_to_xyz
+from segplan.planner.dicom import MissingExtra, find_series, read_series, require, unique_ids
+from segplan.runner.cli import main
 
 # rows run along -y, columns along +x, slices towards +z: a proper rotation that is not the identity, so
 # a swapped or flipped axis anywhere shows
@@ -154,7 +154,7 @@ def test_ids_differing_only_in_case_are_made_unique(tmp_path):
 
 
 def test_a_missing_extra_says_how_to_install_it_and_nifti_input_does_not_need_it(monkeypatch, tmp_path):
-    from runner.predict import find_input_cases
+    from segplan.runner.inference.inputs import find_input_cases
     write_volume(_volume(), _geometry(_volume().shape), tmp_path / "nifti" / "a.nii.gz")
     (tmp_path / "nifti" / "README.txt").write_text("not DICOM")
     write_series(tmp_path / "dicom", _volume())
@@ -208,7 +208,7 @@ def check_frames(path: Path, series_files) -> None:
 
 
 def test_seg_round_trips_names_every_class_and_passes_dciodvfy(tmp_path):
-    from runner.dicom_seg import write_seg
+    from segplan.runner.inference.dicom_seg import write_seg
     hu = _volume((6, 10, 12))
     write_series(tmp_path / "in", hu)
     (series,) = find_series(tmp_path / "in")
@@ -231,7 +231,7 @@ def test_seg_says_the_slice_spacing_of_the_positions_not_a_spacing_header_that_d
     """A source whose Spacing Between Slices (7 mm) disagrees with its positions (2.5 mm apart, what
     segplan reads): the SEG's pixel measures say 2.5 mm, so highdicom reads it back as a volume on
     the series' grid (copied as it is, the header made highdicom refuse: 'not regularly spaced')."""
-    from runner.dicom_seg import write_seg
+    from segplan.runner.inference.dicom_seg import write_seg
     hu = _volume((6, 10, 12), seed=4)
     write_series(tmp_path / "in", hu)
     (series,) = find_series(tmp_path / "in")
@@ -265,7 +265,7 @@ def test_other_orientations_are_read_in_place_and_their_seg_frames_lie_on_their_
     """Every voxel read from a non-axial series lies where it was written (compared in physical
     space, whatever order GDCM stacked the slices in), and the SEG of a label map on that grid
     holds it frame by frame on the right source instance."""
-    from runner.dicom_seg import write_seg
+    from segplan.runner.inference.dicom_seg import write_seg
     direction = ORIENTATIONS[kind]
     hu = _volume((6, 10, 12), seed=7)
     write_series(tmp_path / "in", hu, direction=direction)
@@ -294,7 +294,10 @@ def test_a_series_the_reader_cannot_read_is_refused_by_name_and_the_others_are_s
     spacing ... to [.., .., 0]') stopped the whole call at that series, leaving the series after it
     unpredicted. The network is replaced by a stand-in (its output is not the point here): every
     readable series is written, the unreadable one is named with ITK's reason, then the call fails."""
-    import runner.predict as rp
+    import segplan.runner.inference.predict as rp
+    import segplan.runner.inference.stages as stages
+    from segplan.planner.dicom import read_case_image
+    from segplan.runner.inference.inputs import find_input_cases
     for number in (3, 4, 5):
         write_series(tmp_path / "in" / f"s{number}", _volume(seed=number), number=number, seed=number)
     (odd,) = [s for s in find_series(tmp_path / "in") if s.series_id == "PAT1_series4"]
@@ -302,14 +305,14 @@ def test_a_series_the_reader_cannot_read_is_refused_by_name_and_the_others_are_s
         ds = pydicom.dcmread(f)
         ds.SpacingBetweenSlices = "0"
         ds.save_as(f)
-    cases = rp.find_input_cases(tmp_path / "in", 1)
+    cases = find_input_cases(tmp_path / "in", 1)
     assert [c.case_id for c in cases] == ["PAT1_series3", "PAT1_series4", "PAT1_series5"]
     assert all(c.series.problem is None for c in cases)                  # the headers are fine
 
     def stand_in(case, plan, predict, progress=False, probabilities=False, training_case=False, previous=None):
-        image, geom = rp.read_case_image(case)
+        image, geom = read_case_image(case)
         return (image[0] > 0).astype(np.uint8), geom, None, {}
-    monkeypatch.setattr(rp, "keras_predictor", lambda models: None)
+    monkeypatch.setattr(stages, "keras_predictor", lambda models: None)
     monkeypatch.setattr(rp, "predict_case", stand_in)
     with pytest.raises(ValueError, match=r"1 DICOM series refused, as said above \(PAT1_series4\); 2 predicted"):
         rp.predict_cases(cases, None, [], tmp_path / "out", tta=False, progress=False)
@@ -331,7 +334,7 @@ def inputs(trained_cv, tmp_path_factory):
     the NIfTI prediction (the reference)."""
     from types import SimpleNamespace
 
-    from runner.workspace import Workspace
+    from segplan.runner.workspace import Workspace
     root = tmp_path_factory.mktemp("dicom_inputs")
     hu = [np.clip(arr, -1024, None) for arr in (read_volume(c.image_files[0])[0]
                                                 for c in Workspace(trained_cv).dataset.cases) if arr.dtype == np.int16]
@@ -343,7 +346,7 @@ def inputs(trained_cv, tmp_path_factory):
     assert main(["predict", str(trained_cv), "-i", str(nifti), "-o", str(root / "reference")]) == 0
     reference = {n: read_label(root / "reference" / f"{n}.nii.gz") for n in ("PAT1_series3", "PAT1_series4")}
     assert all(len(np.unique(labels)) > 2 for labels, _ in reference.values())    # lungs found: not a trivial map
-    from planner.plan_file import load_plan
+    from segplan.planner.plan_file import load_plan
     return SimpleNamespace(plan=trained_cv, root=root, nifti=nifti, dicom=dicom, reference=reference,
                            series={s.series_id: s for s in find_series(dicom)},
                            labels=load_plan(trained_cv).dataset.labels)

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from planner.plan_file import load_plan, save_plan
-from runner.workspace import Workspace
+from segplan.planner.plan_file import load_plan, save_plan
+from segplan.runner.workspace import Workspace
 from tests.tiny import tiny_plan
 
 needs_tf = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="tensorflow is not installed")
@@ -19,7 +19,7 @@ needs_tf = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, re
 def test_mixed_precision_trains_in_bfloat16_with_float32_weights(phantoms, tmp_path):
     import h5py
     import keras
-    from runner.train import compile_model, train_fold
+    from segplan.runner.training.train import compile_model, train_fold
     plan_path = tiny_plan(phantoms, tmp_path / "p.yaml", epochs=2, iterations=2)
     plan = load_plan(plan_path)
     save_plan(plan.replace(training=dataclasses.replace(plan.training, mixed_precision=True)), plan_path)

@@ -9,8 +9,8 @@ import re
 import shlex
 from pathlib import Path
 
-from planner.plan_reference import markdown, rows
-from runner.cli import build_parser, main
+from segplan.planner.plan_reference import markdown, rows
+from segplan.runner.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"

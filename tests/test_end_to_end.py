@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import yaml
 
-from planner.dataset import load_dataset
-from planner.plan_file import load_plan, save_plan
-from runner.cli import main
+from segplan.planner.layouts import load_dataset
+from segplan.planner.plan_file import load_plan, save_plan
+from segplan.runner.cli import main
 from tests.tiny import tiny_plan
 
 pytest.importorskip("keras")
@@ -61,7 +61,7 @@ def test_plan_run_predict_summarize(phantoms, tmp_path):
     assert "lungs_union" in summary["folds"]["average"]
     report = (work / "cv_summary.md").read_text()
     # postprocessing decided on the folds' predictions, written beside the report, applied by predict
-    from runner.postprocess import load
+    from segplan.runner.postprocessing.postprocess import load
     post = load(work / "postprocessing.yaml", plan.dataset.labels)
     assert post.folds == [0, 1] and set(post.tried) >= {"foreground", "left_lung", "lungs"}
     assert bool(summary["folds_postprocessed"]) == bool(post.rules)

@@ -9,17 +9,17 @@ import warnings
 import numpy as np
 import pytest
 
-from planner.plan_file import load_plan, save_plan
-from planner.planning import plan_dataset
-from runner.cli import main
+from segplan.planner.plan_file import load_plan, save_plan
+from segplan.planner.planning import plan_dataset
+from segplan.runner.cli import main
 from tests.tiny import tiny_plan
 
 
 @pytest.mark.e2e
 def test_plan_from_a_bundle_and_start_from_its_weights(phantoms, tmp_path):
     import keras
-    from runner.model import build_unet
-    from runner.train import compile_model, load_initial_weights
+    from segplan.runner.training.model import build_unet
+    from segplan.runner.training.train import compile_model, load_initial_weights
     src = tiny_plan(phantoms, tmp_path / "a" / "p.yaml", epochs=1, iterations=2)
     for k in (0, 1):
         assert main(["run", str(src), "--fold", str(k)]) == 0

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import yaml
 
-from planner.fileio import image_files
-from runner.cli import main
-from runner.workspace import Workspace
+from segplan.planner.fileio import image_files
+from segplan.runner.cli import main
+from segplan.runner.workspace import Workspace
 from tests.tiny import tiny_plan
 
 pytest.importorskip("keras")
@@ -86,8 +86,8 @@ def test_every_format_goes_through_a_whole_fold(phantoms, tmp_path, ending):
 def test_references_are_linked_under_their_own_format(tmp_path):
     """The validation references keep their ending (SimpleITK picks the reader by it), a MetaImage
     header brings its data file, and an older run's link under another ending is replaced."""
-    from planner.dataset import Case, Geometry, read_label, write_volume
-    from runner.pipeline import link_references
+    from segplan.planner.dataset import Case, Geometry, read_label, write_volume
+    from segplan.runner.pipeline import link_references
     g = Geometry((2.0, 1.0, 0.5), ORIGIN, DIRECTION, (3, 4, 5))
     lab = np.arange(60, dtype=np.uint8).reshape(3, 4, 5) % 3
     src = tmp_path / "labels"

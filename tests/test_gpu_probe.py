@@ -11,12 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner import probing
-from planner.build import make_plan
-from planner.dataset import load_dataset
-from planner.fingerprint import FINGERPRINT_VERSION, CaseFingerprint, ChannelStats, Fingerprint, compute_fingerprint
-from planner.memory import OVERHEAD_GB, estimate_for_plan
-from planner.plan_file import load_plan
+from segplan.planner import probing
+from segplan.planner.build import make_plan
+from segplan.planner.layouts import load_dataset
+from segplan.planner.fingerprint import (
+    FINGERPRINT_VERSION, CaseFingerprint, ChannelStats, Fingerprint, compute_fingerprint)
+from segplan.planner.memory import OVERHEAD_GB, estimate_for_plan
+from segplan.planner.plan_file import load_plan
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +90,10 @@ def test_a_failed_probe_keeps_the_model_plan_and_says_why(fingerprint):
 
 
 def test_plan_probe_without_a_gpu_falls_back_to_the_model_and_says_so(phantoms, tmp_path):
-    from planner.build import gpu_present
+    from segplan.planner.build import gpu_present
     if gpu_present():
         pytest.skip("this machine has a GPU: the fallback is for machines without one")
-    from planner.planning import check_plan_report, plan_dataset
+    from segplan.planner.planning import check_plan_report, plan_dataset
     out = plan_dataset(phantoms, tmp_path / "g.yaml", gpu_memory=8, device="gpu", progress=False, gpu_probe=True)
     text = out.read_text()
     assert load_plan(out).memory.measured_gb is None
@@ -106,6 +107,6 @@ def test_child_probe_reports_seconds_and_no_gpu_peak_on_a_cpu(fingerprint):
                          training=dataclasses.replace(plan.training, patch_size=[16, 32, 32], batch_size=1))
     m, why = probing.measure_plan(small)
     assert why == "" and m["seconds"] > 0 and m["oom"] is False
-    from planner.build import gpu_present
+    from segplan.planner.build import gpu_present
     assert (m["peak_gb"] is None) != gpu_present()
 

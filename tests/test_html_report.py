@@ -12,9 +12,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from runner.html_report import PALETTE, case_mosaics, pick_slices
-from runner.tables import read_rows
-from runner.workspace import Workspace
+from segplan.runner.evaluation.html_report import PALETTE, case_mosaics, pick_slices
+from segplan.runner.evaluation.tables import read_rows
+from segplan.runner.workspace import Workspace
 from tests import browser
 
 

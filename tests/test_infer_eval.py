@@ -3,8 +3,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runner.evaluate import case_metrics, mask_metrics
-from runner.infer import gaussian_weights, mirrored, sliding_window, window_starts
+from segplan.runner.evaluation.evaluate import case_metrics, mask_metrics
+from segplan.runner.inference.infer import gaussian_weights, mirrored, sliding_window, window_starts
 
 
 @pytest.mark.parametrize("shape,patch,overlap", [((13, 17, 19), (8, 8, 8), 0.5), ((5, 7, 3), (8, 8, 8), 0.5),
@@ -73,8 +73,8 @@ def test_sensitivity_of_an_empty_reference_is_undefined_not_zero(tmp_path):
     assert np.isnan(mask_metrics(spurious, np.zeros_like(ref), 1.0)["sensitivity"])
     assert np.isnan(mask_metrics(np.zeros_like(ref), np.zeros_like(ref), 1.0)["sensitivity"])
     assert mask_metrics(np.zeros_like(ref), ref, 1.0)["sensitivity"] == 0.0      # a miss is a real 0
-    from planner.dataset import Geometry, write_volume
-    from runner.evaluate import evaluate_folder
+    from segplan.planner.dataset import Geometry, write_volume
+    from segplan.runner.evaluation.evaluate import evaluate_folder
     import yaml
     g = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), ref.shape)
     for d in ("ref", "pred"):
@@ -95,7 +95,7 @@ def test_missing_a_structure_does_not_improve_the_hd95():
     """The issue's case: a model that misses a structure it would have found badly gets a better
     mean HD95 over the defined cases. The defined mean stays (with the miss counted beside it) and
     hd95_diag_mm scores the miss as the image diagonal, so the miss now ranks worse."""
-    from runner.evaluate import image_diagonal_mm, summarize_rows
+    from segplan.runner.evaluation.evaluate import image_diagonal_mm, summarize_rows
     shape, spacing = (10, 20, 20), (3.0, 0.8, 0.8)
     ref = np.zeros(shape, np.uint8)
     ref[2:6, 4:10, 4:10] = 1
@@ -129,7 +129,7 @@ def test_missing_a_structure_does_not_improve_the_hd95():
 def test_a_missed_structure_never_scores_better_than_a_found_one(shape, spacing, seed, density):
     """The penalty is an upper bound: no two non-empty masks in an image are farther apart than its
     diagonal, so hd95_diag_mm of a miss is at least that of any prediction that found something."""
-    from runner.evaluate import image_diagonal_mm
+    from segplan.runner.evaluation.evaluate import image_diagonal_mm
     rng = np.random.default_rng(seed)
     ref, pred = rng.random(shape) < density, rng.random(shape) < density
     ref.flat[rng.integers(ref.size)] = True
@@ -226,8 +226,8 @@ def test_surface_dice_of_a_shifted_slab_by_hand():
 
 
 def test_missing_and_empty_cases_are_counted_not_dropped(tmp_path):
-    from planner.dataset import Geometry, write_volume
-    from runner.evaluate import evaluate_folder
+    from segplan.planner.dataset import Geometry, write_volume
+    from segplan.runner.evaluation.evaluate import evaluate_folder
     g = Geometry((2.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (6, 8, 8))
     ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
     ref_dir.mkdir()

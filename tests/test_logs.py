@@ -16,7 +16,7 @@ NOISE = ("oneDNN", "cuInit", "cuda drivers", "absl::InitializeLog", "cpu_feature
 
 
 def _segplan(*args: str) -> str:
-    r = subprocess.run([sys.executable, "-m", "runner.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
+    r = subprocess.run([sys.executable, "-m", "segplan.runner.cli", *args], cwd=ROOT, stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:]
     return r.stdout

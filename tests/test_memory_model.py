@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.memory_fit import MIN_GB, fit, points
-from planner.memory import GB, GPU_BYTES_PER_ACTIVATION
+from segplan.planner.memory import GB, GPU_BYTES_PER_ACTIVATION
 
 
 def test_constants_are_the_fit_of_the_measurements():
@@ -36,7 +36,7 @@ def _cpu_rows():
 
 def test_cpu_constants_are_the_fit_of_the_cpu_measurements():
     from benchmarks.memory_calibration import fit
-    from planner.memory import CPU_BYTES_PER_ACTIVATION, CPU_GB_PER_CONVOLUTION, CPU_PROCESS_GB
+    from segplan.planner.memory import CPU_BYTES_PER_ACTIVATION, CPU_GB_PER_CONVOLUTION, CPU_PROCESS_GB
     fitted = fit(_cpu_rows())
     assert CPU_PROCESS_GB == pytest.approx(fitted["process_gb"], abs=0.02)
     assert CPU_BYTES_PER_ACTIVATION[False] == pytest.approx(fitted["float32"], rel=0.02)
@@ -48,7 +48,7 @@ def test_every_cpu_grid_point_within_five_percent():
     """Every measured point (32^3 .. 80x160x160, batch 1..9, 8..32 first filters, float32 and
     bfloat16; the plain U-Net and the residual encoder, with and without deep supervision; and 2D
     networks of 2d plans, 160x192 .. 512x512, batch 4..24) within 5% of the planner's estimate."""
-    from planner.memory import estimate_training_gb
+    from segplan.planner.memory import estimate_training_gb
     rows = _cpu_rows()
     assert len(rows) >= 10 and {r["mixed"] for r in rows} == {False, True}
     assert {len(r["patch"]) for r in rows} == {2, 3}

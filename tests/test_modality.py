@@ -11,10 +11,10 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
-from planner.dataset import load_dataset
-from planner.integrity import check_dataset
-from planner.plan_file import load_plan
-from planner.planning import plan_dataset
+from segplan.planner.layouts import load_dataset
+from segplan.planner.integrity import check_dataset
+from segplan.planner.plan_file import load_plan
+from segplan.planner.planning import plan_dataset
 
 def _write(arr: np.ndarray, path, spacing=(1.0, 1.0, 2.0)) -> None:
     img = sitk.GetImageFromArray(arr)
@@ -98,5 +98,5 @@ def test_real_mri_as_int16_in_a_plain_folder_is_not_ct_and_real_ct_is(hippocampu
                                       (["shifted_hu"] * 5, False), (["windowed"] * 4 + ["hu"], False),
                                       (["hu", "windowed"], False), ([], False)])
 def test_ct_only_when_most_images_show_hounsfield_air(looks, ct):
-    from planner.intensity import infer_ct
+    from segplan.planner.intensity import infer_ct
     assert infer_ct(looks)[0] is ct

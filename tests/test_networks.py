@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from planner.plan import NetworkSection, supervised_levels
-from planner.plan_file import load_plan, save_plan
-from runner.targets import downsample_labels, targets
+from segplan.planner.plan import NetworkSection, supervised_levels
+from segplan.planner.plan_file import load_plan, save_plan
+from segplan.runner.training.targets import downsample_labels, targets
 from tests.tiny import FOUR_STAGES, first_case_input, tiny_plan
 
 needs_keras = pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="keras is not installed")
@@ -69,9 +69,9 @@ def test_downsampled_targets_by_hand():
 def test_deep_supervision_loss_is_the_weighted_sum_of_the_levels():
     """Keras' total loss is sum_k w_k (Tversky + CE)(level k), with the hand weights 2/3 and 1/3."""
     import keras
-    from planner.plan import LossSection
-    from runner.losses import compile_arguments, make_loss
-    from runner.model import build_unet, prediction_model
+    from segplan.planner.plan import LossSection
+    from segplan.runner.training.losses import compile_arguments, make_loss
+    from segplan.runner.training.model import build_unet, prediction_model
     net = _net(4)
     levels = supervised_levels(net)
     model = build_unet(net, 1, 3)
@@ -93,8 +93,8 @@ def test_deep_supervision_loss_is_the_weighted_sum_of_the_levels():
 def test_residual_encoder_is_nnunets_resenc():
     """Stem, then per stage the planned residual blocks; the first block of a stage strides by the
     pooling with an average-pooled, projected skip; a decoder of one convolution per stage."""
-    from planner.memory import count_parameters
-    from runner.model import build_unet
+    from segplan.planner.memory import count_parameters
+    from segplan.runner.training.model import build_unet
     net = _net(4, architecture="residual_encoder", blocks_per_stage=[1, 3, 4, 6], convs_per_stage=1,
                activation="leaky_relu")
     model = build_unet(net, 2, 3)
@@ -119,7 +119,7 @@ def test_instance_normalization_normalizes_each_image_on_its_own(architecture):
     channel) after every convolution: the prediction ignores the image's intensity scale (the
     convolutions before a norm have no bias) and one image's prediction does not depend on the
     others in its batch, which inference-mode batch norm with its moving statistics does not give."""
-    from runner.model import build_unet
+    from segplan.runner.training.model import build_unet
     blocks = {"blocks_per_stage": [1, 2, 2], "convs_per_stage": 1} if architecture == "residual_encoder" else {}
     net = _net(3, deep_supervision=False, normalization="instance", architecture=architecture, **blocks)
     model = build_unet(net, 1, 3)
@@ -139,7 +139,7 @@ def test_instance_normalization_normalizes_each_image_on_its_own(architecture):
 
 
 def test_check_refuses_an_unknown_architecture_by_name(phantoms, tmp_path):
-    from runner.cli import main
+    from segplan.runner.cli import main
     path = tiny_plan(phantoms, tmp_path / "p.yaml")
     text = path.read_text()
     (tmp_path / "bad.yaml").write_text(text.replace("architecture: plain", "architecture: resnet50"))
@@ -181,7 +181,7 @@ def test_plans_written_before_load_as_the_plain_network_without_deep_supervision
 
 
 def test_presets_say_why_deep_supervision_is_on_or_off(phantoms, tmp_path):
-    from planner.planning import plan_dataset
+    from segplan.planner.planning import plan_dataset
     why = {"default": "on, as nnU-Net", "miscnn-covid19": "off: the paper's network has one output",
            "cpu": "off: on Hippocampus fold 0 it was a wash at 5 minutes"}
     for preset, on in (("default", True), ("miscnn-covid19", False), ("cpu", False)):
@@ -195,8 +195,8 @@ def test_presets_say_why_deep_supervision_is_on_or_off(phantoms, tmp_path):
 
 
 def test_resenc_presets_plan_nnunets_residual_encoder_for_8_and_24_gb(phantoms, tmp_path):
-    from planner import heuristics as H
-    from planner.planning import plan_dataset
+    from segplan.planner import heuristics as H
+    from segplan.planner.planning import plan_dataset
     m = load_plan(plan_dataset(phantoms, tmp_path / "m.yaml", preset="resenc-m", progress=False))
     big = load_plan(plan_dataset(phantoms, tmp_path / "l.yaml", preset="resenc-l", progress=False))
     mine = load_plan(plan_dataset(phantoms, tmp_path / "g.yaml", preset="resenc-m", gpu_memory=12, progress=False))
@@ -223,9 +223,9 @@ def _losses(fold_dir: Path) -> list[float]:
 def _train_resume_predict(phantoms, tmp_path, network: dict | None, **plan) -> Path:
     """4 epochs straight and 2 + 2 resumed give the same losses; the fold predicts its validation
     cases; returns the resumed plan's path. ``plan``: more tiny_plan arguments (a configuration)."""
-    from runner.pipeline import predict_validation
-    from runner.train import train_fold
-    from runner.workspace import Workspace
+    from segplan.runner.pipeline import predict_validation
+    from segplan.runner.training.train import train_fold
+    from segplan.runner.workspace import Workspace
     kw = {"epochs": 4, "iterations": 2, "network": network, **plan}
     a = tiny_plan(phantoms, tmp_path / "a" / "p.yaml", **kw)
     fa = train_fold(Workspace(a), 0, progress=False, workers=1).dir
@@ -253,9 +253,9 @@ def test_residual_encoder_fold_trains_resumes_predicts_and_travels_in_a_bundle(p
     """The resenc network with deep supervision: fold 0 resumed exactly and predicted; exported as a
     bundle, which predicts what the work folder predicts and starts a fine-tuning plan that keeps
     its architecture. (Deep supervision of the plain U-Net: test_regions' region fold.)"""
-    from planner.dataset import read_label
-    from planner.planning import plan_dataset
-    from runner.cli import main
+    from segplan.planner.dataset import read_label
+    from segplan.planner.planning import plan_dataset
+    from segplan.runner.cli import main
     net = {**FOUR_STAGES, "architecture": "residual_encoder", "blocks_per_stage": [1, 2, 2, 3], "convs_per_stage": 1,
            "activation": "leaky_relu", "deep_supervision": True}
     plan_path = _train_resume_predict(phantoms, tmp_path, net)
@@ -279,7 +279,7 @@ def test_the_benchmark_compares_plans_that_differ_in_deep_supervision_only(phant
     """benchmarks/deep_supervision.py: the two variants of a plan, and the iterations a budget cut
     short (2 full epochs of 10, then 3 s of a third at 0.5 s/it)."""
     from benchmarks.deep_supervision import iterations, variants
-    from planner.schema import to_plain
+    from segplan.planner.schema import to_plain
     plan = load_plan(tiny_plan(phantoms, tmp_path / "p.yaml", network=FOUR_STAGES))
     on, off = variants(plan, max_epochs=3).values()
     assert (on.network.deep_supervision, off.network.deep_supervision) == (True, False)
@@ -296,9 +296,9 @@ def test_the_benchmark_compares_plans_that_differ_in_deep_supervision_only(phant
 def test_the_probe_measures_the_planned_network_with_its_outputs_and_blocks(phantoms, tmp_path):
     """`--probe` and the CPU width probe time (and on a GPU measure) the plan's own network: the
     residual encoder's blocks and every supervised output with its weighted loss."""
-    from planner.probing import candidate
-    from planner.schema import to_plain
-    from runner.probe import probe
+    from segplan.planner.probing import candidate
+    from segplan.planner.schema import to_plain
+    from segplan.runner.training.probe import probe
     net = {**FOUR_STAGES, "architecture": "residual_encoder", "blocks_per_stage": [1, 2, 2, 3], "convs_per_stage": 1,
            "deep_supervision": True}
     plan = load_plan(tiny_plan(phantoms, tmp_path / "p.yaml", network=net))
@@ -315,9 +315,9 @@ def test_the_width_probe_stops_at_the_first_candidate_too_slow(phantoms, tmp_pat
     """The CPU width probe measures narrowest first and stops after the first candidate over a
     limit (every wider one is slower still): with no limit every candidate is measured, with a limit
     no step can meet only the first is, and a limit on the prediction window stops it as well."""
-    from planner.probing import candidate
-    from planner.schema import to_plain
-    from runner.probe import probe
+    from segplan.planner.probing import candidate
+    from segplan.planner.schema import to_plain
+    from segplan.runner.training.probe import probe
     plan = load_plan(tiny_plan(phantoms, tmp_path / "p.yaml"))
     c = candidate(plan)
     both = [c, {**c, "filters": [2 * f for f in c["filters"]]}]

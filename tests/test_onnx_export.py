@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from planner.dataset import read_label
-from runner.cli import main
-from runner.workspace import Workspace
+from segplan.planner.dataset import read_label
+from segplan.runner.cli import main
+from segplan.runner.workspace import Workspace
 
 keras = pytest.importorskip("keras")
 onnx = pytest.importorskip("onnx")
@@ -46,7 +46,7 @@ def test_one_network_per_fold_with_the_softmax_as_its_only_output(trained_cv, ex
 
 
 def test_onnxruntime_computes_what_keras_computes(trained_cv, exported):
-    from runner.predict import load_fold_models
+    from segplan.runner.inference.models import load_fold_models
     plan, (model,) = load_fold_models(Workspace(trained_cv), [1])
     session = onnxruntime.InferenceSession(str(exported / "fold_1.onnx"), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
@@ -61,8 +61,9 @@ def test_onnxruntime_computes_what_keras_computes(trained_cv, exported):
 
 
 def test_a_case_through_onnx_and_segplans_tiling_equals_segplan_predict(trained_cv, exported, tmp_path):
-    from runner.infer import keras_predictor, onnx_predictor
-    from runner.predict import load_fold_models, predict_case
+    from segplan.runner.inference.infer import keras_predictor, onnx_predictor
+    from segplan.runner.inference.models import load_fold_models
+    from segplan.runner.inference.case import predict_case
     ws = Workspace(trained_cv)
     case = ws.dataset.cases[0]
     inp = tmp_path / "in"
@@ -92,6 +93,6 @@ def test_missing_exporter_or_another_backend_is_refused_with_what_to_do(trained_
     assert "needs tf2onnx" in err and "pip install 'segplan[onnx]'" in err
     assert not (tmp_path / "o").exists()
     monkeypatch.undo()
-    monkeypatch.setattr("runner.backend.name", lambda: "jax")
+    monkeypatch.setattr("segplan.runner.backend.name", lambda: "jax")
     assert main(["export", str(trained_cv), "-o", str(tmp_path / "o"), "--format", "onnx"]) == 2
     assert "KERAS_BACKEND=tensorflow segplan export" in capsys.readouterr().err

@@ -15,10 +15,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from planner.plan_file import load_plan
-from planner.planning import plan_dataset
-from planner.schema import to_plain
-from runner.cli import main
+from segplan.planner.plan_file import load_plan
+from segplan.planner.planning import plan_dataset
+from segplan.planner.schema import to_plain
+from segplan.runner.cli import main
 
 
 @pytest.fixture(scope="module")

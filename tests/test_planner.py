@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import yaml
 
-from planner import heuristics as H
-from planner.dataset import load_dataset, read_image
-from planner.fingerprint import compute_fingerprint
-from planner.intensity import detect_convention
-from planner.plan import pool_divisor
-from planner.plan_file import load_plan, save_plan
-from planner.planning import plan_dataset
-from planner.schema import SchemaError
+from segplan.planner import heuristics as H
+from segplan.planner.layouts import load_dataset
+from segplan.planner.dataset import read_image
+from segplan.planner.fingerprint import compute_fingerprint
+from segplan.planner.intensity import detect_convention
+from segplan.planner.plan import pool_divisor
+from segplan.planner.plan_file import load_plan, save_plan
+from segplan.planner.planning import plan_dataset
+from segplan.planner.schema import SchemaError
 
 
 def test_anisotropy_rule():
@@ -136,7 +137,7 @@ def test_plan_refuses_to_overwrite(phantom_plan, phantoms):
 
 
 def test_check_warns_when_estimate_exceeds_budget(phantom_plan):
-    from planner.planning import check_plan_report
+    from segplan.planner.planning import check_plan_report
     report = check_plan_report(phantom_plan)
     assert "estimated training memory" in report and "WARNING" not in report
     tight = phantom_plan.with_name("tight.yaml")
@@ -148,7 +149,7 @@ def test_test_time_mirroring_only_where_training_mirrors_most_patches(phantom_pl
     """The default plan trains with the paper's augmentation (mirror_p 0.15): it predicts without
     test-time mirroring, and says why; `segplan check` warns when an edit turns mirroring on without
     training that mirrors at least half the patches, and not once it does."""
-    from planner.planning import check_plan_report
+    from segplan.planner.planning import check_plan_report
     plan = load_plan(phantom_plan)
     assert plan.training.augmentation.mirror_p == 0.15 and plan.inference.mirroring is False
     text = phantom_plan.read_text()
@@ -165,7 +166,7 @@ def test_test_time_mirroring_only_where_training_mirrors_most_patches(phantom_pl
 
 def test_left_right_axis_from_direction_cosines():
     """The array axis along the patient's left-right direction, whatever the orientation or sign."""
-    from planner.dataset import left_right_axis
+    from segplan.planner.dataset import left_right_axis
     assert left_right_axis([1, 0, 0, 0, 1, 0, 0, 0, 1]) == 2            # axial, identity: x
     assert left_right_axis([-1, 0, 0, 0, -1, 0, 0, 0, 1]) == 2          # flipped (ct_example, Hippocampus)
     assert left_right_axis([0, 0, 1, 1, 0, 0, 0, 1, 0]) == 0            # index axis z runs along world x (sagittal)
@@ -204,7 +205,7 @@ def test_planner_on_hippocampus(hippocampus, tmp_path, monkeypatch):
     out = plan_dataset(hippocampus, tmp_path / "hippo.yaml", gpu_memory=8, workers=2, progress=False)
     plan = load_plan(out)
     assert plan.resampling.target_spacing == [1.0, 1.0, 1.0]
-    from planner.planning import fingerprint_cache
+    from segplan.planner.planning import fingerprint_cache
     fp_cases = yaml.safe_load(fingerprint_cache(hippocampus, tmp_path).read_text())["cases"]
     median = np.median([c["cropped_shape"] for c in fp_cases], axis=0)
     div = pool_divisor(plan.network)
@@ -216,9 +217,9 @@ def test_planner_on_hippocampus(hippocampus, tmp_path, monkeypatch):
     # image would fail here
     def no_reading(*a, **k):
         raise AssertionError("the fingerprint was recomputed instead of taken from the cache")
-    monkeypatch.setattr("planner.fingerprint.compute_fingerprint", no_reading)
-    monkeypatch.setattr("planner.dataset.read_volume", no_reading)
-    monkeypatch.setattr("planner.fingerprint.read_volume", no_reading)
+    monkeypatch.setattr("segplan.planner.fingerprint.compute_fingerprint", no_reading)
+    monkeypatch.setattr("segplan.planner.dataset.read_volume", no_reading)
+    monkeypatch.setattr("segplan.planner.fingerprint.read_volume", no_reading)
     plan_dataset(hippocampus, tmp_path / "hippo.yaml", gpu_memory=4, force=True, progress=False)
     plan_dataset(hippocampus, tmp_path / "other_name.yaml", gpu_memory=6, progress=False)
     assert load_plan(tmp_path / "hippo.yaml").memory.gpu_memory_gb == 4
@@ -243,7 +244,7 @@ def test_miscnn_preset_reproduces_the_paper(phantoms, tmp_path):
 
 
 def test_choose_width_buys_enough_iterations():
-    from planner.cpu_plan import MIN_ITERATIONS, USABLE_SHARE, choose_width
+    from segplan.planner.cpu_plan import MIN_ITERATIONS, USABLE_SHARE, choose_width
     seconds = [0.1, 0.3, 0.9]
     budget = 900.0
     pick = choose_width(seconds, budget)
@@ -255,7 +256,7 @@ def test_choose_width_buys_enough_iterations():
 def test_choose_width_weighs_what_a_case_costs_to_predict():
     """The widest network that trains enough is not chosen when predicting a median case with it
     would take longer than MAX_CASE_SECONDS on this machine (a big CT at fine spacing)."""
-    from planner.cpu_plan import MAX_CASE_SECONDS, choose_width
+    from segplan.planner.cpu_plan import MAX_CASE_SECONDS, choose_width
     seconds, budget = [0.1, 0.2, 0.3], 3600.0
     assert choose_width(seconds, budget) == 2
     assert choose_width(seconds, budget, [30.0, 90.0, 3 * MAX_CASE_SECONDS]) == 1
@@ -265,9 +266,9 @@ def test_choose_width_weighs_what_a_case_costs_to_predict():
 def test_cpu_plan_with_probe_and_no_tensorflow_in_the_planner(phantoms, tmp_path):
     """No device, preset or budget and no GPU: a CPU plan, its width chosen by the probe, which runs
     in a child process: the planner process itself never imports TensorFlow."""
-    code = ("import sys; from planner.planning import plan_dataset; "
+    code = ("import sys; from segplan.planner.planning import plan_dataset; "
             f"plan_dataset(__import__('pathlib').Path({str(phantoms)!r}), __import__('pathlib').Path({str(tmp_path / 'p.yaml')!r}), progress=False, time_budget=2); "
-            "from planner.planning import check_plan_report; check_plan_report(__import__('pathlib').Path("
+            "from segplan.planner.planning import check_plan_report; check_plan_report(__import__('pathlib').Path("
             f"{str(tmp_path / 'p.yaml')!r})); "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')]; assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
@@ -275,7 +276,7 @@ def test_cpu_plan_with_probe_and_no_tensorflow_in_the_planner(phantoms, tmp_path
     text = (tmp_path / "p.yaml").read_text()
     plan = load_plan(tmp_path / "p.yaml")
     assert plan.device == "cpu" and plan.training.schedule.time_budget_minutes == 2
-    from planner.build import gpu_present
+    from segplan.planner.build import gpu_present
     assert "probe on this machine" in text and "s/step" in text and "s per median case" in text
     assert "windows of" in text and "s per window" in text   # what a case costs to predict, in the plan
     assert gpu_present() or "no GPU found" in text
@@ -287,7 +288,7 @@ def test_prediction_warns_when_an_old_plan_mirrors_at_test_time_what_training_ra
     predicted as written, but `segplan run/predict` say on stderr what `segplan check` says; not
     when training mirrored at least half the patches, nor when mirroring is off or --no-tta."""
     import dataclasses
-    from runner.predict import make_stage
+    from segplan.runner.inference.stages import make_stage
     plan = load_plan(phantom_plan)
     old = plan.replace(inference=dataclasses.replace(plan.inference, mirroring=True))
     make_stage(old, [], tta=True)

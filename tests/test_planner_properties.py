@@ -15,13 +15,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from planner import heuristics as H
-from planner.build import make_plan
-from planner.cpu_plan import make_cpu_plan
-from planner.fingerprint import FINGERPRINT_VERSION, CaseFingerprint, ChannelStats, Fingerprint
-from planner.plan import pool_divisor
-from planner.plan_file import load_plan, save_plan
-from planner.planning import check_plan_report
+from segplan.planner import heuristics as H
+from segplan.planner.build import make_plan
+from segplan.planner.cpu_plan import make_cpu_plan
+from segplan.planner.fingerprint import FINGERPRINT_VERSION, CaseFingerprint, ChannelStats, Fingerprint
+from segplan.planner.plan import pool_divisor
+from segplan.planner.plan_file import load_plan, save_plan
+from segplan.planner.planning import check_plan_report
 
 
 @contextlib.contextmanager
@@ -108,7 +108,7 @@ def test_every_fingerprint_gets_a_checkable_plan_in_under_a_second(tmp_path_fact
     assert tr.batch_size >= (2 if preset == "default" else 1)
     est = plan.memory.estimate_gb
     if preset == "cpu":  # the whole run's memory; the budget was only the patch's size proxy
-        from planner.memory import CPU_PROCESS_GB, estimate_for_plan
+        from segplan.planner.memory import CPU_PROCESS_GB, estimate_for_plan
         assert est >= estimate_for_plan(plan) >= CPU_PROCESS_GB and "whole `segplan run`" in reasons["memory.estimate_gb"]
     else:
         assert est <= budget + 0.01 or "DOES NOT FIT" in reasons.get("memory.estimate_gb", "")
@@ -163,7 +163,7 @@ def test_too_few_cases_for_the_folds(tmp_path):
     assert plan.cross_validation.folds == 2 and "only 2 cases" in reasons["cross_validation.folds"]
     out = tmp_path / "p.yaml"
     save_plan(plan.replace(cross_validation=plan.cross_validation.__class__(5, 1)), out)
-    from planner.schema import SchemaError
+    from segplan.planner.schema import SchemaError
     with pytest.raises(SchemaError, match=r"cross_validation.folds: 5 folds need at least as many cases; the dataset has 2"):
         load_plan(out)
     with pytest.raises(ValueError, match="at least 2"):
@@ -175,7 +175,7 @@ def test_too_few_cases_for_the_folds(tmp_path):
 def test_the_width_reason_says_when_no_width_buys_enough_iterations(monkeypatch, step_s, expected):
     """The demo's 3-minute budget: every width too slow for MIN_ITERATIONS, so the fastest is taken,
     and the plan must not claim it reaches them."""
-    import planner.cpu_plan as cp
+    import segplan.planner.cpu_plan as cp
     fp = _mr_fingerprint(5, 40)
     monkeypatch.setattr(cp, "run_probe", lambda candidates, *a, **k: (
         [{"seconds": step_s * (i + 1), "window_seconds": 0.01, "oom": False} for i in range(len(candidates))], ""))

@@ -9,11 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.dataset import Geometry, write_volume
-from planner.schema import SchemaError
-from runner.evaluate import mask_metrics
-from runner.postprocess import MAX_REFERENCE_LOSS, apply, choose, decide, keep_largest, load, save
-from runner.workspace import Workspace
+from segplan.planner.dataset import Geometry, write_volume
+from segplan.planner.schema import SchemaError
+from segplan.runner.evaluation.evaluate import mask_metrics
+from segplan.runner.postprocessing.postprocess import (
+    MAX_REFERENCE_LOSS, apply, choose, decide, keep_largest, load, save)
+from segplan.runner.workspace import Workspace
 from tests.tiny import tiny_plan
 
 

@@ -17,12 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from planner.dataset import DatasetError, Geometry, load_dataset, read_label, write_volume
-from planner.plan_file import load_plan
-from planner.schema import SchemaError
-from runner.evaluate import case_metrics, evaluate_folder
-from runner.regions import region_table, regions_to_labels
-from runner.targets import downsample_labels, targets
+from segplan.planner.dataset import DatasetError, Geometry, read_label, write_volume
+from segplan.planner.layouts import load_dataset
+from segplan.planner.plan_file import load_plan
+from segplan.planner.schema import SchemaError
+from segplan.runner.evaluation.evaluate import case_metrics, evaluate_folder
+from segplan.runner.regions import region_table, regions_to_labels
+from segplan.runner.training.targets import downsample_labels, targets
 from tests.tiny import FOUR_STAGES
 
 needs_keras = pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="keras is not installed")
@@ -60,8 +61,8 @@ def test_dataset_json_regions_and_ignore_are_read_as_nnunet(tmp_path):
     """BraTS' dataset.json (labels as lists, regions_class_order, "ignore") is read as nnU-Net's
     LabelManager reads it; the fingerprint's class ratios and intensity sample leave the ignored
     voxels out; the plan carries regions, order and ignore label, says why, and passes check."""
-    from planner.fingerprint import compute_fingerprint
-    from planner.planning import check_plan_report, plan_dataset
+    from segplan.planner.fingerprint import compute_fingerprint
+    from segplan.planner.planning import check_plan_report, plan_dataset
     root = tmp_path / "Dataset900_Tiny"
     for i in range(2):
         label = np.zeros((6, 12, 12), np.uint8)
@@ -100,7 +101,7 @@ def test_dataset_json_regions_and_ignore_are_read_as_nnunet(tmp_path):
 
 @pytest.fixture(scope="module")
 def region_plan(region_data, tmp_path_factory) -> Path:
-    from planner.planning import plan_dataset
+    from segplan.planner.planning import plan_dataset
     return plan_dataset(region_data, tmp_path_factory.mktemp("rp") / "regions.yaml", preset="cpu",
                         time_budget=None, progress=False, probe=False)
 
@@ -110,7 +111,7 @@ def test_a_side_named_region_keeps_mirroring_off_the_left_right_axis(region_plan
     'right_lung' alone is enough, since a flip along x (the phantoms' left-right axis) would draw
     the left lung where the right one is and train it as 'right_lung'. Names merely containing
     'left'/'right' do not count; CamelCase and spaces do."""
-    from planner.augmentation import _side_names
+    from segplan.planner.augmentation import _side_names
     plan = load_plan(region_plan)
     assert plan.training.augmentation.mirror_axes == [0, 1]
     assert "the labels name sides (right_lung)" in region_plan.read_text()
@@ -130,7 +131,7 @@ def test_a_side_named_region_keeps_mirroring_off_the_left_right_axis(region_plan
     ("label_groups: {}", "label_groups: {pair: [label_1, label_2]}", "dataset.label_groups", "scored per region"),
 ])
 def test_check_refuses_bad_regions_naming_the_key(region_plan, tmp_path, old, new, key, words):
-    from runner.cli import main
+    from segplan.runner.cli import main
     text = region_plan.read_text()
     assert old in text
     edited = region_plan.parent / f"edited_{tmp_path.name}.yaml"
@@ -142,7 +143,7 @@ def test_check_refuses_bad_regions_naming_the_key(region_plan, tmp_path, old, ne
 
 
 def test_check_refuses_an_order_without_regions(phantoms, tmp_path):
-    from planner.planning import plan_dataset
+    from segplan.planner.planning import plan_dataset
     path = plan_dataset(phantoms, tmp_path / "p.yaml", preset="cpu", time_budget=None, progress=False, probe=False)
     plan = load_plan(path)
     assert plan.dataset.regions == {} and plan.dataset.ignore_label is None   # a plan as before
@@ -155,7 +156,7 @@ def test_region_targets_by_hand_with_deep_supervision_and_ignore():
     """Region masks from class indices; with deep supervision each level's masks are the full
     resolution's masks down-sampled nearest; with an ignore label (class index K) every channel is
     0 there and a last channel marks the annotated voxels."""
-    from planner.plan import SupervisedLevel
+    from segplan.planner.plan import SupervisedLevel
     table = region_table(LABELS, REGIONS)
     assert table.tolist() == [[0, 0, 0], [1, 0, 0], [1, 1, 0], [1, 0, 1], [0, 0, 0]]
     seg = np.random.default_rng(1).integers(0, 5, (2, 4, 8, 8))      # 4 = K, the ignore label
@@ -194,8 +195,8 @@ def test_loss_and_its_gradient_are_exactly_zero_on_ignored_voxels(regions):
     whatever the network outputs on unannotated voxels, and its gradient there is exactly 0; the
     region loss equals a numpy computation of Tversky per region + mean BCE on annotated voxels."""
     import tensorflow as tf
-    from planner.plan import LossSection
-    from runner.losses import plan_loss
+    from segplan.planner.plan import LossSection
+    from segplan.runner.training.losses import plan_loss
     cfg = LossSection(0.3, 0.7, 1.0, 1.0, 1e-6)
     rng = np.random.default_rng(0)
     seg = rng.integers(0, 5, (2, 4, 6, 6))
@@ -223,8 +224,8 @@ def test_loss_and_its_gradient_are_exactly_zero_on_ignored_voxels(regions):
 @pytest.mark.parametrize("regions", [False, True])
 def test_the_masked_loss_with_nothing_ignored_is_the_plain_loss(regions):
     """An ignore label that marks no voxel changes nothing: the masked loss equals the plain one."""
-    from planner.plan import LossSection
-    from runner.losses import plan_loss
+    from segplan.planner.plan import LossSection
+    from segplan.runner.training.losses import plan_loss
     cfg = LossSection(0.5, 0.5, 1.0, 1.0, 1e-6)
     rng = np.random.default_rng(2)
     seg = rng.integers(0, 4, (2, 4, 6, 6))
@@ -281,9 +282,9 @@ def test_patches_are_centred_on_annotated_voxels_only(tmp_path):
     """With an ignore label no patch is all unannotated: the random patches are centred on stored
     annotated voxels (nnU-Net's annotated_classes_key), the foreground ones on class voxels; a plan
     without keeps its plain random crops."""
-    from planner.fileio import save_npy, save_npz, write_json
-    from runner.data import PatchSampler
-    from runner.preprocess import ANNOTATED, class_locations
+    from segplan.planner.fileio import save_npy, save_npz, write_json
+    from segplan.runner.training.data import PatchSampler
+    from segplan.runner.preprocessing.preprocess import ANNOTATED, class_locations
     seg = np.full((40, 40, 40), 2, np.int8)     # K = 2: unannotated
     seg[30:34, 30:34, 30:34] = 0                 # a small annotated block ...
     seg[31:33, 31:33, 31:33] = 1                 # ... with foreground inside
@@ -313,10 +314,10 @@ def test_voxels_outside_the_image_are_not_annotated_with_an_ignore_label(region_
     of a sparse Hippocampus batch's "annotated" voxels and starved the loss of foreground. A plan
     without an ignore label pads with background as before."""
     import dataclasses
-    from planner.fileio import save_npy, save_npz, write_json
-    from runner.batches import _make_source
-    from runner.data import augmented_batch, target_options, to_keras
-    from runner.preprocess import class_locations
+    from segplan.planner.fileio import save_npy, save_npz, write_json
+    from segplan.runner.training.batches import _make_source
+    from segplan.runner.training.data import augmented_batch, target_options, to_keras
+    from segplan.runner.preprocessing.preprocess import class_locations
     plan = load_plan(region_plan)
     aug = dataclasses.replace(plan.training.augmentation, rotation_p=1.0, scaling_p=1.0)
     plan = plan.replace(training=dataclasses.replace(plan.training, augmentation=aug))
@@ -355,7 +356,7 @@ def _case_pair(stray_in: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_postprocessing_is_decided_per_region_on_annotated_voxels():
-    from runner.postprocess import choose
+    from segplan.runner.postprocessing.postprocess import choose
     labels = {"background": 0, "left_lung": 1, "right_lung": 2, "infection": 3}
     regions = {"lungs": [1, 2, 3], "left_lung": [1], "infection": [3]}
     cases = [_case_pair("annotated"), _case_pair("annotated")]
@@ -387,7 +388,7 @@ def test_region_plan_trains_resumes_and_predicts_label_maps(region_data, tmp_pat
     """A region plan (sigmoid outputs, Tversky + BCE per region) resumes exactly, scores its
     validation cases per region, and predicts label maps of regions_class_order's values with the
     input's geometry that are its saved region probabilities put back in order."""
-    from runner.cli import main
+    from segplan.runner.cli import main
     from tests.test_networks import _train_resume_predict
     from tests.tiny import first_case_input
     plan_path = _train_resume_predict(region_data, tmp_path, {"deep_supervision": True, **FOUR_STAGES})
@@ -416,7 +417,7 @@ def test_sparse_region_plan_trains_predicts_dense_and_reports_by_region(region_d
     train, predict dense label maps (never the ignore value), and the CV report, the fold
     summaries and the postprocessing speak of regions and say what was not scored."""
     from benchmarks.sparse_labels import sparse_copy
-    from runner.cli import main
+    from segplan.runner.cli import main
     from tests.tiny import tiny_plan
     data, ignore, _ = sparse_copy(region_data, tmp_path / "sparse")
     plan_path = tiny_plan(data, tmp_path / "plans" / "sparse.yaml", epochs=1, iterations=2, folds=2)

@@ -5,9 +5,9 @@ import math
 import pytest
 import yaml
 
-from planner.fileio import write_yaml
-from planner.schema import to_plain
-from runner.report import _markdown, fold_table, undefined_notes
+from segplan.planner.fileio import write_yaml
+from segplan.planner.schema import to_plain
+from segplan.runner.evaluation.report import _markdown, fold_table, undefined_notes
 
 
 def _row(case, cls, dice, sens, spec=0.99):

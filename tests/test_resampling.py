@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.dataset import Geometry
-from planner.plan_file import load_plan
-from runner.preprocess import invert_probabilities, preprocess_image
-from runner.resampling import resample
+from segplan.planner.dataset import Geometry
+from segplan.planner.plan_file import load_plan
+from segplan.runner.preprocessing.preprocess import invert_probabilities, preprocess_image
+from segplan.runner.preprocessing.resampling import resample
 
 PLAN = Path(__file__).resolve().parents[1] / "plans" / "hippocampus.yaml"
 
@@ -77,7 +77,7 @@ def test_label_resampling_by_class_boxes_equals_simpleitk_label_linear(seed, sha
     """The fast path (one float block per class, inside its bounding box) gives exactly what
     SimpleITK's sitkLabelLinear gives over the whole volume, ties included (lower class wins)."""
     import SimpleITK as sitk
-    from runner.resampling import _resample_axes, label_linear, target_shape
+    from segplan.runner.preprocessing.resampling import _resample_axes, label_linear, target_shape
     lab = _blobs(np.random.default_rng(seed), shape, classes)
     out_shape = target_shape(shape, old, new)
     ours = label_linear(lab, old, new, out_shape)
@@ -96,7 +96,7 @@ def test_images_resampled_axis_by_axis_equal_simpleitk_in_3d(old, new, order, an
     indexing), gives SimpleITK's 3D B-spline / linear / nearest result (anisotropic cases: as the
     two-step path before, the coarse axis with its own order)."""
     from scipy import ndimage
-    from runner.resampling import _INTERP, _resample_axes, resample, target_shape
+    from segplan.runner.preprocessing.resampling import _INTERP, _resample_axes, resample, target_shape
     img = ndimage.gaussian_filter(np.random.default_rng(0).normal(size=(20, 40, 36)), 2).astype(np.float32)
     shape = target_shape(img.shape, old, new)
     ours = resample(img, old, new, shape, order, 3.0, aniso)
@@ -129,7 +129,7 @@ def test_images_resampled_axis_by_axis_equal_simpleitk_in_3d(old, new, order, an
 @given(n=st.integers(1, 300), old=st.floats(0.3, 6.0), new=st.floats(0.3, 6.0))
 def test_nearest_along_an_axis_by_indexing_equals_simpleitk_but_at_exact_ties(n, old, new):
     import SimpleITK as sitk
-    from runner.resampling import _nearest_along, _resample_axes
+    from segplan.runner.preprocessing.resampling import _nearest_along, _resample_axes
     n_out = max(1, int(round(n * old / new)))
     arr = np.arange(n, dtype=np.int16).reshape(n, 1, 1)
     ours = _nearest_along(arr, 0, old, new, n_out).ravel()
@@ -171,7 +171,7 @@ def test_axis_by_axis_equals_simpleitk_3d_on_random_grids(seed, shape, old, new,
     longer than the input (1 voxel at 0.5 mm -> 1 at 1.5 mm): there it takes the nearest voxel along
     that axis and is interpolated along the others, where SimpleITK's single 3D call takes the
     nearest voxel along all three; so those are compared with SimpleITK one axis at a time."""
-    from runner.resampling import _INTERP, _resample_axes, _separable, target_shape
+    from segplan.runner.preprocessing.resampling import _INTERP, _resample_axes, _separable, target_shape
     img = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
     out_shape = target_shape(shape, old, new)
     ours = _separable(img, list(old), list(new), out_shape, [order] * 3)
@@ -204,7 +204,7 @@ def test_cubic_operator_is_the_mirror_spline_on_axes_of_any_length(seed, n, old,
     2-voxel axes included: there the operator built from a resampled 2x2 identity was off by up to
     0.08 on unit-variance data (SimpleITK's index -1 read whatever lay before the identity's rows)."""
     from scipy import ndimage
-    from runner.resampling import _axis_operator, target_shape
+    from segplan.runner.preprocessing.resampling import _axis_operator, target_shape
     data = np.random.default_rng(seed).normal(size=n)
     n_out = target_shape([n], [old], [new])[0]
     x = (np.arange(n_out) + 0.5) * (new / old) - 0.5
@@ -223,7 +223,7 @@ def test_long_axis_operator_is_banded_and_equals_simpleitk(sp_out):
     size grows with the axis, not its square: the dense one was 3000 x 6000 floats) and gives
     SimpleITK's 1D result all along it (B-spline prefilter, mirror edges and extrapolation)."""
     from scipy import sparse
-    from runner.resampling import _INTERP, _axis_operator, _resample_axes, target_shape
+    from segplan.runner.preprocessing.resampling import _INTERP, _axis_operator, _resample_axes, target_shape
     n = 3000
     data = np.random.default_rng(1).normal(size=(1, 1, n)).astype(np.float32)
     n_out = target_shape([n], [1.0], [sp_out])[0]
@@ -239,7 +239,7 @@ def test_long_axis_operator_is_banded_and_equals_simpleitk(sp_out):
 def test_long_axes_go_by_blocks_with_the_same_result(axis):
     """The banded operator applied block by block (only the input rows each block reads) equals the
     whole matrix product, on every axis, for images and probability vectors."""
-    from runner.resampling import _apply_along, _axis_operator
+    from segplan.runner.preprocessing.resampling import _apply_along, _axis_operator
     rng = np.random.default_rng(axis)
     arr = rng.normal(size=(30, 34, 38, 2)).astype(np.float32)
     op = _axis_operator(arr.shape[axis], arr.shape[axis] * 2 - 3, 1.0, 0.5, 3)

@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from planner.dataset import Geometry, load_dataset, read_label, write_volume
-from planner.plan_file import load_plan, save_plan
-from runner.preprocess import invert_probabilities, labels_to_classes, preprocess_dataset, preprocess_image
-from runner.splits import SplitError, load_or_make_splits, make_splits, validate_splits
-from runner.workspace import Workspace, preprocessing_key
+from segplan.planner.dataset import Geometry, read_label, write_volume
+from segplan.planner.layouts import load_dataset
+from segplan.planner.plan_file import load_plan, save_plan
+from segplan.runner.preprocessing.preprocess import (
+    invert_probabilities, labels_to_classes, preprocess_dataset, preprocess_image)
+from segplan.runner.splits import SplitError, load_or_make_splits, make_splits, validate_splits
+from segplan.runner.workspace import Workspace, preprocessing_key
 from tests.tiny import tiny_plan
 
 # Keras-dependent tests are marked one by one: the pure-numpy tests of this module run without it
@@ -23,7 +25,7 @@ needs_keras = pytest.mark.skipif(importlib.util.find_spec("keras") is None, reas
 
 @needs_keras
 def test_tversky_half_half_equals_soft_dice():
-    from runner.losses import soft_dice_loss, tversky_loss
+    from segplan.runner.training.losses import soft_dice_loss, tversky_loss
     rng = np.random.default_rng(0)
     y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, (2, 4, 5, 6))]
     p = rng.random((2, 4, 5, 6, 3)).astype(np.float32)
@@ -42,8 +44,8 @@ def test_batch_dice_is_one_dice_over_the_batch_and_ignores_absent_classes_per_pa
     """batch_dice sums TP/FN/FP over every patch of the batch (nnU-Net's batch_dice): the numpy
     oracle's one Dice per class; per-patch Tversky differs when a class is absent from one patch
     (its near-empty term counts as a full miss there), batch Dice does not."""
-    from planner.plan import LossSection
-    from runner.losses import make_loss
+    from segplan.planner.plan import LossSection
+    from segplan.runner.training.losses import make_loss
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 2, (2, 4, 5, 6))
     labels[0, :2] = 2  # class 2 only in the first patch
@@ -64,8 +66,8 @@ def test_batch_dice_is_one_dice_over_the_batch_and_ignores_absent_classes_per_pa
 
 @needs_keras
 def test_unet_matches_plan_topology():
-    from planner.plan import NetworkSection
-    from runner.model import build_unet
+    from segplan.planner.plan import NetworkSection
+    from segplan.runner.training.model import build_unet
     net = NetworkSection([4, 8, 16], [[1, 2, 2], [2, 2, 2]], [[1, 3, 3], [3, 3, 3], [3, 3, 3]], 2, "batch", 0.99, "relu", "transpose")
     m = build_unet(net, 2, 4)
     out = m.predict_on_batch(np.zeros((1, 8, 32, 32, 2), np.float32))
@@ -118,7 +120,7 @@ def test_cache_key_follows_preprocessing_fields_only(phantoms, tmp_path):
 def _kill_preprocess(plan_path):
     """Preprocess in a child that dwells before marking each case complete, so the parent's kill
     lands between a case's arrays and its properties file every time, not by luck of timing."""
-    import runner.preprocess as pre
+    import segplan.runner.preprocessing.preprocess as pre
     write = pre.write_json
 
     def slow_marker(path, data, indent=None):
@@ -183,7 +185,7 @@ def test_given_splits_file_is_used(hippocampus, tmp_path):
 
 @needs_keras
 def test_augmentation_is_deterministic_with_a_seed(phantoms, tmp_path):
-    from runner.data import PatchSampler, build_augmentation, make_batch
+    from segplan.runner.training.data import PatchSampler, build_augmentation, make_batch
     plan_path = tiny_plan(phantoms, tmp_path / "p.yaml")
     plan = load_plan(plan_path)
     aug = dataclasses.replace(plan.training.augmentation, **{f: 1.0 for f in vars(plan.training.augmentation) if f.endswith("_p")})
@@ -204,8 +206,8 @@ def test_augmentation_is_deterministic_with_a_seed(phantoms, tmp_path):
 
 @needs_keras
 def test_loss_falls_when_overfitting_one_case(phantoms, tmp_path):
-    from runner.data import PatchSampler, make_batch
-    from runner.train import compile_model
+    from segplan.runner.training.data import PatchSampler, make_batch
+    from segplan.runner.training.train import compile_model
     plan_path = tiny_plan(phantoms, tmp_path / "p.yaml")
     plan = load_plan(plan_path)
     plan = plan.replace(training=dataclasses.replace(plan.training, learning_rate=1e-2))
@@ -225,7 +227,7 @@ def _history(fold_dir: Path):
 
 @needs_keras
 def test_resume_equivalence(phantoms, tmp_path):
-    from runner.train import FoldFinished, train_fold
+    from segplan.runner.training.train import FoldFinished, train_fold
     a = tiny_plan(phantoms, tmp_path / "a" / "p.yaml", epochs=4, iterations=2, plateau_patience=1,
                   plateau_cooldown=0, monitor="train_loss", plateau_min_delta=100.0)
     fa = train_fold(Workspace(a), 0, progress=False).dir
@@ -257,7 +259,7 @@ def test_sgd_is_nnunets_and_resumes_with_its_momentum(phantoms, tmp_path):
     """training.optimizer: sgd compiles nnU-Net's SGD (Nesterov, momentum 0.99, clip norm 12), and
     1 + 1 epochs resumed give the losses of 2 straight: the momentum buffers travel in the checkpoint
     (with them zeroed the second epoch's losses would differ)."""
-    from runner.train import compile_model, train_fold
+    from segplan.runner.training.train import compile_model, train_fold
 
     def sgd_plan(name: str) -> Path:
         path = tiny_plan(phantoms, tmp_path / name / "p.yaml", epochs=2, iterations=2)
@@ -281,8 +283,8 @@ def test_sgd_is_nnunets_and_resumes_with_its_momentum(phantoms, tmp_path):
 
 @needs_keras
 def test_time_budget_stops_and_keeps_a_usable_best_checkpoint(phantoms, tmp_path):
-    from runner.predict import load_fold_models
-    from runner.train import train_fold
+    from segplan.runner.inference.models import load_fold_models
+    from segplan.runner.training.train import train_fold
     p = tiny_plan(phantoms, tmp_path / "p.yaml", epochs=1000, iterations=2)
     plan = load_plan(p)
     plan = plan.replace(training=dataclasses.replace(plan.training, schedule=dataclasses.replace(
@@ -305,11 +307,11 @@ def test_sigkill_during_training_resumes_from_the_last_checkpoint(phantoms, tmp_
     last one cost: a kill loses at most that, never the pointer or the weights it names."""
     import subprocess
     import sys
-    from runner.train import train_fold
-    from runner.tables import read_rows
+    from segplan.runner.training.train import train_fold
+    from segplan.runner.evaluation.tables import read_rows
     p = tiny_plan(phantoms, tmp_path / "p.yaml", epochs=100_000, iterations=2, early_stopping_patience=100_000)
     fold = tmp_path / load_plan(p).dataset.work_dir / "fold_0"
-    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(p), "--fold", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "segplan.runner.cli", "run", str(p), "--fold", "0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
     pointer = fold / "checkpoint_latest.json"
     deadline = time.time() + 120
@@ -338,8 +340,8 @@ def test_validation_every_k_epochs_and_after_the_last(phantoms, tmp_path):
     no validation figures; the plot and the best checkpoint exist at the end; with monitor: val_loss
     the plan must validate every epoch (refused by key)."""
     import math
-    from planner.schema import SchemaError
-    from runner.train import train_fold
+    from segplan.planner.schema import SchemaError
+    from segplan.runner.training.train import train_fold
     p = tiny_plan(phantoms, tmp_path / "p.yaml", epochs=8, iterations=1, validation_every=3,
                   early_stopping_patience=100)
     plan = load_plan(p)
@@ -365,9 +367,9 @@ def test_validation_every_k_epochs_and_after_the_last(phantoms, tmp_path):
 def test_validation_loss_from_one_forward_pass_equals_keras_evaluation(phantoms, tmp_path):
     """_validate computes the loss from the outputs of one forward pass: with deep supervision it
     equals what Keras' own evaluation (test_on_batch) reports, level weights included."""
-    from runner.data import validation_batches
-    from runner.preprocess import preprocess_dataset
-    from runner.train import _validate, compile_model
+    from segplan.runner.training.data import validation_batches
+    from segplan.runner.preprocessing.preprocess import preprocess_dataset
+    from segplan.runner.training.train import _validate, compile_model
     p = tiny_plan(phantoms, tmp_path / "p.yaml", network={"deep_supervision": True, "filters": [4, 8, 16, 16],
                                                           "pool_sizes": [[1, 2, 2], [2, 2, 2], [1, 2, 2]],
                                                           "kernel_sizes": [[1, 3, 3]] + [[3, 3, 3]] * 3},

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import yaml
 
-from planner.dataset import read_label
-from planner.plan_file import load_plan, save_plan
-from runner.cli import main
-from runner.postprocess import choose
-from runner.selection import SelectionError, load_selection
-from runner.workspace import Workspace
+from segplan.planner.dataset import read_label
+from segplan.planner.plan_file import load_plan, save_plan
+from segplan.runner.cli import main
+from segplan.runner.postprocessing.postprocess import choose
+from segplan.runner.evaluation.selection import SelectionError, load_selection
+from segplan.runner.workspace import Workspace
 from tests.tiny import tiny_plan
 
 # plan name -> (configuration, share of the probabilities that is noise): the lower the noise, the
@@ -194,6 +194,15 @@ def test_select_refuses_unfinished_folds_other_splits_and_other_labels_by_name(h
     _refused(["select", hand_made["full"], relabelled, "-o", out], relabelled, "segment other labels")
     _refused(["select", hand_made["full"], hand_made["full"], "-o", out], "is given twice")
     assert not out.exists()
+
+
+def test_select_makes_the_folder_of_its_output(hand_made, tmp_path):
+    """`select -o DIR/FILE` with a folder that does not exist once failed after all the scoring,
+    naming a temporary file."""
+    out = tmp_path / "new" / "deeper" / "selection.yaml"
+    rc, _, err = _cli(["select", hand_made["full"], hand_made["low"], "-o", out])
+    assert rc == 0, err
+    assert "winner:" in out.read_text()
 
 
 def test_the_selection_file_is_checked_by_key_when_loaded(hand_made, tmp_path):

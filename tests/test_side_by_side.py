@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from benchmarks.side_by_side import (fit_epochs, fold_split, format_table, nnunet_dataset_name, nnunet_env,
                                      prepare_inputs, subset_splits)
-from runner.splits import validate_splits
+from segplan.runner.splits import validate_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 

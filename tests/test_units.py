@@ -9,9 +9,10 @@ import shutil
 import numpy as np
 import SimpleITK as sitk
 
-from planner.dataset import Case, load_dataset, read_image
-from planner.plan_file import load_plan
-from planner.planning import plan_dataset
+from segplan.planner.dataset import Case, read_image
+from segplan.planner.layouts import load_dataset
+from segplan.planner.plan_file import load_plan
+from segplan.planner.planning import plan_dataset
 
 
 def _plan_and_cases(phantoms, tmp_path):
@@ -35,8 +36,8 @@ def _threshold_predictor(n_classes: int):
 
 
 def test_a_new_image_named_like_a_windowed_training_case_keeps_its_own_unit(phantoms, tmp_path):
-    from runner.predict import predict_case
-    from runner.preprocess import preprocess_image
+    from segplan.runner.inference.case import predict_case
+    from segplan.runner.preprocessing.preprocess import preprocess_image
     plan, windowed, hu_case = _plan_and_cases(phantoms, tmp_path)
     image, geom = read_image(hu_case)
     # the same HU file under a windowed training case's name and under a new name: the same input
@@ -59,7 +60,7 @@ def test_a_new_image_named_like_a_windowed_training_case_keeps_its_own_unit(phan
 
 
 def test_an_input_whose_unit_cannot_be_told_is_named_in_a_warning(phantoms, tmp_path, capsys):
-    from runner.predict import predict_case
+    from segplan.runner.inference.case import predict_case
     plan, _, hu_case = _plan_and_cases(phantoms, tmp_path)
     image, geom = read_image(hu_case)
     odd = tmp_path / "cropped_0000.nii.gz"   # HU cropped to soft tissue: no air, not windowed, not HU + 1024

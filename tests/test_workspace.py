@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from planner.plan_file import load_plan, save_plan
-from planner.schema import SchemaError
-from runner.workspace import PlanChanged, Workspace, changed_keys
+from segplan.planner.plan_file import load_plan, save_plan
+from segplan.planner.schema import SchemaError
+from segplan.runner.workspace import PlanChanged, Workspace, changed_keys
 from tests.tiny import tiny_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +35,8 @@ def test_changed_keys_name_the_weight_fields_only(phantoms, tmp_path):
 
 @needs_keras
 def test_frozen_plan_refuses_edits_and_prediction_uses_it(phantoms, tmp_path):
-    from runner.predict import predict_folder
-    from runner.train import train_fold
+    from segplan.runner.inference.predict import predict_folder
+    from segplan.runner.training.train import train_fold
     plan_path = tiny_plan(phantoms, tmp_path / "p.yaml", epochs=1, iterations=2)
     fold = train_fold(Workspace(plan_path), 0, progress=False)
     frozen_text = fold.frozen_plan.read_text()
@@ -90,9 +90,9 @@ def test_check_refuses_dataset_zscore_without_ct(phantoms, tmp_path):
 
 
 def test_failed_probe_says_why(phantoms, tmp_path, monkeypatch):
-    from planner import cpu_plan, probing
-    from planner.fingerprint import compute_fingerprint
-    from planner.dataset import load_dataset
+    from segplan.planner import cpu_plan, probing
+    from segplan.planner.fingerprint import compute_fingerprint
+    from segplan.planner.layouts import load_dataset
     fp = compute_fingerprint(load_dataset(phantoms), progress=False)
     monkeypatch.setattr(probing, "PROBE_TIMEOUT_S", 60)
     bad = {"filters": [1], "pool_sizes": [], "kernel_sizes": [[3, 3, 3]], "convs_per_stage": 2,
@@ -105,24 +105,41 @@ def test_failed_probe_says_why(phantoms, tmp_path, monkeypatch):
     assert reasons["network.filters"].startswith("no probe run")
 
 
+PACKAGES = ("planner", "runner", "datasets")   # the folders that install as segplan.planner, ...
+
+
+def _modules() -> dict[str, Path]:
+    """Every module of the three folders by its installed name (segplan.runner.training.train, ...)."""
+    mods = {}
+    for pkg in PACKAGES:
+        for f in sorted((ROOT / pkg).rglob("*.py")):
+            parts = f.relative_to(ROOT).with_suffix("").parts
+            mods[".".join(("segplan",) + (parts[:-1] if parts[-1] == "__init__" else parts))] = f
+    return mods
+
+
 def _runner_imports() -> dict[str, set[str]]:
-    """Module -> the segplan modules it imports (at any depth of the file, functions included)."""
+    """Module -> the segplan modules it imports (at any depth of the file, functions included); an
+    import of the bare folders' names (``from runner.x import``, which works only inside the
+    repository) is kept as it is written, so that the test below names it."""
+    mods = _modules()
     graph = {}
-    for pkg in ("planner", "runner", "datasets"):
-        for f in (ROOT / pkg).glob("*.py"):
-            mod = f"{pkg}.{f.stem}"
-            deps = set()
-            for node in ast.walk(ast.parse(f.read_text())):
-                if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("planner", "runner", "datasets"):
-                    deps.add(node.module)
-                elif isinstance(node, ast.Import):
-                    deps |= {a.name for a in node.names if a.name.split(".")[0] in ("planner", "runner", "datasets")}
-            graph[mod] = deps - {mod}
+    for mod, f in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("segplan", *PACKAGES):
+                for a in node.names:   # ``from segplan.runner.postprocessing import postprocess``: the module
+                    deps.add(f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in mods else node.module)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.split(".")[0] in ("segplan", *PACKAGES)}
+        graph[mod] = deps - {mod}
     return graph
 
 
 def test_import_graph_has_no_circle_and_the_planner_no_runner():
     graph = _runner_imports()
+    bare = sorted(f"{m} imports {d}" for m, ds in graph.items() for d in ds if not d.startswith("segplan."))
+    assert not bare, f"imports of the repository's folders instead of the installed package: {bare}"
 
     def reach(start):
         seen, todo = set(), [start]
@@ -134,12 +151,26 @@ def test_import_graph_has_no_circle_and_the_planner_no_runner():
         return seen
     circles = sorted(m for m in graph if m in reach(m))
     assert not circles, f"import circles through {circles}"
-    assert not [m for m in graph if m.startswith("planner.") and any(d.startswith("runner.") for d in graph[m])]
+    assert not [m for m in graph if m.startswith("segplan.planner.")
+                and any(d.startswith("segplan.runner") for d in graph[m])]
     # the steps do not know each other: training does not predict, prediction does not train
-    assert "runner.predict" not in reach("runner.train") and "runner.train" not in reach("runner.predict")
+    train, predict = "segplan.runner.training.train", "segplan.runner.inference.predict"
+    assert predict not in reach(train) and train not in reach(predict)
+
+
+def test_stages_are_folders_and_modules_stay_small():
+    """runner/ shows the pipeline's stages (issue 39): at most 15 modules at its top, each stage a
+    folder; no module of the three folders over 350 lines."""
+    top = sorted(f.name for f in (ROOT / "runner").glob("*.py"))
+    assert len(top) <= 15, top
+    assert {"preprocessing", "training", "inference", "evaluation", "postprocessing"} <= {
+        d.name for d in (ROOT / "runner").iterdir() if (d / "__init__.py").exists()}
+    long = {str(f.relative_to(ROOT)): n for f in _modules().values()
+            if (n := len(f.read_text().splitlines())) > 350}
+    assert not long, long
 
 
 def test_nothing_else_formats_a_fold_folder():
-    offenders = [str(f.relative_to(ROOT)) for pkg in ("planner", "runner", "datasets", "benchmarks")
-                 for f in (ROOT / pkg).glob("*.py") if f.name != "workspace.py" and 'f"fold_{' in f.read_text()]
+    offenders = [str(f.relative_to(ROOT)) for pkg in (*PACKAGES, "benchmarks")
+                 for f in (ROOT / pkg).rglob("*.py") if f.name != "workspace.py" and 'f"fold_{' in f.read_text()]
     assert not offenders, offenders

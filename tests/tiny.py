@@ -4,8 +4,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from planner.plan_file import load_plan, save_plan
-from planner.planning import plan_dataset
+from segplan.planner.plan_file import load_plan, save_plan
+from segplan.planner.planning import plan_dataset
 
 # 4 stages (3 are the fewest with a deep-supervision output besides the full-resolution one)
 FOUR_STAGES = {"filters": [4, 8, 16, 32], "pool_sizes": [[1, 2, 2], [2, 2, 2], [1, 2, 2]],
@@ -43,7 +43,7 @@ def first_case_input(plan_path: Path, folder: Path) -> Path:
     """A prediction input folder holding a copy of the plan's first case's image; returns the copied
     image's source (its name tells the case)."""
     import shutil
-    from runner.workspace import Workspace
+    from segplan.runner.workspace import Workspace
     image = Workspace(plan_path).dataset.cases[0].image_files[0].resolve()
     folder.mkdir(parents=True)
     shutil.copy(image, folder / image.name)

@@ -49,14 +49,14 @@ def _in_queue(ids: list[str]) -> list[str]:
 def test_submit_two_folds_and_summary_to_slurm(cluster, phantoms, tmp_path):
     plan = tiny_plan(phantoms, tmp_path / "plans" / "s.yaml", folds=2)
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "runner.cli", "submit", str(plan), "--executor", "slurm",
+    r = subprocess.run([sys.executable, "-m", "segplan.runner.cli", "submit", str(plan), "--executor", "slurm",
                         "--gpus-per-job", "0", "--cpus-per-job", "1", "--mem", "3", "--time", "0.5"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     ids = dict(re.findall(r"^(preprocess|fold \d|summarize): job (\d+)$", r.stdout, re.M))
     assert set(ids) == {"preprocess", "fold 0", "fold 1", "summarize"}, r.stdout
-    from runner.status import status
-    from runner.workspace import Workspace
+    from segplan.runner.status import status
+    from segplan.runner.workspace import Workspace
     ws = Workspace(plan)
     early = status(plan)  # while the jobs are queued or running: the scheduler's view for folds not yet training
     assert "fold 0:" in early and "fold 1:" in early
@@ -75,6 +75,6 @@ def test_submit_two_folds_and_summary_to_slurm(cluster, phantoms, tmp_path):
     jobs = yaml.safe_load((ws.cluster / "jobs.yaml").read_text())
     assert jobs["executor"] == "slurm" and {str(v) for v in jobs["folds"].values()} == {ids["fold 0"], ids["fold 1"]}
     print(f"SLURM: preprocess + 2 folds + summarize in {wall:.0f} s")
-    again = subprocess.run([sys.executable, "-m", "runner.cli", "submit", str(plan), "--executor", "slurm",
+    again = subprocess.run([sys.executable, "-m", "segplan.runner.cli", "submit", str(plan), "--executor", "slurm",
                             "--gpus-per-job", "0", "--dry-run"], cwd=ROOT, capture_output=True, text=True)
     assert "fold 0: finished, skipped" in again.stdout and "fold1" not in again.stdout

@@ -1,0 +1,286 @@
+"""`segplan select`: the best configuration or pairwise ensemble on cross-validation, as nnU-Net's
+find_best_configuration chooses it, and the file that records the choice (``selection.yaml``).
+
+Every plan given must have all of its folds finished with their out-of-fold probabilities
+(runner/evaluation/oof.py), the same split and the same labels; each is refused by name otherwise. Each plan
+alone and every pair of them (the average of their probabilities: nnU-Net's ensembling) is scored on
+every out-of-fold case: the argmax is the prediction, and the rank is the mean over the foreground
+classes of the mean Dice over all cases (nnU-Net's ``foreground_mean`` Dice; a case where a class is
+absent from both prediction and reference counts as 1, as everywhere in segplan). Ties go to the
+first listed: single configurations before ensembles, the simpler choice. The winner's out-of-fold
+predictions then decide its postprocessing (runner/postprocessing/postprocess.py's rules). A candidate is named by
+its plans' configurations (``2d``, ``2d+3d_fullres``), by plan names where two plans share one.
+
+The file is plain, commented YAML: the ranking with Dice per class and label group, the winner, its
+postprocessing. It is checked on every read, each problem named by key and line. Editing ``winner``
+picks another candidate of the ranking; the postprocessing was decided for ``postprocessing_for``
+and is refused for another winner unless its rules are emptied (or ``postprocessing_for`` is edited
+too, taking responsibility for it). `segplan predict --selection` and `segplan export --selection`
+use the winner.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from segplan.planner.dataset import read_label
+from segplan.planner.fileio import write_text
+from segplan.planner.plan import CONFIGURATIONS
+from segplan.planner.schema import Reader, SchemaError, doc, dump_yaml, load_yaml_with_lines
+from segplan.runner.postprocessing import postprocess
+from segplan.runner.evaluation.evaluate import case_metrics
+from segplan.runner.evaluation.oof import load_probabilities, require_finished, require_same_split
+from segplan.runner.postprocessing.postprocess import Postprocessing
+from segplan.runner.workspace import Workspace
+
+SELECTION_VERSION = 1
+DIGITS = 6  # Dice in the file: far finer than any difference between configurations that means something
+
+
+class SelectionError(ValueError):
+    """A selection file with problems, each as 'file:line: key: message', or plans that cannot be compared."""
+
+
+@dataclass(frozen=True)
+class Candidate:  # its fields are explained once, above `ranking` in the file
+    name: str = doc("")
+    plans: list[str] = doc("")
+    mean_foreground_dice: float = doc("")
+    dice: dict[str, float] = doc("")
+
+
+@dataclass(frozen=True)
+class Selection:
+    selection_version: int = doc("selection file format version")
+    folds: int = doc("cross-validation folds of every plan (all finished, one split)")
+    cases: int = doc("out-of-fold cases scored (every case of the dataset, each by the fold that held it out)")
+    labels: dict[str, int] = doc("the plans' labels, which they share")
+    winner: str = doc("the candidate `segplan predict --selection` and `segplan export --selection` use: the best of "
+                      "the ranking (edit to pick another of its names)")
+    postprocessing_for: str = doc("the candidate whose out-of-fold predictions decided the postprocessing below")
+    ranking: list[Candidate] = doc(
+        "every plan alone and every pair averaged, best first. name: a configuration (a plan name where two plans "
+        "share one), or two joined by '+', an ensemble averaging their probabilities; plans: its plan files, "
+        "relative to this file; mean_foreground_dice: what ranks, the mean over the foreground classes of the mean "
+        "Dice over all out-of-fold cases; dice: the mean Dice per class and label group")
+    postprocessing: Postprocessing = doc("decided on the winner's out-of-fold predictions (as `segplan postprocess`): "
+                                         "applied to its label maps")
+
+
+def member_names(workspaces: list[Workspace]) -> list[str]:
+    """Each plan's name in candidate names: its configuration; where two plans share one, plan names
+    (then file names, then paths) for all, so that no two are alike."""
+    for names in ([ws.plan.configuration for ws in workspaces], [ws.plan.name for ws in workspaces],
+                  [ws.plan_path.stem for ws in workspaces]):
+        if len(set(names)) == len(names):
+            return names
+    return [str(ws.plan_path) for ws in workspaces]
+
+
+def candidate_members(workspaces: list[Workspace]) -> list[tuple[int, ...]]:
+    """Indices of the plans in each candidate: every plan alone, then every pair; members in
+    configuration order (2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres), then as given."""
+    order = sorted(range(len(workspaces)), key=lambda i: (CONFIGURATIONS.index(workspaces[i].plan.configuration), i))
+    return [(i,) for i in order] + list(itertools.combinations(order, 2))
+
+
+def _check_comparable(workspaces: list[Workspace]) -> None:
+    seen: dict[Path, Path] = {}
+    for ws in workspaces:
+        key = ws.plan_path.resolve()
+        if key in seen:
+            raise SelectionError(f"{ws.plan_path} is given twice (as {seen[key]}): each plan once")
+        seen[key] = ws.plan_path
+    first = workspaces[0]
+    for ws in workspaces[1:]:
+        if ws.plan.dataset.labels != first.plan.dataset.labels:
+            raise SelectionError(f"{first.plan_path} and {ws.plan_path} segment other labels ({first.plan.dataset.labels} "
+                                 f"and {ws.plan.dataset.labels}): their probabilities cannot be averaged or compared")
+        if len(ws.plan.dataset.channels) != len(first.plan.dataset.channels):
+            raise SelectionError(f"{first.plan_path} and {ws.plan_path} read {len(first.plan.dataset.channels)} and "
+                                 f"{len(ws.plan.dataset.channels)} channels per case: one input cannot feed both")
+    for ws in workspaces:
+        require_finished(ws, "`segplan select`")
+    require_same_split(workspaces)
+
+
+def _prediction(probs: list[np.ndarray], members: tuple[int, ...], plan) -> np.ndarray:
+    """The label map of a candidate: its members' probabilities averaged in float32, then the arg-max
+    (a region plan: thresholded per region), as prediction does (segplan.runner.inference.case.labels_of)."""
+    from segplan.runner.inference.case import labels_of
+    p = probs[members[0]].astype(np.float32)
+    for i in members[1:]:
+        p += probs[i]
+    return labels_of(p / len(members), plan)
+
+
+def _out_of_fold(workspaces: list[Workspace], progress: bool, folds: list[int] | None = None):
+    """(fold, case id, reference, spacing, each plan's probabilities) of every out-of-fold case (of
+    ``folds`` only, if given)."""
+    first = workspaces[0]
+    label_files = {c.case_id: c.label_file for c in first.dataset.cases}
+    pairs = [(k, cid) for k, s in enumerate(first.splits()) for cid in s["val"] if folds is None or k in folds]
+    for k, cid in tqdm(pairs, desc="select", disable=not progress, unit="case"):
+        ref, geom = read_label(label_files[cid])
+        probs = [load_probabilities(ws, k, cid) for ws in workspaces]
+        for ws, p in zip(workspaces, probs):
+            if p.shape[1:] != ref.shape:
+                raise SelectionError(f"{ws.fold(k).validation_probabilities(cid)}: probabilities of shape {p.shape[1:]}, "
+                                     f"the reference {label_files[cid]} is {ref.shape}")
+        yield k, cid, ref, geom.spacing, probs
+
+
+def score(workspaces: list[Workspace], progress: bool = True,
+          folds: list[int] | None = None) -> tuple[dict[str, tuple[int, ...]], dict[str, dict[str, list[float]]], int]:
+    """Each candidate's members (by name), its Dice per class and case on the out-of-fold cases (of
+    ``folds``, if given: a benchmark's fold 0), and the number of cases."""
+    plan = workspaces[0].plan
+    labels, groups = plan.dataset.labels, plan.dataset.label_groups
+    names = member_names(workspaces)
+    members = {"+".join(names[i] for i in m): m for m in candidate_members(workspaces)}
+    dice: dict[str, dict[str, list[float]]] = {n: {} for n in members}
+    n_cases = 0
+    for _, _, ref, spacing, probs in _out_of_fold(workspaces, progress, folds):
+        n_cases += 1
+        for name, m in members.items():
+            for cls, metrics in case_metrics(_prediction(probs, m, plan), ref, labels, groups, spacing).items():
+                dice[name].setdefault(cls, []).append(metrics["dice"])
+    return members, dice, n_cases
+
+
+def select(plan_paths: list[Path], out: Path, progress: bool = True) -> tuple[Selection, str]:
+    """Rank, decide the winner's postprocessing, write ``out`` (its folder made first, so that a
+    path that cannot be written fails before the scoring); returns the selection and its table."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    workspaces = [Workspace(Path(p)) for p in plan_paths]
+    _check_comparable(workspaces)
+    plan = workspaces[0].plan
+    labels, groups = plan.dataset.labels, plan.dataset.label_groups
+    by_name, dice, n_cases = score(workspaces, progress)
+    foreground = [n for n, v in labels.items() if v != 0]
+    base = Path(out).resolve().parent
+    ranking = [Candidate(name, [os.path.relpath(workspaces[i].plan_path.resolve(), base) for i in m],
+                         round(float(np.mean([np.mean(dice[name][c]) for c in foreground])), DIGITS),
+                         {c: round(float(np.mean(v)), DIGITS) for c, v in dice[name].items()})
+               for name, m in by_name.items()]
+    ranking.sort(key=lambda c: -c.mean_foreground_dice)  # stable: ties keep singles first, as nnU-Net
+    winner = ranking[0]
+    chosen = by_name[winner.name]
+    cases = [(_prediction(probs, chosen, plan), ref) for _, _, ref, _, probs in _out_of_fold(workspaces, False)]
+    post = postprocess.choose(cases, labels, groups, list(range(len(workspaces[0].folds()))))
+    selection = Selection(SELECTION_VERSION, len(workspaces[0].folds()), n_cases, dict(labels), winner.name,
+                          winner.name, ranking, post)
+    save_selection(selection, Path(out))
+    return selection, format_ranking(selection)
+
+
+def format_ranking(sel: Selection) -> str:
+    """The ranking as a table (mean foreground Dice, then Dice per class), the winner starred, and what it keeps."""
+    classes = list(sel.ranking[0].dice) if sel.ranking else []
+    width = max([len(c.name) for c in sel.ranking] + [9]) + 2
+    head = f"  {'candidate':<{width}}{'mean fg':>9}" + "".join(f"{c[:12]:>13}" for c in classes)
+    rows = [f"{'*' if c.name == sel.winner else ' '} {c.name:<{width}}{c.mean_foreground_dice:>9.4f}"
+            + "".join(f"{c.dice[k]:>13.4f}" for k in classes) for c in sel.ranking]
+    kept = ", ".join(f"largest component of {r.keep_largest}" for r in sel.postprocessing.rules) or "nothing"
+    return "\n".join([f"{sel.cases} out-of-fold cases, {sel.folds} folds; mean Dice (mean fg: over the foreground "
+                      "classes, what ranks)", head, *rows,
+                      f"winner: {sel.winner}; postprocessing decided on its out-of-fold predictions: keep {kept}"])
+
+
+def save_selection(sel: Selection, path: Path) -> None:
+    header = ("segplan selection: the best configuration or ensemble on cross-validation (`segplan select`).\n"
+              "`segplan predict --selection` and `segplan export --selection` use the winner; paths are relative "
+              "to this file.")
+    write_text(Path(path), dump_yaml(sel, header=header))
+
+
+def load_selection(path: Path) -> Selection:
+    """Read and check a selection file: every problem named with its key and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise SelectionError(f"{path}: no such selection file (`segplan select PLAN PLAN ... -o {path}` writes it)")
+    try:
+        data, lines = load_yaml_with_lines(path)
+    except SchemaError as e:
+        raise SelectionError("\n".join(e.problems)) from e
+    reader = Reader(str(path), lines)
+    if isinstance(data, dict) and data.get("selection_version") not in (None, SELECTION_VERSION):
+        reader.error("selection_version", f"version {data.get('selection_version')!r} is unknown; this segplan reads "
+                                          f"{SELECTION_VERSION}")
+        raise SelectionError("\n".join(reader.errors))
+    sel = reader.build(Selection, data)
+    if not reader.errors:
+        _check_selection(sel, reader, path.parent)
+    if reader.errors:
+        raise SelectionError("\n".join(reader.errors))
+    return sel
+
+
+def _check_selection(sel: Selection, r: Reader, base: Path) -> None:
+    names = [c.name for c in sel.ranking]
+    if not names:
+        r.error("ranking", "is empty: `segplan select` lists every candidate")
+    for i, c in enumerate(sel.ranking):
+        if c.name in names[:i]:
+            r.error(f"ranking.{i}.name", f"'{c.name}' appears twice")
+        if not 1 <= len(c.plans) <= 2:
+            r.error(f"ranking.{i}.plans", f"{len(c.plans)} plans; a candidate is one plan or a pair")
+        for key, v in [("mean_foreground_dice", c.mean_foreground_dice)] + [(f"dice.{k}", v) for k, v in c.dice.items()]:
+            if not 0.0 <= v <= 1.0:  # NaN fails too
+                r.error(f"ranking.{i}.{key}", f"{v} is not a Dice within [0, 1]")
+    if sel.winner not in names:
+        r.error("winner", f"'{sel.winner}' is not a name in ranking ({', '.join(names)})")
+    else:
+        i = names.index(sel.winner)
+        channels = set()
+        for j, rel in enumerate(sel.ranking[i].plans):
+            plan = _member_plan(base / rel, r, f"ranking.{i}.plans.{j}")
+            if plan is not None and plan.dataset.labels != sel.labels:
+                r.error(f"ranking.{i}.plans.{j}", f"{rel} segments {plan.dataset.labels}, the selection {sel.labels}")
+            if plan is not None:
+                channels.add(len(plan.dataset.channels))
+        if len(channels) > 1:
+            r.error(f"ranking.{i}.plans", "the plans read other numbers of channels per case")
+    postprocess.check_rules(r, sel.postprocessing, sel.labels, "postprocessing.")
+    if sel.postprocessing_for != sel.winner and sel.postprocessing.rules:
+        r.error("postprocessing_for", f"the postprocessing was decided for '{sel.postprocessing_for}', the winner is "
+                                      f"'{sel.winner}': run `segplan select` again, or empty postprocessing.rules (or "
+                                      "set postprocessing_for to the winner to apply them anyway)")
+
+
+def _member_plan(path: Path, r: Reader, key: str):
+    from segplan.planner.plan_file import load_plan
+    if not path.is_file():
+        r.error(key, f"plan file {path} does not exist")
+        return None
+    try:
+        return load_plan(path)
+    except SchemaError as e:
+        r.error(key, f"{path} is not a valid plan: {e.problems[0]}")
+        return None
+
+
+def winner_workspaces(path: Path) -> tuple[Selection, list[Workspace]]:
+    """The selection in ``path`` and its winner's plans (as workspaces)."""
+    sel = load_selection(path)
+    cand = next(c for c in sel.ranking if c.name == sel.winner)
+    return sel, [Workspace(Path(path).parent / rel) for rel in cand.plans]
+
+
+def selection_stages(path: Path, folds: list[int] | None = None, tta: bool = True,
+                     postprocessing: bool = True) -> tuple[list, Postprocessing | None, str]:
+    """What `segplan predict --selection FILE` (and ``Predictor.from_selection``) predicts with: the
+    winner's plans (``folds`` of each, default all) as stages, the selection's postprocessing unless
+    told not to, and a line saying which."""
+    from segplan.runner.inference.stages import workspace_stage
+    sel, workspaces = winner_workspaces(Path(path))
+    stages = [workspace_stage(ws, folds, tta) for ws in workspaces]
+    post = sel.postprocessing if postprocessing else None
+    note = (f"selection: {sel.winner} ({path}); postprocessing: "
+            f"{', '.join(r.keep_largest for r in post.rules) or 'none' if post else 'off'}")
+    return stages, post, note

@@ -1,0 +1,279 @@
+"""A model bundle: everything needed to predict, in one zip that travels to another machine or
+hospital without the dataset or the work folder (issue 13).
+
+Layout inside the zip (``BUNDLE_VERSION`` 1: one plan)::
+
+    manifest.json               bundle version, segplan version, folds, SHA-256 of every other file
+    folds/K/plan.yaml           fold K's frozen plan (network, preprocessing, labels, channels)
+    folds/K/model.weights.h5    the weights its plan's inference.checkpoint names
+    postprocessing.yaml         the postprocessing decided on cross-validation, if any
+    cv_summary.yaml             the cross-validation report, if any
+
+``ENSEMBLE_BUNDLE_VERSION`` 2, several plans: a cascade with the 3d_lowres stage it builds on, or
+`segplan select`'s winning ensemble (`segplan export --selection`)::
+
+    manifest.json               models (name, folds, previous: the model it builds on), ensemble (the
+                                models whose probabilities are averaged), SHA-256 of every other file
+    models/NAME/folds/K/...     each model's folds, as above
+    postprocessing.yaml         the postprocessing decided for what is averaged (the selection's, or
+                                the cascade plan's), if any
+    selection.yaml              the `segplan select` ranking it came from, if any (for reading)
+
+Only YAML (safe loading) and Keras weight files are read from a bundle: nothing is unpickled or
+executed. A changed or missing file, a fold without its files, or an unknown bundle version is
+refused before any work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import tempfile
+import zipfile
+from importlib import metadata
+from pathlib import Path
+
+from segplan.planner.bundle_file import (
+    BUNDLE_VERSION, ENSEMBLE_BUNDLE_VERSION, MANIFEST, MAX_MEMBER_MB, BundleError, bundle_models, bundle_plan,
+    choose_folds, open_bundle, sha256)
+from segplan.planner.fileio import atomic
+from segplan.planner.plan import input_channels, patch_axes, spatial_dims
+from segplan.planner.plan_file import save_plan
+from segplan.runner.postprocessing import postprocess
+from segplan.runner.inference.models import build_models, fold_weights
+from segplan.runner.workspace import Workspace
+
+__all__ = ["BundleError", "export", "export_selection", "open_bundle", "bundle_stages"]
+
+
+def export(plan_path: Path, out: Path, folds: list[int] | None = None) -> Path:
+    """Write the bundle of the finished ``folds`` (default: all of the plan's) to ``out``; a cascade's
+    bundle holds its previous stage too."""
+    ws = Workspace(plan_path)
+    extra = {name: path for name, path in (("postprocessing.yaml", ws.postprocessing),
+                                           ("cv_summary.yaml", ws.cv_summary_yaml)) if path.exists()}
+    return _export([ws], Path(out), folds, extra, {"plan": ws.plan.name})
+
+
+def export_selection(selection: Path, out: Path, folds: list[int] | None = None) -> Path:
+    """`segplan export --selection FILE`: the winner of a `segplan select` (one plan, a cascade, or an
+    ensemble) with the postprocessing decided for it; `segplan predict --model` predicts as
+    `segplan predict --selection` does."""
+    from segplan.runner.evaluation.selection import winner_workspaces
+    sel, workspaces = winner_workspaces(Path(selection))
+    with tempfile.TemporaryDirectory(prefix="segplan_export_") as staging:
+        post = Path(staging) / "postprocessing.yaml"
+        postprocess.save(sel.postprocessing, post)
+        return _export(workspaces, Path(out), folds, {"postprocessing.yaml": post, "selection.yaml": Path(selection)},
+                       {"selection": sel.winner})
+
+
+def _chain(workspaces: list[Workspace]) -> list[tuple[Workspace, Workspace | None]]:
+    """The plans to bundle, each once, with the plan each builds on (a cascade's previous stage),
+    previous stages first."""
+    from segplan.runner.cascade import previous_workspace
+    found: dict[Path, tuple[Workspace, Workspace | None]] = {}
+
+    def add(ws: Workspace) -> Workspace:
+        key = ws.plan_path.resolve()
+        if key not in found:
+            prev = add(previous_workspace(ws)) if ws.plan.configuration == "3d_cascade_fullres" else None
+            found[key] = (ws, prev)
+        return found[key][0]
+    for ws in workspaces:
+        add(ws)
+    return list(found.values())
+
+
+def _bundled_plan(ws: Workspace, k: int, path: Path, previous_stage: str | None = None) -> None:
+    """Fold k's plan as a bundle holds it: the frozen network/preprocessing with the live inference
+    settings, and nothing of the training machine (no paths, no training case ids: the units of the
+    training cases mean nothing to new images)."""
+    plan = ws.fold_plan(k)
+    save_plan(plan.replace(dataset=dataclasses.replace(plan.dataset, path=".", work_dir=".", splits_file=None),
+                           intensity=dataclasses.replace(plan.intensity, conventions={}),
+                           previous_stage=previous_stage if plan.configuration == "3d_cascade_fullres" else None),
+              path)
+
+
+def _export(workspaces: list[Workspace], out: Path, folds: list[int] | None, extra: dict[str, Path],
+            info: dict) -> Path:
+    """The bundle of ``workspaces`` (averaged) and the stages they build on, with ``extra`` files:
+    one plan as BUNDLE_VERSION's folds/K/..., several as ENSEMBLE_BUNDLE_VERSION's models/NAME/folds/K/..."""
+    from segplan.runner.evaluation.selection import member_names
+    chain = _chain(workspaces)
+    for ws, _ in chain:
+        chosen = list(range(ws.plan.cross_validation.folds)) if folds is None else list(folds)
+        unfinished = [k for k in chosen if not ws.fold(k).is_finished()]
+        if unfinished:
+            raise BundleError(f"folds {unfinished} have not finished training in {ws.root}: finish them "
+                              f"(`segplan run {ws.plan_path} --fold K`) or export --folds with the finished ones")
+    names = dict(zip([ws.plan_path.resolve() for ws, _ in chain],
+                     [re.sub(r"[^A-Za-z0-9_.-]", "_", n) for n in member_names([ws for ws, _ in chain])]))
+    single = len(chain) == 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="segplan_export_") as staging:
+        files: dict[str, Path] = {}
+        models = []
+        for ws, prev in chain:
+            name = names[ws.plan_path.resolve()]
+            prefix = "" if single else f"models/{name}/"
+            chosen = list(range(ws.plan.cross_validation.folds)) if folds is None else list(folds)
+            prev_name = names[prev.plan_path.resolve()] if prev is not None else None
+            for k in chosen:
+                staged = Path(staging) / f"{name}_plan_{k}.yaml"
+                _bundled_plan(ws, k, staged, f"../../../{prev_name}/folds/{chosen[0]}/plan.yaml" if prev else None)
+                files[f"{prefix}folds/{k}/plan.yaml"] = staged
+                files[f"{prefix}folds/{k}/model.weights.h5"] = fold_weights(ws.fold_plan(k), ws.fold(k))
+            models.append({"name": name, "folds": chosen, "previous": prev_name})
+        files |= extra
+        manifest = {"bundle_version": BUNDLE_VERSION if single else ENSEMBLE_BUNDLE_VERSION,
+                    "segplan_version": metadata.version("segplan"), **info}
+        if single:
+            manifest |= {"folds": models[0]["folds"], "inference": {"checkpoint": chain[0][0].plan.inference.checkpoint}}
+        else:
+            manifest |= {"models": models, "ensemble": [names[ws.plan_path.resolve()] for ws in workspaces]}
+        manifest["files"] = {name: sha256(path) for name, path in files.items()}
+        with atomic(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+            for name, path in files.items():
+                z.write(path, name)
+            z.writestr(MANIFEST, json.dumps(manifest, indent=1))
+    return out
+
+
+SERVING_FORMATS = {"savedmodel": "tf_saved_model", "onnx": "onnx"}
+ONNX_NEEDS = ("tf2onnx", "onnx")  # what Keras' model.export(format="onnx") needs under TensorFlow
+
+
+def _onnx_exporter_missing(backend: str) -> str | None:
+    """Why ONNX cannot be written here (a sentence saying what to do), or None.
+
+    Only the TensorFlow backend exports this network: under JAX, jax2onnx 0.17 fails on its free
+    spatial size and, with a fixed one, on the 3D convolutions' layout; Keras' torch exporter needs
+    fixed shapes. The weights are the same under every backend, so a fold trained on JAX or torch
+    exports under ``KERAS_BACKEND=tensorflow``."""
+    import importlib.util
+    if backend != "tensorflow":
+        return (f"--format onnx needs the TensorFlow backend (this is {backend}); the weights are the same under "
+                "every backend: run `KERAS_BACKEND=tensorflow segplan export ... --format onnx`")
+    missing = [m for m in ONNX_NEEDS if importlib.util.find_spec(m) is None]
+    if missing:
+        return (f"--format onnx needs {' and '.join(missing)}, not installed: pip install 'segplan[onnx]' "
+                f"(or pip install {' '.join(missing)})")
+    return None
+
+
+def _finish_onnx(path: Path, plan, fold: int) -> None:
+    """Name the exported graph's tensors for serving, ``image`` (batch, z, y, x, channels) in and
+    ``softmax`` (batch, z, y, x, classes) out, and record what a server must know in its metadata:
+    the classes and their label values, the patch and overlap segplan tiles with, the fold."""
+    import onnx
+    model = onnx.load(str(path))
+    if len(model.graph.input) != 1 or len(model.graph.output) != 1:
+        raise ValueError(f"{path}: expected one input and one output, the exporter wrote "
+                         f"{len(model.graph.input)} and {len(model.graph.output)}")
+    old = model.graph.output[0].name
+    for node in model.graph.node:
+        node.output[:] = ["softmax" if o == old else o for o in node.output]
+        node.input[:] = ["softmax" if i == old else i for i in node.input]
+    model.graph.output[0].name = "softmax"
+    for value in (model.graph.input[0], model.graph.output[0]):
+        for dim, name in zip(value.type.tensor_type.shape.dim, ("batch", *patch_axes(plan))):
+            dim.dim_param = name
+    meta = {"segplan.fold": str(fold), "segplan.plan": plan.name,
+            "segplan.labels": json.dumps(plan.dataset.labels),
+            "segplan.patch_size": json.dumps(plan.training.patch_size),
+            "segplan.overlap": str(plan.inference.overlap), "segplan.weighting": plan.inference.weighting,
+            "segplan.layout": "input image (batch, z, y, x, channels) float32 after segplan's preprocessing; "
+                              "output softmax (batch, z, y, x, classes)"}
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def export_network(plan_path: Path, out: Path, fmt: str, folds: list[int] | None = None) -> list[Path]:
+    """The network alone, per fold, for serving stacks: ``out/fold_K`` as a TensorFlow SavedModel, or
+    ``out/fold_K.onnx`` (ONNX: the optional ``segplan[onnx]``, i.e. tf2onnx under the default
+    TensorFlow backend). Input (b, z, y, x, c) float32 with free spatial size divisible by the
+    pooling; output the softmax (b, z, y, x, classes), the only output (the network has no
+    deep-supervision heads). The preprocessing and the sliding window stay segplan's (or the
+    bundle's) job: ``segplan.runner.inference.infer.onnx_predictor`` tiles with an ONNX network as segplan does."""
+    if fmt not in SERVING_FORMATS:
+        raise ValueError(f"--format {fmt}: one of {', '.join(SERVING_FORMATS)} (or none, for a segplan bundle)")
+    if fmt == "onnx":
+        from segplan.runner.backend import name as backend_name
+        why = _onnx_exporter_missing(backend_name())
+        if why:
+            raise ValueError(why)
+    ws = Workspace(plan_path)
+    folds = [f.index for f in ws.folds() if f.is_finished()] if folds is None else list(folds)
+    if not folds:
+        raise BundleError(f"no finished fold in {ws.root} to export")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for k in folds:
+        fold_plan = ws.fold_plan(k)
+        plan, (model,) = build_models([fold_plan], [fold_weights(fold_plan, ws.fold(k))], [k])
+        name = ws.fold(k).dir.name  # fold_K, as in the work folder
+        target = out / (f"{name}.onnx" if fmt == "onnx" else name)
+        try:
+            if fmt == "onnx":
+                import keras
+                spec = keras.InputSpec(shape=(None,) * (1 + spatial_dims(plan.network)) + (input_channels(plan),),
+                                       dtype="float32", name="image")
+                with atomic(target) as tmp:
+                    model.export(str(tmp), format="onnx", verbose=False, input_signature=[spec])
+                    _finish_onnx(tmp, plan, k)
+            else:
+                model.export(str(target), format=SERVING_FORMATS[fmt], verbose=False)
+        except ImportError as e:
+            raise ValueError(f"--format {fmt} needs an optional package: {e}") from e
+        written.append(target)
+    return written
+
+
+def bundle_stages(bundle: Path, folds: list[int] | None = None, tta: bool = True, postprocessing: bool = True,
+                  max_member_mb: float = MAX_MEMBER_MB) -> tuple[list, postprocess.Postprocessing | None, str]:
+    """What `segplan predict --model BUNDLE` (and ``Predictor.from_bundle``) predicts with: the
+    bundle's folds (or ``folds`` among them) as stages, built in memory from the unpacked bundle (an
+    ensemble bundle: each member), its postprocessing unless told not to, and a line saying which."""
+    with tempfile.TemporaryDirectory(prefix="segplan_bundle_") as tmp:
+        root = Path(tmp)
+        manifest = open_bundle(Path(bundle), root, max_member_mb)
+        stages = _bundle_stages(Path(bundle), root, manifest, folds, tta)
+        post_file = root / "postprocessing.yaml"
+        post = postprocess.load(post_file, stages[0].plan.dataset.labels) if postprocessing and post_file.exists() else None
+    note = (f"postprocessing: {', '.join(r.keep_largest for r in post.rules) or 'none'} "
+            f"({Path(bundle).name}: postprocessing.yaml)" if post is not None else "")
+    return stages, post, note
+
+
+def _bundle_stages(bundle: Path, root: Path, manifest: dict, folds: list[int] | None, tta: bool) -> list:
+    """The stages the bundle averages, each model built once (an ensemble member may also be a
+    cascade's previous stage); a model's weights that do not fit its plan, or a cascade without its
+    previous stage (or a previous stage for what is no cascade), refused naming the bundle."""
+    from segplan.runner.inference.stages import make_stage
+    models, ensemble = bundle_models(manifest)
+    built: dict[str, object] = {}
+
+    def load(name: str):
+        if name not in built:
+            model = models[name]
+            chosen = choose_folds(bundle, manifest, folds, model)
+            plans = [bundle_plan(bundle, root, k, model["prefix"]) for k in chosen]
+            previous = load(model["previous"]) if model["previous"] is not None else None
+            if (plans[0].configuration == "3d_cascade_fullres") != (previous is not None):
+                raise BundleError(f"{bundle}: model {name} is a '{plans[0].configuration}' plan "
+                                  + ("without a previous model" if previous is None else
+                                     f"with previous model {model['previous']}") + ": only a 3d_cascade_fullres plan "
+                                  "builds on a previous stage")
+            try:
+                plan, nets = build_models(plans, [root / f"{model['prefix']}folds/{k}/model.weights.h5" for k in chosen],
+                                          chosen)
+            except (OSError, ValueError) as e:  # weights that do not fit their plan, or no weights file at all
+                raise BundleError(f"{bundle}: {' '.join(str(e).replace(str(root) + '/', '').split())}") from e
+            built[name] = make_stage(plan, nets, tta, previous)
+        return built[name]
+    return [load(name) for name in ensemble]

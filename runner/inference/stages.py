@@ -1,0 +1,126 @@
+"""Stages: a configuration's folds ready to predict, alone, chained (a cascade) or averaged (an
+ensemble, nnU-Net's way: each member at its own spacing, its probabilities resampled to the input's
+grid, averaged, argmax)."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from segplan.planner.dataset import Case, DatasetError
+from segplan.planner.dicom import read_case_image
+from segplan.planner.plan import Plan
+from segplan.runner.inference.infer import keras_predictor, mirrored
+from segplan.runner.inference.case import labels_of, predict_image
+from segplan.runner.inference.models import load_fold_models
+from segplan.runner.inference.outputs import admit, refuse_unreadable, report_refused, write_prediction
+from segplan.runner.workspace import Workspace
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One configuration's folds, ready to predict."""
+
+    plan: Plan
+    predict: Callable[[np.ndarray], np.ndarray]  # (b, c, *patch) -> (b, classes, *patch)
+    previous: "Stage | None" = None              # a cascade's 3d_lowres stage: predicts first
+
+
+def make_stage(plan: Plan, models: list, tta: bool, previous: Stage | None = None) -> Stage:
+    """The plan's models as a predictor, mirrored at test time where the plan says so; a plan (or a
+    bundle's) from before mirroring followed training's mirror_p is used as written, with the
+    warning `segplan check` gives, on stderr."""
+    predict = keras_predictor(models)
+    if tta and plan.inference.mirroring:
+        from segplan.planner.planning import mirroring_lines
+        for line in mirroring_lines(plan):
+            print(f"segplan: warning: plan '{plan.name}': {line.strip().removeprefix('WARNING: ')} "
+                  "(`segplan predict --no-tta` predicts unmirrored)", file=sys.stderr, flush=True)
+        predict = mirrored(predict, plan.training.augmentation.mirror_axes)
+    return Stage(plan, predict, previous)
+
+
+def workspace_stage(ws: Workspace, folds: list[int] | None = None, tta: bool = True, plan: Plan | None = None,
+                    models: list | None = None) -> Stage:
+    """The plan's ``folds`` (default: every trained one; ``plan`` and ``models`` if loaded already) as a
+    stage; a cascade's previous stage with the same folds (default: every trained one of it), as
+    nnU-Net predicts both stages with the same folds."""
+    if models is None:
+        chosen = folds if folds is not None else [f.index for f in ws.folds() if f.is_trained()]
+        if not chosen:
+            raise FileNotFoundError(f"no trained fold in {ws.root}; run `segplan run {ws.plan_path} --fold 0` first")
+        plan, models = load_fold_models(ws, chosen)
+    previous = None
+    if ws.plan.configuration == "3d_cascade_fullres":
+        from segplan.runner.cascade import previous_workspace
+        previous = workspace_stage(previous_workspace(ws), folds, tta)
+    return make_stage(plan, models, tta, previous)
+
+
+def check_members(stages: list[Stage]) -> None:
+    """An ensemble's members must segment the same labels (and regions) to be averaged."""
+    first = stages[0].plan
+    for s in stages[1:]:
+        if s.plan.dataset.labels != first.dataset.labels or s.plan.dataset.regions != first.dataset.regions:
+            raise ValueError(f"ensemble members segment other labels: {first.dataset.labels} and "
+                             f"{s.plan.dataset.labels}")
+
+
+def _previous_map(stage: Stage, read, case_id: str, sources: tuple):
+    """() -> the label map ``stage``'s previous stage predicts for the same image (after its own
+    previous stage, if it has one); None for a stage without one."""
+    prev = stage.previous
+    if prev is None:
+        return None
+    return lambda: predict_image(read, case_id, sources, prev.plan, prev.predict,
+                                 previous=_previous_map(prev, read, case_id, sources))[0]
+
+
+def predict_with_stages(stages: list[Stage], read, case_id: str, sources: tuple, progress: bool = False,
+                        probabilities: bool = False) -> tuple[np.ndarray, object, np.ndarray | None, dict]:
+    """One image's label map on its own grid from the average of the stages' probabilities (one
+    stage: its own prediction), the grid's geometry, those probabilities if asked for, and the time
+    of each step: what `segplan predict` and ``Predictor.predict`` both compute for a case. ``read``:
+    () -> a fresh (c, z, y, x) image and its geometry, called by each stage (and each previous
+    stage of a cascade): preprocessing changes the image it is given."""
+    total, t = None, {}
+    for stage in stages:
+        labels, geom, probs, ts = predict_image(read, case_id, sources, stage.plan, stage.predict, progress,
+                                                probabilities=probabilities or len(stages) > 1,
+                                                previous=_previous_map(stage, read, case_id, sources))
+        for key, v in ts.items():
+            t[key] = t.get(key, 0.0) + v
+        total = probs if total is None else total + probs
+    if len(stages) > 1:
+        t0 = time.perf_counter()
+        total /= len(stages)
+        labels = labels_of(total, stages[0].plan)
+        t["average_s"] = time.perf_counter() - t0
+    return labels, geom, total if probabilities else None, t
+
+
+def predict_ensemble(cases: list[Case], stages: list[Stage], out_dir: Path, save_probabilities: bool = False,
+                     progress: bool = True, post=None, output_format: str = "nifti") -> list[dict]:
+    """Segment ``cases`` into ``out_dir`` with the average of the stages' probabilities on each
+    case's original grid (one stage: its own prediction), then ``post``; returns per-case timings.
+    DICOM series and ``output_format`` as in ``predict_cases``."""
+    check_members(stages)
+    cases, skipped = admit(cases, output_format)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings = []
+    for case in tqdm(cases, desc="predict", disable=not progress, unit="case"):
+        try:
+            labels, geom, probs, t = predict_with_stages(stages, lambda: read_case_image(case), case.case_id,
+                                                         case.image_files, progress, save_probabilities)
+        except DatasetError as e:
+            refuse_unreadable(case, e, skipped)
+            continue
+        timings.append(write_prediction(case, labels, geom, probs, out_dir, post, t, progress, stages[0].plan,
+                                        output_format))
+    report_refused(skipped, len(timings), out_dir)
+    return timings
