@@ -26,19 +26,20 @@ SETTINGS = [("default (jit auto)", "auto", 0, 0), ("jit_compile=False", "false",
 
 
 def one(jit: str, intra: int, inter: int, filters: list[int], patch: list[int], batch: int, steps: int) -> dict:
-    """Time one setting in this process (must be the first TensorFlow use of the process)."""
+    """Time one setting in this process (must be the first TensorFlow use of the process); any
+    Keras backend when no thread counts are given (benchmarks/onednn_step.py)."""
     import numpy as np
-    import tensorflow as tf
     if intra or inter:
+        import tensorflow as tf
         tf.config.threading.set_intra_op_parallelism_threads(intra)
         tf.config.threading.set_inter_op_parallelism_threads(inter)
     import keras
     sys.path.insert(0, str(ROOT))
-    from planner.build import PAPER_LOSS
-    from planner.plan import NetworkSection, supervised_levels
-    from runner.losses import compile_arguments
-    from runner.model import build_unet
-    from runner.targets import targets
+    from segplan.planner.build import PAPER_LOSS
+    from segplan.planner.plan import NetworkSection, supervised_levels
+    from segplan.runner.training.losses import compile_arguments
+    from segplan.runner.training.model import build_unet
+    from segplan.runner.training.targets import targets
     n = len(filters)
     net = NetworkSection(filters=filters, pool_sizes=[[2, 2, 2]] * (n - 1), kernel_sizes=[[3, 3, 3]] * n,
                          convs_per_stage=2, normalization="batch", batchnorm_momentum=0.99, activation="relu",
@@ -48,7 +49,9 @@ def one(jit: str, intra: int, inter: int, filters: list[int], patch: list[int], 
     x = rng.normal(size=(batch, *patch, 1)).astype(np.float32)
     y = targets(rng.integers(0, 3, (batch, *patch)), 3, levels)
     model = build_unet(net, 1, 3)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile={"auto": "auto", "true": True, "false": False}[jit],
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  jit_compile={"auto": "auto", "true": True, "false": False}[jit] if keras.backend.backend() == "tensorflow"
+                  else "auto",
                   **compile_arguments(PAPER_LOSS, levels))
     t = time.perf_counter()
     model.train_on_batch(x, y)

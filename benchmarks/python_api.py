@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,8 +27,9 @@ def main() -> None:
     ap.add_argument("plan", type=Path)
     ap.add_argument("images", type=Path)
     ap.add_argument("--cases", type=int, default=3)
+    ap.add_argument("--first", type=int, default=0, help="skip this many images (sorted by name)")
     a = ap.parse_args()
-    images = sorted(p for p in a.images.iterdir() if p.name.endswith((".nii.gz", ".nii", ".nrrd", ".mha")))[:a.cases]
+    images = sorted(p for p in a.images.iterdir() if p.name.endswith((".nii.gz", ".nii", ".nrrd", ".mha")))[a.first:a.first + a.cases]
     tmp = Path(tempfile.mkdtemp(prefix="segplan_api_"))
     t0 = time.perf_counter()
     for image in images:   # a shell loop: one `segplan predict` per case
@@ -48,7 +49,8 @@ def main() -> None:
         t1 = time.perf_counter()
         label_map = predictor.predict(image)
         seconds = time.perf_counter() - t1
-        written = sitk.ReadImage(str(tmp / "cli" / f"{image.name.split('.')[0]}.nii.gz"))
+        case_id = re.sub(r"_\d{4}$", "", image.name.split(".")[0])   # <case>_0000.nii.gz -> <case>
+        written = sitk.ReadImage(str(tmp / "cli" / f"{case_id}.nii.gz"))
         same = bool(np.array_equal(sitk.GetArrayFromImage(label_map), sitk.GetArrayFromImage(written))
                     and np.allclose(label_map.GetOrigin(), written.GetOrigin(), atol=1e-4)
                     and np.allclose(label_map.GetSpacing(), written.GetSpacing(), atol=1e-4)

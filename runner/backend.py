@@ -14,8 +14,37 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import platform
 import sys
 from pathlib import Path
+
+
+ONEDNN = "TF_ENABLE_ONEDNN_OPTS"
+
+
+def prefer_onednn(environ=None, modules=None, machine: str | None = None) -> str:
+    """Turn TensorFlow's oneDNN CPU kernels on before TensorFlow is imported (x86-64 CPUs); returns
+    what was done.
+
+    Since 2.9 TensorFlow enables them by default only on CPUs with AVX-512 neural-network features
+    (AVX512_VNNI, AVX512_BF16, AMX) and leaves them off elsewhere: on an AVX2 CPU (AMD EPYC Rome or
+    Milan, older Intel) a training step of a CPU plan then takes 3-5x longer (docs/benchmarks.md,
+    "oneDNN"). On GPUs it changes nothing. A user's own ``TF_ENABLE_ONEDNN_OPTS`` (0 or 1) wins; once
+    TensorFlow is imported the choice is made, and nothing is changed. On other processors (ARM:
+    Graviton, Apple silicon) TensorFlow's own default stands: nothing was measured there. segplan
+    calls this when it is imported (``segplan/__init__.py``), before any of its code can import
+    TensorFlow, so that every command, worker process, probe and SLURM job (which inherit the
+    environment) runs with it."""
+    environ = os.environ if environ is None else environ
+    modules = sys.modules if modules is None else modules
+    if ONEDNN in environ:
+        return f"left as the user set it ({ONEDNN}={environ[ONEDNN]})"
+    if "tensorflow" in modules:
+        return "TensorFlow was imported before segplan: its own default holds"
+    if (machine if machine is not None else platform.machine()).lower() not in ("x86_64", "amd64"):
+        return "not an x86-64 CPU: TensorFlow's own default holds"
+    environ[ONEDNN] = "1"
+    return f"turned on ({ONEDNN}=1)"
 
 
 @contextlib.contextmanager

@@ -10,7 +10,10 @@ From Python, the networks loaded once for a whole cohort (docs/python-api.md)::
     predictor = Predictor.from_plan("plans/covid.yaml")       # or Predictor.from_bundle("covid.zip")
     label_map = predictor.predict("ct_001.nii.gz")             # a SimpleITK.Image on the input's grid
 
-Importing segplan starts nothing: TensorFlow is imported when a network is first built.
+Importing segplan starts nothing: TensorFlow is imported when a network is first built. What
+importing it does do: turn TensorFlow's oneDNN CPU kernels on where TensorFlow would leave them off
+and the user has not chosen (``segplan.runner.backend.prefer_onednn``), since that must happen
+before TensorFlow is imported.
 """
 from __future__ import annotations
 
@@ -22,6 +25,10 @@ from pathlib import Path
 _checkout = Path(__file__).resolve().parent.parent
 if (_checkout / "setup.cfg").is_file() and (_checkout / "runner" / "cli.py").is_file():
     __path__.append(str(_checkout))
+
+from segplan.runner.backend import prefer_onednn  # noqa: E402  (after the path above)
+
+prefer_onednn()
 
 __all__ = ["Predictor"]
 

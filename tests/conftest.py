@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import segplan  # noqa: F401  first, as a user's script: its TensorFlow settings (oneDNN) before TensorFlow
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
