@@ -245,8 +245,7 @@ def bundle_stages(bundle: Path, folds: list[int] | None = None, tta: bool = True
         stages = _bundle_stages(Path(bundle), root, manifest, folds, tta)
         post_file = root / "postprocessing.yaml"
         post = postprocess.load(post_file, stages[0].plan.dataset.labels) if postprocessing and post_file.exists() else None
-    note = (f"postprocessing: {', '.join(r.keep_largest for r in post.rules) or 'none'} "
-            f"({Path(bundle).name}: postprocessing.yaml)" if post is not None else "")
+    note = postprocess.note(post, f"{Path(bundle).name}: postprocessing.yaml") if post is not None else ""
     return stages, post, note
 
 

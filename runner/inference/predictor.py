@@ -19,8 +19,10 @@ from segplan.planner.dataset import DatasetError, read_volume, stack_channels, t
 from segplan.planner.dicom import read_case_image
 from segplan.planner.plan import Plan
 from segplan.runner.inference.inputs import find_input_cases, refuse_overwrite
-from segplan.runner.inference.stages import Stage, check_members, predict_ensemble, predict_with_stages
+from segplan.runner.inference.stages import (Stage, check_members, predict_ensemble, predict_with_stages,
+                                             trained_folds, workspace_stage)
 from segplan.runner.postprocessing import postprocess
+from segplan.runner.workspace import Workspace
 
 
 class Predictor:
@@ -42,18 +44,11 @@ class Predictor:
         """The plan's ``folds`` (default: every trained one), each built from its frozen plan, averaged;
         a cascade's previous stage with the same folds; the work folder's postprocessing
         (WORK/postprocessing.yaml) unless ``postprocessing`` is False."""
-        from segplan.runner.inference.stages import workspace_stage
-        from segplan.runner.workspace import Workspace
         ws = Workspace(Path(plan_path))
-        folds = folds if folds is not None else [f.index for f in ws.folds() if f.is_trained()]
-        if not folds:
-            raise FileNotFoundError(f"no trained fold in {ws.root}; run `segplan run` first")
-        stage = workspace_stage(ws, folds, tta)
+        stage = workspace_stage(ws, trained_folds(ws, folds), tta)   # a cascade's previous stage: these folds
         post = (postprocess.load(ws.postprocessing, stage.plan.dataset.labels)
                 if postprocessing and ws.postprocessing.exists() else None)
-        note = (f"postprocessing: {', '.join(r.keep_largest for r in post.rules) or 'none'} ({ws.postprocessing})"
-                if post is not None else "")
-        return cls([stage], post, note)
+        return cls([stage], post, postprocess.note(post, ws.postprocessing) if post is not None else "")
 
     @classmethod
     def from_bundle(cls, zip_path: str | Path, folds: list[int] | None = None, tta: bool = True,
@@ -104,7 +99,6 @@ class Predictor:
         ``<case>.dcm`` with ``output_format`` dicom-seg), probabilities beside them if asked for;
         an output that would overwrite an input is refused before anything is predicted. Returns
         the per-case timings."""
-        refuse_overwrite(Path(input_dir), Path(output_dir))
         cases = find_input_cases(Path(input_dir), len(self.plan.dataset.channels))
         refuse_overwrite(Path(input_dir), Path(output_dir), cases)
         if self.note:

@@ -45,16 +45,19 @@ def make_stage(plan: Plan, models: list, tta: bool, previous: Stage | None = Non
     return Stage(plan, predict, previous)
 
 
-def workspace_stage(ws: Workspace, folds: list[int] | None = None, tta: bool = True, plan: Plan | None = None,
-                    models: list | None = None) -> Stage:
-    """The plan's ``folds`` (default: every trained one; ``plan`` and ``models`` if loaded already) as a
-    stage; a cascade's previous stage with the same folds (default: every trained one of it), as
-    nnU-Net predicts both stages with the same folds."""
-    if models is None:
-        chosen = folds if folds is not None else [f.index for f in ws.folds() if f.is_trained()]
-        if not chosen:
-            raise FileNotFoundError(f"no trained fold in {ws.root}; run `segplan run {ws.plan_path} --fold 0` first")
-        plan, models = load_fold_models(ws, chosen)
+def trained_folds(ws: Workspace, folds: list[int] | None = None) -> list[int]:
+    """``folds``, or every trained fold of the plan; none at all is refused, saying what to run."""
+    chosen = folds if folds is not None else [f.index for f in ws.folds() if f.is_trained()]
+    if not chosen:
+        raise FileNotFoundError(f"no trained fold in {ws.root}; run `segplan run {ws.plan_path} --fold 0` first")
+    return chosen
+
+
+def workspace_stage(ws: Workspace, folds: list[int] | None = None, tta: bool = True) -> Stage:
+    """The plan's ``folds`` (default: every trained one) as a stage; a cascade's previous stage with
+    the same ``folds`` (default: every trained one of it), as nnU-Net predicts both stages with the
+    same folds."""
+    plan, models = load_fold_models(ws, trained_folds(ws, folds))
     previous = None
     if ws.plan.configuration == "3d_cascade_fullres":
         from segplan.runner.cascade import previous_workspace

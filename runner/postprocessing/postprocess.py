@@ -243,6 +243,11 @@ def check_rules(reader: Reader, post: Postprocessing, labels: dict[str, int], ke
                                                    f"{sorted(known)}")
 
 
+def note(post: Postprocessing, where) -> str:
+    """The line prediction prints before it starts: the rules it applies and the file they came from."""
+    return f"postprocessing: {', '.join(r.keep_largest for r in post.rules) or 'none'} ({where})"
+
+
 def _kept(post: Postprocessing) -> str:
     return ", ".join(f"largest component of {r.keep_largest}" for r in post.rules) or "nothing"
 
