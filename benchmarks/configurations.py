@@ -131,6 +131,7 @@ def train_hippocampus(a) -> None:
     from segplan.planner.dataset import Case
     from segplan.planner.plan_file import load_plan, save_plan
     from segplan.planner.planning import plan_configurations
+    from segplan.planner.labels import label_model
     from segplan.runner.evaluation.evaluate import evaluate_folder
     from segplan.runner.pipeline import run_fold
     from segplan.runner.inference.models import load_fold_models
@@ -171,8 +172,7 @@ def train_hippocampus(a) -> None:
     ws = Workspace(paths["3d_fullres"])
     plan = ws.plan
     both = ensemble(predicted, work / "ensemble", plan.dataset.labels)
-    evaluate_folder(both, ws.fold(a.fold).validation_reference, labels=plan.dataset.labels,
-                    groups=plan.dataset.label_groups)
+    evaluate_folder(both, ws.fold(a.fold).validation_reference, lm=label_model(plan))
     summary = yaml.safe_load((both / "summary.yaml").read_text())
     results["2d+3d_fullres"] = {"mean_dice": {k: round(v["dice"]["mean"], 4) for k, v in summary["classes"].items()},
                                 "validation_cases": summary["cases"]}

@@ -39,6 +39,7 @@ def one(jit: str, intra: int, inter: int, filters: list[int], patch: list[int], 
     from segplan.planner.plan import NetworkSection, supervised_levels
     from segplan.runner.training.losses import compile_arguments
     from segplan.runner.training.model import build_unet
+    from segplan.planner.labels import consecutive
     from segplan.runner.training.targets import targets
     n = len(filters)
     net = NetworkSection(filters=filters, pool_sizes=[[2, 2, 2]] * (n - 1), kernel_sizes=[[3, 3, 3]] * n,
@@ -47,7 +48,7 @@ def one(jit: str, intra: int, inter: int, filters: list[int], patch: list[int], 
     levels = supervised_levels(net)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, *patch, 1)).astype(np.float32)
-    y = targets(rng.integers(0, 3, (batch, *patch)), 3, levels)
+    y = targets(rng.integers(0, 3, (batch, *patch)), consecutive(3), levels)
     model = build_unet(net, 1, 3)
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   jit_compile={"auto": "auto", "true": True, "false": False}[jit] if keras.backend.backend() == "tensorflow"

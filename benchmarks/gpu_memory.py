@@ -114,6 +114,7 @@ def compiled_model(net, patch, batch):
     one random batch for it."""
     import keras
     from segplan.planner.plan import LossSection, supervised_levels
+    from segplan.planner.labels import consecutive
     from segplan.runner.training.targets import targets
     from segplan.runner.training.losses import compile_arguments
     from segplan.runner.training.model import build_unet
@@ -123,7 +124,7 @@ def compiled_model(net, patch, batch):
                   **compile_arguments(LossSection(0.5, 0.5, 1.0, 1.0, 1e-6), levels))
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, *patch, 1)).astype(np.float32)
-    y = targets(rng.integers(0, N_CLASSES, size=(batch, *patch)), N_CLASSES, levels)
+    y = targets(rng.integers(0, N_CLASSES, size=(batch, *patch)), consecutive(N_CLASSES), levels)
     return model, x, y
 
 

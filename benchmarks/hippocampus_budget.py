@@ -87,6 +87,7 @@ def _best_checkpoint_dice(plan_path: Path, fold: int, fold_files, data: Path) ->
     """Predict the fold's validation cases again with checkpoint_best and evaluate them."""
     import dataclasses
     from segplan.planner.plan_file import load_plan, save_plan
+    from segplan.planner.labels import label_model
     from segplan.runner.evaluation.evaluate import evaluate_folder
     from segplan.runner.inference.predict import predict_folder
     plan = load_plan(plan_path)
@@ -102,7 +103,7 @@ def _best_checkpoint_dice(plan_path: Path, fold: int, fold_files, data: Path) ->
     out = fold_files.dir / "validation_best"
     # the copy keeps dataset.work_dir, so it finds the same fold folder and its checkpoint_best
     predict_folder(best_plan, images, out, folds=[fold], progress=False)
-    evaluate_folder(out, ref, labels=plan.dataset.labels, groups=plan.dataset.label_groups)
+    evaluate_folder(out, ref, lm=label_model(plan))
     summary = yaml.safe_load((out / "summary.yaml").read_text())
     return {c: round(v["dice"]["mean"], 4) for c, v in summary["classes"].items()}
 

@@ -369,8 +369,9 @@ def predict_with_nnunet(trainer, images: Path, out: Path, device, workers: int) 
 def score(pred: Path, reference: Path, labels: dict[str, int]) -> dict[str, float]:
     """Mean Dice per foreground class over the reference cases (segplan's evaluator, for both)."""
     import yaml
+    from segplan.planner.labels import LabelModel
     from segplan.runner.evaluation.evaluate import evaluate_folder
-    evaluate_folder(pred, reference, labels=labels)
+    evaluate_folder(pred, reference, lm=LabelModel(labels))
     summary = yaml.safe_load((pred / "summary.yaml").read_text())
     if summary["missing_predictions"]:
         raise RuntimeError(f"{pred}: no prediction for {summary['missing_predictions'][:5]}")

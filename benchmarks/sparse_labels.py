@@ -72,6 +72,7 @@ def dense_scores(ws, fold: int, dense_labels: Path, out: Path) -> dict:
     """Mean Dice per class of the fold's validation predictions against the dense label maps
     (evaluated in ``out``, which links both, so the fold's own summary stays as it is)."""
     from segplan.planner.fileio import image_files
+    from segplan.planner.labels import LabelModel
     from segplan.runner.evaluation.evaluate import evaluate_folder
     preds = image_files(ws.fold(fold).validation)
     for sub, files in (("pred", preds), ("ref", {c: dense_labels / p.name for c, p in preds.items()})):
@@ -80,7 +81,7 @@ def dense_scores(ws, fold: int, dense_labels: Path, out: Path) -> dict:
             link = out / sub / p.name
             link.unlink(missing_ok=True)
             link.symlink_to(Path(p).resolve())
-    evaluate_folder(out / "pred", out / "ref", labels=ws.plan.dataset.labels)
+    evaluate_folder(out / "pred", out / "ref", lm=LabelModel(ws.plan.dataset.labels))  # dense references: all scored
     import yaml
     summary = yaml.safe_load((out / "pred" / "summary.yaml").read_text())
     return {c: round(v["dice"]["mean"], 4) for c, v in summary["classes"].items()}

@@ -154,6 +154,10 @@ def series_problem(headers: list, files: list[Path]) -> str | None:
         kinds = Counter(tuple(np.round(o, 3)) for o in orient)
         return "mixed orientations: " + ", ".join(f"{n} slices at ({', '.join(f'{v:g}' for v in k)})"
                                                   for k, n in kinds.items())
+    no_spacing = [f.name for h, f in zip(headers, files) if len(_floats(h.get("PixelSpacing", []) or [])) != 2]
+    if no_spacing:
+        return (f"{len(no_spacing)} of {len(files)} slices have no Pixel Spacing (0028,0030) (e.g. {no_spacing[0]}): "
+                "the size of a pixel in mm is unknown, so neither the plan's spacing nor a DICOM SEG can be made")
     sizes = Counter((int(h.Rows), int(h.Columns), tuple(_floats(h.get("PixelSpacing", []) or []))) for h in headers)
     if len(sizes) > 1:
         return "slices of different sizes or pixel spacings: " + ", ".join(
@@ -227,6 +231,33 @@ def dicom_cases(folder: Path, n_channels: int, image_files: dict[str, Path]) -> 
     if n_channels != 1:
         raise DatasetError(f"{folder}: the plan needs {n_channels} channels per case; a DICOM series is one channel")
     return [SeriesCase(s.series_id, s.files, None, s) for s in series]
+
+
+MR_NAMES = ("MR", "MRI", "T1", "T1W", "T1C", "T1CE", "T1GD", "T2", "T2W", "FLAIR", "ADC", "DWI", "PD", "SWI")
+PET_NAMES = ("PT", "PET")
+
+
+def expected_modality(channel: str, scheme: str) -> str | None:
+    """The DICOM Modality a plan's channel takes: CT for a channel normalised as CT (or named CT), MR
+    for a channel named as an MR sequence, PT for PET; None where the name does not tell."""
+    name = channel.strip().upper().replace("-", "").replace(" ", "")
+    if scheme == "ct" or name == "CT":
+        return "CT"
+    if name in MR_NAMES or name.startswith("MR"):
+        return "MR"
+    return "PT" if name in PET_NAMES else None
+
+
+def modality_problem(series: Series, channel: str, scheme: str, plan_name: str) -> str | None:
+    """Why ``series`` may not be the plan's ``channel`` (an MR series to a CT plan: its values are no
+    HU, and the network never saw one), or None: a series without a Modality, or a channel whose
+    name does not tell, is let through."""
+    want = expected_modality(channel, scheme)
+    have = series.modality.strip().upper()
+    if want is None or not have or have == want:
+        return None
+    return (f"its Modality is {have}, but channel '{channel}' of plan {plan_name} takes {want}"
+            + (" (its values are read as HU)" if want == "CT" else "") + ": give it a series of that modality")
 
 
 def refused(cases: list[Case]) -> list[SeriesCase]:

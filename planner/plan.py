@@ -284,7 +284,8 @@ class SupervisedLevel:
 
 def output_channels(ds: DatasetSection) -> int:
     """The network's outputs: one sigmoid per region for a region plan, else one softmax channel per label."""
-    return len(ds.regions) if ds.regions else len(ds.labels)
+    from segplan.planner.labels import label_model
+    return label_model(ds).n_outputs
 
 
 def supervised_levels(network: NetworkSection) -> list[SupervisedLevel]:

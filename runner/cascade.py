@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
+from segplan.planner.labels import label_model
 from segplan.planner.bundle_file import sha256
 from segplan.planner.dataset import Case, read_label
 from segplan.planner.fileio import save_npy, sweep_temporaries, write_json
@@ -53,7 +54,7 @@ def previous_workspace(ws: Workspace) -> Workspace:
     if low.plan.configuration != "3d_lowres":
         raise ValueError(f"{ws.plan_path}: previous_stage: {path} is a '{low.plan.configuration}' plan; a cascade "
                          "builds on a 3d_lowres plan")
-    if low.plan.dataset.labels != ws.plan.dataset.labels:
+    if label_model(low.plan).labels != label_model(ws.plan).labels:   # the one-hot channels are per label
         raise ValueError(f"{ws.plan_path}: previous_stage: {path} segments {low.plan.dataset.labels}, this plan "
                          f"{ws.plan.dataset.labels}: a cascade needs the same labels in the same order")
     return low
@@ -119,7 +120,7 @@ def previous_channels(labels: np.ndarray, props: dict, plan: Plan) -> np.ndarray
     if list(labels.shape) != list(props["geometry"]["shape"]):
         raise ValueError(f"case {props['case_id']}: the previous stage's prediction has shape {list(labels.shape)}, "
                          f"the image {props['geometry']['shape']}")
-    return one_hot_foreground(label_to_grid(labels, props, plan), len(plan.dataset.labels))
+    return one_hot_foreground(label_to_grid(labels, props, plan), label_model(plan).n_classes)
 
 
 def out_of_fold_labels(low: Workspace, k: int) -> Callable[[Case], np.ndarray]:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from segplan.planner.dataset import Case
 from segplan.planner.fileio import data_files, renamed, split_ending, write_text
+from segplan.planner.labels import label_model
 from segplan.runner.evaluation.evaluate import evaluate_folder
 from segplan.runner.locks import hold
 from segplan.runner.evaluation.oof import missing_probabilities
@@ -37,9 +38,7 @@ def predict_validation(ws: Workspace, k: int, progress: bool = True, redo: bool 
     link_references(cases, fold.validation_reference)
     notes = {"checkpoint": plan.inference.checkpoint, "monitor": plan.training.schedule.monitor,
              "selection_note": selection_note(plan)}
-    summary = evaluate_folder(fold.validation, fold.validation_reference, labels=plan.dataset.labels,
-                              groups=plan.dataset.label_groups, notes=notes, regions=plan.dataset.regions,
-                              ignore_label=plan.dataset.ignore_label)
+    summary = evaluate_folder(fold.validation, fold.validation_reference, lm=label_model(plan), notes=notes)
     print(f"fold {k} validation ({len(cases)} cases):\n{summary}")
     return summary
 

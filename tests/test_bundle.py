@@ -78,6 +78,10 @@ def test_bundle_predicts_like_the_work_folder_and_refuses_what_it_cannot_trust(e
     x = np.random.default_rng(0).normal(size=(1, 8, 32, 32, 1)).astype(np.float32)
     served = tf.saved_model.load(str(tmp_path / "served" / "fold_0"))
     assert np.allclose(np.asarray(served.serve(x)), model.predict_on_batch(x), atol=1e-5)
+    meta = json.loads((tmp_path / "served" / "fold_0" / "assets.extra" / "segplan.json").read_text())
+    lm = Workspace(plan_path).plan.dataset
+    assert meta["segplan.output"] == "softmax" and json.loads(meta["segplan.output_channels"]) == list(lm.labels)
+    assert json.loads(meta["segplan.labels"]) == lm.labels and json.loads(meta["segplan.regions"]) == {}
     plans, away = Path(plan_path).parent, tmp_path / "plans_away"
     shutil.move(plans, away)                                # the work folder and plan are gone
     try:

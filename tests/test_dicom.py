@@ -23,7 +23,7 @@ import pytest
 import SimpleITK as sitk
 
 from segplan.planner.dataset import Geometry, read_label, read_volume, to_sitk, write_volume, zyx_to_xyz
-from segplan.planner.dicom import MissingExtra, find_series, read_series, require, unique_ids
+from segplan.planner.dicom import MissingExtra, dicom_cases, find_series, read_series, require, unique_ids
 from segplan.runner.cli import main
 
 # rows run along -y, columns along +x, slices towards +z: a proper rotation that is not the identity, so
@@ -289,7 +289,7 @@ def test_other_orientations_are_read_in_place_and_their_seg_frames_lie_on_their_
 
 
 def test_a_series_the_reader_cannot_read_is_refused_by_name_and_the_others_are_still_predicted(
-        tmp_path, monkeypatch, capsys):
+        phantoms, tmp_path, monkeypatch, capsys):
     """A header the checks pass but ITK cannot read (Spacing Between Slices 0: 'Refusing to change
     spacing ... to [.., .., 0]') stopped the whole call at that series, leaving the series after it
     unpredicted. The network is replaced by a stand-in (its output is not the point here): every
@@ -297,6 +297,9 @@ def test_a_series_the_reader_cannot_read_is_refused_by_name_and_the_others_are_s
     import segplan.runner.inference.predict as rp
     import segplan.runner.inference.stages as stages
     from segplan.planner.dicom import read_case_image
+    from segplan.planner.plan_file import load_plan
+    from tests.tiny import tiny_plan
+    plan = load_plan(tiny_plan(phantoms, tmp_path / "plans" / "p.yaml"))   # a CT plan: the series are CT
     from segplan.runner.inference.inputs import find_input_cases
     for number in (3, 4, 5):
         write_series(tmp_path / "in" / f"s{number}", _volume(seed=number), number=number, seed=number)
@@ -315,7 +318,7 @@ def test_a_series_the_reader_cannot_read_is_refused_by_name_and_the_others_are_s
     monkeypatch.setattr(stages, "keras_predictor", lambda models: None)
     monkeypatch.setattr(rp, "predict_case", stand_in)
     with pytest.raises(ValueError, match=r"1 DICOM series refused, as said above \(PAT1_series4\); 2 predicted"):
-        rp.predict_cases(cases, None, [], tmp_path / "out", tta=False, progress=False)
+        rp.predict_cases(cases, plan, [], tmp_path / "out", tta=False, progress=False)
     assert "refused series PAT1_series4" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["PAT1_series3.nii.gz", "PAT1_series5.nii.gz"]
 
@@ -325,6 +328,48 @@ def _cli(args) -> tuple[int, str]:
     with contextlib.redirect_stderr(err):
         rc = main([str(a) for a in args])
     return rc, err.getvalue()
+
+
+def test_a_series_without_pixel_spacing_is_refused_by_name(tmp_path):
+    """Issue 41: a series whose slices lack Pixel Spacing is refused by name when it is found, not
+    left to fail in resampling or in the SEG writer."""
+    write_series(tmp_path / "in", _volume(), number=3)
+    for f in (tmp_path / "in").iterdir():
+        ds = pydicom.dcmread(f)
+        del ds.PixelSpacing
+        ds.save_as(f)
+    (series,) = find_series(tmp_path / "in")
+    assert "have no Pixel Spacing (0028,0030)" in series.problem, series.problem
+    with pytest.raises(ValueError, match="series PAT1_series3 .*refused.*Pixel Spacing"):
+        read_series(series)
+
+
+def test_a_series_of_another_modality_than_the_plans_channel_is_refused_by_name(phantoms, tmp_path, capsys):
+    """Issue 41: an MR series given to a CT plan is refused by name (its values would be read as HU),
+    the CT series beside it is admitted; a series without a Modality, or a channel whose name does
+    not tell, is let through."""
+    from segplan.planner.dicom import expected_modality, modality_problem
+    from segplan.planner.plan_file import load_plan
+    from segplan.runner.inference.outputs import admit
+    from tests.tiny import tiny_plan
+    plan = load_plan(tiny_plan(phantoms, tmp_path / "plans" / "p.yaml"))
+    assert plan.dataset.channels == ["CT"]
+    write_series(tmp_path / "in" / "ct", _volume(), number=3)
+    write_series(tmp_path / "in" / "mr", _volume(), number=4, seed=4)
+    for f in (tmp_path / "in" / "mr").iterdir():   # (SimpleITK's writer drops the geometry of an MR slice)
+        ds = pydicom.dcmread(f)
+        ds.Modality = "MR"
+        ds.save_as(f)
+    cases = dicom_cases(tmp_path / "in", 1, {})
+    admitted, skipped = admit(cases, "nifti", plan)
+    assert [c.case_id for c in admitted] == ["PAT1_series3"] and [c.case_id for c in skipped] == ["PAT1_series4"]
+    err = capsys.readouterr().err
+    assert "refused series PAT1_series4" in err and "its Modality is MR, but channel 'CT'" in err, err
+    assert expected_modality("FLAIR", "zscore") == "MR" and expected_modality("T1", "zscore") == "MR"
+    assert expected_modality("CT", "zscore") == "CT" and expected_modality("channel_0", "zscore") is None
+    ct = cases[0].series
+    assert "channel 'T2' of plan p takes MR" in modality_problem(ct, "T2", "zscore", "p")
+    assert modality_problem(ct, "channel_0", "zscore", "p") is None
 
 
 @pytest.fixture(scope="module")

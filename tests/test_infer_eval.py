@@ -3,6 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from segplan.planner.labels import LabelModel
 from segplan.runner.evaluation.evaluate import case_metrics, mask_metrics
 from segplan.runner.inference.infer import gaussian_weights, mirrored, sliding_window, window_starts
 
@@ -83,7 +84,7 @@ def test_sensitivity_of_an_empty_reference_is_undefined_not_zero(tmp_path):
     write_volume(ref.astype(np.uint8), g, tmp_path / "pred" / "a.nii.gz")
     write_volume(np.zeros(ref.shape, np.uint8), g, tmp_path / "ref" / "b.nii.gz")  # nothing to find, one FP
     write_volume(spurious.astype(np.uint8), g, tmp_path / "pred" / "b.nii.gz")
-    text = evaluate_folder(tmp_path / "pred", tmp_path / "ref", labels={"background": 0, "fg": 1})
+    text = evaluate_folder(tmp_path / "pred", tmp_path / "ref", lm=LabelModel({"background": 0, "fg": 1}))
     sens = yaml.safe_load((tmp_path / "pred" / "summary.yaml").read_text())["classes"]["fg"]["sensitivity"]
     assert sens == {"mean": 1.0, "median": 1.0, "defined": 1, "undefined": 1}
     assert "fg: sensitivity undefined for 1 case(s) (the reference is empty" in text
@@ -105,7 +106,7 @@ def test_missing_a_structure_does_not_improve_the_hd95():
     assert diag == pytest.approx(np.sqrt(30.0 ** 2 + 16.0 ** 2 + 16.0 ** 2))
 
     def summary(second):
-        rows = [{"case": cid, "class": "fg", **case_metrics(p, ref, labels, {}, spacing, hd95=True)["fg"]}
+        rows = [{"case": cid, "class": "fg", **case_metrics(p, ref, LabelModel(labels), spacing, hd95=True)["fg"]}
                 for cid, p in (("a", close), ("b", second))]
         return summarize_rows(rows)["classes"]["fg"], rows
     found, found_rows = summary(poor)
@@ -147,7 +148,7 @@ def test_label_groups_score_as_the_paper_and_union_is_its_own_row():
     pred = ref.copy()
     pred[pred == 2] = 1  # right lung called left: per class wrong, the union right
     labels = {"background": 0, "left_lung": 1, "right_lung": 2}
-    m = case_metrics(pred, ref, labels, {"lungs": ["left_lung", "right_lung"]}, (2.0, 1.0, 1.0), hd95=True,
+    m = case_metrics(pred, ref, LabelModel(labels, groups={"lungs": ["left_lung", "right_lung"]}), (2.0, 1.0, 1.0), hd95=True,
                      nsd_tolerance=1.0)
     left = 2 * 16 / (32 + 16)
     assert m["left_lung"]["dice"] == pytest.approx(left) and m["right_lung"]["dice"] == 0.0
@@ -158,7 +159,7 @@ def test_label_groups_score_as_the_paper_and_union_is_its_own_row():
     # the issue's example: the whole left lung predicted as right
     swap = ref.copy()
     swap[ref == 1] = 2
-    s = case_metrics(swap, ref, labels, {"lungs": ["left_lung", "right_lung"]}, (1.0, 1.0, 1.0))
+    s = case_metrics(swap, ref, LabelModel(labels, groups={"lungs": ["left_lung", "right_lung"]}), (1.0, 1.0, 1.0))
     assert s["lungs_union"]["dice"] == 1.0 and s["lungs"]["dice"] == pytest.approx((0 + 2 * 16 / (16 + 32)) / 2)
 
 
@@ -239,7 +240,7 @@ def test_missing_and_empty_cases_are_counted_not_dropped(tmp_path):
     write_volume(full, g, pred_dir / "a.nii.gz")                      # perfect
     write_volume(np.zeros_like(full), g, pred_dir / "b.nii.gz")       # empty prediction: HD95 undefined
     write_volume(full, g, pred_dir / "z.nii.gz")                      # no reference
-    text = evaluate_folder(pred_dir, ref_dir, labels={"background": 0, "fg": 1}, hd95=True)
+    text = evaluate_folder(pred_dir, ref_dir, lm=LabelModel({"background": 0, "fg": 1}), hd95=True)
     import yaml
     summary = yaml.safe_load((pred_dir / "summary.yaml").read_text())
     assert summary["missing_predictions"] == ["c"] and summary["predictions_without_reference"] == ["z"]

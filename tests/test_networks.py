@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from segplan.planner.labels import consecutive
 from segplan.planner.plan import NetworkSection, supervised_levels
 from segplan.planner.plan_file import load_plan, save_plan
 from segplan.runner.training.targets import downsample_labels, targets
@@ -59,10 +60,10 @@ def test_downsampled_targets_by_hand():
     for z, y, x in np.ndindex(4, 2, 1):
         assert np.array_equal(down[:, z, y, x], lab[:, int((z + 0.5) * 2), int((y + 0.5) * 4), int((x + 0.5) * 8)])
     # one one-hot target per supervised level, full resolution first
-    y0, y1, y2 = targets(lab, 3, supervised_levels(_net(5)))
+    y0, y1, y2 = targets(lab, consecutive(3), supervised_levels(_net(5)))
     assert y0.shape == (2, 8, 8, 8, 3) and y1.shape == (2, 8, 4, 4, 3) and y2.shape == (2, 4, 2, 2, 3)
     assert np.array_equal(np.argmax(y2, -1), lab[:, 1::2, 2::4, 2::4])
-    assert targets(lab, 3, supervised_levels(_net(3))).shape == (2, 8, 8, 8, 3)   # one level: one array
+    assert targets(lab, consecutive(3), supervised_levels(_net(3))).shape == (2, 8, 8, 8, 3)   # one level: one array
 
 
 @needs_keras
@@ -79,7 +80,7 @@ def test_deep_supervision_loss_is_the_weighted_sum_of_the_levels():
     model.compile(optimizer=keras.optimizers.Adam(1e-3), **compile_arguments(cfg, levels))
     rng = np.random.default_rng(1)
     x = rng.normal(size=(2, 8, 16, 16, 1)).astype(np.float32)
-    ys = targets(rng.integers(0, 3, (2, 8, 16, 16)), 3, levels)
+    ys = targets(rng.integers(0, 3, (2, 8, 16, 16)), consecutive(3), levels)
     outs = model.predict_on_batch(x)
     assert [o.shape for o in outs] == [(2, 8, 16, 16, 3), (2, 8, 8, 8, 3)]
     loss = make_loss(cfg)

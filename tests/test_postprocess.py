@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from segplan.planner.labels import LabelModel
 from segplan.planner.dataset import Geometry, write_volume
 from segplan.planner.schema import SchemaError
 from segplan.runner.evaluation.evaluate import mask_metrics
@@ -75,6 +76,7 @@ def test_decision_keeps_what_helps_and_rejects_what_deletes_structures(phantoms,
 
 LUNG_LABELS = {"background": 0, "left_lung": 1, "right_lung": 2, "infection": 3}
 LUNG_GROUPS = {"lungs": ["left_lung", "right_lung"]}
+LUNG_MODEL = LabelModel(LUNG_LABELS, groups=LUNG_GROUPS)
 
 
 def _bridged_case() -> tuple[np.ndarray, np.ndarray]:
@@ -143,7 +145,7 @@ def test_an_annotation_speck_does_not_block_a_rule_the_anatomy_supports():
         pred[0:2, 0:3, 0:3] = 1          # false positives far from the liver
         pred[19, 0:2, 27:30] = 2
         cases.append((pred, ref))
-    post = choose(cases, labels, {}, [0])
+    post = choose(cases, LabelModel(labels), [0])
     assert [r.keep_largest for r in post.rules] == ["foreground"]
     loss = 1.0 - _reference_dice(post, [r for _, r in cases], labels)["liver"]
     assert 0 < loss <= MAX_REFERENCE_LOSS
@@ -166,7 +168,7 @@ def test_a_rule_that_would_delete_structure_in_the_few_split_cases_is_dropped():
         _box(pred, (3, 5, 10), (1, 1, gap), 1)     # the bridge (nothing to add where they touch)
         _box(pred, (7, 11, 0), (1, 1, 2), 1)       # a stray piece of 'left lung'
         cases.append((pred, ref))
-    post = choose(cases, LUNG_LABELS, LUNG_GROUPS, [0])
+    post = choose(cases, LUNG_MODEL, [0])
     assert [r.keep_largest for r in post.rules] == ["left_lung"]
     assert post.dropped["foreground"].startswith("applied to the references it lowers right_lung 1 -> 0.90000")
     assert _reference_dice(post, [r for _, r in cases], LUNG_LABELS)["right_lung"] == 1.0
@@ -201,7 +203,7 @@ def lung_cases(draw):
 @settings(max_examples=60, deadline=None)
 @given(cases=lung_cases())
 def test_decided_rules_never_lower_the_dice_of_the_references(cases):
-    post = choose(cases, LUNG_LABELS, LUNG_GROUPS, [0])
+    post = choose(cases, LUNG_MODEL, [0])
     for _, ref in cases:
         out = apply(ref, post)
         for v in (1, 2, 3):

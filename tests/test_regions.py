@@ -22,7 +22,7 @@ from segplan.planner.layouts import load_dataset
 from segplan.planner.plan_file import load_plan
 from segplan.planner.schema import SchemaError
 from segplan.runner.evaluation.evaluate import case_metrics, evaluate_folder
-from segplan.runner.regions import region_table, regions_to_labels
+from segplan.planner.labels import LabelModel, region_table, regions_to_labels
 from segplan.runner.training.targets import downsample_labels, targets
 from tests.tiny import FOUR_STAGES
 
@@ -31,6 +31,8 @@ LABELS = {"background": 0, "label_1": 1, "label_2": 2, "label_3": 3}
 # BraTS' nesting on the phantoms' labels: everything, then a part of it, then a part of that
 REGIONS = {"lungs": [1, 2, 3], "right_lung": [2], "infection": [3]}
 ORDER = [1, 2, 3]
+REGION_MODEL = LabelModel(LABELS, REGIONS, ORDER)
+SPARSE_REGIONS = LabelModel(LABELS, REGIONS, ORDER, ignore_label=9)
 EYE = (1, 0, 0, 0, 1, 0, 0, 0, 1)
 
 
@@ -161,17 +163,17 @@ def test_region_targets_by_hand_with_deep_supervision_and_ignore():
     assert table.tolist() == [[0, 0, 0], [1, 0, 0], [1, 1, 0], [1, 0, 1], [0, 0, 0]]
     seg = np.random.default_rng(1).integers(0, 5, (2, 4, 8, 8))      # 4 = K, the ignore label
     levels = [SupervisedLevel(0, [1, 1, 1], 2 / 3), SupervisedLevel(1, [1, 2, 2], 1 / 3)]
-    y0, y1 = targets(seg, 4, levels, regions=table, ignore=True)
+    y0, y1 = targets(seg, LabelModel(LABELS, REGIONS, ORDER, ignore_label=5), levels)
     assert y0.shape == (2, 4, 8, 8, 4) and y1.shape == (2, 4, 4, 4, 4)
     for r, members in enumerate(REGIONS.values()):
         assert np.array_equal(y0[..., r], np.isin(seg, members))
     assert np.array_equal(y0[..., 3], seg != 4) and not y0[seg == 4][:, :3].any()
     assert np.array_equal(y1, np.moveaxis(downsample_labels(np.moveaxis(y0, -1, 1), [1, 2, 2]), 1, -1))
-    soft = targets(seg, 4, ignore=True)                              # softmax plan with an ignore label
+    soft = targets(seg, LabelModel(LABELS, ignore_label=5))          # softmax plan with an ignore label
     assert soft.shape == (2, 4, 8, 8, 5) and not soft[seg == 4][:, :4].any()
     assert np.array_equal(soft[..., 4], seg != 4)
     assert np.array_equal(np.argmax(soft[..., :4], -1)[seg != 4], seg[seg != 4])
-    assert np.array_equal(targets(seg.clip(0, 3), 4), np.eye(4)[seg.clip(0, 3)])   # a plan without: as before
+    assert np.array_equal(targets(seg.clip(0, 3), LabelModel(LABELS)), np.eye(4)[seg.clip(0, 3)])   # a plan without
 
 
 @settings(max_examples=40, deadline=None)
@@ -200,8 +202,9 @@ def test_loss_and_its_gradient_are_exactly_zero_on_ignored_voxels(regions):
     cfg = LossSection(0.3, 0.7, 1.0, 1.0, 1e-6)
     rng = np.random.default_rng(0)
     seg = rng.integers(0, 5, (2, 4, 6, 6))
-    y = targets(seg, 4, regions=region_table(LABELS, REGIONS) if regions else None, ignore=True)
-    loss = plan_loss(cfg, regions=regions, ignore=True)
+    lm = LabelModel(LABELS, REGIONS if regions else {}, ORDER if regions else [], ignore_label=5)
+    y = targets(seg, lm)
+    loss = plan_loss(cfg, lm)
     act = tf.sigmoid if regions else tf.nn.softmax
     logits = tf.Variable(rng.normal(size=(2, 4, 6, 6, 3 if regions else 4)).astype(np.float32))
     with tf.GradientTape() as tape:
@@ -229,12 +232,13 @@ def test_the_masked_loss_with_nothing_ignored_is_the_plain_loss(regions):
     cfg = LossSection(0.5, 0.5, 1.0, 1.0, 1e-6)
     rng = np.random.default_rng(2)
     seg = rng.integers(0, 4, (2, 4, 6, 6))
-    table = region_table(LABELS, REGIONS) if regions else None
+    dense = LabelModel(LABELS, REGIONS if regions else {}, ORDER if regions else [])
+    sparse = LabelModel(LABELS, REGIONS if regions else {}, ORDER if regions else [], ignore_label=5)
     pred = rng.uniform(0.01, 0.99, (2, 4, 6, 6, 3 if regions else 4)).astype(np.float32)
     if not regions:
         pred /= pred.sum(-1, keepdims=True)
-    masked = plan_loss(cfg, regions, ignore=True)(targets(seg, 4, regions=table, ignore=True), pred)
-    plain = plan_loss(cfg, regions)(targets(seg, 4, regions=table), pred)
+    masked = plan_loss(cfg, sparse)(targets(seg, sparse), pred)
+    plain = plan_loss(cfg, dense)(targets(seg, dense), pred)
     assert float(masked) == pytest.approx(float(plain), rel=1e-6)
 
 
@@ -248,7 +252,7 @@ def test_region_metrics_against_a_hand_computation():
     pred = ref.copy()
     pred[0, 0, 3] = 3            # right lung -> infection: right_lung FN, infection FP, lungs unchanged
     pred[0, :, 4] = 1            # 4 voxels of lung outside: lungs FP 4
-    m = case_metrics(pred, ref, LABELS, {}, (1.0, 1.0, 1.0), regions=REGIONS)
+    m = case_metrics(pred, ref, REGION_MODEL, (1.0, 1.0, 1.0))
     assert list(m) == ["lungs", "right_lung", "infection"]
     assert m["lungs"]["dice"] == pytest.approx(2 * 16 / (2 * 16 + 4))          # TP 16, FP 4
     assert m["right_lung"]["dice"] == pytest.approx(2 * 5 / (2 * 5 + 1))       # ref 6 voxels, pred 5 of them
@@ -256,7 +260,7 @@ def test_region_metrics_against_a_hand_computation():
     assert m["lungs"]["specificity"] == pytest.approx(4 / (4 + 4))             # TN: column 5, 4 voxels
     sparse = ref.copy()
     sparse[0, :, 4] = 9                                                        # the wrong column unannotated
-    s = case_metrics(pred, sparse, LABELS, {}, (1.0, 1.0, 1.0), regions=REGIONS, ignore_label=9)
+    s = case_metrics(pred, sparse, SPARSE_REGIONS, (1.0, 1.0, 1.0))
     assert s["lungs"]["dice"] == 1.0 and s["lungs"]["specificity"] == 1.0
     assert s["lungs"]["ref_ml"] == m["lungs"]["ref_ml"] and s["lungs"]["pred_ml"] == pytest.approx(16 / 1000)
     assert s["infection"]["dice"] == m["infection"]["dice"]                    # annotated errors still count
@@ -271,7 +275,7 @@ def test_evaluation_skips_ignored_voxels_and_says_so(tmp_path):
     for sub, arr in (("ref", ref), ("pred", pred)):
         (tmp_path / sub).mkdir()
         write_volume(arr, g, tmp_path / sub / "a.nii.gz")
-    text = evaluate_folder(tmp_path / "pred", tmp_path / "ref", labels={"background": 0, "fg": 1}, ignore_label=5)
+    text = evaluate_folder(tmp_path / "pred", tmp_path / "ref", lm=LabelModel({"background": 0, "fg": 1}, ignore_label=5))
     summary = yaml.safe_load((tmp_path / "pred" / "summary.yaml").read_text())
     assert summary["classes"]["fg"]["dice"]["mean"] == 1.0
     assert "64 of the references' 256 voxels (25.0%) are not annotated and were not scored" in summary["ignored"]
@@ -290,7 +294,8 @@ def test_patches_are_centred_on_annotated_voxels_only(tmp_path):
     seg[31:33, 31:33, 31:33] = 1                 # ... with foreground inside
     save_npy(tmp_path / "c.npy", np.zeros((1, 40, 40, 40), np.float32))
     save_npy(tmp_path / "c_seg.npy", seg)
-    locs = class_locations(seg, 2, np.random.default_rng(0), ignore=True)
+    two = {"background": 0, "fg": 1}
+    locs = class_locations(seg, LabelModel(two, ignore_label=5), np.random.default_rng(0))
     assert len(locs[ANNOTATED]) == 64 and len(locs["class_1"]) == 8
     save_npz(tmp_path / "c_locs.npz", **locs)
     write_json(tmp_path / "c.json", {"case_id": "c"})
@@ -300,7 +305,7 @@ def test_patches_are_centred_on_annotated_voxels_only(tmp_path):
         for _ in range(30):
             _, patch = sampler.sample(rng)
             assert (patch != 2).any()
-    plain = class_locations(seg, 2, np.random.default_rng(0))
+    plain = class_locations(seg, LabelModel(two), np.random.default_rng(0))
     assert ANNOTATED not in plain
     save_npz(tmp_path / "c_locs.npz", **plain)
     crops = [PatchSampler(tmp_path, ["c"], [8, 8, 8], 0.0).sample(rng)[1] for _ in range(30)]
@@ -316,28 +321,27 @@ def test_voxels_outside_the_image_are_not_annotated_with_an_ignore_label(region_
     import dataclasses
     from segplan.planner.fileio import save_npy, save_npz, write_json
     from segplan.runner.training.batches import _make_source
-    from segplan.runner.training.data import augmented_batch, target_options, to_keras
+    from segplan.planner.labels import label_model
+    from segplan.runner.training.data import augmented_batch, to_keras
     from segplan.runner.preprocessing.preprocess import class_locations
     plan = load_plan(region_plan)
     aug = dataclasses.replace(plan.training.augmentation, rotation_p=1.0, scaling_p=1.0)
     plan = plan.replace(training=dataclasses.replace(plan.training, augmentation=aug))
-    k = len(plan.dataset.labels)
     seg = np.ones((10, 40, 40), np.int8)                   # smaller than the patch on every axis: padded
     rng = np.random.default_rng(0)
     save_npy(tmp_path / "c.npy", rng.normal(size=(1, *seg.shape)).astype(np.float32))
     save_npy(tmp_path / "c_seg.npy", seg)
-    save_npz(tmp_path / "c_locs.npz", **class_locations(seg, k, np.random.default_rng(0), ignore=True))
-    write_json(tmp_path / "c.json", {"case_id": "c"})
     sparse = plan.replace(dataset=dataclasses.replace(plan.dataset, ignore_label=9))
+    save_npz(tmp_path / "c_locs.npz", **class_locations(seg, label_model(sparse), np.random.default_rng(0)))
+    write_json(tmp_path / "c.json", {"case_id": "c"})
     for index in range(3):
         src = _make_source(str(tmp_path), ["c"], sparse)
-        _, y = to_keras(augmented_batch(src["sampler"], src["augment"], sparse, 0, 0, index), k,
-                        **target_options(sparse))
+        _, y = to_keras(augmented_batch(src["sampler"], src["augment"], sparse, 0, 0, index), label_model(sparse))
         lungs, annotated = y[..., 0], y[..., -1]
         assert annotated.any() and (~annotated.astype(bool)).any()
         assert (lungs[annotated == 1] == 1).all()          # no annotated voxel outside the lungs
     src = _make_source(str(tmp_path), ["c"], plan)
-    _, y = to_keras(augmented_batch(src["sampler"], src["augment"], plan, 0, 0, 0), k, **target_options(plan))
+    _, y = to_keras(augmented_batch(src["sampler"], src["augment"], plan, 0, 0, 0), label_model(plan))
     assert y.shape[-1] == len(REGIONS) and (y[..., 0] == 0).any()   # no ignore label: padded with background
 
 
@@ -360,11 +364,12 @@ def test_postprocessing_is_decided_per_region_on_annotated_voxels():
     labels = {"background": 0, "left_lung": 1, "right_lung": 2, "infection": 3}
     regions = {"lungs": [1, 2, 3], "left_lung": [1], "infection": [3]}
     cases = [_case_pair("annotated"), _case_pair("annotated")]
-    post = choose(cases, labels, {}, [0], regions, ignore_label=9)
+    lm = LabelModel(labels, regions, [2, 1, 3], ignore_label=9)
+    post = choose(cases, lm, [0])
     assert set(post.tried) == {"lungs", "left_lung", "infection"}         # the regions: 'lungs' is all foreground
     assert set(post.tried["left_lung"]) == {"lungs", "left_lung", "infection"}
     assert [r.keep_largest for r in post.rules] == ["left_lung"]          # the stray piece removed
-    hidden = choose([_case_pair("ignored"), _case_pair("ignored")], labels, {}, [0], regions, ignore_label=9)
+    hidden = choose([_case_pair("ignored"), _case_pair("ignored")], lm, [0])
     assert hidden.rules == [] and "raises the mean Dice" in hidden.dropped["left_lung"]   # nothing to gain there
 
 
@@ -409,6 +414,30 @@ def test_region_plan_trains_resumes_and_predicts_label_maps(region_data, tmp_pat
     assert probs.shape == (3, *labels.shape)
     near = (np.abs(probs - 0.5) < 1e-2).any(0)          # float16 on disk: a threshold's neighbourhood may flip
     assert np.array_equal(regions_to_labels(probs, ORDER)[~near], labels[~near])
+    _region_onnx_says_what_it_holds(plan_path, tmp_path / "onnx", labels, tmp_path / "in")
+
+
+def _region_onnx_says_what_it_holds(plan_path: Path, out: Path, predicted: np.ndarray, inp: Path) -> None:
+    """Issue 41: a region plan's ONNX export names its output ``sigmoid`` and its metadata lists the
+    regions, their order and how they become labels; through segplan's tiling it gives the label
+    map `segplan predict` wrote."""
+    import onnx   # the test extra installs tf2onnx, onnx and onnxruntime
+    from segplan.planner.dataset import Case
+    from segplan.runner.cli import main
+    from segplan.runner.inference.case import predict_case
+    from segplan.runner.inference.infer import onnx_predictor
+    assert main(["export", str(plan_path), "-o", str(out), "--format", "onnx", "--folds", "0"]) == 0
+    model = onnx.load(str(out / "fold_0.onnx"))
+    assert [o.name for o in model.graph.output] == ["sigmoid"]
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["segplan.output"] == "sigmoid" and json.loads(meta["segplan.output_channels"]) == list(REGIONS)
+    assert json.loads(meta["segplan.regions"]) == REGIONS and json.loads(meta["segplan.regions_class_order"]) == ORDER
+    assert meta["segplan.spatial_axes"] == "zyx" and "one sigmoid per region" in meta["segplan.layout"]
+    plan = load_plan(plan_path)
+    image = next(inp.iterdir())
+    labels, _, _, _ = predict_case(Case(image.name.replace("_0000.nii.gz", ""), (image,), None), plan,
+                                   onnx_predictor([out / "fold_0.onnx"]))
+    assert np.mean(labels == predicted) > 0.999
 
 
 @needs_keras

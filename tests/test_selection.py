@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
+from segplan.planner.labels import label_model
 from segplan.planner.dataset import read_label
 from segplan.planner.plan_file import load_plan, save_plan
 from segplan.runner.cli import main
@@ -73,8 +74,9 @@ def _fake_cv(plan_path: Path, noise: float, seed: int) -> None:
 
 
 def _dice(pred: np.ndarray, ref: np.ndarray, value: int) -> float:
+    """nnU-Net's Dice of one class in one case: NaN where it is absent from both (left out of the mean)."""
     p, r = pred == value, ref == value
-    return 1.0 if not (p.any() or r.any()) else 2 * np.sum(p & r) / (np.sum(p) + np.sum(r))
+    return np.nan if not (p.any() or r.any()) else 2 * np.sum(p & r) / (np.sum(p) + np.sum(r))
 
 
 def _expected(paths: dict[str, Path], members: tuple[str, ...]) -> tuple[dict[str, float], list]:
@@ -95,7 +97,7 @@ def _expected(paths: dict[str, Path], members: tuple[str, ...]) -> tuple[dict[st
             pairs.append((pred, ref))
             for n in dice:
                 dice[n].append(_dice(pred, ref, labels[n]))
-    return {n: float(np.mean(v)) for n, v in dice.items()}, pairs
+    return {n: float(np.nanmean(v)) for n, v in dice.items()}, pairs
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +143,7 @@ def test_select_ranks_singles_and_pairs_by_mean_foreground_dice_computed_indepen
     # its postprocessing: decided on the winner's out-of-fold predictions
     pairs = expected["3d_fullres+3d_lowres"][2]
     plan = load_plan(hand_made["full"])
-    assert sel.postprocessing == choose(pairs, plan.dataset.labels, plan.dataset.label_groups, [0, 1])
+    assert sel.postprocessing == choose(pairs, label_model(plan), [0, 1])
     assert sel.postprocessing_for == sel.winner and sel.cases == 8 and sel.folds == 2
     # the table: every candidate with its Dice per class, the winner starred
     assert "* 3d_fullres+3d_lowres" in out and "left_lung" in out and out.count("\n") >= 8
@@ -243,3 +245,114 @@ def test_the_selection_file_is_checked_by_key_when_loaded(hand_made, tmp_path):
     data["postprocessing"] = dict(good["postprocessing"], rules=[])
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     assert load_selection(path).winner == other
+
+
+def _write_oof(plan_path: Path, probabilities) -> None:
+    """Every fold 'finished' with ``probabilities(case_id, reference) -> (outputs, z, y, x)`` as its
+    float16 out-of-fold probabilities."""
+    ws = Workspace(plan_path)
+    files = {c.case_id: c.label_file for c in ws.dataset.cases}
+    for k, split in enumerate(ws.splits()):
+        fold = ws.fold(k)
+        fold.validation.mkdir(parents=True)
+        fold.pointer.write_text(json.dumps({"weights": "ckpt.weights.h5"}))
+        fold.finished.write_text("{}")
+        for cid in split["val"]:
+            probs = probabilities(cid, read_label(files[cid])[0])
+            np.savez_compressed(fold.validation_probabilities(cid), probabilities=probs.astype(np.float16))
+
+
+def test_select_scores_only_annotated_voxels_and_keeps_the_perfect_plan(phantoms, tmp_path):
+    """Issue 41: with every other slice unannotated (the ignore label), a plan whose out-of-fold
+    predictions are the dense truth is perfect where anyone annotated, and must win with Dice 1
+    over a plan that predicts anatomy only on the annotated slices and errs on some of them (before,
+    the perfect plan's anatomy on unannotated slices counted as false positives: 0.65 against 0.9)."""
+    from benchmarks.sparse_labels import sparse_copy
+    sparse, ignore, _ = sparse_copy(phantoms, tmp_path / "sparse", every=2)
+    base = tiny_plan(sparse, tmp_path / "plans" / "base.yaml", folds=2)
+    assert load_plan(base).dataset.ignore_label == ignore
+    dense = {p.name: p for p in (phantoms / "labelsTr").iterdir()}
+    values = list(load_plan(base).dataset.labels.values())
+    rng = np.random.default_rng(0)
+
+    def perfect(cid, ref):
+        truth = read_label(dense[f"{cid}.nii.gz"])[0]
+        return _one_hot(np.searchsorted(values, truth), len(values))
+
+    def annotated_only(cid, ref):
+        guess = np.where(ref == ignore, 0, ref)
+        guess[(guess > 0) & (rng.random(guess.shape) < 0.1)] = 0        # misses 10% of the annotated anatomy
+        return _one_hot(np.searchsorted(values, guess), len(values))
+    paths = {"full": _variant(base, "full", "3d_fullres"), "low": _variant(base, "low", "3d_lowres")}
+    _write_oof(paths["full"], perfect)
+    _write_oof(paths["low"], annotated_only)
+    rc, out, err = _cli(["select", paths["low"], paths["full"], "-o", tmp_path / "sel.yaml"])
+    assert rc == 0, err
+    sel = load_selection(tmp_path / "sel.yaml")
+    best = sel.ranking[0]
+    assert sel.winner == best.name == "3d_fullres"
+    assert best.mean_foreground_dice == 1.0 and set(best.dice.values()) == {1.0}
+    low = next(c for c in sel.ranking if c.name == "3d_lowres")
+    assert 0.5 < low.mean_foreground_dice < 0.99
+    assert sel.postprocessing.rules == [] or all(r.keep_largest in sel.postprocessing.tried
+                                                 for r in sel.postprocessing.rules)
+
+
+REGIONS = {"lungs": [1, 2, 3], "right_lung": [2], "infection": [3]}
+
+
+def test_select_takes_region_plans_and_scores_them_per_region(phantoms, tmp_path):
+    """Issue 41: region plans (one sigmoid per region on disk) are read, averaged, thresholded in
+    regions_class_order and scored per region, as Dice computed here in numpy says."""
+    base = tiny_plan(phantoms, tmp_path / "plans" / "base.yaml", folds=2)
+    plan = load_plan(base)
+    ds = dataclasses.replace(plan.dataset, regions=REGIONS, regions_class_order=[1, 2, 3], label_groups={})
+    paths = {name: _variant(base, name, conf, dataset=dataclasses.replace(ds, work_dir=f"work/{name}"))
+             for name, conf in (("full", "3d_fullres"), ("low", "3d_lowres"))}
+    for seed, (name, noise) in enumerate((("full", 0.3), ("low", 0.45))):
+        rng = np.random.default_rng(seed)
+
+        def regions(cid, ref, rng=rng, noise=noise):
+            masks = np.stack([np.isin(ref, v) for v in REGIONS.values()]).astype(np.float32)
+            return np.clip(masks + rng.normal(0, noise, masks.shape), 0, 1)
+        _write_oof(paths[name], regions)
+    rc, out, err = _cli(["select", paths["full"], paths["low"], "-o", tmp_path / "sel.yaml"])
+    assert rc == 0, err
+    sel = load_selection(tmp_path / "sel.yaml")
+    assert sel.regions == REGIONS and set(sel.ranking[0].dice) == set(REGIONS)
+    files = {c.case_id: c.label_file for c in Workspace(paths["full"]).dataset.cases}
+    for cand in sel.ranking:
+        wss = [Workspace(tmp_path / p) for p in cand.plans]
+        dice = {n: [] for n in REGIONS}
+        for k, split in enumerate(wss[0].splits()):
+            for cid in split["val"]:
+                ref = read_label(files[cid])[0]
+                mean = sum(np.load(ws.fold(k).validation_probabilities(cid))["probabilities"].astype(np.float32)
+                           for ws in wss) / len(wss)
+                pred = np.zeros(ref.shape, np.uint8)
+                for p, value in zip(mean, [1, 2, 3]):
+                    pred[p > 0.5] = value
+                for n, v in REGIONS.items():
+                    a, b = np.isin(pred, v), np.isin(ref, v)
+                    dice[n].append(np.nan if not (a.any() or b.any()) else 2 * np.sum(a & b) / (a.sum() + b.sum()))
+        for n in REGIONS:
+            assert cand.dice[n] == pytest.approx(np.nanmean(dice[n]), abs=1e-6)
+        assert cand.mean_foreground_dice == pytest.approx(np.mean([np.nanmean(v) for v in dice.values()]), abs=1e-6)
+    assert "lungs" in out and "right_lung" in out
+
+
+def test_select_leaves_a_class_absent_from_prediction_and_reference_out_as_nnunet():
+    """nnU-Net's compute_metrics: no Dice where a class is absent from both (segplan's evaluation
+    counts 1 there); the mean is over the cases that have one, and a class with none is null."""
+    from segplan.planner.labels import LabelModel
+    from segplan.runner.evaluation.evaluate import case_metrics
+    from segplan.runner.evaluation.selection import mean_dice, nnunet_dice
+    lm = LabelModel({"background": 0, "a": 1, "b": 2})
+    ref = np.zeros((4, 4, 4), np.uint8)
+    ref[:2] = 1
+    m = case_metrics(ref.copy(), ref, lm, (1.0, 1.0, 1.0))
+    assert m["b"]["dice"] == 1.0 and np.isnan(nnunet_dice(m["b"])) and nnunet_dice(m["a"]) == 1.0
+    stray = ref.copy()
+    stray[3, 3, 3] = 2                     # predicted where the reference has none: Dice 0, not NaN
+    assert nnunet_dice(case_metrics(stray, ref, lm, (1.0, 1.0, 1.0))["b"]) == 0.0
+    assert mean_dice([1.0, np.nan, 0.5]) == 0.75 and mean_dice([np.nan, np.nan]) is None

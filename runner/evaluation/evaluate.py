@@ -21,7 +21,7 @@ import numpy as np
 from segplan.planner.dataset import read_label
 from segplan.planner.fileio import image_files, write_yaml
 from segplan.planner.schema import to_plain
-from segplan.runner.regions import annotated, mask_of, structures
+from segplan.planner.labels import LabelModel, mask_of
 from segplan.runner.evaluation.tables import write_rows
 
 METRICS = ("dice", "sensitivity", "specificity", "iou", "pred_ml", "ref_ml")
@@ -70,7 +70,7 @@ def mask_metrics(pred: np.ndarray, ref: np.ndarray, voxel_ml: float, spacing=Non
     (``image_diagonal_mm``), so that a model cannot improve the mean by missing a structure. Surface
     Dice is 1 if both masks are empty, else 0 where one is.
 
-    ``annotated``: the reference's annotated voxels (segplan.runner.regions.annotated); every count, TN
+    ``annotated``: the reference's annotated voxels (LabelModel.annotated); every count, TN
     included, and the surfaces are then of those voxels only (nnU-Net's compute_tp_fp_fn_tn with an
     ignore mask)."""
     if annotated is not None:
@@ -114,12 +114,11 @@ def missing_metrics(ref: np.ndarray, voxel_ml: float, spacing, hd95: bool, nsd_t
     return out
 
 
-def case_metrics(pred: np.ndarray | None, ref: np.ndarray, labels: dict[str, int], groups: dict[str, list[str]],
-                 spacing, hd95: bool = False, nsd_tolerance: float | None = None,
-                 regions: dict[str, list[int]] | None = None, ignore_label: int | None = None) -> dict[str, dict]:
-    """Metrics per foreground label (per region of ``regions`` instead, for a region plan) and per
-    group, for one case (label values, not class indices); with ``ignore_label``, on the voxels the
-    reference annotates only.
+def case_metrics(pred: np.ndarray | None, ref: np.ndarray, lm: LabelModel, spacing, hd95: bool = False,
+                 nsd_tolerance: float | None = None) -> dict[str, dict]:
+    """Metrics per structure of ``lm`` (each foreground label, or each region of a region plan) and
+    per label group, for one case (label values, not class indices), on the voxels the reference
+    annotates (``lm``'s ignore label is left out).
 
     A group (the paper's lungs = left + right) is scored as the paper does: under its own name the
     mean of its members' metrics, so a left/right swap scores as wrong as it is; the union of its
@@ -127,16 +126,17 @@ def case_metrics(pred: np.ndarray | None, ref: np.ndarray, labels: dict[str, int
     missed member leaves the group's HD95 undefined, and the group ``missed``). ``pred`` None: the
     prediction is missing."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    ann = annotated(ref, ignore_label)
+    ann = lm.annotated(ref)
+    labels = lm.labels
 
     def score(p_mask, r_mask):
         if p_mask is None:
             return missing_metrics(r_mask, voxel_ml, spacing, hd95, nsd_tolerance)
         return mask_metrics(p_mask, r_mask, voxel_ml, spacing, hd95, nsd_tolerance, ann)
     out = {}
-    for name, values in structures(labels, regions).items():
+    for name, values in lm.structures.items():
         out[name] = score(None if pred is None else mask_of(pred, values), mask_of(ref, values))
-    for g, members in groups.items():
+    for g, members in lm.groups.items():
         rows = [out[m] for m in members]
         out[g] = {m: float(np.mean([r[m] for r in rows])) for m in GROUP_MEAN_METRICS if m in rows[0]}
         out[g] |= {"pred_ml": sum(r["pred_ml"] for r in rows), "ref_ml": sum(r["ref_ml"] for r in rows),
@@ -150,29 +150,26 @@ def case_metrics(pred: np.ndarray | None, ref: np.ndarray, labels: dict[str, int
 
 
 def evaluate_folder(pred_dir: Path, ref_dir: Path, plan_path: Path | None = None, hd95: bool = False,
-                    nsd_tolerance: float | None = None,
-                    labels: dict[str, int] | None = None, groups: dict[str, list[str]] | None = None,
-                    notes: dict | None = None, regions: dict[str, list[int]] | None = None,
-                    ignore_label: int | None = None) -> str:
+                    nsd_tolerance: float | None = None, lm: LabelModel | None = None,
+                    notes: dict | None = None) -> str:
     """Evaluate every reference against its prediction; writes metrics.csv and summary.yaml in pred_dir.
 
-    A reference with no prediction counts as Dice 0 (every overlap metric 0) and is listed under
+    What is scored comes from ``lm`` (or the plan at ``plan_path``; with neither, every value found
+    in the references is a label): per label or per region, label groups, and with an ignore label
+    the references' annotated voxels only (the summary says how many were left out). A reference
+    with no prediction counts as Dice 0 (every overlap metric 0) and is listed under
     ``missing_predictions``; predictions with no reference are listed too. ``notes`` (e.g. which
-    checkpoint predicted) are written into the summary beside the numbers. A region plan is scored
-    per region; with an ignore label, the references' unannotated voxels are not scored, and the
-    summary says how many there were."""
+    checkpoint predicted) are written into the summary beside the numbers."""
     if plan_path is not None:
+        from segplan.planner.labels import label_model
         from segplan.planner.plan_file import load_plan
-        plan = load_plan(plan_path, check_paths=False)
-        labels, groups = plan.dataset.labels, plan.dataset.label_groups
-        regions, ignore_label = plan.dataset.regions, plan.dataset.ignore_label
+        lm = label_model(load_plan(plan_path, check_paths=False))
     preds, refs = image_files(pred_dir), image_files(ref_dir)
     if not refs:
         raise FileNotFoundError(f"no reference label files in {ref_dir}")
-    if labels is None:
+    if lm is None:
         values = sorted({int(v) for p in refs.values() for v in np.unique(read_label(p)[0])} | {0})
-        labels = {("background" if v == 0 else f"label_{v}"): v for v in values}
-    groups = groups or {}
+        lm = LabelModel({("background" if v == 0 else f"label_{v}"): v for v in values})
     if not set(preds) & set(refs):
         raise FileNotFoundError(f"no prediction in {pred_dir} has a reference in {ref_dir}")
     rows, ignored, total = [], 0, 0
@@ -183,18 +180,17 @@ def evaluate_folder(pred_dir: Path, ref_dir: Path, plan_path: Path | None = None
             pred, _ = read_label(preds[cid])
             if pred.shape != ref.shape:
                 raise ValueError(f"{preds[cid]}: shape {pred.shape} differs from the reference {ref.shape}")
-        for cls, m in case_metrics(pred, ref, labels, groups, rg.spacing, hd95, nsd_tolerance, regions,
-                                   ignore_label).items():
+        for cls, m in case_metrics(pred, ref, lm, rg.spacing, hd95, nsd_tolerance).items():
             rows.append({"case": cid, "class": cls, **m})
-        ignored += int(np.count_nonzero(ref == ignore_label)) if ignore_label is not None else 0
+        ignored += int(np.count_nonzero(ref == lm.ignore_label)) if lm.has_ignore else 0
         total += ref.size
     write_rows(rows, Path(pred_dir) / "metrics.csv")
     summary = summarize_rows(rows)
     summary["missing_predictions"] = sorted(set(refs) - set(preds))
     summary["predictions_without_reference"] = sorted(set(preds) - set(refs))
     summary |= notes or {}
-    if ignore_label is not None:
-        summary["ignored"] = ignore_note(ignore_label, ignored, total)
+    if lm.has_ignore:
+        summary["ignored"] = ignore_note(lm.ignore_label, ignored, total)
     summary["conventions"] = {m: text for m, text in CONVENTIONS.items() if any(m in r for r in rows)}
     write_yaml(Path(pred_dir) / "summary.yaml", to_plain(summary))
     return format_summary(summary)

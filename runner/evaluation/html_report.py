@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from segplan.planner.labels import label_model
 from segplan.planner.dataset import read_image, read_label
 from segplan.planner.fileio import write_text
 from segplan.runner.workspace import Workspace
@@ -129,7 +130,8 @@ def table_html(table: dict, classes: list[str]) -> str:
 
 
 def rank_cases(rows: list[dict], label_names: list[str]) -> list[dict]:
-    """One entry per validation case (fold, mean Dice over its labels, Dice per class), worst first."""
+    """One entry per validation case (fold, mean Dice over ``label_names``: the scored labels or
+    regions, not the label groups; Dice per class), worst first."""
     cases: dict[str, dict] = {}
     for r in rows:
         c = cases.setdefault(r["case"], {"case": r["case"], "fold": int(r["fold"]), "dice": {}})
@@ -233,7 +235,7 @@ def build_report(ws: Workspace, table: dict, classes: list[str], notes: list[str
     """The page's HTML: ``table`` as in cv_summary.yaml (postprocessed rows included), the report's
     ``notes``, the ``missing`` folds and every fold's per-case metric ``rows`` (with their fold)."""
     plan = ws.plan
-    label_names = [n for n, v in plan.dataset.labels.items() if v != 0]
+    label_names = list(label_model(plan).structures)   # what each case's mean Dice is over (labels or regions)
     label_values = list(plan.dataset.labels.values())
     parts = [f"<h1>Cross-validation report: {html.escape(plan.name)}</h1>",
              '<p class="nav"><a href="#cases">validation cases</a> · <a href="#boxplots">box plots</a> · '

@@ -1,5 +1,5 @@
 """Out-of-fold predictions: each case of a plan's dataset predicted by the one fold that held it out,
-as a label map and as softmax probabilities on the case's original grid (float16 ``<case>.npz`` in
+as a label map and as probabilities (softmax, or a region plan's sigmoids) on the case's original grid (float16 ``<case>.npz`` in
 the fold's validation/ folder, nnU-Net's ``--npz``), written by every `segplan run` after training.
 
 `segplan select` ranks and ensembles configurations on them and a cascade trains on its previous
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from segplan.planner.labels import label_model
 from segplan.runner.workspace import Workspace
 
 
@@ -73,11 +74,13 @@ def require_same_split(workspaces: list[Workspace]) -> None:
 
 
 def load_probabilities(ws: Workspace, k: int, case_id: str) -> np.ndarray:
-    """A case's out-of-fold probabilities (classes, z, y, x) as stored (float16)."""
+    """A case's out-of-fold probabilities (outputs, z, y, x) as stored (float16): one softmax channel
+    per label, or one sigmoid per region of a region plan."""
     path = ws.fold(k).validation_probabilities(case_id)
     with np.load(path, allow_pickle=False) as z:
         probs = z["probabilities"]
-    if probs.ndim < 2 or probs.shape[0] != len(ws.plan.dataset.labels):
-        raise ValueError(f"{path}: probabilities of shape {probs.shape}; the plan has {len(ws.plan.dataset.labels)} "
-                         "classes (first axis)")
+    lm = label_model(ws.plan)
+    if probs.ndim < 2 or probs.shape[0] != lm.n_outputs:
+        raise ValueError(f"{path}: probabilities of shape {probs.shape}; the plan's network has {lm.n_outputs} "
+                         f"outputs ({lm.activation}: {', '.join(lm.outputs)}) on the first axis")
     return probs

@@ -18,7 +18,7 @@ from segplan.planner.plan import Plan  # noqa: E402
 from segplan.planner.schema import to_plain  # noqa: E402
 from segplan.runner.evaluation.html_report import write_report  # noqa: E402
 from segplan.runner.postprocessing.postprocess import current, postprocessed_rows  # noqa: E402
-from segplan.runner.regions import structures  # noqa: E402
+from segplan.planner.labels import label_model  # noqa: E402
 from segplan.runner.evaluation.tables import read_rows, write_rows  # noqa: E402
 from segplan.runner.workspace import Workspace  # noqa: E402
 
@@ -123,7 +123,7 @@ def quantification(rows: list[dict], plan: Plan) -> list[dict]:
     each label group containing lungs, the percent of each lung occupied by the infection-like
     remaining labels."""
     out = []
-    labels = list(structures(plan.dataset.labels, plan.dataset.regions))
+    labels = list(label_model(plan).structures)
     for case in dict.fromkeys(r["case"] for r in rows):
         sel = {r["class"]: r for r in rows if r["case"] == case}
         q = {"case": case, **{f"{n}_ml": round(sel[n]["pred_ml"], 2) for n in labels if n in sel}}
@@ -140,12 +140,9 @@ def quantification(rows: list[dict], plan: Plan) -> list[dict]:
 def report_notes(ws: Workspace, folds: list[int]) -> list[str]:
     """What a reader must know beside the numbers: how groups are scored, which checkpoint predicted,
     whether anything was chosen on the validation cases, missing predictions."""
-    notes, ds = [], ws.plan.dataset
-    if ds.regions:
-        notes.append("scored per region (dataset.regions): " + "; ".join(f"{n} = labels {v}" for n, v in ds.regions.items()))
-    if ds.ignore_label is not None:
-        notes.append(f"voxels of the ignore label {ds.ignore_label} in the references are not annotated and not "
-                     "scored (each fold's summary.yaml says how many)")
+    notes = []
+    notes += [n + (" (each fold's summary.yaml says how many)" if "ignore" in n else "")
+              for n in label_model(ws.plan).note()]
     for g, members in ws.plan.dataset.label_groups.items():
         notes.append(f"{g}: per case the mean of {' and '.join(members)} (the paper's definition); "
                      f"{g}_union: their union, which forgives a {'/'.join(members)} swap")

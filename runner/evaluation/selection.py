@@ -4,11 +4,17 @@ find_best_configuration chooses it, and the file that records the choice (``sele
 Every plan given must have all of its folds finished with their out-of-fold probabilities
 (runner/evaluation/oof.py), the same split and the same labels; each is refused by name otherwise. Each plan
 alone and every pair of them (the average of their probabilities: nnU-Net's ensembling) is scored on
-every out-of-fold case: the argmax is the prediction, and the rank is the mean over the foreground
-classes of the mean Dice over all cases (nnU-Net's ``foreground_mean`` Dice; a case where a class is
-absent from both prediction and reference counts as 1, as everywhere in segplan). Ties go to the
-first listed: single configurations before ensembles, the simpler choice. The winner's out-of-fold
-predictions then decide its postprocessing (runner/postprocessing/postprocess.py's rules). A candidate is named by
+every out-of-fold case by the plans' label model (segplan.planner.labels): the label map is made as
+prediction makes it (arg-max, or a region plan's sigmoids thresholded in ``regions_class_order``),
+scored by evaluation's code (per region for a region plan, the ignore label's voxels left out), and
+the rank is the mean over the scored structures of the mean Dice over the cases, nnU-Net's
+``foreground_mean``: as nnU-Net's compute_metrics, a case where a structure is absent from both the
+prediction and the reference has no Dice for it (NaN, left out of that structure's mean; evaluation
+and the CV report count it as 1 instead, and say so), and a structure absent from every case and
+every prediction is ``null`` and left out of the rank. Ties go to the first listed: single
+configurations before ensembles, the simpler choice. The winner's out-of-fold predictions then
+decide its postprocessing as `segplan postprocess` does (runner/postprocessing/postprocess.py's
+rules, per region, on the annotated voxels). A candidate is named by
 its plans' configurations (``2d``, ``2d+3d_fullres``), by plan names where two plans share one.
 
 The file is plain, commented YAML: the ranking with Dice per class and label group, the winner, its
@@ -21,6 +27,7 @@ use the winner.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +37,7 @@ from tqdm import tqdm
 
 from segplan.planner.dataset import read_label
 from segplan.planner.fileio import write_text
+from segplan.planner.labels import LabelModel, label_model
 from segplan.planner.plan import CONFIGURATIONS
 from segplan.planner.schema import Reader, SchemaError, doc, dump_yaml, load_yaml_with_lines
 from segplan.runner.postprocessing import postprocess
@@ -51,7 +59,7 @@ class Candidate:  # its fields are explained once, above `ranking` in the file
     name: str = doc("")
     plans: list[str] = doc("")
     mean_foreground_dice: float = doc("")
-    dice: dict[str, float] = doc("")
+    dice: dict[str, float | None] = doc("")
 
 
 @dataclass(frozen=True)
@@ -66,10 +74,14 @@ class Selection:
     ranking: list[Candidate] = doc(
         "every plan alone and every pair averaged, best first. name: a configuration (a plan name where two plans "
         "share one), or two joined by '+', an ensemble averaging their probabilities; plans: its plan files, "
-        "relative to this file; mean_foreground_dice: what ranks, the mean over the foreground classes of the mean "
-        "Dice over all out-of-fold cases; dice: the mean Dice per class and label group")
+        "relative to this file; mean_foreground_dice: what ranks, the mean over the foreground classes (the "
+        "regions of a region plan) of the mean Dice over the out-of-fold cases, nnU-Net's foreground_mean: a case "
+        "where a class is absent from both prediction and reference is left out of that class's mean; dice: the "
+        "mean Dice per class (region) and label group, null where the class is absent from every case and "
+        "prediction")
     postprocessing: Postprocessing = doc("decided on the winner's out-of-fold predictions (as `segplan postprocess`): "
                                          "applied to its label maps")
+    regions: dict[str, list[int]] = doc("the plans' regions, which they share ({}: plans of labels)", default_factory=dict)
 
 
 def member_names(workspaces: list[Workspace]) -> list[str]:
@@ -97,10 +109,16 @@ def _check_comparable(workspaces: list[Workspace]) -> None:
             raise SelectionError(f"{ws.plan_path} is given twice (as {seen[key]}): each plan once")
         seen[key] = ws.plan_path
     first = workspaces[0]
+    lm = label_model(first.plan)
     for ws in workspaces[1:]:
-        if ws.plan.dataset.labels != first.plan.dataset.labels:
-            raise SelectionError(f"{first.plan_path} and {ws.plan_path} segment other labels ({first.plan.dataset.labels} "
-                                 f"and {ws.plan.dataset.labels}): their probabilities cannot be averaged or compared")
+        other = label_model(ws.plan)
+        if not other.same_outputs(lm):
+            what = "regions" if lm.has_regions or other.has_regions else "labels"
+            raise SelectionError(f"{first.plan_path} and {ws.plan_path} segment other {what} ({lm.describe()[what]} "
+                                 f"and {other.describe()[what]}): their probabilities cannot be averaged or compared")
+        if other.ignore_label != lm.ignore_label:
+            raise SelectionError(f"{first.plan_path} and {ws.plan_path} have other ignore labels ({lm.ignore_label} "
+                                 f"and {other.ignore_label}): they would be scored on other voxels")
         if len(ws.plan.dataset.channels) != len(first.plan.dataset.channels):
             raise SelectionError(f"{first.plan_path} and {ws.plan_path} read {len(first.plan.dataset.channels)} and "
                                  f"{len(ws.plan.dataset.channels)} channels per case: one input cannot feed both")
@@ -109,14 +127,25 @@ def _check_comparable(workspaces: list[Workspace]) -> None:
     require_same_split(workspaces)
 
 
-def _prediction(probs: list[np.ndarray], members: tuple[int, ...], plan) -> np.ndarray:
-    """The label map of a candidate: its members' probabilities averaged in float32, then the arg-max
-    (a region plan: thresholded per region), as prediction does (segplan.runner.inference.case.labels_of)."""
-    from segplan.runner.inference.case import labels_of
+def _prediction(probs: list[np.ndarray], members: tuple[int, ...], lm: LabelModel) -> np.ndarray:
+    """The label map of a candidate: its members' probabilities averaged in float32, then made a
+    label map as prediction does (arg-max, or a region plan's sigmoids thresholded in order)."""
     p = probs[members[0]].astype(np.float32)
     for i in members[1:]:
         p += probs[i]
-    return labels_of(p / len(members), plan)
+    return lm.to_label_map(p / len(members))
+
+
+def nnunet_dice(metrics: dict) -> float:
+    """A structure's Dice in one case as nnU-Net's compute_metrics gives it: NaN where the structure
+    is absent from both prediction and reference (segplan's evaluation counts that case as 1)."""
+    return math.nan if metrics["empty_reference"] and metrics["pred_ml"] == 0 else metrics["dice"]
+
+
+def mean_dice(values: list[float]) -> float | None:
+    """The mean over the cases that have a Dice (nnU-Net's nanmean); None if none has."""
+    ok = [v for v in values if not math.isnan(v)]
+    return float(np.mean(ok)) if ok else None
 
 
 def _out_of_fold(workspaces: list[Workspace], progress: bool, folds: list[int] | None = None):
@@ -139,8 +168,7 @@ def score(workspaces: list[Workspace], progress: bool = True,
           folds: list[int] | None = None) -> tuple[dict[str, tuple[int, ...]], dict[str, dict[str, list[float]]], int]:
     """Each candidate's members (by name), its Dice per class and case on the out-of-fold cases (of
     ``folds``, if given: a benchmark's fold 0), and the number of cases."""
-    plan = workspaces[0].plan
-    labels, groups = plan.dataset.labels, plan.dataset.label_groups
+    lm = label_model(workspaces[0].plan)
     names = member_names(workspaces)
     members = {"+".join(names[i] for i in m): m for m in candidate_members(workspaces)}
     dice: dict[str, dict[str, list[float]]] = {n: {} for n in members}
@@ -148,8 +176,8 @@ def score(workspaces: list[Workspace], progress: bool = True,
     for _, _, ref, spacing, probs in _out_of_fold(workspaces, progress, folds):
         n_cases += 1
         for name, m in members.items():
-            for cls, metrics in case_metrics(_prediction(probs, m, plan), ref, labels, groups, spacing).items():
-                dice[name].setdefault(cls, []).append(metrics["dice"])
+            for cls, metrics in case_metrics(_prediction(probs, m, lm), ref, lm, spacing).items():
+                dice[name].setdefault(cls, []).append(nnunet_dice(metrics))
     return members, dice, n_cases
 
 
@@ -159,22 +187,23 @@ def select(plan_paths: list[Path], out: Path, progress: bool = True) -> tuple[Se
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     workspaces = [Workspace(Path(p)) for p in plan_paths]
     _check_comparable(workspaces)
-    plan = workspaces[0].plan
-    labels, groups = plan.dataset.labels, plan.dataset.label_groups
+    lm = label_model(workspaces[0].plan)
     by_name, dice, n_cases = score(workspaces, progress)
-    foreground = [n for n, v in labels.items() if v != 0]
     base = Path(out).resolve().parent
-    ranking = [Candidate(name, [os.path.relpath(workspaces[i].plan_path.resolve(), base) for i in m],
-                         round(float(np.mean([np.mean(dice[name][c]) for c in foreground])), DIGITS),
-                         {c: round(float(np.mean(v)), DIGITS) for c, v in dice[name].items()})
-               for name, m in by_name.items()]
+    ranking = []
+    for name, m in by_name.items():
+        means = {c: mean_dice(v) for c, v in dice[name].items()}
+        ranked = [means[c] for c in lm.structures if means[c] is not None]
+        ranking.append(Candidate(name, [os.path.relpath(workspaces[i].plan_path.resolve(), base) for i in m],
+                                 round(float(np.mean(ranked)), DIGITS) if ranked else 1.0,
+                                 {c: None if v is None else round(v, DIGITS) for c, v in means.items()}))
     ranking.sort(key=lambda c: -c.mean_foreground_dice)  # stable: ties keep singles first, as nnU-Net
     winner = ranking[0]
     chosen = by_name[winner.name]
-    cases = [(_prediction(probs, chosen, plan), ref) for _, _, ref, _, probs in _out_of_fold(workspaces, False)]
-    post = postprocess.choose(cases, labels, groups, list(range(len(workspaces[0].folds()))))
-    selection = Selection(SELECTION_VERSION, len(workspaces[0].folds()), n_cases, dict(labels), winner.name,
-                          winner.name, ranking, post)
+    cases = [(_prediction(probs, chosen, lm), ref) for _, _, ref, _, probs in _out_of_fold(workspaces, False)]
+    post = postprocess.choose(cases, lm, list(range(len(workspaces[0].folds()))))
+    selection = Selection(SELECTION_VERSION, len(workspaces[0].folds()), n_cases, dict(lm.labels), winner.name,
+                          winner.name, ranking, post, dict(lm.regions))
     save_selection(selection, Path(out))
     return selection, format_ranking(selection)
 
@@ -185,7 +214,8 @@ def format_ranking(sel: Selection) -> str:
     width = max([len(c.name) for c in sel.ranking] + [9]) + 2
     head = f"  {'candidate':<{width}}{'mean fg':>9}" + "".join(f"{c[:12]:>13}" for c in classes)
     rows = [f"{'*' if c.name == sel.winner else ' '} {c.name:<{width}}{c.mean_foreground_dice:>9.4f}"
-            + "".join(f"{c.dice[k]:>13.4f}" for k in classes) for c in sel.ranking]
+            + "".join(f"{c.dice[k]:>13.4f}" if c.dice[k] is not None else f"{'absent':>13}" for k in classes)
+            for c in sel.ranking]
     kept = ", ".join(f"largest component of {r.keep_largest}" for r in sel.postprocessing.rules) or "nothing"
     return "\n".join([f"{sel.cases} out-of-fold cases, {sel.folds} folds; mean Dice (mean fg: over the foreground "
                       "classes, what ranks)", head, *rows,
@@ -230,7 +260,8 @@ def _check_selection(sel: Selection, r: Reader, base: Path) -> None:
             r.error(f"ranking.{i}.name", f"'{c.name}' appears twice")
         if not 1 <= len(c.plans) <= 2:
             r.error(f"ranking.{i}.plans", f"{len(c.plans)} plans; a candidate is one plan or a pair")
-        for key, v in [("mean_foreground_dice", c.mean_foreground_dice)] + [(f"dice.{k}", v) for k, v in c.dice.items()]:
+        for key, v in [("mean_foreground_dice", c.mean_foreground_dice)] + [(f"dice.{k}", v) for k, v in c.dice.items()
+                                                                             if v is not None]:
             if not 0.0 <= v <= 1.0:  # NaN fails too
                 r.error(f"ranking.{i}.{key}", f"{v} is not a Dice within [0, 1]")
     if sel.winner not in names:
@@ -242,6 +273,9 @@ def _check_selection(sel: Selection, r: Reader, base: Path) -> None:
             plan = _member_plan(base / rel, r, f"ranking.{i}.plans.{j}")
             if plan is not None and plan.dataset.labels != sel.labels:
                 r.error(f"ranking.{i}.plans.{j}", f"{rel} segments {plan.dataset.labels}, the selection {sel.labels}")
+            if plan is not None and plan.dataset.regions != sel.regions:
+                r.error(f"ranking.{i}.plans.{j}", f"{rel} has regions {plan.dataset.regions or 'none'}, the selection "
+                                                  f"{sel.regions or 'none'}")
             if plan is not None:
                 channels.add(len(plan.dataset.channels))
         if len(channels) > 1:

@@ -10,10 +10,10 @@ from tqdm import tqdm
 
 from segplan.planner.dataset import Case, DatasetError, Geometry
 from segplan.planner.dicom import read_case_image
-from segplan.planner.plan import Plan, output_channels, volume_patch
+from segplan.planner.labels import label_model
+from segplan.planner.plan import Plan, volume_patch
 from segplan.runner.inference.infer import sliding_window, on_windows
-from segplan.runner.preprocessing.preprocess import classes_to_labels, invert_probabilities, preprocess_image
-from segplan.runner.regions import regions_to_labels
+from segplan.runner.preprocessing.preprocess import invert_probabilities, preprocess_image
 
 
 def warn_unknown_units(sources: tuple, props: dict) -> None:
@@ -49,7 +49,7 @@ def predict_image(read, case_id: str, sources: tuple, plan: Plan, predict, progr
     cases (a fold's validation case), read in the plan's unit for it; otherwise the image's own
     values decide its unit, whatever its name. ``previous`` (a cascade): () -> the previous stage's
     label map on the same grid, added as one-hot input channels."""
-    t = {}
+    t, lm = {}, label_model(plan)
     t0 = time.perf_counter()
     image, geom = read()
     if image.shape[0] != len(plan.dataset.channels):
@@ -70,29 +70,21 @@ def predict_image(read, case_id: str, sources: tuple, plan: Plan, predict, progr
         bar.refresh()
     window = volume_patch(plan.training.patch_size, plan.slice_axis)  # a 2d plan: one slice deep
     probs = sliding_window(data, window, on_windows(predict, plan.training.patch_size, window),
-                           output_channels(plan.dataset), plan.inference.overlap, plan.inference.weighting,
+                           lm.n_outputs, plan.inference.overlap, plan.inference.weighting,
                            plan.inference.batch_size, progress=tick)
     bar.close()
     t["network_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    if plan.dataset.regions:  # region probabilities on the original grid, thresholded and written in order
+    if lm.has_regions:  # region probabilities on the original grid, thresholded and written in order
         full = invert_probabilities(probs, props, plan, full=True, background=False)
-        labels = labels_of(full, plan)
+        labels = lm.to_label_map(full)
         full = full if probabilities else None
     elif probabilities:
         full = invert_probabilities(probs, props, plan, full=True)
-        labels = labels_of(full, plan)
+        labels = lm.to_label_map(full)
     else:
         full = None
-        labels = classes_to_labels(invert_probabilities(probs, props, plan, full=False), plan)
+        labels = lm.classes_to_labels(invert_probabilities(probs, props, plan, full=False))
     t["resample_back_s"] = time.perf_counter() - t0
     return labels, geom, full, t
 
-
-def labels_of(full: np.ndarray, plan: Plan) -> np.ndarray:
-    """The label map of probabilities on the original grid: a region plan's sigmoids thresholded at
-    0.5 and written in ``regions_class_order``, or the arg-max class's label value."""
-    if plan.dataset.regions:
-        order = plan.dataset.regions_class_order
-        return regions_to_labels(full, order, np.uint8 if max(order) < 256 else np.uint16)
-    return classes_to_labels(np.argmax(full, axis=0), plan)

@@ -71,7 +71,8 @@ def check_seg_output(cases: list[Case]) -> None:
 def write_seg(labels: np.ndarray, series: Series, label_names: dict[str, int], path: Path,
               model_name: str = "segplan") -> None:
     """Write ``labels`` ((z, y, x), the plan's label values, on the series' grid) as a DICOM SEG of
-    ``series`` to ``path``, atomically; ``label_names``: the plan's labels (name -> value)."""
+    ``series`` to ``path``, atomically; ``label_names``: the foreground labels a prediction can hold
+    (name -> value: LabelModel.predicted_labels), one segment each."""
     hd = require("highdicom", "--output-format dicom-seg")
     pydicom = require("pydicom", "--output-format dicom-seg")
     from pydicom.sr.codedict import codes

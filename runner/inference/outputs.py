@@ -3,14 +3,16 @@ from, its probabilities beside it; and which cases may be written in a format (D
 by segplan.planner.dicom are named and left out)."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from segplan.planner.labels import label_model
 from segplan.planner.dataset import Case, DatasetError, Geometry, write_volume
-from segplan.planner.dicom import SeriesCase, refused
+from segplan.planner.dicom import SeriesCase, modality_problem, refused
 from segplan.planner.fileio import save_npz
 from segplan.planner.plan import Plan
 from segplan.runner.postprocessing import postprocess
@@ -18,14 +20,23 @@ from segplan.runner.postprocessing import postprocess
 OUTPUT_FORMATS = ("nifti", "dicom-seg")
 
 
-def admit(cases: list[Case], output_format: str) -> tuple[list[Case], list[Case]]:
-    """The cases to predict and the DICOM series refused (each named on stderr); an unknown output
-    format, or a DICOM SEG asked for input that is not DICOM, refused before any work."""
+def admit(cases: list[Case], output_format: str, plan: Plan) -> tuple[list[Case], list[Case]]:
+    """The cases to predict and the DICOM series refused (each named on stderr): series that are no
+    regular volume, and series of another modality than the plan's channel (an MR series to a CT
+    plan); an unknown output format, or a DICOM SEG asked for input that is not DICOM, refused
+    before any work."""
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output format {output_format!r}: one of {', '.join(OUTPUT_FORMATS)}")
     if output_format == "dicom-seg":
         from segplan.runner.inference.dicom_seg import check_seg_output
         check_seg_output(cases)
+    channel, scheme = plan.dataset.channels[0], plan.intensity.normalization[0].scheme
+    checked = []
+    for c in cases:
+        why = modality_problem(c.series, channel, scheme, plan.name) if isinstance(c, SeriesCase) else None
+        checked.append(dataclasses.replace(c, series=dataclasses.replace(c.series, problem=why))
+                       if why and not c.series.problem else c)
+    cases = checked
     skipped = refused(cases)
     for case in skipped:
         print(f"segplan: refused {case.series.describe()}: {case.series.problem}", file=sys.stderr, flush=True)
@@ -38,7 +49,7 @@ def write_labels(labels: np.ndarray, geom: Geometry, case: Case, plan: Plan, out
     if output_format == "dicom-seg":
         from segplan.runner.inference.dicom_seg import write_seg
         path = out_dir / f"{case.case_id}.dcm"
-        write_seg(labels, case.series, plan.dataset.labels, path, plan.name)
+        write_seg(labels, case.series, label_model(plan).predicted_labels, path, plan.name)
     else:
         path = out_dir / f"{case.case_id}.nii.gz"
         write_volume(labels, geom, path)

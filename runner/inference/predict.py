@@ -23,7 +23,7 @@ def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tt
     nifti (``<case>.nii.gz``) or dicom-seg (``<case>.dcm``, DICOM series only). DICOM series that are
     refused are named on stderr, the others predicted, then a DatasetError names their ids.
     ``previous``: a cascade's previous stage (see ``predict_case``)."""
-    cases, skipped = admit(cases, output_format)
+    cases, skipped = admit(cases, output_format, plan)
     predict = make_stage(plan, models, tta).predict
     out_dir.mkdir(parents=True, exist_ok=True)
     timings = []

@@ -16,7 +16,8 @@ from segplan.planner.dataset import Case, DatasetError
 from segplan.planner.dicom import read_case_image
 from segplan.planner.plan import Plan
 from segplan.runner.inference.infer import keras_predictor, mirrored
-from segplan.runner.inference.case import labels_of, predict_image
+from segplan.planner.labels import label_model
+from segplan.runner.inference.case import predict_image
 from segplan.runner.inference.models import load_fold_models
 from segplan.runner.inference.outputs import admit, refuse_unreadable, report_refused, write_prediction
 from segplan.runner.workspace import Workspace
@@ -66,12 +67,12 @@ def workspace_stage(ws: Workspace, folds: list[int] | None = None, tta: bool = T
 
 
 def check_members(stages: list[Stage]) -> None:
-    """An ensemble's members must segment the same labels (and regions) to be averaged."""
-    first = stages[0].plan
+    """An ensemble's members must output the same labels (and regions, in the same order) to be averaged."""
+    first = label_model(stages[0].plan)
     for s in stages[1:]:
-        if s.plan.dataset.labels != first.dataset.labels or s.plan.dataset.regions != first.dataset.regions:
-            raise ValueError(f"ensemble members segment other labels: {first.dataset.labels} and "
-                             f"{s.plan.dataset.labels}")
+        other = label_model(s.plan)
+        if not other.same_outputs(first):
+            raise ValueError(f"ensemble members segment other labels: {first.describe()} and {other.describe()}")
 
 
 def _previous_map(stage: Stage, read, case_id: str, sources: tuple):
@@ -102,7 +103,7 @@ def predict_with_stages(stages: list[Stage], read, case_id: str, sources: tuple,
     if len(stages) > 1:
         t0 = time.perf_counter()
         total /= len(stages)
-        labels = labels_of(total, stages[0].plan)
+        labels = label_model(stages[0].plan).to_label_map(total)
         t["average_s"] = time.perf_counter() - t0
     return labels, geom, total if probabilities else None, t
 
@@ -113,7 +114,7 @@ def predict_ensemble(cases: list[Case], stages: list[Stage], out_dir: Path, save
     case's original grid (one stage: its own prediction), then ``post``; returns per-case timings.
     DICOM series and ``output_format`` as in ``predict_cases``."""
     check_members(stages)
-    cases, skipped = admit(cases, output_format)
+    cases, skipped = admit(cases, output_format, stages[0].plan)
     out_dir.mkdir(parents=True, exist_ok=True)
     timings = []
     for case in tqdm(cases, desc="predict", disable=not progress, unit="case"):

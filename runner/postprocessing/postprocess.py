@@ -31,7 +31,7 @@ from segplan.planner.dataset import read_label
 from segplan.planner.fileio import image_files, write_text
 from segplan.planner.schema import Reader, SchemaError, doc, dump_yaml, load_yaml_with_lines
 from segplan.runner.evaluation.evaluate import case_metrics, mask_metrics
-from segplan.runner.regions import annotated, mask_of, structures
+from segplan.planner.labels import LabelModel, label_model, mask_of
 from segplan.runner.workspace import Workspace
 
 MIN_GAIN = 1e-4   # a rule must raise the mean Dice of what it touches by more than this
@@ -117,26 +117,24 @@ def apply(labels: np.ndarray, post: Postprocessing) -> np.ndarray:
     return labels
 
 
-def candidates(labels: dict[str, int], groups: dict[str, list[str]],
-               regions: dict[str, list[int]] | None = None) -> list[Rule]:
+def candidates(lm: LabelModel) -> list[Rule]:
     """All foreground (when there are several classes, and it is not a region already), then each
     class (each region of a region plan), then each label group."""
-    scored = structures(labels, regions)
+    scored, labels = lm.structures, lm.labels
     every = sorted(v for v in labels.values() if v != 0)
     whole = len(scored) > 1 and every not in [sorted(v) for v in scored.values()]
     rules = [Rule("foreground", every)] if whole else []
     rules += [Rule(n, sorted(v)) for n, v in scored.items()]
-    rules += [Rule(g, sorted(labels[m] for m in members)) for g, members in groups.items()]
+    rules += [Rule(g, sorted(labels[m] for m in members)) for g, members in lm.groups.items()]
     return rules
 
 
-def _mean_dice(cases: list[tuple[np.ndarray, np.ndarray]], scored: dict[str, list[int]],
-               ignore_label: int | None = None) -> dict[str, float]:
+def _mean_dice(cases: list[tuple[np.ndarray, np.ndarray]], lm: LabelModel) -> dict[str, float]:
     """Mean Dice per scored structure (a label or a region) of (prediction, reference) pairs, on the
     references' annotated voxels."""
-    return {n: float(np.mean([mask_metrics(mask_of(p, v), mask_of(r, v), 1.0, annotated=annotated(r, ignore_label))
+    return {n: float(np.mean([mask_metrics(mask_of(p, v), mask_of(r, v), 1.0, annotated=lm.annotated(r))
                               ["dice"] for p, r in cases]))
-            for n, v in scored.items()}
+            for n, v in lm.structures.items()}
 
 
 def out_of_fold(ws: Workspace):
@@ -148,24 +146,22 @@ def out_of_fold(ws: Workspace):
                 yield fold.index, cid, preds.get(cid), ref
 
 
-def choose(cases: list[tuple[np.ndarray | None, np.ndarray]], labels: dict[str, int],
-           groups: dict[str, list[str]], folds: list[int], regions: dict[str, list[int]] | None = None,
-           ignore_label: int | None = None) -> Postprocessing:
+def choose(cases: list[tuple[np.ndarray | None, np.ndarray]], lm: LabelModel, folds: list[int]) -> Postprocessing:
     """Try each candidate rule in order on the (prediction or None, reference) pairs; keep those that
     the references show as one piece, that help the predictions and that spare the references.
-    A region plan's rules and Dice are per region; with ``ignore_label`` the Dice is of the
-    references' annotated voxels."""
+    The rules and Dice are per structure of ``lm`` (per region for a region plan), the Dice of the
+    references' annotated voxels (``lm``'s ignore label left out)."""
     predicted = [(p, r) for p, r in cases if p is not None]
     references = [r for _, r in cases]
-    scored = structures(labels, regions)
-    names = {v: n for n, v in labels.items()}
+    scored = lm.structures
+    names = {v: n for n, v in lm.labels.items()}
     kept, tried, dropped = [], {}, {}
     current, refs_now = predicted, references
-    before = _mean_dice(current, scored, ignore_label)
-    for rule in candidates(labels, groups, regions):
+    before = _mean_dice(current, lm)
+    for rule in candidates(lm):
         name = rule.keep_largest
         trial = [(keep_largest(p, rule.labels), r) for p, r in current]
-        after = _mean_dice(trial, scored, ignore_label)
+        after = _mean_dice(trial, lm)
         touched = [n for n, v in scored.items() if set(v) & set(rule.labels)]
         gain = np.mean([after[n] for n in touched]) - np.mean([before[n] for n in touched])
         harms = [n for n in scored if after[n] < before[n] - 1e-9]
@@ -178,7 +174,7 @@ def choose(cases: list[tuple[np.ndarray | None, np.ndarray]], labels: dict[str, 
                    f"(needs more than {MIN_GAIN:g})")
         if why is None:   # the kept rules and this one, applied to a perfect prediction
             refs_trial = [keep_largest(r, rule.labels) for r in refs_now]
-            on_refs = _mean_dice(list(zip(refs_trial, references)), scored, ignore_label)
+            on_refs = _mean_dice(list(zip(refs_trial, references)), lm)
             lost = {n: d for n, d in on_refs.items() if d < 1.0 - MAX_REFERENCE_LOSS}
             if lost:
                 why = ("applied to the references it lowers " + ", ".join(f"{n} 1 -> {d:.5f}" for n, d in lost.items())
@@ -199,19 +195,17 @@ def decide(ws: Workspace) -> Postprocessing:
         cases.append((read_label(pred)[0] if pred is not None else None, read_label(ref)[0]))
     if not any(p is not None for p, _ in cases):
         raise FileNotFoundError(f"no out-of-fold predictions in {ws.root}: run the folds first")
-    ds = ws.plan.dataset
-    return choose(cases, ds.labels, ds.label_groups, folds, ds.regions, ds.ignore_label)
+    return choose(cases, label_model(ws.plan), folds)
 
 
 def postprocessed_rows(ws: Workspace, post: Postprocessing) -> dict[int, list[dict]]:
     """Per fold, the metric rows of its validation cases after ``post`` (the report's second row)."""
-    plan = ws.plan
+    lm = label_model(ws.plan)
     out: dict[int, list[dict]] = {}
     for k, cid, pred_path, ref_path in out_of_fold(ws):
         ref, geom = read_label(ref_path)
         pred = apply(read_label(pred_path)[0], post) if pred_path is not None else None
-        for cls, m in case_metrics(pred, ref, plan.dataset.labels, plan.dataset.label_groups, geom.spacing,
-                                   regions=plan.dataset.regions, ignore_label=plan.dataset.ignore_label).items():
+        for cls, m in case_metrics(pred, ref, lm, geom.spacing).items():
             out.setdefault(k, []).append({"case": cid, "class": cls, **m})
     return out
 

@@ -16,6 +16,7 @@ from segplan.planner.dataset import Geometry, read_image, read_label
 from segplan.planner.fileio import save_npy, save_npz, sweep_temporaries, write_json
 from segplan.planner.intensity import explain_convention, nonzero_box, to_hu
 from segplan.planner.parallel import parallel_map
+from segplan.planner.labels import LabelModel, label_model
 from segplan.planner.plan import Plan
 from segplan.runner.locks import exclusive
 from segplan.runner.preprocessing.resampling import resample, target_shape
@@ -102,24 +103,18 @@ def label_to_grid(label: np.ndarray, props: dict, plan: Plan) -> np.ndarray:
 
 def labels_to_classes(label: np.ndarray, plan: Plan) -> np.ndarray:
     """Label values (possibly non-consecutive, e.g. 0..117) -> class indices 0..K-1 (uint8/16); the
-    ignore label's voxels (dataset.ignore_label) -> K, one past the classes (runner/regions.py)."""
-    values = list(plan.dataset.labels.values())
-    ignore = plan.dataset.ignore_label
+    ignore label's voxels (dataset.ignore_label) -> K, one past the classes (planner/labels.py)."""
+    lm = label_model(plan)
+    values, ignore = list(lm.labels.values()), lm.ignore_label
     lut_size = max(max(values), ignore or 0, int(label.max()) if label.size else 0) + 1
     lut = np.zeros(lut_size, np.uint8 if len(values) < 256 else np.uint16)
     for i, v in enumerate(values):
         lut[v] = i
     if ignore is not None:
-        lut[ignore] = len(values)
+        lut[ignore] = lm.ignore_index
     if label.dtype.kind not in "iu" or (label.size and label.min() < 0):
         label = label.astype(np.int64)   # float or signed label files: whole values checked on reading
     return lut[label]                    # indexed in the label's own integer type: no 8-byte copy
-
-
-def classes_to_labels(classes: np.ndarray, plan: Plan) -> np.ndarray:
-    values = np.array(list(plan.dataset.labels.values()))
-    dtype = np.uint8 if values.max() < 256 else np.uint16
-    return values[classes].astype(dtype)
 
 
 def invert_probabilities(probs: np.ndarray, props: dict, plan: Plan, full: bool = True,
@@ -147,12 +142,11 @@ def invert_probabilities(probs: np.ndarray, props: dict, plan: Plan, full: bool 
     return out
 
 
-def class_locations(seg: np.ndarray, n_classes: int, rng: np.random.Generator,
-                    ignore: bool = False) -> dict[str, np.ndarray]:
-    """Up to 10 000 voxel coordinates per foreground class, for foreground oversampling; with
-    ``ignore`` (class index ``n_classes`` unannotated) also of the annotated voxels, where the other
-    patches are centred (nnU-Net's annotated_classes_key), so that no patch is all unannotated."""
-    out = {}
+def class_locations(seg: np.ndarray, lm: LabelModel, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Up to 10 000 voxel coordinates per foreground class, for foreground oversampling; with an
+    ignore label (class index K unannotated) also of the annotated voxels, where the other patches
+    are centred (nnU-Net's annotated_classes_key), so that no patch is all unannotated."""
+    out, n_classes, ignore = {}, lm.n_classes, lm.has_ignore
     for k in range(1, n_classes):
         out[f"class_{k}"] = _locations(seg, seg.ravel() == k, rng)
     if ignore:
@@ -178,8 +172,7 @@ def _preprocess_one(args) -> str:
     save_npy(out / f"{case.case_id}.npy", data)
     if seg is not None:
         save_npy(out / f"{case.case_id}_seg.npy", seg)
-        locs = class_locations(seg, len(plan.dataset.labels), np.random.default_rng(CLASS_LOCATION_SEED),
-                               ignore=plan.dataset.ignore_label is not None)
+        locs = class_locations(seg, label_model(plan), np.random.default_rng(CLASS_LOCATION_SEED))
         save_npz(out / f"{case.case_id}_locs.npz", **locs)
     # the properties file is written last: its presence marks a complete case
     write_json(out / f"{case.case_id}.json", props)

@@ -17,9 +17,10 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, Iterator
 
+from segplan.planner.labels import label_model
 from segplan.planner.plan import Plan, supervised_levels
 from segplan.runner.training.data import (
-    PatchSampler, augmented_batch, build_augmentation, outside_class, target_options, to_keras)
+    PatchSampler, augmented_batch, build_augmentation, outside_class, to_keras)
 
 LOOKAHEAD = 2  # batches queued per worker
 
@@ -47,7 +48,7 @@ def _worker_batch(fold: int, epoch: int, index: int) -> dict:
 
 def _keras_batch(plan: Plan, raw: dict) -> tuple:
     """A made batch in the Keras layout (one-hot targets, one per supervised level)."""
-    return to_keras(raw, len(plan.dataset.labels), supervised_levels(plan.network), **target_options(plan))
+    return to_keras(raw, label_model(plan), supervised_levels(plan.network))
 
 
 def _ordered(pool: Executor, make: Callable, finish: Callable, fold: int, epoch: int, n: int, depth: int,

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from segplan.planner.plan import AugmentationSection, Plan, SupervisedLevel, supervised_levels, volume_patch
-from segplan.runner.regions import region_table
+from segplan.planner.labels import LabelModel, label_model
 from segplan.runner.cascade import load_previous, move_previous_to_data
 from segplan.runner.training.targets import targets
 from segplan.runner.preprocessing.preprocess import ANNOTATED, load_case, load_locations
@@ -53,7 +53,7 @@ def outside_class(plan: Plan) -> int:
     Nobody annotated them, and counted as annotated background they outnumbered the annotated image
     voxels of sparse labels (Hippocampus, every 4th slice: 87% of the "annotated" voxels of a batch,
     foreground 1% of them against 3.4% with dense labels), which starved the loss of foreground."""
-    return len(plan.dataset.labels) if plan.dataset.ignore_label is not None else 0
+    return label_model(plan).ignore_index or 0
 
 
 def build_augmentation(aug: AugmentationSection, patch_size: list[int], outside: int = 0):
@@ -160,20 +160,12 @@ class PatchSampler:
         return {"data": np.stack(xs), "seg": np.stack(ys).astype(np.float32)}
 
 
-def target_options(plan: Plan) -> dict:
-    """How a plan's targets are encoded (segplan.runner.training.targets.encode): region masks for a region plan, an
-    annotated-mask channel with an ignore label; {} for a plan with neither."""
-    ds = plan.dataset
-    opts = {"regions": region_table(ds.labels, ds.regions)} if ds.regions else {}
-    return opts | ({"ignore": True} if ds.ignore_label is not None else {})
-
-
-def to_keras(batch: dict, n_classes: int, levels: list[SupervisedLevel] | None = None, **options):
+def to_keras(batch: dict, lm: LabelModel, levels: list[SupervisedLevel] | None = None):
     """(b, c, z, y, x) data and (b, 1, z, y, x) seg (2d: (b, c, y, x), (b, 1, y, x)) -> channels-last
-    image and one-hot target(s) (``options``: ``target_options``)."""
+    image and the target(s) ``lm`` defines (one-hot or region masks, with an ignore label's mask)."""
     x = np.moveaxis(batch["data"], 1, -1).astype(np.float32)
     seg = np.rint(batch["seg"][:, 0]).astype(np.int64)
-    return x, targets(seg, n_classes, levels, **options)
+    return x, targets(seg, lm, levels)
 
 
 def augmented_batch(sampler: PatchSampler, augment, plan: Plan, fold: int, epoch: int, index: int) -> dict:
@@ -194,8 +186,8 @@ def augmented_batch(sampler: PatchSampler, augment, plan: Plan, fold: int, epoch
 
 
 def make_batch(sampler: PatchSampler, augment, plan: Plan, fold: int, epoch: int, index: int) -> tuple:
-    return to_keras(augmented_batch(sampler, augment, plan, fold, epoch, index), len(plan.dataset.labels),
-                    supervised_levels(plan.network), **target_options(plan))
+    return to_keras(augmented_batch(sampler, augment, plan, fold, epoch, index), label_model(plan),
+                    supervised_levels(plan.network))
 
 
 def validation_batches(folder: Path, case_ids: list[str], plan: Plan, fold: int,
@@ -212,4 +204,4 @@ def validation_batches(folder: Path, case_ids: list[str], plan: Plan, fold: int,
     batches = [sampler.batch(rng, min(b, n - i)) for i in range(0, n, b)]
     if previous is not None:
         batches = [move_previous_to_data(batch, k, None) for batch in batches]
-    return [to_keras(batch, k, levels, **target_options(plan)) for batch in batches]
+    return [to_keras(batch, label_model(plan), levels) for batch in batches]

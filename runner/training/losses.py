@@ -12,6 +12,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from segplan.planner.labels import LabelModel
 from segplan.planner.plan import LossSection, SupervisedLevel
 
 
@@ -63,9 +64,14 @@ def _mean(values, mask):
     return ops.sum(values * m) / ops.maximum(ops.sum(m), 1.0)
 
 
-def make_loss(cfg: LossSection, ignore: bool = False):
-    """The plan's loss: tversky_weight * Tversky (per patch, or over the batch with batch_dice) +
-    cross_entropy_weight * mean CCE (``ignore``: over the annotated voxels, the target's last channel)."""
+def make_loss(cfg: LossSection):
+    """A softmax plan's loss without an ignore label (``plan_loss`` gives every plan's)."""
+    return _softmax_loss(cfg, False)
+
+
+def _softmax_loss(cfg: LossSection, ignore: bool):
+    """tversky_weight * Tversky (per patch, or over the batch with batch_dice) + cross_entropy_weight *
+    mean CCE (``ignore``: over the annotated voxels, the target's last channel)."""
     def loss(y_true, y_pred):
         y_pred = ops.cast(y_pred, "float32")
         y_true, mask = _split(ops.cast(y_true, "float32"), ignore)
@@ -75,7 +81,7 @@ def make_loss(cfg: LossSection, ignore: bool = False):
     return loss
 
 
-def make_region_loss(cfg: LossSection, ignore: bool = False):
+def _region_loss(cfg: LossSection, ignore: bool):
     """A region plan's loss: tversky_weight * (n_regions - sum_r TI_r, per sample, averaged over the
     batch) + cross_entropy_weight * binary cross-entropy averaged over regions and voxels (``ignore``:
     the annotated voxels, the target's last channel). The regions may overlap: each is its own
@@ -92,17 +98,16 @@ def make_region_loss(cfg: LossSection, ignore: bool = False):
     return loss
 
 
-def plan_loss(cfg: LossSection, regions: bool = False, ignore: bool = False):
-    """The loss a plan trains with: softmax Tversky + CCE, or with regions Tversky + BCE per region;
-    ``ignore``: on annotated voxels only."""
-    return make_region_loss(cfg, ignore) if regions else make_loss(cfg, ignore)
+def plan_loss(cfg: LossSection, lm: LabelModel):
+    """The loss a plan trains with: softmax Tversky + CCE, or for a region plan Tversky + BCE per
+    region; with an ignore label, on annotated voxels only."""
+    return _region_loss(cfg, lm.has_ignore) if lm.has_regions else _softmax_loss(cfg, lm.has_ignore)
 
 
-def soft_dice_metric(regions: bool, ignore: bool):
-    """The training Dice metric of a region or ignore-label plan, named as the plain one (train.
-    fg_soft_dice): mean soft Dice of the foreground channels (every region; the labels but
-    background), over the annotated voxels."""
-    first = 0 if regions else 1
+def soft_dice_metric(lm: LabelModel):
+    """The training Dice metric, named as the plain one (train.fg_soft_dice): mean soft Dice of the
+    foreground channels (every region; the labels but background), over the annotated voxels."""
+    first, ignore = (0 if lm.has_regions else 1), lm.has_ignore
 
     def fg_soft_dice(y_true, y_pred):
         y_true, mask = _split(ops.cast(y_true, "float32"), ignore)
@@ -141,10 +146,11 @@ def hard_dice_per_class(y_true, y_pred):
     return np.array(out)
 
 
-def hard_dice(y_true, y_pred, regions: bool = False, ignore: bool = False):
+def hard_dice(y_true, y_pred, lm: LabelModel):
     """Dice per foreground output over the batch (numpy; NaN where absent): of each region thresholded
     at 0.5 for a region plan, else of the arg-max labels but background; annotated voxels only."""
     import numpy as np
+    regions, ignore = lm.has_regions, lm.has_ignore
     if not regions and not ignore:
         return hard_dice_per_class(y_true, y_pred)
     mask = y_true[..., -1] > 0.5 if ignore else np.ones(y_true.shape[:-1], bool)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from segplan.planner.plan import NetworkSection, Plan, input_channels, output_channels, spatial_dims, supervised_levels
+from segplan.planner.labels import label_model
+from segplan.planner.plan import NetworkSection, Plan, input_channels, spatial_dims, supervised_levels
 
 # Keras layers per number of spatial axes: convolution, transposed convolution, max and average
 # pooling, nearest up-sampling
@@ -110,8 +111,8 @@ def _head(x, net: NetworkSection, n_classes: int, suffix: str, activation: str =
 def plan_network(plan: Plan) -> keras.Model:
     """The network a plan trains and predicts with: a softmax over its labels, or for a region plan
     one sigmoid per region (overlapping regions are not exclusive)."""
-    return build_unet(plan.network, input_channels(plan), output_channels(plan.dataset),
-                      "sigmoid" if plan.dataset.regions else "softmax")
+    lm = label_model(plan)
+    return build_unet(plan.network, input_channels(plan), lm.n_outputs, lm.activation)
 
 
 def build_unet(net: NetworkSection, in_channels: int, n_classes: int, activation: str = "softmax") -> keras.Model:

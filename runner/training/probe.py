@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 
+from segplan.planner.labels import consecutive
+
 
 def probe(candidates: list[dict], network: dict, loss: dict, in_channels: int, n_classes: int,
           steps: int = 3, mixed_precision: bool = False, stop_above: dict | None = None) -> list[dict]:
@@ -43,7 +45,7 @@ def probe(candidates: list[dict], network: dict, loss: dict, in_channels: int, n
         net = dataclasses.replace(base, **{k: c[k] for k in shape_keys if k in c})
         levels = supervised_levels(net)
         x = rng.normal(size=(c["batch"], *c["patch"], in_channels)).astype(np.float32)
-        y = targets(rng.integers(0, n_classes, (c["batch"], *c["patch"])), n_classes, levels)
+        y = targets(rng.integers(0, n_classes, (c["batch"], *c["patch"])), consecutive(n_classes), levels)
         try:
             model = build_unet(net, in_channels, n_classes)
             model.compile(optimizer=keras.optimizers.Adam(1e-3), **compile_arguments(loss_cfg, levels))

@@ -2,17 +2,18 @@
 the labels down-sampled to that level's resolution. Plain numpy, nothing else imported: the
 training batches, the probe and the memory calibration all make their targets here.
 
-A region plan's target is one mask per region (``regions``: segplan.runner.regions.region_table) instead
+A region plan's target is one mask per region (segplan.planner.labels.LabelModel.region_table) instead
 of the one-hot labels. The class indices are down-sampled first and turned into region masks
 after: nearest down-sampling picks one voxel per block, so that is exactly each region mask
 down-sampled nearest (nnU-Net converts to regions first, then down-samples each channel with
-nearest-exact). With an ignore label (class index ``n_classes``), the one-hot / region channels
+nearest-exact). With an ignore label (class index K, one past the labels), the one-hot / region channels
 are 0 on its voxels and one more channel, last, is 1 where the voxel is annotated: the loss's
 mask (nnU-Net appends the ignore channel likewise)."""
 from __future__ import annotations
 
 import numpy as np
 
+from segplan.planner.labels import LabelModel
 from segplan.planner.plan import SupervisedLevel
 
 
@@ -30,11 +31,13 @@ def one_hot(seg: np.ndarray, n_classes: int) -> np.ndarray:
     return (np.clip(seg, 0, n_classes - 1)[..., None] == np.arange(n_classes)).astype(np.float32)
 
 
-def encode(seg: np.ndarray, n_classes: int, regions: np.ndarray | None = None, ignore: bool = False) -> np.ndarray:
-    """One level's target of a class-index map: one-hot, or region masks (``regions``: a (K + 1, R)
-    table); with ``ignore``, class index ``n_classes`` is unannotated: zero in every channel, and
-    an annotated-mask channel is appended."""
-    if not ignore:
+def encode(seg: np.ndarray, lm: LabelModel) -> np.ndarray:
+    """One level's target of a class-index map: one-hot, or a region plan's region masks; with an
+    ignore label, its class index K is unannotated: zero in every channel, and an annotated-mask
+    channel is appended."""
+    n_classes = lm.n_classes
+    regions = lm.region_table() if lm.has_regions else None
+    if not lm.has_ignore:
         return one_hot(seg, n_classes) if regions is None else regions[seg]
     annotated = seg != n_classes
     y = (regions[seg] if regions is not None
@@ -42,10 +45,9 @@ def encode(seg: np.ndarray, n_classes: int, regions: np.ndarray | None = None, i
     return np.concatenate([y, annotated[..., None].astype(np.float32)], axis=-1)
 
 
-def targets(seg: np.ndarray, n_classes: int, levels: list[SupervisedLevel] | None = None,
-            regions: np.ndarray | None = None, ignore: bool = False):
+def targets(seg: np.ndarray, lm: LabelModel, levels: list[SupervisedLevel] | None = None):
     """One-hot (or region, see ``encode``) targets of a (b, z, y, x) label batch: one array, or with
     several supervised levels a tuple, one per level (the model's outputs, full resolution first)."""
     if not levels or len(levels) == 1:
-        return encode(seg, n_classes, regions, ignore)
-    return tuple(encode(downsample_labels(seg, lv.factors), n_classes, regions, ignore) for lv in levels)
+        return encode(seg, lm)
+    return tuple(encode(downsample_labels(seg, lv.factors), lm) for lv in levels)

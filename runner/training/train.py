@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from segplan.planner.fileio import write_json
+from segplan.planner.labels import label_model
 from segplan.planner.plan import Plan, supervised_levels
 from segplan.runner import backend
 from segplan.runner.training.batches import batch_stream
@@ -44,11 +45,11 @@ def compile_model(plan: Plan, learning_rate: float):
     keras.mixed_precision.set_global_policy(backend.mixed_policy() if plan.training.mixed_precision else "float32")
     keras.utils.set_random_seed(plan.training.seed)
     model = plan_network(plan)
-    regions, ignore = bool(plan.dataset.regions), plan.dataset.ignore_label is not None
-    metric = soft_dice_metric(regions, ignore) if regions or ignore else fg_soft_dice
+    lm = label_model(plan)
+    metric = soft_dice_metric(lm) if lm.has_regions or lm.has_ignore else fg_soft_dice
     model.compile(optimizer=make_optimizer(plan.training.optimizer, learning_rate),
                   **compile_arguments(plan.training.loss, supervised_levels(plan.network), metric,
-                                      plan_loss(plan.training.loss, regions, ignore)))
+                                      plan_loss(plan.training.loss, lm)))
     return model
 
 
@@ -98,8 +99,7 @@ def _validate(model, val_batches, plan: Plan) -> tuple[float, float]:
         losses.append(float(model.compute_loss(x=x, y=y, y_pred=out, training=False)))
         probs.append(np.asarray(out[0] if isinstance(out, (list, tuple)) else out))
         refs.append(y[0] if isinstance(y, tuple) else y)
-    dice = hard_dice(np.concatenate(refs), np.concatenate(probs), bool(plan.dataset.regions),
-                     plan.dataset.ignore_label is not None)
+    dice = hard_dice(np.concatenate(refs), np.concatenate(probs), label_model(plan))
     return float(np.mean(losses)), float(np.nanmean(dice)) if np.any(~np.isnan(dice)) else float("nan")
 
 
