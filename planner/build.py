@@ -12,6 +12,7 @@ from segplan.planner import heuristics as H
 from segplan.planner.augmentation import MIRROR_TTA_MIN_P, MIRROR_TTA_WHY, mirror_axes
 from segplan.planner.configurations import size
 from segplan.planner.fingerprint import Fingerprint
+from segplan.planner.orientation import case_orientations, in_majority_orientation, majority, orientation_note
 from segplan.planner.plan import (
     SCHEMA_VERSION, AugmentationSection, ChannelNormalization, CrossValidationSection, DatasetSection,
     InferenceSection, IntensitySection, LossSection, MemorySection, NetworkSection, Plan, ResamplingSection,
@@ -81,6 +82,7 @@ def make_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, gpu_m
             raise ValueError(f"the miscnn-covid19 preset is the paper's 3D network at full resolution, not "
                              f"'{configuration}'")
         return _miscnn(fp, name, dataset_rel, work_rel, gpu_memory_gb, budget_source, splits_file)
+    fp = in_majority_orientation(fp)   # spacings and shapes as the network will see them
     if preset != "default" and preset not in RESENC_PRESETS:
         raise ValueError(f"make_plan makes the default, miscnn-covid19 and {', '.join(RESENC_PRESETS)} presets, not "
                          f"'{preset}' (segplan.planner.cpu_plan.make_cpu_plan makes cpu plans)")
@@ -120,8 +122,8 @@ def make_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, gpu_m
     plan = Plan(
         schema_version=SCHEMA_VERSION, name=name, preset=preset, device="gpu", configuration=configuration,
         slice_axis=slice_axis,
-        dataset=label_handling(fp, DatasetSection(dataset_rel, work_rel, list(fp.channel_names), dict(fp.labels),
-                                                  groups, splits_file), reasons),
+        dataset=with_orientation(fp, label_handling(fp, DatasetSection(
+            dataset_rel, work_rel, list(fp.channel_names), dict(fp.labels), groups, splits_file), reasons), reasons),
         intensity=IntensitySection(list(fp.windowed_range), _conventions(fp, reasons), norms),
         resampling=ResamplingSection(spacing, 3, "onehot_linear", 3.0, 0),
         network=fit["network"],
@@ -156,6 +158,16 @@ def label_handling(fp: Fingerprint, ds: DatasetSection, reasons: dict) -> Datase
                                            "are not scored, and are predicted like any other voxel")
         ds = dataclasses.replace(ds, ignore_label=fp.ignore_label)
     return ds
+
+
+def with_orientation(fp: Fingerprint, ds: DatasetSection, reasons: dict) -> DatasetSection:
+    """The orientation most training cases share, in the plan, and which cases differ (issue 41)."""
+    codes = case_orientations(fp)
+    code = majority(list(codes.values()))
+    if code is None:
+        return ds
+    reasons["dataset.orientation"] = orientation_note(codes, code)
+    return dataclasses.replace(ds, orientation=code)
 
 
 def supervision_note(net: NetworkSection) -> str:
@@ -259,8 +271,9 @@ def _miscnn(fp, name, dataset_rel, work_rel, gpu_memory_gb, budget_source, split
     norms = [ChannelNormalization(n, "ct", [-1250.0, 250.0], "case", 0.0, 1.0) for n in fp.channel_names]
     plan = Plan(
         schema_version=SCHEMA_VERSION, name=name, preset="miscnn-covid19", device="gpu",
-        dataset=label_handling(fp, DatasetSection(dataset_rel, work_rel, list(fp.channel_names), dict(fp.labels),
-                                                  _label_groups(fp.labels), splits_file), reasons),
+        dataset=with_orientation(fp, label_handling(fp, DatasetSection(
+            dataset_rel, work_rel, list(fp.channel_names), dict(fp.labels), _label_groups(fp.labels), splits_file),
+            reasons), reasons),
         intensity=IntensitySection([-1250.0, 250.0], _conventions(fp, reasons), norms),
         resampling=ResamplingSection([2.70, 1.58, 1.58], 3, "onehot_linear", 3.0, 3),
         network=network,

@@ -181,9 +181,39 @@ def check_dataset(root: str | Path, workers: int = 1, progress: bool = True) -> 
     for r, _ in results:
         problems.extend(r)
     problems.extend(ct_looks_not_taken(ds, [(c.case_id, looks) for c, (_, looks) in zip(ds.cases, results)]))
+    problems.extend(orientations_that_differ(ds))
     if not ds.cases:
         problems.append(Problem("error", "-", str(ds.root), "no cases found"))
     return ds, problems
+
+
+def orientations_that_differ(ds: Dataset) -> list[Problem]:
+    """One warning naming the cases stored in another orientation than most (read from the headers):
+    a plan brings them to the majority's (planner/orientation.py), but a reader should know."""
+    import SimpleITK as sitk
+    from segplan.planner.orientation import majority, orientation_code
+    codes = {}
+    for case in ds.cases:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(case.image_files[0]))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            continue  # unreadable: _check_case has said so
+        if reader.GetDimension() != 3:
+            continue  # a 2D image: _check_case has said so
+        codes[case.case_id] = orientation_code(reader.GetDirection())
+    code = majority(list(codes.values()))
+    other = [(cid, c) for cid, c in codes.items() if c != code]
+    if not other:
+        return []
+    named = ", ".join(f"{cid} ({c})" for cid, c in other[:MAX_NAMED])
+    more = f" and {len(other) - MAX_NAMED} more" if len(other) > MAX_NAMED else ""
+    return [Problem("warning", "-", str(ds.root), (
+        f"{len(codes) - len(other)} of {len(codes)} cases are stored {code}, {len(other)} otherwise: {named}{more}. "
+        f"A plan records {code} (dataset.orientation) and brings every image to it by axis permutation and flips "
+        "before preprocessing, predictions go back to each input's own orientation; check that the others' "
+        "direction cosines are right (a header that lies would mirror their labels)"))]
 
 
 def ct_looks_not_taken(ds: Dataset, looks: list[tuple[str, dict[int, str]]]) -> list[Problem]:

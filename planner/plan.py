@@ -39,6 +39,12 @@ class DatasetSection:
         "label value of voxels nobody annotated (nnU-Net's 'ignore'); not one of dataset.labels, no output: left out "
         "of the loss, of patch centres and of the evaluation; predictions stay dense. null: every voxel is annotated",
         default=None)
+    orientation: str | None = doc(
+        "the orientation every image is brought to before preprocessing (SimpleITK's three letters, e.g. LPS: the "
+        "first index axis towards the patient's left, then posterior, then superior), by axis permutation and flips "
+        "only (no interpolation; an oblique image keeps its tilt); predictions are put back in the input's own "
+        "orientation and geometry. The planner writes the training cases' majority. null: images are used as stored",
+        default=None)
 
 
 @dataclass(frozen=True)

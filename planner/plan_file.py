@@ -71,6 +71,7 @@ def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
             if m not in ds.labels:
                 r.error(f"dataset.label_groups.{g}", f"'{m}' is not one of dataset.labels {list(ds.labels)}")
     _check_regions(ds, r)
+    _check_orientation(ds, r)
     if not ds.channels:
         r.error("dataset.channels", "needs at least one channel")
     elif len(plan.intensity.normalization) != len(ds.channels):
@@ -171,6 +172,13 @@ def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
             r.error(key, f"{seed} must be within 0..{2 ** 32 - 1} (the seeds NumPy and Keras accept)")
     if tr.loss.tversky_alpha < 0 or tr.loss.tversky_beta < 0 or tr.loss.tversky_weight < 0 or tr.loss.cross_entropy_weight < 0:
         r.error("training.loss", "weights, alpha and beta must be >= 0")
+
+
+def _check_orientation(ds, r: Reader) -> None:
+    from segplan.planner.orientation import valid_code
+    if ds.orientation is not None and not valid_code(ds.orientation):
+        r.error("dataset.orientation", f"{ds.orientation!r} is no orientation: three letters, one of each of R/L, "
+                                       "A/P and S/I (LPS, RAS, ...), or null to use images as stored")
 
 
 def _check_regions(ds, r: Reader) -> None:

@@ -46,10 +46,12 @@ class PlanChanged(ValueError):
 
 def preprocessing_fields(plan: Plan) -> dict:
     """The plan fields that change preprocessed data (a training edit reuses the cache); the ignore
-    label only where there is one, so the caches of plans without it keep their keys."""
-    ignore = {} if plan.dataset.ignore_label is None else {"ignore_label": plan.dataset.ignore_label}
-    return to_plain({"intensity": plan.intensity, "resampling": plan.resampling, "labels": plan.dataset.labels,
-                     "channels": plan.dataset.channels, "dataset": plan.dataset.path, **ignore})
+    label and the orientation only where there is one, so the caches of plans without keep their keys."""
+    ds = plan.dataset
+    extra = {"ignore_label": ds.ignore_label} if ds.ignore_label is not None else {}
+    extra |= {"orientation": ds.orientation} if ds.orientation is not None else {}
+    return to_plain({"intensity": plan.intensity, "resampling": plan.resampling, "labels": ds.labels,
+                     "channels": ds.channels, "dataset": ds.path, **extra})
 
 
 def preprocessing_key(plan: Plan) -> str:

@@ -17,6 +17,7 @@ from segplan.planner.fileio import save_npy, save_npz, sweep_temporaries, write_
 from segplan.planner.intensity import explain_convention, nonzero_box, to_hu
 from segplan.planner.parallel import parallel_map
 from segplan.planner.labels import LabelModel, label_model
+from segplan.planner.orientation import Reorientation, orient, reorientation, unorient
 from segplan.planner.plan import Plan
 from segplan.runner.locks import exclusive
 from segplan.runner.preprocessing.resampling import resample, target_shape
@@ -71,7 +72,17 @@ def preprocess_image(image: np.ndarray, geom: Geometry, plan: Plan, case_id: str
     """(c, z, y, x) image (+ label values) -> normalised, resampled data (+ class indices) and the
     properties needed to invert it, with the unit each channel was read in (``conventions``, and
     the evidence for it). ``training_case``: ``case_id`` is one of the plan's training cases, whose
-    unit the plan's table gives; otherwise (the default, every new image) the values decide."""
+    unit the plan's table gives; otherwise (the default, every new image) the values decide.
+
+    With ``dataset.orientation`` the image (and label) is first brought to it by axis permutation and
+    flips (planner/orientation.py); the crop box and shapes in the properties are of the oriented
+    grid, ``geometry`` stays the input's own (where predictions go back to) and ``orientation``
+    says how to get from one to the other."""
+    r = reorientation_for(geom, plan)
+    if r is not None:
+        image = np.ascontiguousarray(orient(image, r))
+        label = np.ascontiguousarray(orient(label, r)) if label is not None else None
+    grid = r.geometry if r is not None else geom
     image, units = to_common_unit(image.astype(np.float32, copy=False), plan, case_id if training_case else None)
     ct = [n.scheme == "ct" for n in plan.intensity.normalization]
     box = nonzero_box(image, ct)
@@ -79,13 +90,15 @@ def preprocess_image(image: np.ndarray, geom: Geometry, plan: Plan, case_id: str
     image = np.ascontiguousarray(image[(slice(None),) + sl])
     image = normalize(image, plan)
     rs = plan.resampling
-    new_shape = target_shape(image.shape[1:], geom.spacing, rs.target_spacing)
-    data = np.stack([resample(ch, geom.spacing, rs.target_spacing, new_shape, rs.image_order,
+    new_shape = target_shape(image.shape[1:], grid.spacing, rs.target_spacing)
+    data = np.stack([resample(ch, grid.spacing, rs.target_spacing, new_shape, rs.image_order,
                               rs.anisotropy_threshold, rs.anisotropic_order) for ch in image]).astype(np.float32)
     props = {"case_id": case_id, "geometry": geom.to_dict(), "crop_box": [list(b) for b in box],
              "cropped_shape": list(image.shape[1:]), "resampled_shape": new_shape,
              "conventions": [u[0] for u in units], "convention_evidence": [u[1] for u in units]}
-    seg = label_to_grid(label, props, plan) if label is not None else None
+    if r is not None:
+        props["orientation"] = r.to_dict()
+    seg = _label_on_grid(label, props, plan, grid) if label is not None else None
     return data, seg, props
 
 
@@ -93,12 +106,32 @@ def label_to_grid(label: np.ndarray, props: dict, plan: Plan) -> np.ndarray:
     """A label map (label values) on a case's original grid -> class indices on its preprocessed grid
     (the crop box and target spacing ``props`` record), resampled as the plan resamples labels: the
     reference in preprocessing, a cascade's previous-stage prediction (runner/cascade.py)."""
+    r = _recorded(props)
+    if r is not None:
+        label = np.ascontiguousarray(orient(label, r))
+    return _label_on_grid(label, props, plan, r.geometry if r is not None else Geometry.from_dict(props["geometry"]))
+
+
+def _label_on_grid(label: np.ndarray, props: dict, plan: Plan, grid: Geometry) -> np.ndarray:
+    """``label_to_grid`` for a label map already on the (oriented) grid ``grid``."""
     rs = plan.resampling
     sl = tuple(slice(a, b) for a, b in props["crop_box"])
     classes = labels_to_classes(label[sl], plan)
-    spacing = Geometry.from_dict(props["geometry"]).spacing
-    return resample(classes, spacing, rs.target_spacing, props["resampled_shape"], 0, rs.anisotropy_threshold, 0,
+    return resample(classes, grid.spacing, rs.target_spacing, props["resampled_shape"], 0, rs.anisotropy_threshold, 0,
                     label=rs.label_mode == "onehot_linear").astype(np.int8 if len(plan.dataset.labels) < 128 else np.int16)
+
+
+def reorientation_for(geom: Geometry, plan: Plan) -> Reorientation | None:
+    """How an image on ``geom`` is brought to the plan's orientation; None where the plan has none or
+    the image already lies so."""
+    if plan.dataset.orientation is None:
+        return None
+    r = reorientation(geom, plan.dataset.orientation)
+    return None if r.identity else r
+
+
+def _recorded(props: dict) -> Reorientation | None:
+    return Reorientation.from_dict(props["orientation"]) if "orientation" in props else None
 
 
 def labels_to_classes(label: np.ndarray, plan: Plan) -> np.ndarray:
@@ -124,9 +157,10 @@ def invert_probabilities(probs: np.ndarray, props: dict, plan: Plan, full: bool 
     ``full=True``: (K, original shape) float32, background 1 outside the crop box (``background``
     False: every channel 0 there, as a region plan's sigmoid outputs, which have no background
     channel). ``full=False``: only the (original-shape) class-index map, which spares the K x volume
-    array of the full grid.
+    array of the full grid. An image brought to the plan's orientation is put back in its own.
     """
-    geom = Geometry.from_dict(props["geometry"])
+    r = _recorded(props)
+    geom = r.geometry if r is not None else Geometry.from_dict(props["geometry"])
     rs = plan.resampling
     back = resample(np.moveaxis(probs, 0, -1).astype(np.float32), rs.target_spacing, geom.spacing,
                     props["cropped_shape"], 1, rs.anisotropy_threshold, 1, vector=True)
@@ -135,11 +169,11 @@ def invert_probabilities(probs: np.ndarray, props: dict, plan: Plan, full: bool 
     if not full:
         classes = np.zeros(tuple(geom.shape), np.uint8 if probs.shape[0] < 256 else np.uint16)
         classes[sl] = np.argmax(back, axis=-1)
-        return classes
+        return classes if r is None else np.ascontiguousarray(unorient(classes, r))
     out = np.zeros((probs.shape[0],) + tuple(geom.shape), np.float32)
     out[0] = 1.0 if background else 0.0
     out[(slice(None),) + sl] = np.moveaxis(back, -1, 0)
-    return out
+    return out if r is None else np.ascontiguousarray(unorient(out, r))
 
 
 def class_locations(seg: np.ndarray, lm: LabelModel, rng: np.random.Generator) -> dict[str, np.ndarray]:
