@@ -6,6 +6,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+# before any benchmark imports Keras: importing segplan turns TensorFlow's oneDNN on where TensorFlow
+# leaves it off (segplan.runner.backend.prefer_onednn), as every segplan command does; a script that
+# imported keras first trained 4-6x slower than `segplan run` on a CPU without AVX-512
+import segplan  # noqa: F401,E402
+
 ROOT = Path(__file__).resolve().parents[1]
 HIPPOCAMPUS = ROOT.parent / "shared" / "data" / "Dataset004_Hippocampus"
 

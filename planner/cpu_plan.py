@@ -19,9 +19,11 @@ from segplan.planner import heuristics as H
 from segplan.planner.augmentation import MIRROR_TTA_WHY
 from segplan.planner.build import make_plan, supervision_note
 from segplan.planner.fingerprint import Fingerprint
+from segplan.planner.labels import label_model
+from segplan.planner.orientation import in_majority_orientation
 from segplan.planner.memory import estimate_cpu_run_gb
 from segplan.planner.plan import Plan, input_channels, volume_patch
-from segplan.planner.probing import run_probe
+from segplan.planner.probing import run_engine_probe, run_probe
 from segplan.planner.schema import to_plain
 
 CPU_BUDGET_GB = 1.0        # memory proxy that keeps the patch near the median image and steps short
@@ -37,6 +39,7 @@ PROBE_STEPS = 3            # timed steps per candidate, after one warm-up step
 MAX_CASE_SECONDS = 120.0   # a CPU plan predicts a median case within 2 minutes (inference weighs on the width)
 FALLBACK_ITERATIONS = 25   # without probe figures: epochs of this many iterations ...
 FALLBACK_VALIDATION_EVERY = 5
+ENGINE_TOLERANCE = 1e-3     # an engine whose output differs from Keras' by more than this is not chosen
 MAX_EPOCHS = 10_000        # the time budget, not the epoch count or early stopping, ends a CPU run
 EARLY_STOPPING_WHY = ("off (as many epochs as max_epochs): the learning rate decays over the time budget, so a stop "
                       "before its end keeps weights trained at a high learning rate, and the training loss of "
@@ -86,6 +89,7 @@ def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, t
                               "CPU plan: a small memory proxy keeps steps short", splits_file=splits_file,
                               first=WIDTHS[0], cap=WIDTHS[0] * WIDTH_GROWTH, configuration=configuration,
                               min_cover=MIN_COVER)
+    fp = in_majority_orientation(fp)   # the case sizes below: of the arrays the network sees (make_plan's too)
     minutes = float(time_budget or DEFAULT_MINUTES)
     tr = plan.training
     net = dataclasses.replace(plan.network, deep_supervision=DEEP_SUPERVISION)
@@ -139,9 +143,10 @@ def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, t
         "not the validation, drives the schedule" if step_s else
         f"no probe figures: every {every} epochs; the training loss, not the validation, drives the schedule")
     reasons["training.schedule.early_stopping_patience"] = EARLY_STOPPING_WHY
+    engine = choose_engine(plan, net, probe, reasons)
     plan = plan.replace(preset="cpu", device="cpu", network=net,
                         training=dataclasses.replace(tr, schedule=sched, workers=0),
-                        inference=dataclasses.replace(plan.inference, mirroring=False))
+                        inference=dataclasses.replace(plan.inference, mirroring=False, engine=engine))
     plan = plan.replace(memory=dataclasses.replace(plan.memory, estimate_gb=_run_memory(plan, fp, reasons)))
     if configuration == "3d_fullres":
         reasons["configuration"] = f"{CONFIGURATION_WHY}. {reasons.get('configuration', '3d_fullres')}"
@@ -157,6 +162,33 @@ def make_cpu_plan(fp: Fingerprint, name: str, dataset_rel: str, work_rel: str, t
     reasons["training.workers"] = ("0, a thread: on a CPU the training step needs the cores, and small batches cost "
                                    "more to send between processes than to make (benchmarks/batch_pipeline.py)")
     return plan, reasons
+
+
+def choose_engine(plan: Plan, net, probe: bool, reasons: dict) -> str:
+    """The fastest installed inference engine for the planned network, measured on this machine (one
+    network call of ``inference.batch_size`` windows, in a child process); keras without a probe,
+    or where no other engine is installed or agrees with Keras to ENGINE_TOLERANCE."""
+    if not probe:
+        reasons["inference.engine"] = "keras: not measured (no probe run); onnxruntime or openvino may be faster here"
+        return "keras"
+    lm = label_model(plan)
+    window = volume_patch(plan.training.patch_size, plan.slice_axis)
+    found, failed = run_engine_probe(to_plain(net), plan.training.patch_size, plan.inference.batch_size,
+                                     input_channels(plan), lm.n_outputs, lm.activation)
+    if not found or "keras" not in found["seconds"]:
+        reasons["inference.engine"] = f"keras: {failed or 'the engine probe measured nothing'}"
+        return "keras"
+    secs, diff = found["seconds"], found["max_difference"]
+    agree = {e: s for e, s in secs.items() if diff.get(e, 0.0) <= ENGINE_TOLERANCE}
+    best = min(agree, key=agree.get)
+    figures = ", ".join(f"{e} {s:.3f} s" + (f" (differs from keras by {diff[e]:.1e}: not used)"
+                                            if e not in agree else "") for e, s in secs.items())
+    absent = "; not installed: " + ", ".join(found["not_installed"]) + " (pip install 'segplan[cpu]')" \
+        if found["not_installed"] else ""
+    reasons["inference.engine"] = (f"measured on this machine, one call of {plan.inference.batch_size} windows of "
+                                   f"{window}: {figures}; {best}, the fastest ({secs['keras'] / secs[best]:.1f}x "
+                                   f"keras){absent}")
+    return best
 
 
 def _run_memory(plan: Plan, fp: Fingerprint, reasons: dict) -> float:

@@ -123,10 +123,21 @@ def stack_channels(volumes) -> tuple[np.ndarray, Geometry]:
     """(array, geometry) pairs, one file or image each (a vector image: several channels), as one
     float32 (c, z, y, x) array with the geometry of the first; read one at a time from an iterator."""
     chans, geom = [], None
-    for arr, g in volumes:
+    for c, (arr, g) in enumerate(volumes):
+        if geom is not None and _differs(geom, g):
+            raise DatasetError(f"channel {c} lies on another grid than channel 0 (shape {list(g.shape)} / "
+                               f"{list(geom.shape)}, spacing {[round(v, 4) for v in g.spacing]} / "
+                               f"{[round(v, 4) for v in geom.spacing]}, or origin / direction): the channels of a case "
+                               "must share one voxel grid; resample them onto channel 0's first")
         geom = geom or g
         chans.extend(arr.astype(np.float32, copy=False) if arr.ndim == 4 else [arr.astype(np.float32, copy=False)])
     return np.stack(chans), geom
+
+
+def _differs(a: Geometry, b: Geometry) -> bool:
+    """Whether two channel grids differ beyond header round-off (the tolerances check-dataset uses)."""
+    return (tuple(a.shape) != tuple(b.shape) or not np.allclose(a.spacing, b.spacing, rtol=1e-3, atol=0)
+            or not np.allclose(a.origin, b.origin, atol=1e-2) or not np.allclose(a.direction, b.direction, atol=1e-3))
 
 
 def read_label(path: Path) -> tuple[np.ndarray, Geometry]:

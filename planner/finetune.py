@@ -12,6 +12,7 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
+from segplan.planner.labels import label_model
 from segplan.planner.bundle_file import BUNDLE_VERSION, MAX_MEMBER_MB, BundleError, bundle_plan, open_bundle
 from segplan.planner.memory import estimate_for_plan
 from segplan.planner.plan import Plan, pool_divisor
@@ -43,15 +44,18 @@ def plan_from_bundle(new: Plan, reasons: dict, bundle: Path, plan_path: Path,
     div = pool_divisor(old.network)
     patch = [max(d, -(-p // d) * d) for p, d in zip(new.training.patch_size, div)]
     plan = new.replace(network=old.network, resampling=old.resampling, slice_axis=old.slice_axis,
+                       dataset=dataclasses.replace(new.dataset, orientation=old.dataset.orientation),
                        intensity=dataclasses.replace(new.intensity, normalization=norms,
                                                      windowed_range=old.intensity.windowed_range),
                        training=dataclasses.replace(new.training, patch_size=patch, initial_weights=weights.name))
     plan = plan.replace(memory=dataclasses.replace(plan.memory, estimate_gb=round(estimate_for_plan(plan), 2)))
     src = f"{Path(bundle).name} (fold {k} of plan '{old.name}')"
-    for key in ("network.filters", "resampling.target_spacing", "intensity.normalization"):
+    for key in ("network.filters", "resampling.target_spacing", "intensity.normalization", "dataset.orientation"):
         reasons[key] = f"kept from {src}: the weights depend on it"
     reasons["training.patch_size"] = f"planned for this dataset, rounded to the kept network's pooling {div}"
-    head = (f"; the last layer is trained from scratch: {len(new.dataset.labels)} classes here, "
-            f"{len(old.dataset.labels)} in the bundle" if len(old.dataset.labels) != len(new.dataset.labels) else "")
+    a, b = label_model(new), label_model(old)
+    head = (f"; the last layer is trained from scratch: {a.n_outputs} {a.activation} outputs here "
+            f"({', '.join(a.outputs)}), {b.n_outputs} {b.activation} outputs in the bundle ({', '.join(b.outputs)})"
+            if (a.n_outputs, a.activation) != (b.n_outputs, b.activation) else "")
     reasons["training.initial_weights"] = f"fold {k}'s weights from {src}, copied beside this plan{head}"
     return plan

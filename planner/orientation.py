@@ -15,7 +15,6 @@ the last three axes are the volume's.
 """
 from __future__ import annotations
 
-import itertools
 from collections import Counter
 from dataclasses import dataclass
 
@@ -67,16 +66,20 @@ def majority(codes: list[str]) -> str | None:
     return Counter(codes).most_common(1)[0][0] if codes else None
 
 
+def _anatomical_axis(letter: str) -> int:
+    return next(k for k, pair in enumerate(AXIS_LETTERS) if letter in pair)
+
+
 def reorientation(geom: Geometry, code: str) -> Reorientation:
-    """The permutation and flips that bring an image on ``geom`` nearest to orientation ``code``, and
-    the grid it then lies on. The permutation is the one whose axes lie best along the target's
-    (the largest sum of |cosines|; the identity first on ties), so an oblique image keeps its tilt."""
+    """The permutation and flips that bring an image on ``geom`` to orientation ``code``, and the grid
+    it then lies on. As SimpleITK's DICOMOrientImageFilter: the image's own code (``orientation_code``,
+    ITK's nearest axis-aligned orientation) is matched letter by letter with ``code``, each target
+    axis taking the image axis along the same anatomical axis, flipped where the two letters point
+    opposite ways; an oblique image keeps its tilt, and an image whose code is ``code`` is left as is."""
     d = np.array(geom.direction, dtype=float).reshape(3, 3)          # column i: index axis i (x, y, z)
-    t = np.array(sitk.DICOMOrientImageFilter.GetDirectionCosinesFromOrientation(code.upper()),
-                 dtype=float).reshape(3, 3)
-    perm = max(itertools.permutations(range(3)),
-               key=lambda p: (round(sum(abs(d[:, p[j]] @ t[:, j]) for j in range(3)), 9), p == (0, 1, 2)))
-    flip_xyz = [bool(d[:, perm[j]] @ t[:, j] < 0) for j in range(3)]
+    src, tgt = orientation_code(geom.direction).upper(), code.upper()
+    perm = [next(i for i in range(3) if _anatomical_axis(src[i]) == _anatomical_axis(tgt[j])) for j in range(3)]
+    flip_xyz = [src[perm[j]] != tgt[j] for j in range(3)]
     spacing_xyz, size_xyz = zyx_to_xyz(geom.spacing), zyx_to_xyz(geom.shape)
     new_dir = np.stack([d[:, perm[j]] * (-1.0 if flip_xyz[j] else 1.0) for j in range(3)], axis=1)
     origin = np.array(geom.origin, dtype=float)
@@ -126,11 +129,11 @@ def case_orientations(fp) -> dict[str, str]:
 
 
 def in_majority_orientation(fp):
-    """The fingerprint with every case's spacing, shape and non-zero shape as they are once brought to
-    the orientation most cases share (what preprocessing will make of them), so that the planner's
-    target spacing and patch are of the arrays the network sees; directions stay as stored (they
-    tell which cases were moved). Cases already so are unchanged. Apply it once, to the stored
-    fingerprint (make_plan does)."""
+    """The fingerprint with every case's spacing, shape, non-zero shape and direction as they are once
+    brought to the orientation most cases share (what preprocessing will make of them), so that the
+    planner's target spacing, patch and mirror axes are of the arrays the network sees. Cases
+    already so are unchanged, and so is a fingerprint made so (it may be applied twice); the stored
+    directions, which say which cases were moved, are the caller's to keep."""
     import dataclasses
     codes = case_orientations(fp)
     code = majority(list(codes.values()))
@@ -142,7 +145,8 @@ def in_majority_orientation(fp):
         r = reorientation(Geometry(tuple(c.spacing), (0.0, 0.0, 0.0), tuple(c.direction), tuple(c.shape)), code)
         g = r.geometry
         cases.append(dataclasses.replace(c, spacing=list(g.spacing), shape=list(g.shape),
-                                         cropped_shape=[c.cropped_shape[a] for a in r.axes]))
+                                         cropped_shape=[c.cropped_shape[a] for a in r.axes],
+                                         direction=list(g.direction)))
     return dataclasses.replace(fp, cases=cases)
 
 

@@ -178,6 +178,11 @@ class TrainingSection:
     optimizer: Literal["adam", "sgd"] = doc("adam (the paper) or sgd: SGD with Nesterov momentum 0.99 and gradients "
                                             "clipped to norm 12 (nnU-Net's; it starts at learning_rate 0.01)",
                                             default="adam")
+    output_bias: list[float] = doc(
+        "the starting bias of each output's logit, one per network output (every head of deep supervision); the "
+        "planner gives a region plan's sigmoids the log-odds of each region's share of the training voxels, so that "
+        "training starts from the prior instead of p = 0.5 everywhere; []: 0 (Keras' default)",
+        default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -190,6 +195,10 @@ class InferenceSection:
         "weights that predict the validation cases and new images: final (the paper, nnU-Net) or best (chosen by "
         "training.schedule.monitor; with val_loss that choice is made on the validation cases, and the report says so)",
         default="final")
+    engine: Literal["keras", "onnxruntime", "openvino"] = doc(
+        "what runs the network at prediction: keras (its backend), or the network exported to ONNX once per fold "
+        "(kept in the work folder) run by onnxruntime or openvino (pip install 'segplan[cpu]'), faster per window on "
+        "a CPU; the CPU planner measures the installed ones and picks the fastest", default="keras")
 
 
 @dataclass(frozen=True)

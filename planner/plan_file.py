@@ -72,6 +72,7 @@ def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
                 r.error(f"dataset.label_groups.{g}", f"'{m}' is not one of dataset.labels {list(ds.labels)}")
     _check_regions(ds, r)
     _check_orientation(ds, r)
+    _check_output_bias(plan, r)
     if not ds.channels:
         r.error("dataset.channels", "needs at least one channel")
     elif len(plan.intensity.normalization) != len(ds.channels):
@@ -172,6 +173,14 @@ def _validate(plan: Plan, r: Reader, base_dir: Path | None) -> None:
             r.error(key, f"{seed} must be within 0..{2 ** 32 - 1} (the seeds NumPy and Keras accept)")
     if tr.loss.tversky_alpha < 0 or tr.loss.tversky_beta < 0 or tr.loss.tversky_weight < 0 or tr.loss.cross_entropy_weight < 0:
         r.error("training.loss", "weights, alpha and beta must be >= 0")
+
+
+def _check_output_bias(plan, r: Reader) -> None:
+    from segplan.planner.labels import label_model
+    bias, lm = plan.training.output_bias, label_model(plan)
+    if bias and len(bias) != lm.n_outputs:
+        r.error("training.output_bias", f"{len(bias)} values for the network's {lm.n_outputs} outputs "
+                                        f"({', '.join(lm.outputs)}): one each, or [] for 0")
 
 
 def _check_orientation(ds, r: Reader) -> None:

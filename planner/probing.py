@@ -33,11 +33,25 @@ def run_probe(candidates: list[dict], network: dict, loss: dict, in_channels: in
     plan's own network settings and loss; (None, why) when the probe failed (its error's last line).
     ``stop_above``: the candidates are measured in order up to the first whose ``seconds`` or
     ``window_seconds`` exceed these limits (the list returned is then shorter)."""
-    spec = json.dumps({"candidates": candidates, "network": network, "loss": loss, "in_channels": in_channels,
-                       "n_classes": n_classes, "steps": steps, "mixed_precision": mixed_precision,
-                       "stop_above": stop_above})
+    spec = {"candidates": candidates, "network": network, "loss": loss, "in_channels": in_channels,
+            "n_classes": n_classes, "steps": steps, "mixed_precision": mixed_precision, "stop_above": stop_above}
+    return _child("segplan.runner.training.probe", spec)
+
+
+def run_engine_probe(network: dict, patch: list[int], batch: int, in_channels: int, n_outputs: int,
+                     activation: str) -> tuple[dict | None, str]:
+    """Seconds per network call of ``batch`` windows on every installed inference engine, their
+    largest difference from Keras and the engines not installed (``python -m
+    segplan.runner.inference.engine_probe``); (None, why) when the probe failed."""
+    return _child("segplan.runner.inference.engine_probe",
+                  {"network": network, "patch": patch, "batch": batch, "in_channels": in_channels,
+                   "n_outputs": n_outputs, "activation": activation})
+
+
+def _child(module: str, spec: dict) -> tuple[object, str]:
+    """Run ``python -m module SPEC_JSON`` and read the JSON its last line prints; (None, why) on failure."""
     try:
-        r = subprocess.run([sys.executable, "-m", "segplan.runner.training.probe", spec], capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True, text=True,
                            timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return None, f"the probe took over {PROBE_TIMEOUT_S} s"

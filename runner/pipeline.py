@@ -10,7 +10,7 @@ from segplan.planner.labels import label_model
 from segplan.runner.evaluation.evaluate import evaluate_folder
 from segplan.runner.locks import hold
 from segplan.runner.evaluation.oof import missing_probabilities
-from segplan.runner.inference.models import load_fold_models, selection_note
+from segplan.runner.inference.models import fold_weights_files, load_fold_models, selection_note
 from segplan.runner.inference.predict import predict_cases
 from segplan.runner.training.train import FoldFinished, train_fold
 from segplan.runner.workspace import Workspace
@@ -33,7 +33,7 @@ def predict_validation(ws: Workspace, k: int, progress: bool = True, redo: bool 
         plan, models = load_fold_models(ws, [k])
         predict_cases([Case(c.case_id, c.image_files, None) for c in todo], plan, models, fold.validation, True,
                       True, progress, training_cases=True,  # read in the units the plan gives them, as in training
-                      previous=previous)
+                      previous=previous, weights=fold_weights_files(ws, [k]), folds=[k])
     plan = ws.fold_plan(k)
     link_references(cases, fold.validation_reference)
     notes = {"checkpoint": plan.inference.checkpoint, "monitor": plan.training.schedule.monitor,

@@ -69,12 +69,14 @@ def _flat(d, prefix: str = "") -> dict[str, object]:
 
 def weight_fields(plan: Plan) -> dict[str, object]:
     """Dotted keys of everything a fold's weights depend on: the configuration (a 2d plan's slice axis,
-    a cascade's extra inputs), network, preprocessing, labels, channels, and a region plan's regions
-    (its outputs; no regions add no key)."""
+    a cascade's extra inputs), network, preprocessing, labels, channels, a region plan's regions
+    (its outputs; no regions add no key) and the orientation images are brought to (where set)."""
     return _flat(to_plain({"configuration": plan.configuration, "slice_axis": plan.slice_axis,
                            "network": plan.network, "intensity": plan.intensity, "resampling": plan.resampling,
                            "dataset": {"labels": plan.dataset.labels, "channels": plan.dataset.channels,
-                                       "regions": plan.dataset.regions}}))
+                                       "regions": plan.dataset.regions,
+                                       **({"orientation": plan.dataset.orientation}
+                                          if plan.dataset.orientation is not None else {})}}))
 
 
 def changed_keys(frozen: Plan, live: Plan) -> list[str]:

@@ -82,6 +82,7 @@ def test_bundle_predicts_like_the_work_folder_and_refuses_what_it_cannot_trust(e
     lm = Workspace(plan_path).plan.dataset
     assert meta["segplan.output"] == "softmax" and json.loads(meta["segplan.output_channels"]) == list(lm.labels)
     assert json.loads(meta["segplan.labels"]) == lm.labels and json.loads(meta["segplan.regions"]) == {}
+    assert json.loads(meta["segplan.orientation"]) == lm.orientation == "LPS"
     plans, away = Path(plan_path).parent, tmp_path / "plans_away"
     shutil.move(plans, away)                                # the work folder and plan are gone
     try:

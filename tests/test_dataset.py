@@ -4,8 +4,9 @@ import zipfile
 
 import numpy as np
 import SimpleITK as sitk
+import pytest
 
-from segplan.planner.dataset import Geometry, read_image, read_label, to_sitk, write_volume
+from segplan.planner.dataset import DatasetError, Geometry, read_image, read_label, to_sitk, write_volume
 from segplan.planner.layouts import load_dataset
 from segplan.planner.integrity import check_dataset
 from segplan.runner.cli import main
@@ -46,6 +47,18 @@ def _poke_nan(path, index):
     offset = int(np.frombuffer(bytes(raw[108:112]), np.float32)[0]) + 4 * index  # vox_offset
     raw[offset:offset + 4] = np.float32(np.nan).tobytes()
     path.write_bytes(gzip.compress(bytes(raw)))
+
+
+def test_channels_on_other_grids_are_refused_by_name():
+    """A case whose channels lie on other voxel grids would be stacked voxel by voxel and misaligned
+    (and oriented with channel 0's reorientation): refused, saying which channel."""
+    from segplan.planner.dataset import stack_channels
+    g = _geom((4, 5, 6))
+    vol = np.zeros((4, 5, 6), np.float32)
+    assert stack_channels([(vol, g), (vol, Geometry(g.spacing, g.origin, g.direction, g.shape))])[0].shape == (2, 4, 5, 6)
+    flipped = Geometry(g.spacing, g.origin, (-1, 0, 0, 0, 1, 0, 0, 0, 1), g.shape)
+    with pytest.raises(DatasetError, match="channel 1 lies on another grid than channel 0"):
+        stack_channels([(vol, g), (vol, flipped)])
 
 
 def test_check_dataset_reports_every_problem_at_once(tmp_path):

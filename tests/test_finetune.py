@@ -33,6 +33,17 @@ def test_plan_from_a_bundle_and_start_from_its_weights(phantoms, tmp_path):
     assert new.training.initial_weights == "ft.initial.weights.h5"
     text = new_path.read_text()
     assert "kept from m.zip" in text and "fold 0's weights from m.zip" in text
+    # a dataset stored otherwise is brought to the orientation the weights learnt, not to its own
+    import shutil
+
+    import SimpleITK as sitk
+    ras = tmp_path / "ras"
+    shutil.copytree(phantoms, ras)
+    for path in [*(ras / "imagesTr").iterdir(), *(ras / "labelsTr").iterdir()]:
+        sitk.WriteImage(sitk.DICOMOrient(sitk.ReadImage(str(path)), "RAS"), str(path))
+    ras_plan = load_plan(plan_dataset(ras, tmp_path / "c" / "ras.yaml", gpu_memory=4, progress=False,
+                                      from_bundle=bundle))
+    assert old.dataset.orientation == ras_plan.dataset.orientation == "LPS"
     # a fresh fold starts from those weights: its first layer equals the bundle's fold 0
     ref = build_unet(old.network, 1, len(old.dataset.labels))
     ref.load_weights(str(new_path.parent / new.training.initial_weights))

@@ -28,14 +28,14 @@ CODES = ["LPS", "RAS", "RPI", "SAL", "ILP", "PIR", "ASR"]
 @given(seed=st.integers(0, 2 ** 31 - 1), code=st.sampled_from(CODES), oblique=st.booleans())
 def test_reorientation_is_dicomorients_and_goes_back_exactly(seed, code, oblique):
     """The array, spacing, origin and direction are SimpleITK.DICOMOrient's for any axis-aligned or
-    slightly oblique direction (an oblique image keeps its tilt), and ``unorient`` restores the
-    input bit for bit: no interpolation anywhere."""
+    oblique direction, however tilted (an oblique image keeps its tilt), and ``unorient`` restores
+    the input bit for bit: no interpolation anywhere."""
     rng = np.random.default_rng(seed)
     d = np.zeros((3, 3))
     for j, (i, s) in enumerate(zip(rng.permutation(3), rng.choice([-1.0, 1.0], 3))):
         d[i, j] = s
-    if oblique:
-        d = Rotation.from_rotvec(rng.normal(0, 0.15, 3)).as_matrix() @ d
+    if oblique:   # any rotation, up to the most oblique: ITK's nearest code decides, as in DICOMOrient
+        d = Rotation.random(random_state=seed).as_matrix()
     shape = tuple(int(v) for v in rng.integers(2, 7, 3))
     geom = Geometry(tuple(float(v) for v in rng.uniform(0.4, 4.0, 3)), tuple(float(v) for v in rng.normal(0, 80, 3)),
                     tuple(d.ravel()), shape)
@@ -133,6 +133,20 @@ def test_the_planner_records_the_majority_and_check_dataset_names_the_others(pha
     text = (tmp_path / "plans" / "p.yaml").read_text()
     assert load_plan(tmp_path / "plans" / "p.yaml").dataset.orientation == "LPS"
     assert "6 of the 8 training cases are stored LPS" in text and f"{moved[0]} (SAR)" in text
+    # mirroring spares the left-right axis of the arrays the network sees: with 5 of 8 cases stored with
+    # left-right along y (each in another orientation, LPS still the majority), the stored directions
+    # would have voted y
+    mixed = tmp_path / "mixed"
+    shutil.copytree(phantoms, mixed)
+    cases = sorted(p.name.replace("_0000.nii.gz", "") for p in (mixed / "imagesTr").iterdir())
+    for cid, code in zip(cases, ["PLS", "ALS", "ARS", "PRS", "PLI"]):
+        for path in (mixed / "imagesTr" / f"{cid}_0000.nii.gz", mixed / "labelsTr" / f"{cid}.nii.gz"):
+            sitk.WriteImage(sitk.DICOMOrient(sitk.ReadImage(str(path)), code), str(path))
+    plan_dataset(mixed, tmp_path / "plans" / "mixed.yaml", progress=False, preset="cpu", time_budget=None,
+                 probe=False)
+    lps = load_plan(tmp_path / "plans" / "mixed.yaml")
+    assert lps.dataset.orientation == "LPS"
+    assert 2 not in lps.training.augmentation.mirror_axes and 1 in lps.training.augmentation.mirror_axes
     # planned with the arrays the network sees: the same spacing and patch as the dataset stored all LPS
     plan_dataset(phantoms, tmp_path / "plans" / "lps.yaml", progress=False, preset="cpu", time_budget=None,
                  probe=False)

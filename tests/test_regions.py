@@ -108,6 +108,30 @@ def region_plan(region_data, tmp_path_factory) -> Path:
                         time_budget=None, progress=False, probe=False)
 
 
+@needs_keras
+def test_a_region_plan_starts_each_sigmoid_at_its_prior(region_plan, region_data, tmp_path):
+    """Issue 41, point 6: from p = 0.5 everywhere a short CPU budget left region plans over-segmented
+    (Hippocampus, 3 minutes: 1.28x / 1.41x the reference volume); the planner starts each region's
+    sigmoid at the log-odds of its share of the training voxels, counted here from the label files,
+    and the network built from the plan has those biases; a wrong count is refused by key."""
+    import dataclasses
+    from segplan.planner.plan_file import save_plan
+    from segplan.runner.training.model import plan_network
+    plan = load_plan(region_plan)
+    counts = np.zeros(4)
+    for path in sorted((region_data / "labelsTr").iterdir()):
+        counts += np.bincount(read_label(path)[0].ravel(), minlength=4)[:4]
+    share = [counts[list(v)].sum() / counts.sum() for v in REGIONS.values()]
+    np.testing.assert_allclose(plan.training.output_bias, np.log(np.array(share) / (1 - np.array(share))), atol=2e-3)
+    bias = plan_network(plan).get_layer("logits").get_weights()[1]
+    np.testing.assert_allclose(1 / (1 + np.exp(-bias)), share, rtol=5e-3)
+    assert "starts at the log-odds of its share" in region_plan.read_text()
+    bad = tmp_path / "bad.yaml"
+    save_plan(plan.replace(training=dataclasses.replace(plan.training, output_bias=[-3.0])), bad)
+    with pytest.raises(SchemaError, match=r"training.output_bias: .* values for the network's 3 outputs"):
+        load_plan(bad)
+
+
 def test_a_side_named_region_keeps_mirroring_off_the_left_right_axis(region_plan):
     """A region plan's labels are named by value (label_1, ...); its region names carry the sides:
     'right_lung' alone is enough, since a flip along x (the phantoms' left-right axis) would draw

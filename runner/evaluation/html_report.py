@@ -249,6 +249,9 @@ def build_report(ws: Workspace, table: dict, classes: list[str], notes: list[str
         parts += [f'<h2 id="boxplots">Per-case metrics</h2><img class="plot box" alt="box plots" src="{box}">']
     legend = "".join(f'<span><i style="background:rgb{PALETTE[i % len(PALETTE)]}"></i>{html.escape(n)}</span>'
                      for i, n in enumerate(plan.dataset.labels) if i)
+    if plan.dataset.ignore_label is not None:   # the viewer has no colour for it: say what it shows instead
+        legend += (f"<span>unannotated voxels (ignore label {plan.dataset.ignore_label}) are shown uncoloured in the "
+                   "reference, as background: they are not scored</span>")
     ranked = rank_cases(rows, label_names)
     parts += [f'<h2 id="cases">Validation cases, worst first ({len(ranked)})</h2>',
               f'<p class="legend">Left the reference, right the prediction, over the image. {legend}</p>',

@@ -100,7 +100,9 @@ def _overlay(ws: Workspace, case_id: str, pred_path: Path, path: Path, title: st
     img = read_image(case)[0][0]
     ref = read_label(case.label_file)[0]
     pred = read_label(pred_path)[0]
-    zs = np.flatnonzero(ref.reshape(ref.shape[0], -1).any(1))
+    ignore = ws.plan.dataset.ignore_label
+    zs = np.flatnonzero(((ref != 0) & (ref != ignore) if ignore is not None else ref != 0).reshape(ref.shape[0], -1)
+                        .any(1))
     zs = zs if zs.size else np.arange(ref.shape[0])
     picks = [zs[len(zs) // 4], zs[len(zs) // 2], zs[3 * len(zs) // 4]]
     fig, axes = plt.subplots(3, 3, figsize=(9, 9))
@@ -108,9 +110,12 @@ def _overlay(ws: Workspace, case_id: str, pred_path: Path, path: Path, title: st
     for row, z in zip(axes, picks):
         for ax, (name, lab) in zip(row, (("image", None), ("reference", ref), ("prediction", pred))):
             ax.imshow(img[z], cmap="gray", vmin=lo, vmax=hi)
-            if lab is not None:
-                ax.imshow(np.ma.masked_equal(lab[z], 0), cmap="tab10", alpha=0.5, vmin=0, vmax=10, interpolation="nearest")
-            ax.set_title(f"{name} z={z}", fontsize=8)
+            if lab is not None:   # background and unannotated voxels (the ignore label) uncoloured
+                hidden = (lab[z] == 0) | (lab[z] == ignore if ignore is not None else False)
+                ax.imshow(np.ma.masked_where(hidden, lab[z]), cmap="tab10", alpha=0.5, vmin=0, vmax=10,
+                          interpolation="nearest")
+            ax.set_title(f"{name} z={z}" + (" (unannotated: uncoloured)" if name == "reference" and ignore is not None
+                                            else ""), fontsize=8)
             ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()

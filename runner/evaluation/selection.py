@@ -176,8 +176,14 @@ def score(workspaces: list[Workspace], progress: bool = True,
     for _, _, ref, spacing, probs in _out_of_fold(workspaces, progress, folds):
         n_cases += 1
         for name, m in members.items():
-            for cls, metrics in case_metrics(_prediction(probs, m, lm), ref, lm, spacing).items():
-                dice[name].setdefault(cls, []).append(nnunet_dice(metrics))
+            metrics = case_metrics(_prediction(probs, m, lm), ref, lm, spacing)
+            values = {cls: nnunet_dice(metrics[cls]) for cls in lm.structures}
+            for g, group in lm.groups.items():   # as evaluation: the mean of the members, here of theirs
+                defined = [values[c] for c in group if not math.isnan(values[c])]
+                values[g] = float(np.mean(defined)) if defined else math.nan
+                values[f"{g}_union"] = nnunet_dice(metrics[f"{g}_union"])
+            for cls, v in values.items():
+                dice[name].setdefault(cls, []).append(v)
     return members, dice, n_cases
 
 

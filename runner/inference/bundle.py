@@ -38,7 +38,7 @@ from segplan.planner.bundle_file import (
     choose_folds, open_bundle, sha256)
 from segplan.planner.fileio import atomic
 from segplan.planner.labels import label_model
-from segplan.planner.plan import input_channels, patch_axes, spatial_dims
+from segplan.planner.plan import patch_axes
 from segplan.planner.plan_file import save_plan
 from segplan.runner.postprocessing import postprocess
 from segplan.runner.inference.models import build_models, fold_weights
@@ -192,7 +192,8 @@ def onnx_metadata(plan, fold: int) -> dict[str, str]:
     """What an exported network holds, as string key -> value (JSON where structured): the fold and
     plan; the output's kind (softmax or sigmoid), its channels by name, the labels, the regions and
     their order, the ignore label and the rule from outputs to a label map (the plan's label model);
-    the spatial axes (2d or 3d) and the input channels, a cascade's extra channels named; the patch,
+    the spatial axes (2d or 3d) and the orientation the input is brought to before them (null: as
+    stored), and the input channels, a cascade's extra channels named; the patch,
     overlap and weighting segplan tiles with; and the layout in words."""
     lm = label_model(plan)
     axes = patch_axes(plan)
@@ -207,6 +208,7 @@ def onnx_metadata(plan, fold: int) -> dict[str, str]:
             "segplan.ignore_label": json.dumps(info["ignore_label"]),
             "segplan.to_label_map": info["to_label_map"],
             "segplan.spatial_axes": axes, "segplan.input_channels": json.dumps(inputs),
+            "segplan.orientation": json.dumps(plan.dataset.orientation),
             "segplan.patch_size": json.dumps(plan.training.patch_size),
             "segplan.overlap": str(plan.inference.overlap), "segplan.weighting": plan.inference.weighting}
     cascade = (f"; channels {len(plan.dataset.channels)}..{len(inputs) - 1} are the previous stage's label map, "
@@ -249,12 +251,8 @@ def export_network(plan_path: Path, out: Path, fmt: str, folds: list[int] | None
         target = out / (f"{name}.onnx" if fmt == "onnx" else name)
         try:
             if fmt == "onnx":
-                import keras
-                spec = keras.InputSpec(shape=(None,) * (1 + spatial_dims(plan.network)) + (input_channels(plan),),
-                                       dtype="float32", name="image")
-                with atomic(target) as tmp:
-                    model.export(str(tmp), format="onnx", verbose=False, input_signature=[spec])
-                    _finish_onnx(tmp, plan, k)
+                from segplan.runner.inference.engines import export_onnx
+                export_onnx(model, plan, k, target)
             else:
                 model.export(str(target), format=SERVING_FORMATS[fmt], verbose=False)
                 extra = target / "assets.extra"   # TensorFlow Serving's place for files beside the model
@@ -301,10 +299,10 @@ def _bundle_stages(bundle: Path, root: Path, manifest: dict, folds: list[int] | 
                                      f"with previous model {model['previous']}") + ": only a 3d_cascade_fullres plan "
                                   "builds on a previous stage")
             try:
-                plan, nets = build_models(plans, [root / f"{model['prefix']}folds/{k}/model.weights.h5" for k in chosen],
-                                          chosen)
+                weights = [root / f"{model['prefix']}folds/{k}/model.weights.h5" for k in chosen]
+                plan, nets = build_models(plans, weights, chosen)
             except (OSError, ValueError) as e:  # weights that do not fit their plan, or no weights file at all
                 raise BundleError(f"{bundle}: {' '.join(str(e).replace(str(root) + '/', '').split())}") from e
-            built[name] = make_stage(plan, nets, tta, previous)
+            built[name] = make_stage(plan, nets, tta, previous, weights, chosen)  # an engine exports now
         return built[name]
     return [load(name) for name in ensemble]

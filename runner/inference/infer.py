@@ -106,13 +106,7 @@ def keras_predictor(models: list) -> Callable[[np.ndarray], np.ndarray]:
 
 def onnx_predictor(paths: list) -> Callable[[np.ndarray], np.ndarray]:
     """(b, c, z, y, x) -> (b, k, z, y, x) through ONNX networks written by `segplan export --format
-    onnx` (one per fold, outputs averaged: softmax, or a region plan's sigmoids) on onnxruntime's CPU
-    provider: with ``sliding_window`` and segplan's preprocessing, the same prediction without Keras."""
-    import onnxruntime
-    sessions = [onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in paths]
-
-    def predict(batch: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(np.moveaxis(batch, 1, -1), dtype=np.float32)
-        out = sum(s.run(None, {"image": x})[0] for s in sessions) / len(sessions)
-        return np.moveaxis(out, -1, 1)
-    return predict
+    onnx` (one per fold, outputs averaged) on onnxruntime's CPU provider: with ``sliding_window`` and
+    segplan's preprocessing, the same prediction without Keras (``inference.engine: onnxruntime``)."""
+    from segplan.runner.inference.engines import onnxruntime_predictor
+    return onnxruntime_predictor(paths)

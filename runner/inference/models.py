@@ -51,6 +51,11 @@ def build_models(plans: list[Plan], weights: list[Path], folds: list[int]) -> tu
     return plans[0], models
 
 
+def fold_weights_files(ws: Workspace, folds: list[int]) -> list[Path]:
+    """The weights file each of ``folds`` predicts with (by its frozen plan's inference.checkpoint)."""
+    return [fold_weights(ws.fold_plan(k), ws.fold(k)) for k in folds]
+
+
 def load_fold_models(ws: Workspace, folds: list[int]) -> tuple[Plan, list]:
     """The folds' models, each built from the fold's frozen plan with the weights that
     ``inference.checkpoint`` names."""

@@ -16,15 +16,17 @@ from segplan.runner.inference.stages import make_stage
 
 def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tta: bool = True,
                   save_probabilities: bool = False, progress: bool = True, post=None,
-                  training_cases: bool = False, output_format: str = "nifti", previous=None) -> list[dict]:
+                  training_cases: bool = False, output_format: str = "nifti", previous=None,
+                  weights: list[Path] | None = None, folds: list[int] | None = None) -> list[dict]:
     """Segment ``cases`` into ``out_dir`` with the averaged models (then ``post``, a Postprocessing,
     if given); returns per-case timings. ``training_cases``: they are the plan's own training cases
     (validation), read in the units its table gives them; new images never are. ``output_format``:
     nifti (``<case>.nii.gz``) or dicom-seg (``<case>.dcm``, DICOM series only). DICOM series that are
     refused are named on stderr, the others predicted, then a DatasetError names their ids.
-    ``previous``: a cascade's previous stage (see ``predict_case``)."""
+    ``previous``: a cascade's previous stage (see ``predict_case``). ``weights`` (and ``folds``): the
+    models' weights files, beside which ``inference.engine`` keeps their exported network."""
     cases, skipped = admit(cases, output_format, plan)
-    predict = make_stage(plan, models, tta).predict
+    predict = make_stage(plan, models, tta, weights=weights, folds=folds).predict
     out_dir.mkdir(parents=True, exist_ok=True)
     timings = []
     for case in tqdm(cases, desc="predict", disable=not progress, unit="case"):

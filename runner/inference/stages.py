@@ -15,10 +15,11 @@ from tqdm import tqdm
 from segplan.planner.dataset import Case, DatasetError
 from segplan.planner.dicom import read_case_image
 from segplan.planner.plan import Plan
-from segplan.runner.inference.infer import keras_predictor, mirrored
+from segplan.runner.inference.engines import engine_predictor
+from segplan.runner.inference.infer import mirrored
 from segplan.planner.labels import label_model
 from segplan.runner.inference.case import predict_image
-from segplan.runner.inference.models import load_fold_models
+from segplan.runner.inference.models import fold_weights_files, load_fold_models
 from segplan.runner.inference.outputs import admit, refuse_unreadable, report_refused, write_prediction
 from segplan.runner.workspace import Workspace
 
@@ -32,11 +33,14 @@ class Stage:
     previous: "Stage | None" = None              # a cascade's 3d_lowres stage: predicts first
 
 
-def make_stage(plan: Plan, models: list, tta: bool, previous: Stage | None = None) -> Stage:
-    """The plan's models as a predictor, mirrored at test time where the plan says so; a plan (or a
-    bundle's) from before mirroring followed training's mirror_p is used as written, with the
-    warning `segplan check` gives, on stderr."""
-    predict = keras_predictor(models)
+def make_stage(plan: Plan, models: list, tta: bool, previous: Stage | None = None,
+               weights: list[Path] | None = None, folds: list[int] | None = None) -> Stage:
+    """The plan's models as a predictor on its ``inference.engine`` (``weights``: the models' weights
+    files, beside which an engine keeps their exported network; without them it exports for this
+    process only), mirrored at test time where the plan says so; a plan (or a bundle's) from before
+    mirroring followed training's mirror_p is used as written, with the warning `segplan check`
+    gives, on stderr."""
+    predict = engine_predictor(plan, models, weights, folds)
     if tta and plan.inference.mirroring:
         from segplan.planner.planning import mirroring_lines
         for line in mirroring_lines(plan):
@@ -58,12 +62,13 @@ def workspace_stage(ws: Workspace, folds: list[int] | None = None, tta: bool = T
     """The plan's ``folds`` (default: every trained one) as a stage; a cascade's previous stage with
     the same ``folds`` (default: every trained one of it), as nnU-Net predicts both stages with the
     same folds."""
-    plan, models = load_fold_models(ws, trained_folds(ws, folds))
+    chosen = trained_folds(ws, folds)
+    plan, models = load_fold_models(ws, chosen)
     previous = None
     if ws.plan.configuration == "3d_cascade_fullres":
         from segplan.runner.cascade import previous_workspace
         previous = workspace_stage(previous_workspace(ws), folds, tta)
-    return make_stage(plan, models, tta, previous)
+    return make_stage(plan, models, tta, previous, fold_weights_files(ws, chosen), chosen)
 
 
 def check_members(stages: list[Stage]) -> None:

@@ -13,6 +13,7 @@ heads are sigmoids, one channel per region (``plan_network``).
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import layers
 
 from segplan.planner.labels import label_model
@@ -110,9 +111,16 @@ def _head(x, net: NetworkSection, n_classes: int, suffix: str, activation: str =
 
 def plan_network(plan: Plan) -> keras.Model:
     """The network a plan trains and predicts with: a softmax over its labels, or for a region plan
-    one sigmoid per region (overlapping regions are not exclusive)."""
+    one sigmoid per region (overlapping regions are not exclusive); its logits' biases start at
+    ``training.output_bias`` where given."""
     lm = label_model(plan)
-    return build_unet(plan.network, input_channels(plan), lm.n_outputs, lm.activation)
+    model = build_unet(plan.network, input_channels(plan), lm.n_outputs, lm.activation)
+    if plan.training.output_bias:   # training starts from the prior (trained or loaded weights replace it)
+        for layer in model.layers:
+            if layer.name.startswith("logits"):
+                kernel, _ = layer.get_weights()
+                layer.set_weights([kernel, np.asarray(plan.training.output_bias, kernel.dtype)])
+    return model
 
 
 def build_unet(net: NetworkSection, in_channels: int, n_classes: int, activation: str = "softmax") -> keras.Model:

@@ -1,0 +1,87 @@
+"""Inference engines (issue 40, point 2): ``inference.engine`` onnxruntime or openvino predicts the
+labels Keras predicts (>= 99.9% of voxels, probabilities within 1e-3), the exported network is
+made once per fold and kept in the work folder (remade for other weights), a missing package is
+refused naming the extra, and the CPU planner's engine probe measures what is installed."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from segplan.planner.plan_file import load_plan, save_plan
+
+keras = pytest.importorskip("keras")
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                                 reason="the engines run the network exported to ONNX, written under TensorFlow only")]
+
+
+@pytest.fixture(scope="module")
+def copied(trained_cv, tmp_path_factory):
+    """The trained tiny plan and its work folder copied (exports are written into the work folder)."""
+    root = tmp_path_factory.mktemp("engines")
+    plan = load_plan(trained_cv)
+    shutil.copytree(trained_cv.parent / plan.dataset.work_dir, root / plan.dataset.work_dir)
+    path = root / "cv.yaml"
+    save_plan(plan.replace(dataset=dataclasses.replace(plan.dataset, path=str((trained_cv.parent / plan.dataset.path)
+                                                                              .resolve()))), path)
+    return path
+
+
+def _with_engine(path, engine: str):
+    plan = load_plan(path)
+    save_plan(plan.replace(inference=dataclasses.replace(plan.inference, engine=engine)), path)
+    return path
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_an_engine_predicts_what_keras_predicts_and_exports_once_per_fold(copied, engine):
+    from segplan.runner.inference.predictor import Predictor
+    from segplan.runner.workspace import Workspace
+    ws = Workspace(copied)
+    image = next(c for c in ws.dataset.cases).image_files[0]
+    keras_labels, keras_probs = Predictor.from_plan(_with_engine(copied, "keras"), postprocessing=False).predict(
+        image, probabilities=True)
+    predictor = Predictor.from_plan(_with_engine(copied, engine), postprocessing=False)
+    labels, probs = predictor.predict(image, probabilities=True)
+    a, b = sitk.GetArrayFromImage(labels), sitk.GetArrayFromImage(keras_labels)
+    assert len(np.unique(b)) > 2 and np.mean(a == b) >= 0.999
+    np.testing.assert_allclose(probs, keras_probs, atol=1e-3)
+    exported = {k: sorted((ws.fold(k).dir / "exported").glob("*.onnx")) for k in (0, 1)}
+    assert all(len(v) == 1 for v in exported.values()), exported
+    stamps = {k: v[0].stat().st_mtime_ns for k, v in exported.items()}
+    Predictor.from_plan(copied, postprocessing=False)                       # kept: not exported again
+    assert {k: sorted((ws.fold(k).dir / "exported").glob("*.onnx"))[0].stat().st_mtime_ns for k in (0, 1)} == stamps
+
+
+def test_other_weights_get_another_export_and_a_missing_engine_names_the_extra(copied, tmp_path, monkeypatch):
+    from segplan.runner.inference import engines
+    from segplan.runner.inference.predictor import Predictor
+    a, b = tmp_path / "a.weights.h5", tmp_path / "b.weights.h5"
+    a.write_bytes(b"one")
+    b.write_bytes(b"two")
+    assert engines.exported_path(a).name.startswith("a-") and engines.exported_path(a) != engines.exported_path(b)
+    assert engines.exported_path(a).parent == tmp_path / "exported"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *x: None if name == "openvino" else real(name, *x))
+    with pytest.raises(engines.EngineMissing, match=r"inference.engine: openvino needs openvino, not installed: "
+                                                     r"pip install 'segplan\[cpu\]'"):
+        Predictor.from_plan(_with_engine(copied, "openvino"))
+    assert engines.missing("onnxruntime", "jax").startswith("inference.engine: onnxruntime runs the network exported")
+    _with_engine(copied, "keras")
+
+
+def test_the_engine_probe_times_every_installed_engine_against_keras(phantoms, tmp_path):
+    from segplan.planner.probing import run_engine_probe
+    from segplan.planner.schema import to_plain
+    from tests.tiny import tiny_plan
+    plan = load_plan(tiny_plan(phantoms, tmp_path / "p.yaml"))
+    found, why = run_engine_probe(to_plain(plan.network), plan.training.patch_size, 2, 1, 4, "softmax")
+    assert found is not None, why
+    assert set(found["seconds"]) == {"keras", "onnxruntime", "openvino"}   # the test extra installs both
+    assert all(s > 0 for s in found["seconds"].values())
+    assert all(d < 1e-3 for d in found["max_difference"].values()) and found["max_difference"]["keras"] == 0.0
