@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="phantoms -> plan -> fold 0 -> predict -> evaluate, on a CPU")
     s.add_argument("workdir", nargs="?", default="segplan_demo")
     s.add_argument("--minutes", type=float, default=DEMO_MINUTES,
-                   help="training time budget in minutes (default %(default)g: the whole demo under 4 on 2 cores)")
+                   help="training time budget in minutes (default %(default)g: the whole demo about 4 on 2 cores)")
     s.set_defaults(fn=commands.cmd_demo)
     return p
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 DEMO_CASES = 12
 DEMO_SCALE = 0.25
-# 3 minutes of training keep the whole demo under 4 on 2 cores; 4 minutes gave the same Dice within
+# 3 minutes of training keep the whole demo near 4 on 2 cores; 4 minutes gave the same Dice within
 # the spread of runs (docs/benchmarks.md, the demo)
 DEMO_MINUTES = 3.0
 

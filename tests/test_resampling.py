@@ -55,6 +55,36 @@ def test_constant_class_round_trips_on_every_voxel(shape, spacing, target, cls):
     assert np.array_equal(np.argmax(full, axis=0), classes)
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2 ** 31 - 1), shape=st.tuples(*[st.integers(2, 24)] * 3),
+       spacing=st.tuples(*[st.floats(0.4, 4.0)] * 3), target=st.tuples(*[st.floats(0.4, 4.0)] * 3),
+       k=st.integers(2, 5))
+def test_one_class_at_a_time_equals_all_classes_at_once(seed, shape, spacing, target, k):
+    """Issue 40, point 3: resampling back class by class (less memory) gives the probabilities of
+    resampling every class in one call, and the label map is their arg-max (first class on ties)
+    with a crop box and background outside it."""
+    from segplan.runner.preprocessing.resampling import target_shape
+    plan = _plan(target)
+    rng = np.random.default_rng(seed)
+    crop = [(min(2, s - 1), s) for s in shape]
+    cropped = [b - a for a, b in crop]
+    small = target_shape(cropped, spacing, target)
+    probs = rng.random((k, *small)).astype(np.float32)
+    probs[1].flat[0] = probs[0].flat[0]                        # an exact tie between two classes, too
+    props = {"geometry": Geometry(tuple(spacing), (0.0,) * 3, (1, 0, 0, 0, 1, 0, 0, 0, 1), tuple(shape)).to_dict(),
+             "crop_box": [list(c) for c in crop], "cropped_shape": cropped, "resampled_shape": small}
+    at_once = resample(np.moveaxis(probs, 0, -1), plan.resampling.target_spacing, spacing, cropped, 1,
+                       plan.resampling.anisotropy_threshold, 1, vector=True).reshape(*cropped, k)
+    full = invert_probabilities(probs, props, plan)
+    sl = tuple(slice(a, b) for a, b in crop)
+    np.testing.assert_allclose(np.moveaxis(full[(slice(None), *sl)], 0, -1), at_once, rtol=0, atol=1e-6)
+    outside = np.ones(shape, bool)
+    outside[sl] = False
+    assert np.all(full[0][outside] == 1.0) and not full[1:, outside].any()
+    classes = invert_probabilities(probs, props, plan, full=False)
+    assert np.array_equal(classes[sl], np.argmax(at_once, axis=-1)) and not classes[outside].any()
+
+
 def test_images_take_the_nearest_border_value_not_zero():
     arr = np.full((7, 4, 4), 5.0, np.float32)
     out = resample(arr, [1.0, 1.0, 1.0], [2.0, 1.0, 1.0], [4, 4, 4], 3, 3.0, 0)

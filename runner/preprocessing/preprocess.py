@@ -158,21 +158,37 @@ def invert_probabilities(probs: np.ndarray, props: dict, plan: Plan, full: bool 
     False: every channel 0 there, as a region plan's sigmoid outputs, which have no background
     channel). ``full=False``: only the (original-shape) class-index map, which spares the K x volume
     array of the full grid. An image brought to the plan's orientation is put back in its own.
-    """
+
+    One class at a time (the resampling is separable and per channel, so the values are those of
+    resampling all at once): the label map keeps a running maximum instead of K full-size channels
+    (a 512 x 512 x 300 CT with 4 classes: 0.9 GB above the inputs instead of 1.9,
+    benchmarks/resample_back_memory.py), and the probabilities are written into their output
+    channel by channel."""
     r = _recorded(props)
     geom = r.geometry if r is not None else Geometry.from_dict(props["geometry"])
     rs = plan.resampling
-    back = resample(np.moveaxis(probs, 0, -1).astype(np.float32), rs.target_spacing, geom.spacing,
-                    props["cropped_shape"], 1, rs.anisotropy_threshold, 1, vector=True)
-    back = back.reshape(tuple(props["cropped_shape"]) + (probs.shape[0],))
     sl = tuple(slice(a, b) for a, b in props["crop_box"])
+
+    def back(c: int) -> np.ndarray:
+        return resample(probs[c].astype(np.float32, copy=False), rs.target_spacing, geom.spacing,
+                        props["cropped_shape"], 1, rs.anisotropy_threshold, 1)
     if not full:
-        classes = np.zeros(tuple(geom.shape), np.uint8 if probs.shape[0] < 256 else np.uint16)
-        classes[sl] = np.argmax(back, axis=-1)
+        index = np.zeros(tuple(props["cropped_shape"]), np.uint8 if probs.shape[0] < 256 else np.uint16)
+        best = np.array(back(0), np.float32)  # a copy: on an unchanged grid resample returns its input
+        for c in range(1, probs.shape[0]):
+            b = back(c)
+            better = b > best                     # strictly: ties keep the first class, as np.argmax
+            index[better] = c
+            np.maximum(best, b, out=best)
+            del b, better
+        del best
+        classes = np.zeros(tuple(geom.shape), index.dtype)
+        classes[sl] = index
         return classes if r is None else np.ascontiguousarray(unorient(classes, r))
     out = np.zeros((probs.shape[0],) + tuple(geom.shape), np.float32)
     out[0] = 1.0 if background else 0.0
-    out[(slice(None),) + sl] = np.moveaxis(back, -1, 0)
+    for c in range(probs.shape[0]):
+        out[(c, *sl)] = back(c)
     return out if r is None else np.ascontiguousarray(unorient(out, r))
 
 
