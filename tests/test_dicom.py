@@ -315,7 +315,7 @@ def test_a_series_the_reader_cannot_read_is_refused_by_name_and_the_others_are_s
     def stand_in(case, plan, predict, progress=False, probabilities=False, training_case=False, previous=None):
         image, geom = read_case_image(case)
         return (image[0] > 0).astype(np.uint8), geom, None, {}
-    monkeypatch.setattr(stages, "keras_predictor", lambda models: None)
+    monkeypatch.setattr(stages, "engine_predictor", lambda plan, models, weights=None, folds=None: None)
     monkeypatch.setattr(rp, "predict_case", stand_in)
     with pytest.raises(ValueError, match=r"1 DICOM series refused, as said above \(PAT1_series4\); 2 predicted"):
         rp.predict_cases(cases, plan, [], tmp_path / "out", tta=False, progress=False)

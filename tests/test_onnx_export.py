@@ -61,7 +61,8 @@ def test_onnxruntime_computes_what_keras_computes(trained_cv, exported):
 
 
 def test_a_case_through_onnx_and_segplans_tiling_equals_segplan_predict(trained_cv, exported, tmp_path):
-    from segplan.runner.inference.infer import keras_predictor, onnx_predictor
+    from segplan.runner.inference.engines import onnxruntime_predictor as onnx_predictor
+    from segplan.runner.inference.infer import keras_predictor
     from segplan.runner.inference.models import load_fold_models
     from segplan.runner.inference.case import predict_case
     ws = Workspace(trained_cv)

@@ -449,7 +449,7 @@ def _region_onnx_says_what_it_holds(plan_path: Path, out: Path, predicted: np.nd
     from segplan.planner.dataset import Case
     from segplan.runner.cli import main
     from segplan.runner.inference.case import predict_case
-    from segplan.runner.inference.infer import onnx_predictor
+    from segplan.runner.inference.engines import onnxruntime_predictor as onnx_predictor
     assert main(["export", str(plan_path), "-o", str(out), "--format", "onnx", "--folds", "0"]) == 0
     model = onnx.load(str(out / "fold_0.onnx"))
     assert [o.name for o in model.graph.output] == ["sigmoid"]

@@ -87,7 +87,12 @@ def test_preprocess_then_invert_restores_geometry_and_labels(phantoms, tmp_path)
     label[3:6, 8:14, 18:28] = 3
     image = (label.astype(np.float32) * 300 - 800)[None]
     data, seg, props = preprocess_image(image, g, plan, "x", label)
-    assert data.shape[1:] == seg.shape == tuple(round(s * sp / t) for s, sp, t in zip(shape, g.spacing, [4.0, 2.0, 3.0]))
+    # the plan brings the image (rotated in-plane) to its orientation first: sizes on that grid
+    from segplan.planner.orientation import reorientation
+    grid = reorientation(g, plan.dataset.orientation).geometry
+    assert grid.shape == (9, 31, 23) and "orientation" in props
+    assert data.shape[1:] == seg.shape == tuple(round(s * sp / t) for s, sp, t in zip(grid.shape, grid.spacing,
+                                                                                       [4.0, 2.0, 3.0]))
     assert set(np.unique(seg)) <= {0, 1, 3}
     onehot = np.moveaxis(np.eye(4, dtype=np.float32)[seg], -1, 0)
     back = invert_probabilities(onehot, props, plan)

@@ -37,11 +37,10 @@ from segplan.planner.bundle_file import (
     BUNDLE_VERSION, ENSEMBLE_BUNDLE_VERSION, MANIFEST, MAX_MEMBER_MB, BundleError, bundle_models, bundle_plan,
     choose_folds, open_bundle, sha256)
 from segplan.planner.fileio import atomic
-from segplan.planner.labels import label_model
-from segplan.planner.plan import patch_axes
 from segplan.planner.plan_file import save_plan
 from segplan.runner.postprocessing import postprocess
 from segplan.runner.inference.models import build_models, fold_weights
+from segplan.runner.inference.onnx_file import onnx_metadata
 from segplan.runner.workspace import Workspace
 
 __all__ = ["BundleError", "export", "export_selection", "open_bundle", "bundle_stages"]
@@ -164,63 +163,6 @@ def _onnx_exporter_missing(backend: str) -> str | None:
     return None
 
 
-def _finish_onnx(path: Path, plan, fold: int) -> None:
-    """Name the exported graph's tensors for serving, ``image`` in and the output by what it is
-    (``softmax``, or ``sigmoid`` for a region plan's one sigmoid per region), and record what a
-    server must know in its metadata (``onnx_metadata``)."""
-    import onnx
-    lm = label_model(plan)
-    model = onnx.load(str(path))
-    if len(model.graph.input) != 1 or len(model.graph.output) != 1:
-        raise ValueError(f"{path}: expected one input and one output, the exporter wrote "
-                         f"{len(model.graph.input)} and {len(model.graph.output)}")
-    old, new = model.graph.output[0].name, lm.activation
-    for node in model.graph.node:
-        node.output[:] = [new if o == old else o for o in node.output]
-        node.input[:] = [new if i == old else i for i in node.input]
-    model.graph.output[0].name = new
-    for value in (model.graph.input[0], model.graph.output[0]):
-        for dim, name in zip(value.type.tensor_type.shape.dim, ("batch", *patch_axes(plan))):
-            dim.dim_param = name
-    for key, value in onnx_metadata(plan, fold).items():
-        model.metadata_props.add(key=key, value=value)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-
-
-def onnx_metadata(plan, fold: int) -> dict[str, str]:
-    """What an exported network holds, as string key -> value (JSON where structured): the fold and
-    plan; the output's kind (softmax or sigmoid), its channels by name, the labels, the regions and
-    their order, the ignore label and the rule from outputs to a label map (the plan's label model);
-    the spatial axes (2d or 3d) and the orientation the input is brought to before them (null: as
-    stored), and the input channels, a cascade's extra channels named; the patch,
-    overlap and weighting segplan tiles with; and the layout in words."""
-    lm = label_model(plan)
-    axes = patch_axes(plan)
-    inputs = list(plan.dataset.channels)
-    if plan.configuration == "3d_cascade_fullres":
-        inputs += [f"previous_stage_{name}" for name, v in lm.labels.items() if v != 0]
-    info = lm.describe()
-    meta = {"segplan.fold": str(fold), "segplan.plan": plan.name,
-            "segplan.output": info["output"], "segplan.output_channels": json.dumps(info["channels"]),
-            "segplan.labels": json.dumps(info["labels"]), "segplan.regions": json.dumps(info["regions"]),
-            "segplan.regions_class_order": json.dumps(info["regions_class_order"]),
-            "segplan.ignore_label": json.dumps(info["ignore_label"]),
-            "segplan.to_label_map": info["to_label_map"],
-            "segplan.spatial_axes": axes, "segplan.input_channels": json.dumps(inputs),
-            "segplan.orientation": json.dumps(plan.dataset.orientation),
-            "segplan.patch_size": json.dumps(plan.training.patch_size),
-            "segplan.overlap": str(plan.inference.overlap), "segplan.weighting": plan.inference.weighting}
-    cascade = (f"; channels {len(plan.dataset.channels)}..{len(inputs) - 1} are the previous stage's label map, "
-               "one-hot per foreground label" if len(inputs) > len(plan.dataset.channels) else "")
-    outputs = ("one sigmoid per region (they may overlap; not a softmax)" if lm.has_regions
-               else "softmax over the labels")
-    meta["segplan.layout"] = (f"input image (batch, {', '.join(axes)}, channels) float32 after segplan's "
-                              f"preprocessing{cascade}; output {lm.activation} (batch, {', '.join(axes)}, "
-                              f"{len(lm.outputs)}): {outputs}, channels in the order of segplan.output_channels")
-    return meta
-
-
 def export_network(plan_path: Path, out: Path, fmt: str, folds: list[int] | None = None) -> list[Path]:
     """The network alone, per fold, for serving stacks: ``out/fold_K`` as a TensorFlow SavedModel, or
     ``out/fold_K.onnx`` (ONNX: the optional ``segplan[onnx]``, i.e. tf2onnx under the default
@@ -229,7 +171,7 @@ def export_network(plan_path: Path, out: Path, fmt: str, folds: list[int] | None
     spatial size divisible by the pooling; output the softmax (b, z, y, x, classes), or a region
     plan's sigmoids (b, z, y, x, regions), the only output (the network has no deep-supervision
     heads). The preprocessing and the sliding window stay segplan's (or the
-    bundle's) job: ``segplan.runner.inference.infer.onnx_predictor`` tiles with an ONNX network as segplan does."""
+    bundle's) job: ``segplan.runner.inference.engines.onnxruntime_predictor`` tiles with an ONNX network as segplan does."""
     if fmt not in SERVING_FORMATS:
         raise ValueError(f"--format {fmt}: one of {', '.join(SERVING_FORMATS)} (or none, for a segplan bundle)")
     if fmt == "onnx":
@@ -251,7 +193,7 @@ def export_network(plan_path: Path, out: Path, fmt: str, folds: list[int] | None
         target = out / (f"{name}.onnx" if fmt == "onnx" else name)
         try:
             if fmt == "onnx":
-                from segplan.runner.inference.engines import export_onnx
+                from segplan.runner.inference.onnx_file import export_onnx
                 export_onnx(model, plan, k, target)
             else:
                 model.export(str(target), format=SERVING_FORMATS[fmt], verbose=False)

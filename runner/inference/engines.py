@@ -21,6 +21,9 @@ from typing import Callable
 
 import numpy as np
 
+from segplan.runner.inference.infer import keras_predictor
+from segplan.runner.inference.onnx_file import export_onnx
+
 ENGINES = ("keras", "onnxruntime", "openvino")
 NEEDS = {"onnxruntime": ("onnxruntime", "tf2onnx", "onnx"), "openvino": ("openvino", "tf2onnx", "onnx")}
 EXPORTED = "exported"
@@ -68,30 +71,13 @@ def exported_path(weights: Path) -> Path:
     return weights.parent / EXPORTED / f"{stem}-{weights_key(weights)}.onnx"
 
 
-def export_onnx(model, plan, fold: int, target: Path) -> Path:
-    """Write ``model`` (a prediction model: one output) as ONNX to ``target`` atomically, its tensors
-    named and its metadata written as `segplan export --format onnx` does."""
-    import keras
-
-    from segplan.planner.fileio import atomic
-    from segplan.planner.plan import input_channels, spatial_dims
-    from segplan.runner.inference.bundle import _finish_onnx
-    target.parent.mkdir(parents=True, exist_ok=True)
-    spec = keras.InputSpec(shape=(None,) * (1 + spatial_dims(plan.network)) + (input_channels(plan),),
-                           dtype="float32", name="image")
-    with atomic(target) as tmp:
-        model.export(str(tmp), format="onnx", verbose=False, input_signature=[spec])
-        _finish_onnx(tmp, plan, fold)
-    return target
-
-
 def onnx_files(plan, models: list, weights: list[Path] | None, folds: list[int] | None = None) -> list[Path]:
     """One ONNX file per model: the kept export of its weights (made now if missing), or with no
     weights paths a fresh export into a temporary folder that lives as long as the process."""
     folds = folds if folds is not None else list(range(len(models)))
     if weights is None:
         tmp = Path(tempfile.mkdtemp(prefix="segplan_engine_"))
-        return [export_onnx(m, plan, k, tmp / f"fold_{k}.onnx") for m, k in zip(models, folds)]
+        return [export_onnx(m, plan, k, tmp / f"model_{k}.onnx") for m, k in zip(models, folds)]
     out = []
     for m, w, k in zip(models, weights, folds):
         path = exported_path(w)
@@ -130,7 +116,6 @@ def engine_predictor(plan, models: list, weights: list[Path] | None = None,
     """The plan's ``inference.engine`` as a predictor of the folds' ``models`` (averaged); refused by
     name where its package is missing."""
     from segplan.runner.backend import name as backend_name
-    from segplan.runner.inference.infer import keras_predictor
     engine = plan.inference.engine
     why = missing(engine, backend_name())
     if why:

@@ -102,11 +102,3 @@ def keras_predictor(models: list) -> Callable[[np.ndarray], np.ndarray]:
         out = sum(np.asarray(m.predict_on_batch(x), dtype=np.float32) for m in models) / len(models)
         return np.moveaxis(out, -1, 1)
     return predict
-
-
-def onnx_predictor(paths: list) -> Callable[[np.ndarray], np.ndarray]:
-    """(b, c, z, y, x) -> (b, k, z, y, x) through ONNX networks written by `segplan export --format
-    onnx` (one per fold, outputs averaged) on onnxruntime's CPU provider: with ``sliding_window`` and
-    segplan's preprocessing, the same prediction without Keras (``inference.engine: onnxruntime``)."""
-    from segplan.runner.inference.engines import onnxruntime_predictor
-    return onnxruntime_predictor(paths)
