@@ -8,6 +8,7 @@ any moment leaves either the old file or the new one, never half of one; leftove
 from __future__ import annotations
 
 import contextlib
+import os
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,10 +25,12 @@ def temp_path(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic(path: Path) -> Iterator[Path]:
-    """Yield a temporary path to write; rename it to ``path`` if the block succeeds, else remove it."""
+def atomic(path: Path, own: bool = False) -> Iterator[Path]:
+    """Yield a temporary path to write; rename it to ``path`` if the block succeeds, else remove it.
+    ``own``: a temporary name of this process's own (its pid), for a file that several processes may
+    write at once (each renames a whole file of its own; the last rename wins)."""
     path = Path(path)
-    tmp = temp_path(path)
+    tmp = temp_path(path) if not own else path.with_name(f"{TEMP_PREFIX}{os.getpid()}_{path.name}")
     try:
         yield tmp
         tmp.replace(path)

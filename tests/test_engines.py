@@ -85,3 +85,27 @@ def test_the_engine_probe_times_every_installed_engine_against_keras(phantoms, t
     assert set(found["seconds"]) == {"keras", "onnxruntime", "openvino"}   # the test extra installs both
     assert all(s > 0 for s in found["seconds"].values())
     assert all(d < 1e-3 for d in found["max_difference"].values()) and found["max_difference"]["keras"] == 0.0
+
+
+def test_a_network_built_under_mixed_precision_is_exported_in_float32(phantoms, tmp_path):
+    """A fold trained with mixed precision and validated in the same process builds its prediction
+    network under the mixed policy; exported as it is, ONNX Runtime refused the bfloat16 graph and
+    the cached file broke every later prediction. The export is float32 and computes what Keras does."""
+    import onnxruntime
+    from segplan.runner.inference.onnx_file import export_onnx
+    from segplan.runner.training.model import plan_network, prediction_model
+    from tests.tiny import tiny_plan
+    plan = load_plan(tiny_plan(phantoms, tmp_path / "p.yaml"))
+    reference = prediction_model(plan_network(plan))
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        mixed = prediction_model(plan_network(plan))
+        mixed.set_weights(reference.get_weights())
+        assert any(layer.compute_dtype == "bfloat16" for layer in mixed.layers)
+        path = export_onnx(mixed, plan, 0, tmp_path / "exported" / "net.onnx")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["net.onnx"]     # no temporary left
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).normal(size=(1, *plan.training.patch_size, 1)).astype(np.float32)
+    np.testing.assert_allclose(session.run(None, {"image": x})[0], reference.predict_on_batch(x), atol=1e-4)

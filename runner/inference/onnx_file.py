@@ -14,16 +14,37 @@ from segplan.planner.plan import input_channels, patch_axes, spatial_dims
 
 def export_onnx(model, plan, fold: int, target: Path) -> Path:
     """Write ``model`` (a prediction model: one output) as ONNX to ``target`` atomically, its tensors
-    named and its metadata written as `segplan export --format onnx` does."""
+    named and its metadata written as `segplan export --format onnx` does. Always a float32 network:
+    a model built under a mixed-precision policy (the process that trained it) is rebuilt in float32
+    with its weights first (a bfloat16 graph is one ONNX Runtime refuses to load). Several processes
+    may export the same fold at once: each writes its own temporary file."""
     import keras
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    model = _in_float32(model, plan)
     spec = keras.InputSpec(shape=(None,) * (1 + spatial_dims(plan.network)) + (input_channels(plan),),
                            dtype="float32", name="image")
-    with atomic(target) as tmp:
+    with atomic(target, own=True) as tmp:
         model.export(str(tmp), format="onnx", verbose=False, input_signature=[spec])
         finish_onnx(tmp, plan, fold)
     return target
+
+
+def _in_float32(model, plan):
+    """``model`` itself if its layers compute in float32, else the plan's prediction network built
+    under the float32 policy with ``model``'s weights (variables are float32 under every policy)."""
+    import keras
+    if all(getattr(layer, "compute_dtype", "float32") == "float32" for layer in model.layers):
+        return model
+    from segplan.runner.training.model import plan_network, prediction_model
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        clone = prediction_model(plan_network(plan))
+        clone.set_weights(model.get_weights())
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    return clone
 
 
 def finish_onnx(path: Path, plan, fold: int) -> None:
