@@ -66,7 +66,7 @@ def main() -> None:
     a = ap.parse_args()
     import keras
     from benchmarks.deep_supervision import fold_figures, subset
-    from segplan.planner.build import region_output_bias
+    from segplan.planner.dataset_rules import region_output_bias
     from segplan.planner.fingerprint import load_fingerprint
     from segplan.planner.plan_file import load_plan, save_plan
     from segplan.planner.planning import plan_dataset

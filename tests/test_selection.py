@@ -56,21 +56,13 @@ def _one_hot(classes: np.ndarray, k: int) -> np.ndarray:
 def _fake_cv(plan_path: Path, noise: float, seed: int) -> None:
     """Every fold 'finished' (checkpoint pointer, finished.json) with float16 out-of-fold
     probabilities per validation case: the reference one-hot blended with Dirichlet noise."""
-    ws = Workspace(plan_path)
-    labels = list(ws.plan.dataset.labels.values())
+    labels = list(load_plan(plan_path).dataset.labels.values())
     rng = np.random.default_rng(seed)
-    files = {c.case_id: c.label_file for c in ws.dataset.cases}
-    for k, split in enumerate(ws.splits()):
-        fold = ws.fold(k)
-        fold.validation.mkdir(parents=True)
-        fold.pointer.write_text(json.dumps({"weights": "ckpt.weights.h5"}))
-        fold.finished.write_text("{}")
-        for cid in split["val"]:
-            ref = read_label(files[cid])[0]
-            classes = np.searchsorted(labels, ref)
-            rand = rng.dirichlet(np.full(len(labels), 0.3), size=ref.shape)
-            probs = (1 - noise) * _one_hot(classes, len(labels)) + noise * np.moveaxis(rand, -1, 0)
-            np.savez_compressed(fold.validation_probabilities(cid), probabilities=probs.astype(np.float16))
+
+    def blended(cid, ref):
+        rand = rng.dirichlet(np.full(len(labels), 0.3), size=ref.shape)
+        return (1 - noise) * _one_hot(np.searchsorted(labels, ref), len(labels)) + noise * np.moveaxis(rand, -1, 0)
+    _write_oof(plan_path, blended)
 
 
 def _dice(pred: np.ndarray, ref: np.ndarray, value: int) -> float:

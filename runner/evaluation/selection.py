@@ -29,60 +29,21 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from segplan.planner.dataset import read_label
-from segplan.planner.fileio import write_text
 from segplan.planner.labels import LabelModel, label_model
 from segplan.planner.plan import CONFIGURATIONS
-from segplan.planner.schema import Reader, SchemaError, doc, dump_yaml, load_yaml_with_lines
 from segplan.runner.postprocessing import postprocess
 from segplan.runner.evaluation.evaluate import case_metrics
 from segplan.runner.evaluation.oof import load_probabilities, require_finished, require_same_split
+from segplan.runner.evaluation.selection_file import (  # noqa: F401  (the file's names, here too)
+    DIGITS, SELECTION_VERSION, Candidate, Selection, SelectionError, load_selection, save_selection)
 from segplan.runner.postprocessing.postprocess import Postprocessing
 from segplan.runner.workspace import Workspace
-
-SELECTION_VERSION = 1
-DIGITS = 6  # Dice in the file: far finer than any difference between configurations that means something
-
-
-class SelectionError(ValueError):
-    """A selection file with problems, each as 'file:line: key: message', or plans that cannot be compared."""
-
-
-@dataclass(frozen=True)
-class Candidate:  # its fields are explained once, above `ranking` in the file
-    name: str = doc("")
-    plans: list[str] = doc("")
-    mean_foreground_dice: float = doc("")
-    dice: dict[str, float | None] = doc("")
-
-
-@dataclass(frozen=True)
-class Selection:
-    selection_version: int = doc("selection file format version")
-    folds: int = doc("cross-validation folds of every plan (all finished, one split)")
-    cases: int = doc("out-of-fold cases scored (every case of the dataset, each by the fold that held it out)")
-    labels: dict[str, int] = doc("the plans' labels, which they share")
-    winner: str = doc("the candidate `segplan predict --selection` and `segplan export --selection` use: the best of "
-                      "the ranking (edit to pick another of its names)")
-    postprocessing_for: str = doc("the candidate whose out-of-fold predictions decided the postprocessing below")
-    ranking: list[Candidate] = doc(
-        "every plan alone and every pair averaged, best first. name: a configuration (a plan name where two plans "
-        "share one), or two joined by '+', an ensemble averaging their probabilities; plans: its plan files, "
-        "relative to this file; mean_foreground_dice: what ranks, the mean over the foreground classes (the "
-        "regions of a region plan) of the mean Dice over the out-of-fold cases, nnU-Net's foreground_mean: a case "
-        "where a class is absent from both prediction and reference is left out of that class's mean; dice: the "
-        "mean Dice per class (region) and label group, null where the class is absent from every case and "
-        "prediction")
-    postprocessing: Postprocessing = doc("decided on the winner's out-of-fold predictions (as `segplan postprocess`): "
-                                         "applied to its label maps")
-    regions: dict[str, list[int]] = doc("the plans' regions, which they share ({}: plans of labels)", default_factory=dict)
-
 
 def member_names(workspaces: list[Workspace]) -> list[str]:
     """Each plan's name in candidate names: its configuration; where two plans share one, plan names
@@ -226,83 +187,6 @@ def format_ranking(sel: Selection) -> str:
     return "\n".join([f"{sel.cases} out-of-fold cases, {sel.folds} folds; mean Dice (mean fg: over the foreground "
                       "classes, what ranks)", head, *rows,
                       f"winner: {sel.winner}; postprocessing decided on its out-of-fold predictions: keep {kept}"])
-
-
-def save_selection(sel: Selection, path: Path) -> None:
-    header = ("segplan selection: the best configuration or ensemble on cross-validation (`segplan select`).\n"
-              "`segplan predict --selection` and `segplan export --selection` use the winner; paths are relative "
-              "to this file.")
-    write_text(Path(path), dump_yaml(sel, header=header))
-
-
-def load_selection(path: Path) -> Selection:
-    """Read and check a selection file: every problem named with its key and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise SelectionError(f"{path}: no such selection file (`segplan select PLAN PLAN ... -o {path}` writes it)")
-    try:
-        data, lines = load_yaml_with_lines(path)
-    except SchemaError as e:
-        raise SelectionError("\n".join(e.problems)) from e
-    reader = Reader(str(path), lines)
-    if isinstance(data, dict) and data.get("selection_version") not in (None, SELECTION_VERSION):
-        reader.error("selection_version", f"version {data.get('selection_version')!r} is unknown; this segplan reads "
-                                          f"{SELECTION_VERSION}")
-        raise SelectionError("\n".join(reader.errors))
-    sel = reader.build(Selection, data)
-    if not reader.errors:
-        _check_selection(sel, reader, path.parent)
-    if reader.errors:
-        raise SelectionError("\n".join(reader.errors))
-    return sel
-
-
-def _check_selection(sel: Selection, r: Reader, base: Path) -> None:
-    names = [c.name for c in sel.ranking]
-    if not names:
-        r.error("ranking", "is empty: `segplan select` lists every candidate")
-    for i, c in enumerate(sel.ranking):
-        if c.name in names[:i]:
-            r.error(f"ranking.{i}.name", f"'{c.name}' appears twice")
-        if not 1 <= len(c.plans) <= 2:
-            r.error(f"ranking.{i}.plans", f"{len(c.plans)} plans; a candidate is one plan or a pair")
-        for key, v in [("mean_foreground_dice", c.mean_foreground_dice)] + [(f"dice.{k}", v) for k, v in c.dice.items()
-                                                                             if v is not None]:
-            if not 0.0 <= v <= 1.0:  # NaN fails too
-                r.error(f"ranking.{i}.{key}", f"{v} is not a Dice within [0, 1]")
-    if sel.winner not in names:
-        r.error("winner", f"'{sel.winner}' is not a name in ranking ({', '.join(names)})")
-    else:
-        i = names.index(sel.winner)
-        channels = set()
-        for j, rel in enumerate(sel.ranking[i].plans):
-            plan = _member_plan(base / rel, r, f"ranking.{i}.plans.{j}")
-            if plan is not None and plan.dataset.labels != sel.labels:
-                r.error(f"ranking.{i}.plans.{j}", f"{rel} segments {plan.dataset.labels}, the selection {sel.labels}")
-            if plan is not None and plan.dataset.regions != sel.regions:
-                r.error(f"ranking.{i}.plans.{j}", f"{rel} has regions {plan.dataset.regions or 'none'}, the selection "
-                                                  f"{sel.regions or 'none'}")
-            if plan is not None:
-                channels.add(len(plan.dataset.channels))
-        if len(channels) > 1:
-            r.error(f"ranking.{i}.plans", "the plans read other numbers of channels per case")
-    postprocess.check_rules(r, sel.postprocessing, sel.labels, "postprocessing.")
-    if sel.postprocessing_for != sel.winner and sel.postprocessing.rules:
-        r.error("postprocessing_for", f"the postprocessing was decided for '{sel.postprocessing_for}', the winner is "
-                                      f"'{sel.winner}': run `segplan select` again, or empty postprocessing.rules (or "
-                                      "set postprocessing_for to the winner to apply them anyway)")
-
-
-def _member_plan(path: Path, r: Reader, key: str):
-    from segplan.planner.plan_file import load_plan
-    if not path.is_file():
-        r.error(key, f"plan file {path} does not exist")
-        return None
-    try:
-        return load_plan(path)
-    except SchemaError as e:
-        r.error(key, f"{path} is not a valid plan: {e.problems[0]}")
-        return None
 
 
 def winner_workspaces(path: Path) -> tuple[Selection, list[Workspace]]:
