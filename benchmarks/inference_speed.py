@@ -32,7 +32,7 @@ def run(plan, case, out: Path, label: str) -> float:
     from segplan.runner.training.model import build_unet, prediction_model
     from segplan.runner.inference.case import predict_case
     model = prediction_model(build_unet(plan.network, len(plan.dataset.channels), len(plan.dataset.labels)))
-    labels, geom, _, t = predict_case(case, plan, keras_predictor([model]))
+    labels, geom, _, t, _ = predict_case(case, plan, keras_predictor([model]))
     t0 = time.perf_counter()
     write_volume(labels, geom, out / f"{case.case_id}.nii.gz")
     t["write_s"] = time.perf_counter() - t0

@@ -13,6 +13,7 @@ from segplan.runner.evaluation.oof import missing_probabilities
 from segplan.runner.inference.models import fold_weights_files, load_fold_models, selection_note
 from segplan.runner.inference.predict import predict_cases
 from segplan.runner.training.train import FoldFinished, train_fold
+from segplan.runner.trust.fit import lacking
 from segplan.runner.workspace import Workspace
 
 
@@ -87,8 +88,9 @@ def run_fold(ws: Workspace, k: int, resume: bool = False, restart: bool = False,
             except FoldFinished as e:
                 print(f"segplan: {e}")
                 trained = False
-            if trained or not fold.validation_summary.exists() or missing_probabilities(ws, k):
-                predict_validation(ws, k, progress, redo=trained)
+            older = fold.validation_summary.exists() and bool(lacking(ws, k))
+            if trained or older or not fold.validation_summary.exists() or missing_probabilities(ws, k):
+                predict_validation(ws, k, progress, redo=trained or older)   # older: validated before QC features
         except BaseException as e:
             if fold.dir.exists() and not isinstance(e, (KeyboardInterrupt, SystemExit)):
                 write_text(fold.failed, f"{type(e).__name__}: {e}".splitlines()[0] + "\n")

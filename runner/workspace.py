@@ -11,6 +11,7 @@ Layout (``WORK`` is the plan's ``dataset.work_dir``, relative to the plan file):
                                  <case>.npz, probabilities), metrics, summary
     WORK/previous_stage/<key>/   a cascade's previous-stage predictions on its preprocessed grid
     WORK/cv_summary.md|yaml, cv_boxplots.png, overlays/, quantification.csv
+    WORK/calibration.yaml|png, qc.yaml   calibration and quality check fitted on the folds
 
 Nothing else in segplan builds a path under WORK. A fold trains and predicts with its frozen plan's
 network, preprocessing and labels: a live plan whose such fields were edited after the fold started
@@ -38,6 +39,10 @@ HISTORY = "history.csv"
 PROGRESS = "progress.png"
 TENSORBOARD = "tensorboard"
 VALIDATION = "validation"
+QC_FEATURES = "qc_features.csv"        # per case what its quality check is computed from (runner/trust)
+CALIBRATION = "calibration.yaml"       # these three also in a bundle's model folder
+QC_MODEL = "qc.yaml"
+QC_FAMILY = "qc_family.yaml"
 
 
 class PlanChanged(ValueError):
@@ -153,6 +158,11 @@ class Fold:
     @property
     def validation_metrics(self) -> Path:
         return self.validation / "metrics.csv"
+
+    @property
+    def validation_qc_features(self) -> Path:
+        """The validation cases' quality-check features: what `segplan summarize` fits the QC model on."""
+        return self.validation / QC_FEATURES
 
     def is_trained(self) -> bool:
         return self.pointer.exists()
@@ -276,3 +286,17 @@ class Workspace:
     @property
     def postprocessing(self) -> Path:
         return self.root / "postprocessing.yaml"
+
+    @property
+    def calibration(self) -> Path:
+        """Temperatures fitted on the out-of-fold probabilities, with their ECE (runner/trust)."""
+        return self.root / CALIBRATION
+
+    @property
+    def calibration_plot(self) -> Path:
+        return self.root / "calibration.png"
+
+    @property
+    def qc_model(self) -> Path:
+        """The quality score and flag rule chosen on the folds (runner/trust)."""
+        return self.root / QC_MODEL

@@ -187,6 +187,8 @@ def _same_outputs(a: Path, b: Path) -> None:
         elif p.suffix == ".npz":
             with np.load(p) as x, np.load(b / p.name) as y:
                 assert np.array_equal(x["probabilities"], y["probabilities"]), p.name
+        elif p.suffix == ".csv":   # the quality check: the same scores, flags and reasons
+            assert p.read_text() == (b / p.name).read_text(), p.name
 
 
 def _entries(bundle) -> list[tuple[zipfile.ZipInfo, bytes]]:

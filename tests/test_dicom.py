@@ -301,6 +301,7 @@ def test_a_series_the_reader_cannot_read_is_refused_by_name_and_the_others_are_s
     from tests.tiny import tiny_plan
     plan = load_plan(tiny_plan(phantoms, tmp_path / "plans" / "p.yaml"))   # a CT plan: the series are CT
     from segplan.runner.inference.inputs import find_input_cases
+    from segplan.runner.inference.case import CasePrediction
     for number in (3, 4, 5):
         write_series(tmp_path / "in" / f"s{number}", _volume(seed=number), number=number, seed=number)
     (odd,) = [s for s in find_series(tmp_path / "in") if s.series_id == "PAT1_series4"]
@@ -314,13 +315,14 @@ def test_a_series_the_reader_cannot_read_is_refused_by_name_and_the_others_are_s
 
     def stand_in(case, plan, predict, progress=False, probabilities=False, training_case=False, previous=None):
         image, geom = read_case_image(case)
-        return (image[0] > 0).astype(np.uint8), geom, None, {}
+        return CasePrediction((image[0] > 0).astype(np.uint8), geom, None, {}, {"entropy": 0.0})
     monkeypatch.setattr(stages, "engine_predictor", lambda plan, models, weights=None, folds=None: None)
     monkeypatch.setattr(rp, "predict_case", stand_in)
     with pytest.raises(ValueError, match=r"1 DICOM series refused, as said above \(PAT1_series4\); 2 predicted"):
         rp.predict_cases(cases, plan, [], tmp_path / "out", tta=False, progress=False)
     assert "refused series PAT1_series4" in capsys.readouterr().err
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["PAT1_series3.nii.gz", "PAT1_series5.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["PAT1_series3.nii.gz", "PAT1_series5.nii.gz",
+                                                                   "qc_features.csv"]
 
 
 def _cli(args) -> tuple[int, str]:
@@ -400,7 +402,7 @@ def inputs(trained_cv, tmp_path_factory):
 def _check_seg_folder(inputs, out: Path) -> None:
     """Each good series' SEG in ``out`` holds the NIfTI prediction, frame by frame on its source
     instances, with one segment per foreground class of the plan, in label order."""
-    assert sorted(p.name for p in out.iterdir()) == ["PAT1_series3.dcm", "PAT1_series4.dcm"]
+    assert sorted(p.name for p in out.iterdir()) == ["PAT1_series3.dcm", "PAT1_series4.dcm", "qc.csv", "qc_features.csv"]
     for name, (want, _) in inputs.reference.items():
         files = inputs.series[name].files
         assert np.array_equal(read_seg(out / f"{name}.dcm", files, inputs.labels), want), name

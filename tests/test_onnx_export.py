@@ -75,9 +75,9 @@ def test_a_case_through_onnx_and_segplans_tiling_equals_segplan_predict(trained_
     predicted = read_label(tmp_path / "out" / f"{case.case_id}.nii.gz")[0]
     plan, models = load_fold_models(ws, [0, 1])
     assert not plan.inference.mirroring  # the tiny plan: what predict did is exactly the tiling below
-    labels, _, probs, _ = predict_case(case, plan, onnx_predictor([exported / "fold_0.onnx", exported / "fold_1.onnx"]),
-                                       probabilities=True)
-    _, _, keras_probs, _ = predict_case(case, plan, keras_predictor(models), probabilities=True)
+    labels, _, probs, *_ = predict_case(case, plan, onnx_predictor([exported / "fold_0.onnx", exported / "fold_1.onnx"]),
+                                        probabilities=True)
+    keras_probs = predict_case(case, plan, keras_predictor(models), probabilities=True).probabilities
     np.testing.assert_allclose(probs, keras_probs, atol=1e-4, rtol=0)
     assert labels.shape == predicted.shape
     # the label maps agree wherever the two networks' difference cannot reorder Keras' two best classes

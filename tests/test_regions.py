@@ -459,8 +459,8 @@ def _region_onnx_says_what_it_holds(plan_path: Path, out: Path, predicted: np.nd
     assert meta["segplan.spatial_axes"] == "zyx" and "one sigmoid per region" in meta["segplan.layout"]
     plan = load_plan(plan_path)
     image = next(inp.iterdir())
-    labels, _, _, _ = predict_case(Case(image.name.replace("_0000.nii.gz", ""), (image,), None), plan,
-                                   onnx_predictor([out / "fold_0.onnx"]))
+    labels = predict_case(Case(image.name.replace("_0000.nii.gz", ""), (image,), None), plan,
+                          onnx_predictor([out / "fold_0.onnx"])).labels
     assert np.mean(labels == predicted) > 0.999
 
 

@@ -239,7 +239,8 @@ def build_report(ws: Workspace, table: dict, classes: list[str], notes: list[str
     label_values = list(plan.dataset.labels.values())
     parts = [f"<h1>Cross-validation report: {html.escape(plan.name)}</h1>",
              '<p class="nav"><a href="#cases">validation cases</a> · <a href="#boxplots">box plots</a> · '
-             '<a href="#curves">training curves</a></p>',
+             '<a href="#curves">training curves</a>'
+             + (' · <a href="#calibration">calibration</a>' if ws.calibration_plot.exists() else "") + '</p>',
              "<p>Median over each fold's validation cases (the paper's Table 1).</p>", table_html(table, classes),
              '<ul class="notes">' + "".join(f"<li>{html.escape(n)}</li>" for n in notes if n) + "</ul>"]
     if missing:
@@ -247,6 +248,11 @@ def build_report(ws: Workspace, table: dict, classes: list[str], notes: list[str
     box = _png_file(ws.cv_boxplots)
     if box:
         parts += [f'<h2 id="boxplots">Per-case metrics</h2><img class="plot box" alt="box plots" src="{box}">']
+    reliability = _png_file(ws.calibration_plot)
+    if reliability:   # written by the same summarize, before this page (runner/trust/fit.py)
+        parts += ['<h2 id="calibration">Calibration</h2><p>Reliability of the out-of-fold probabilities before and '
+                  'after temperature scaling, on folds the temperature was not fitted on (calibration.yaml).</p>'
+                  f'<img class="plot" alt="reliability diagram" src="{reliability}">']
     legend = "".join(f'<span><i style="background:rgb{PALETTE[i % len(PALETTE)]}"></i>{html.escape(n)}</span>'
                      for i, n in enumerate(plan.dataset.labels) if i)
     if plan.dataset.ignore_label is not None:   # the viewer has no colour for it: say what it shows instead

@@ -20,6 +20,7 @@ from segplan.runner.evaluation.html_report import write_report  # noqa: E402
 from segplan.runner.postprocessing.postprocess import current, postprocessed_rows  # noqa: E402
 from segplan.planner.labels import label_model  # noqa: E402
 from segplan.runner.evaluation.tables import read_rows, write_rows  # noqa: E402
+from segplan.runner.trust.fit import fit_trust  # noqa: E402
 from segplan.runner.workspace import Workspace  # noqa: E402
 
 TABLE_METRICS = ("dice", "sensitivity", "specificity")
@@ -162,7 +163,9 @@ def report_notes(ws: Workspace, folds: list[int]) -> list[str]:
 
 
 def summarize(ws: Workspace) -> str:
-    """Write WORK/cv_summary.{yaml,md}, cv_boxplots.png, overlays/ and quantification.csv."""
+    """Write WORK/cv_summary.{yaml,md}, cv_boxplots.png, overlays/ and quantification.csv; with two or
+    more validated folds also the calibration (calibration.yaml, calibration.png) and the quality
+    model (qc.yaml) that `segplan predict` uses, their figures and flagged cases in the notes."""
     plan = ws.plan
     rows_by_fold, missing = {}, []
     for fold in ws.folds():
@@ -176,6 +179,7 @@ def summarize(ws: Workspace) -> str:
     table = fold_table(rows_by_fold, classes)
     post, said = current(ws, sorted(rows_by_fold))
     notes = report_notes(ws, list(rows_by_fold)) + undefined_notes(rows_by_fold, classes) + [said]
+    notes += fit_trust(ws)   # calibration and quality check, cross-fitted on the folds (runner/trust)
     # both rows: as predicted, and after the postprocessing the folds chose
     table_post = fold_table(postprocessed_rows(ws, post), classes) if post.rules else {}
     write_yaml(ws.cv_summary_yaml, to_plain({"folds": table, "folds_postprocessed": table_post,
@@ -194,4 +198,6 @@ def summarize(ws: Workspace) -> str:
         pred = ws.fold(int(r["fold"])).validation / f"{r['case']}.nii.gz"
         _overlay(ws, r["case"], pred, ws.overlays / f"{tag}_{r['case']}.png",
                  f"{tag}: {r['case']} ({main_cls} Dice {r['dice']:.3f})")
-    return (markdown + f"\nwritten: {ws.cv_summary_md}, cv_summary.yaml, cv_report.html, cv_boxplots.png, quantification.csv, overlays/")
+    trust = ", calibration.yaml, calibration.png, qc.yaml" if ws.qc_model.exists() else ""
+    return (markdown + f"\nwritten: {ws.cv_summary_md}, cv_summary.yaml, cv_report.html, cv_boxplots.png, "
+            f"quantification.csv, overlays/{trust}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from segplan.planner.fileio import write_text
 
-TEXT_COLUMNS = ("case", "class")
+TEXT_COLUMNS = ("case", "class", "flagged", "reason")
 
 
 def write_rows(rows: list[dict], path: Path, fields: list[str] | None = None) -> None:

@@ -8,6 +8,8 @@ Layout inside the zip (``BUNDLE_VERSION`` 1: one plan)::
     folds/K/model.weights.h5    the weights its plan's inference.checkpoint names
     postprocessing.yaml         the postprocessing decided on cross-validation, if any
     cv_summary.yaml             the cross-validation report, if any
+    calibration.yaml, qc.yaml   calibration and quality model fitted on the folds, if any (runner/trust)
+    qc_family.yaml              the training cases' image-feature fences (out-of-family inputs), if any
 
 ``ENSEMBLE_BUNDLE_VERSION`` 2, several plans: a cascade with the 3d_lowres stage it builds on, or
 `segplan select`'s winning ensemble (`segplan export --selection`)::
@@ -15,6 +17,7 @@ Layout inside the zip (``BUNDLE_VERSION`` 1: one plan)::
     manifest.json               models (name, folds, previous: the model it builds on), ensemble (the
                                 models whose probabilities are averaged), SHA-256 of every other file
     models/NAME/folds/K/...     each model's folds, as above
+    models/NAME/calibration.yaml, qc.yaml, qc_family.yaml   each model's, as above
     postprocessing.yaml         the postprocessing decided for what is averaged (the selection's, or
                                 the cascade plan's), if any
     selection.yaml              the `segplan select` ranking it came from, if any (for reading)
@@ -41,7 +44,8 @@ from segplan.planner.plan_file import save_plan
 from segplan.runner.postprocessing import postprocess
 from segplan.runner.inference.models import build_models, fold_weights
 from segplan.runner.inference.onnx_file import onnx_metadata
-from segplan.runner.workspace import Workspace
+from segplan.runner.trust.checks import load_trust, save_family
+from segplan.runner.workspace import QC_FAMILY, Workspace
 
 __all__ = ["BundleError", "export", "export_selection", "open_bundle", "bundle_stages"]
 
@@ -126,6 +130,7 @@ def _export(workspaces: list[Workspace], out: Path, folds: list[int] | None, ext
                 files[f"{prefix}folds/{k}/plan.yaml"] = staged
                 files[f"{prefix}folds/{k}/model.weights.h5"] = fold_weights(ws.fold_plan(k), ws.fold(k))
             models.append({"name": name, "folds": chosen, "previous": prev_name})
+            files |= _trust_files(ws, prefix, Path(staging) / name)
         files |= extra
         manifest = {"bundle_version": BUNDLE_VERSION if single else ENSEMBLE_BUNDLE_VERSION,
                     "segplan_version": metadata.version("segplan"), **info}
@@ -139,6 +144,16 @@ def _export(workspaces: list[Workspace], out: Path, folds: list[int] | None, ext
                 z.write(path, name)
             z.writestr(MANIFEST, json.dumps(manifest, indent=1))
     return out
+
+
+def _trust_files(ws: Workspace, prefix: str, staging: Path) -> dict[str, Path]:
+    """A model's calibration, quality model and training-family fences, as the bundle holds them
+    beside its folds (those it has: predict says what is missing)."""
+    files = {f"{prefix}{path.name}": path for path in (ws.calibration, ws.qc_model) if path.exists()}
+    staging.mkdir(parents=True, exist_ok=True)
+    if save_family(ws, staging / QC_FAMILY):
+        files[f"{prefix}{QC_FAMILY}"] = staging / QC_FAMILY
+    return files
 
 
 SERVING_FORMATS = {"savedmodel": "tf_saved_model", "onnx": "onnx"}
@@ -245,6 +260,9 @@ def _bundle_stages(bundle: Path, root: Path, manifest: dict, folds: list[int] | 
                 plan, nets = build_models(plans, weights, chosen)
             except (OSError, ValueError) as e:  # weights that do not fit their plan, or no weights file at all
                 raise BundleError(f"{bundle}: {' '.join(str(e).replace(str(root) + '/', '').split())}") from e
-            built[name] = make_stage(plan, nets, tta, previous, weights, chosen)  # an engine exports now
+            trust = load_trust(root / model["prefix"], lambda: ({}, "the bundle holds no training family (exported "
+                                                                 "before segplan kept one, or from a work folder "
+                                                                 "without preprocessed cases)"))
+            built[name] = make_stage(plan, nets, tta, previous, weights, chosen, trust)  # an engine exports now
         return built[name]
     return [load(name) for name in ensemble]

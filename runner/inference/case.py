@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -14,6 +15,19 @@ from segplan.planner.labels import label_model
 from segplan.planner.plan import Plan, volume_patch
 from segplan.runner.inference.infer import sliding_window, on_windows
 from segplan.runner.preprocessing.preprocess import invert_probabilities, preprocess_image
+from segplan.runner.trust.features import probability_features, volume_features
+
+
+class CasePrediction(NamedTuple):
+    """One image's prediction: the label map (original label values) on the input's grid, that
+    grid's geometry, the probabilities on it where asked for (else None), the seconds of each step,
+    and what its quality check is computed from (runner/trust/features.py)."""
+
+    labels: np.ndarray
+    geometry: Geometry
+    probabilities: np.ndarray | None
+    timings: dict
+    features: dict
 
 
 def warn_unknown_units(sources: tuple, props: dict) -> None:
@@ -29,8 +43,7 @@ def warn_unknown_units(sources: tuple, props: dict) -> None:
 
 
 def predict_case(case: Case, plan: Plan, predict, progress: bool = False, probabilities: bool = False,
-                 training_case: bool = False,
-                 previous=None) -> tuple[np.ndarray, Geometry, np.ndarray | None, dict]:
+                 training_case: bool = False, previous=None) -> CasePrediction:
     """``predict_image`` of a case read from its files (or DICOM series). ``previous`` (a cascade):
     case -> the previous stage's label map on the original grid."""
     return predict_image(lambda: read_case_image(case), case.case_id, case.image_files, plan, predict, progress,
@@ -39,10 +52,10 @@ def predict_case(case: Case, plan: Plan, predict, progress: bool = False, probab
 
 def predict_image(read, case_id: str, sources: tuple, plan: Plan, predict, progress: bool = False,
                   probabilities: bool = False, training_case: bool = False,
-                  previous=None) -> tuple[np.ndarray, Geometry, np.ndarray | None, dict]:
-    """Label map (original label values) on the input's grid, that grid's geometry, the
-    probabilities on it if asked for (else None; a region plan's: one sigmoid probability per
-    region), and the time of each step. ``read``: () -> a fresh (c, z, y, x) image and its geometry,
+                  previous=None) -> CasePrediction:
+    """The CasePrediction of one image (a region plan's probabilities: one sigmoid per region; the
+    quality features: the input image's, the network's entropy on its own grid, the predicted
+    volumes). ``read``: () -> a fresh (c, z, y, x) image and its geometry,
     called once and owned here (preprocessing works on it in place and it is let go of before the
     network runs; an ensemble or a cascade reads again for each stage). ``sources``: what the
     channels were read from, for messages. ``training_case``: the case is one of the plan's training
@@ -75,6 +88,7 @@ def predict_image(read, case_id: str, sources: tuple, plan: Plan, predict, progr
     bar.close()
     t["network_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    features = dict(props["image_features"], **probability_features(probs, lm))
     if lm.has_regions:  # region probabilities on the original grid, thresholded and written in order
         full = invert_probabilities(probs, props, plan, full=True, background=False)
         labels = lm.to_label_map(full)
@@ -85,6 +99,7 @@ def predict_image(read, case_id: str, sources: tuple, plan: Plan, predict, progr
     else:
         full = None
         labels = lm.classes_to_labels(invert_probabilities(probs, props, plan, full=False))
+    features |= volume_features(labels, geom.spacing, lm)
     t["resample_back_s"] = time.perf_counter() - t0
-    return labels, geom, full, t
+    return CasePrediction(labels, geom, full, t, features)
 

@@ -12,6 +12,7 @@ from segplan.runner.inference.case import predict_case
 from segplan.runner.inference.outputs import admit, refuse_unreadable, report_refused, write_prediction
 from segplan.runner.inference.predictor import Predictor
 from segplan.runner.inference.stages import make_stage
+from segplan.runner.trust.checks import write_features
 
 
 def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tta: bool = True,
@@ -28,15 +29,18 @@ def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tt
     cases, skipped = admit(cases, output_format, plan)
     predict = make_stage(plan, models, tta, weights=weights, folds=folds).predict
     out_dir.mkdir(parents=True, exist_ok=True)
-    timings = []
+    timings, features = [], []
     for case in tqdm(cases, desc="predict", disable=not progress, unit="case"):
         try:
-            labels, geom, probs, t = predict_case(case, plan, predict, progress, probabilities=save_probabilities,
-                                                  training_case=training_cases, previous=previous)
+            p = predict_case(case, plan, predict, progress, probabilities=save_probabilities,
+                             training_case=training_cases, previous=previous)
         except DatasetError as e:
             refuse_unreadable(case, e, skipped)
             continue
-        timings.append(write_prediction(case, labels, geom, probs, out_dir, post, t, progress, plan, output_format))
+        timings.append(write_prediction(case, p.labels, p.geometry, p.probabilities, out_dir, post, p.timings,
+                                        progress, plan, output_format))
+        features.append({"case": case.case_id, **p.features})
+        write_features(out_dir, features)   # a fold's validation cases: what summarize fits the QC model on
     report_refused(skipped, len(timings), out_dir)
     return timings
 

@@ -20,7 +20,8 @@ from segplan.planner.dicom import read_case_image
 from segplan.planner.plan import Plan
 from segplan.runner.inference.inputs import find_input_cases, refuse_overwrite
 from segplan.runner.inference.stages import (Stage, check_members, predict_ensemble, predict_with_stages,
-                                             trained_folds, workspace_stage)
+                                             stages_trust, trained_folds, workspace_stage)
+from segplan.runner.trust.checks import check_case
 from segplan.runner.postprocessing import postprocess
 from segplan.runner.workspace import Workspace
 
@@ -84,13 +85,21 @@ class Predictor:
         ``image``: a file path, a DICOM series folder, a ``SimpleITK.Image``, or a list of files or
         images, one per channel of the plan. ``probabilities``: also return the probabilities on the
         input's grid, (classes, z, y, x) float32 (a region plan: one sigmoid per region), before
-        postprocessing."""
+        postprocessing, calibrated where the plan's work folder (or the bundle) has a calibration
+        (the label map is the uncalibrated arg-max either way)."""
         read, name, sources = self._reader(image)
-        labels, geom, probs, _ = predict_with_stages(self.stages, read, name, sources, probabilities=probabilities)
-        if self.post is not None:
-            labels = postprocess.apply(labels, self.post)
-        out = to_sitk(labels, geom)
-        return (out, probs.astype(np.float32, copy=False)) if probabilities else out
+        p = predict_with_stages(self.stages, read, name, sources, probabilities=probabilities)
+        labels = postprocess.apply(p.labels, self.post) if self.post is not None else p.labels
+        out = to_sitk(labels, p.geometry)
+        return (out, p.probabilities.astype(np.float32, copy=False)) if probabilities else out
+
+    def check(self, image) -> dict:
+        """The quality check `segplan predict` writes to qc.csv for ``image`` (as in ``predict``):
+        ``score`` (an expected Dice where there is a quality model), ``flagged`` and ``reason``, and
+        the ``features`` it was computed from."""
+        read, name, sources = self._reader(image)
+        p = predict_with_stages(self.stages, read, name, sources)
+        return check_case(name, p.features, stages_trust(self.stages)) | {"features": p.features}
 
     def predict_folder(self, input_dir: str | Path, output_dir: str | Path, save_probabilities: bool = False,
                        progress: bool = True, output_format: str = "nifti") -> list[dict]:

@@ -18,9 +18,11 @@ from segplan.planner.plan import Plan
 from segplan.runner.inference.engines import engine_predictor
 from segplan.runner.inference.infer import mirrored
 from segplan.planner.labels import label_model
-from segplan.runner.inference.case import predict_image
+from segplan.runner.inference.case import CasePrediction, predict_image
 from segplan.runner.inference.models import fold_weights_files, load_fold_models
 from segplan.runner.inference.outputs import admit, refuse_unreadable, report_refused, write_prediction
+from segplan.runner.trust.checks import Trust, check_case, say_flagged, workspace_trust, write_qc
+from segplan.runner.trust.features import volume_features
 from segplan.runner.workspace import Workspace
 
 
@@ -31,10 +33,11 @@ class Stage:
     plan: Plan
     predict: Callable[[np.ndarray], np.ndarray]  # (b, c, *patch) -> (b, classes, *patch)
     previous: "Stage | None" = None              # a cascade's 3d_lowres stage: predicts first
+    trust: Trust = Trust()                       # calibration, quality model, training family (runner/trust)
 
 
 def make_stage(plan: Plan, models: list, tta: bool, previous: Stage | None = None,
-               weights: list[Path] | None = None, folds: list[int] | None = None) -> Stage:
+               weights: list[Path] | None = None, folds: list[int] | None = None, trust: Trust = Trust()) -> Stage:
     """The plan's models as a predictor on its ``inference.engine`` (``weights``: the models' weights
     files, beside which an engine keeps their exported network; without them it exports for this
     process only), mirrored at test time where the plan says so; a plan (or a bundle's) from before
@@ -47,7 +50,7 @@ def make_stage(plan: Plan, models: list, tta: bool, previous: Stage | None = Non
             print(f"segplan: warning: plan '{plan.name}': {line.strip().removeprefix('WARNING: ')} "
                   "(`segplan predict --no-tta` predicts unmirrored)", file=sys.stderr, flush=True)
         predict = mirrored(predict, plan.training.augmentation.mirror_axes)
-    return Stage(plan, predict, previous)
+    return Stage(plan, predict, previous, trust)
 
 
 def trained_folds(ws: Workspace, folds: list[int] | None = None) -> list[int]:
@@ -68,7 +71,7 @@ def workspace_stage(ws: Workspace, folds: list[int] | None = None, tta: bool = T
     if ws.plan.configuration == "3d_cascade_fullres":
         from segplan.runner.cascade import previous_workspace
         previous = workspace_stage(previous_workspace(ws), folds, tta)
-    return make_stage(plan, models, tta, previous, fold_weights_files(ws, chosen), chosen)
+    return make_stage(plan, models, tta, previous, fold_weights_files(ws, chosen), chosen, workspace_trust(ws))
 
 
 def check_members(stages: list[Stage]) -> None:
@@ -87,30 +90,55 @@ def _previous_map(stage: Stage, read, case_id: str, sources: tuple):
     if prev is None:
         return None
     return lambda: predict_image(read, case_id, sources, prev.plan, prev.predict,
-                                 previous=_previous_map(prev, read, case_id, sources))[0]
+                                 previous=_previous_map(prev, read, case_id, sources)).labels
 
 
 def predict_with_stages(stages: list[Stage], read, case_id: str, sources: tuple, progress: bool = False,
-                        probabilities: bool = False) -> tuple[np.ndarray, object, np.ndarray | None, dict]:
+                        probabilities: bool = False) -> CasePrediction:
     """One image's label map on its own grid from the average of the stages' probabilities (one
-    stage: its own prediction), the grid's geometry, those probabilities if asked for, and the time
-    of each step: what `segplan predict` and ``Predictor.predict`` both compute for a case. ``read``:
-    () -> a fresh (c, z, y, x) image and its geometry, called by each stage (and each previous
-    stage of a cascade): preprocessing changes the image it is given."""
-    total, t = None, {}
+    stage: its own prediction), with the grid's geometry, the probabilities if asked for (each
+    stage's calibrated where it has a calibration, then averaged; the label map always comes from
+    the uncalibrated average), the time of each step and the quality features (the first stage's
+    image and entropy, the volumes of the label map): what `segplan predict` and
+    ``Predictor.predict`` both compute for a case. ``read``: () -> a fresh (c, z, y, x) image and
+    its geometry, called by each stage (and each previous stage of a cascade): preprocessing changes
+    the image it is given."""
+    total, calibrated, t, features = None, None, {}, None
+    lm = label_model(stages[0].plan)
+    calibrate = probabilities and any(s.trust.temperature is not None for s in stages)
     for stage in stages:
-        labels, geom, probs, ts = predict_image(read, case_id, sources, stage.plan, stage.predict, progress,
-                                                probabilities=probabilities or len(stages) > 1,
-                                                previous=_previous_map(stage, read, case_id, sources))
-        for key, v in ts.items():
+        p = predict_image(read, case_id, sources, stage.plan, stage.predict, progress,
+                          probabilities=probabilities or len(stages) > 1,
+                          previous=_previous_map(stage, read, case_id, sources))
+        for key, v in p.timings.items():
             t[key] = t.get(key, 0.0) + v
-        total = probs if total is None else total + probs
+        features = p.features if features is None else features
+        labels, geom = p.labels, p.geometry
+        total = p.probabilities if total is None else total + p.probabilities
+        if calibrate:   # an uncalibrated member is averaged as it is; one stage: its labels are made already
+            cal = stage.trust.calibrate(p.probabilities, p.labels, lm, in_place=len(stages) == 1)
+            calibrated = cal if calibrated is None else calibrated + cal
     if len(stages) > 1:
         t0 = time.perf_counter()
         total /= len(stages)
-        labels = label_model(stages[0].plan).to_label_map(total)
+        labels = lm.to_label_map(total)
+        features = features | volume_features(labels, geom.spacing, lm)
+        if calibrated is not None:
+            calibrated /= len(stages)
         t["average_s"] = time.perf_counter() - t0
-    return labels, geom, total if probabilities else None, t
+    out = calibrated if calibrated is not None else total
+    return CasePrediction(labels, geom, out if probabilities else None, t, features)
+
+
+def stages_trust(stages: list[Stage]) -> Trust:
+    """What checks an ensemble's (or one stage's) predictions: the first stage's family fences; its
+    quality model only for a single stage (it was fitted on that plan's own predictions)."""
+    first = stages[0].trust
+    if len(stages) == 1:
+        return first
+    return Trust(None, None, first.fences, [m for m in first.missing if "QC model" not in m]
+                 + ["an ensemble has no QC model (each was fitted on one plan's predictions): the score is "
+                    "1 - the first member's mean entropy, not fitted to Dice"])
 
 
 def predict_ensemble(cases: list[Case], stages: list[Stage], out_dir: Path, save_probabilities: bool = False,
@@ -121,15 +149,21 @@ def predict_ensemble(cases: list[Case], stages: list[Stage], out_dir: Path, save
     check_members(stages)
     cases, skipped = admit(cases, output_format, stages[0].plan)
     out_dir.mkdir(parents=True, exist_ok=True)
-    timings = []
+    timings, qc, features = [], [], []
+    trust = stages_trust(stages)
     for case in tqdm(cases, desc="predict", disable=not progress, unit="case"):
         try:
-            labels, geom, probs, t = predict_with_stages(stages, lambda: read_case_image(case), case.case_id,
-                                                         case.image_files, progress, save_probabilities)
+            p = predict_with_stages(stages, lambda: read_case_image(case), case.case_id, case.image_files, progress,
+                                    save_probabilities)
         except DatasetError as e:
             refuse_unreadable(case, e, skipped)
             continue
-        timings.append(write_prediction(case, labels, geom, probs, out_dir, post, t, progress, stages[0].plan,
-                                        output_format))
+        timings.append(write_prediction(case, p.labels, p.geometry, p.probabilities, out_dir, post, p.timings,
+                                        progress, stages[0].plan, output_format))
+        qc.append(check_case(case.case_id, p.features, trust))
+        features.append({"case": case.case_id, **p.features})
+        write_qc(out_dir, qc, features)
+    if qc:
+        say_flagged(qc, out_dir)
     report_refused(skipped, len(timings), out_dir)
     return timings

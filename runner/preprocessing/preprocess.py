@@ -21,6 +21,7 @@ from segplan.planner.orientation import Reorientation, orient, reorientation, un
 from segplan.planner.plan import Plan
 from segplan.runner.locks import exclusive
 from segplan.runner.preprocessing.resampling import resample, target_shape
+from segplan.runner.trust.features import image_features
 from segplan.runner.workspace import Workspace, preprocessing_fields
 
 CLASS_LOCATIONS_PER_CLASS = 10_000
@@ -89,13 +90,15 @@ def preprocess_image(image: np.ndarray, geom: Geometry, plan: Plan, case_id: str
     sl = tuple(slice(a, b) for a, b in box)
     image = np.ascontiguousarray(image[(slice(None),) + sl])
     image = normalize(image, plan)
+    features = image_features(image)   # the quality check's: is this input like the training cases?
     rs = plan.resampling
     new_shape = target_shape(image.shape[1:], grid.spacing, rs.target_spacing)
     data = np.stack([resample(ch, grid.spacing, rs.target_spacing, new_shape, rs.image_order,
                               rs.anisotropy_threshold, rs.anisotropic_order) for ch in image]).astype(np.float32)
     props = {"case_id": case_id, "geometry": geom.to_dict(), "crop_box": [list(b) for b in box],
              "cropped_shape": list(image.shape[1:]), "resampled_shape": new_shape,
-             "conventions": [u[0] for u in units], "convention_evidence": [u[1] for u in units]}
+             "conventions": [u[0] for u in units], "convention_evidence": [u[1] for u in units],
+             "image_features": features}
     if r is not None:
         props["orientation"] = r.to_dict()
     seg = _label_on_grid(label, props, plan, grid) if label is not None else None
