@@ -416,7 +416,8 @@ def test_dicom_prediction_equals_nifti_prediction_and_a_broken_series_is_refused
     rc, err = _cli(["predict", inputs.plan, "-i", inputs.dicom, "-o", tmp_path])
     assert rc == 2 and "refused series PAT1_series5" in err and "uneven slice spacing" in err, err
     assert "1 DICOM series refused, as said above (PAT1_series5); 2 predicted" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["PAT1_series3.nii.gz", "PAT1_series4.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["PAT1_series3.nii.gz", "PAT1_series4.nii.gz", "qc.csv",
+                                                          "qc_features.csv"]
     for name, (want, want_geom) in inputs.reference.items():
         got, got_geom = read_label(tmp_path / f"{name}.nii.gz")
         assert np.array_equal(got, want) and got_geom == want_geom, name

@@ -1,11 +1,12 @@
 """Calibrated probabilities: temperature scaling (Guo et al. 2017) fitted on a plan's out-of-fold
 probabilities, and the expected calibration error (ECE) that says whether it helped.
 
-A softmax plan's probabilities become ``softmax(log p / T)``, a region plan's sigmoids
-``sigmoid(logit p / T)``; ``T`` is one number for the plan or one per output (class or region),
-whichever measures better. Dividing by T keeps the arg-max of a single temperature and never
-moves a sigmoid across 0.5, but a temperature per class can move an arg-max: segplan's label maps
-are always made from the uncalibrated probabilities, so calibration never changes a label.
+A softmax plan's probabilities become ``softmax(log p / T)`` with one T (per side, below): one T
+keeps every arg-max, so the calibrated probabilities' arg-max is the label map; a T per class
+would move arg-maxes. A region plan's sigmoids become ``sigmoid(logit p / T)`` with one T for the
+plan or one per region, whichever measures better: neither moves a sigmoid across 0.5. Label maps
+are made from the uncalibrated probabilities all the same, so calibration never changes a label
+(an ensemble averages calibrated members, whose average may rank classes differently).
 
 Two temperatures: one ``near`` the predicted structures (within BAND_VOXELS of a voxel the network
 labels foreground: where its mistakes lie), one ``far`` from them (the rest of the image, where it
@@ -175,6 +176,14 @@ SCOPES = {"plan": False, "per_output": True}
 SIDES = ("near", "far")
 
 
+def scopes(lm: LabelModel) -> dict[str, bool]:
+    """The scopes a plan's calibration may take: a region plan's sigmoids one temperature for the
+    plan or one per region (neither moves a sigmoid across 0.5); a softmax plan's one per side only,
+    since a temperature per class would move arg-maxes, and the calibrated probabilities' arg-max
+    would no longer be the label map."""
+    return SCOPES if lm.has_regions else {"plan": False}
+
+
 def fit_sides(band: Samples, everywhere: Samples, lm: LabelModel, per_output: bool) -> dict[str, list[float]]:
     """The near temperature(s) fitted on the band's near voxels, the far one(s) on the weighted
     sample of all voxels that lie far (1 where a side has no voxel)."""
@@ -219,7 +228,7 @@ def cross_fit(folds: dict[int, list[CaseSamples]], lm: LabelModel) -> CrossFit:
     every = Samples.join(list(held_all.values()))
     before, before_all = reliability(band.probs, band, lm), reliability(every.probs, every, lm)
     by_scope, curves, per_fold = {}, {}, {}
-    for scope, per_output in SCOPES.items():
+    for scope, per_output in scopes(lm).items():
         cal_band, cal_all = [], []
         for k in folds:
             others = [j for j in folds if j != k]

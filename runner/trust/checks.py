@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from scipy import ndimage
 
 from segplan.planner.fileio import write_yaml
 from segplan.planner.labels import LabelModel
@@ -49,13 +50,21 @@ class Trust:
         if self.temperature is None:
             return probs
         near = cal.near_mask(labels)
+        box = ndimage.find_objects(near.astype(np.uint8))   # the near side's bounding box: its temperature there only
+        box = box[0] if box else None
         out = probs if in_place and probs.dtype == np.float32 else np.empty(probs.shape, np.float32)
         step = max(1, SLAB_VOXELS // max(1, int(np.prod(probs.shape)) // max(probs.shape[1], 1)))
         t = self.temperature
         for z in range(0, probs.shape[1], step):
-            slab = probs[:, z:z + step]
-            far = cal.apply(slab, t["far"], lm, eps=cal.PREDICT_EPS)
-            out[:, z:z + step] = np.where(near[z:z + step], cal.apply(slab, t["near"], lm, eps=cal.PREDICT_EPS), far)
+            zs = slice(z, min(z + step, probs.shape[1]))
+            inner = None
+            if box is not None and zs.start < box[0].stop and box[0].start < zs.stop:
+                inner = (slice(max(zs.start, box[0].start), min(zs.stop, box[0].stop)),) + box[1:]
+                near_part = cal.apply(probs[(slice(None),) + inner], t["near"], lm, eps=cal.PREDICT_EPS)
+            out[:, zs] = cal.apply(probs[:, zs], t["far"], lm, eps=cal.PREDICT_EPS)
+            if inner is not None:
+                region = out[(slice(None),) + inner]
+                np.copyto(region, near_part, where=near[inner])
         return out
 
 
