@@ -3,7 +3,7 @@ writing, with peak memory, for a small CPU plan and for the paper's network with
 patch (issue 5). The networks are untrained: speed does not depend on the weights.
 
     python benchmarks/inference_speed.py [--phantoms /tmp/segplan_phantoms20] [--case 0] [--skip-paper]
-                                         [--nnunet-python /path/to/venv/bin/python]
+                                         [--nnunet-python /path/to/venv/bin/python] [--engine keras|plan]
 
 With ``--nnunet-python`` (an environment with nnU-Net v2; never a dependency of segplan), nnU-Net
 first plans the phantoms (for its spacing, given to segplan's CPU plan too), then predicts the same
@@ -26,13 +26,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def run(plan, case, out: Path, label: str) -> float:
+def run(plan, case, out: Path, label: str, engine: str = "keras") -> float:
+    """``engine``: "keras" (the path before issue 40: Keras on TensorFlow) or "plan" (the plan's
+    ``inference.engine``, what `segplan predict` uses)."""
     from segplan.planner.dataset import write_volume
+    from segplan.runner.inference.engines import engine_predictor
     from segplan.runner.inference.infer import keras_predictor
     from segplan.runner.training.model import build_unet, prediction_model
     from segplan.runner.inference.case import predict_case
     model = prediction_model(build_unet(plan.network, len(plan.dataset.channels), len(plan.dataset.labels)))
-    labels, geom, _, t, _ = predict_case(case, plan, keras_predictor([model]))
+    predict = keras_predictor([model]) if engine == "keras" else engine_predictor(plan, [model])
+    label = f"{label}, engine {plan.inference.engine if engine == 'plan' else 'keras'}"
+    labels, geom, _, t, _ = predict_case(case, plan, predict)
     t0 = time.perf_counter()
     write_volume(labels, geom, out / f"{case.case_id}.nii.gz")
     t["write_s"] = time.perf_counter() - t0
@@ -66,6 +71,10 @@ def main() -> None:
     ap.add_argument("--case", type=int, default=0)
     ap.add_argument("--skip-paper", action="store_true")
     ap.add_argument("--nnunet-python", default=None)
+    ap.add_argument("--engine", choices=["keras", "plan"], default="keras",
+                    help="keras: Keras on TensorFlow for every window (the path before issue 40); plan: the engine "
+                         "the CPU planner measured and chose (what `segplan predict` runs). One per process, so that "
+                         "the peak memory printed is that path's")
     a = ap.parse_args()
     from benchmarks.common import peak_rss_gb
     from segplan.datasets.phantoms import make_phantoms
@@ -89,7 +98,7 @@ def main() -> None:
     inf = dataclasses.replace(cpu.inference, mirroring=False, overlap=0.5, weighting="gaussian")
     cpu = cpu.replace(inference=inf)
     ours = run(cpu, case, tmp, f"small CPU plan (patch {cpu.training.patch_size}, filters {cpu.network.filters}, "
-                               f"spacing {cpu.resampling.target_spacing})")
+                               f"spacing {cpu.resampling.target_spacing})", a.engine)
     if plans_file is not None:
         theirs = nnunet_case(a.nnunet_python, plans_file, data, case, cpu, tmp)
         print(f"whole-case prediction: segplan {theirs / ours:.2f}x faster than nnU-Net v2")
