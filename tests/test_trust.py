@@ -115,7 +115,8 @@ def test_case_samples_keep_annotated_voxels_near_the_structures():
     ref[8:12, 8:12, 8:12] = 1
     ref[:, :, 0] = 9                      # a slice nobody annotated
     probs = np.stack([1 - (ref == 1), (ref == 1)]).astype(np.float32) * 0.98 + 0.01
-    s = cal.case_samples(probs, ref, lm, np.random.default_rng(0))
+    classes = np.where(ref == 9, lm.ignore_index, ref)   # as preprocess.labels_to_classes gives them
+    s = cal.case_samples(probs, classes, lm, np.random.default_rng(0))
     # band: the 4^3 cube dilated by 2 voxels (a 3-D cross), no voxel of the ignore label
     assert s.band.truth.size == np.count_nonzero(
         __import__("scipy").ndimage.binary_dilation(ref == 1, iterations=cal.BAND_VOXELS))

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage, optimize
 
-from segplan.planner.labels import LabelModel, mask_of
+from segplan.planner.labels import LabelModel
 
 BINS = 15
 BAND_VOXELS = 2
@@ -68,38 +68,24 @@ class CaseSamples:
     everywhere: Samples
 
 
-def _truth(ref: np.ndarray, lm: LabelModel) -> np.ndarray:
-    """The reference as the network's targets: class indices (softmax) or (outputs, ...) region
-    membership; values outside the labels become -1 (not scored)."""
-    if lm.has_regions:
-        return np.stack([mask_of(ref, v) for v in lm.regions.values()]).astype(np.uint8)
-    lut = np.full(int(ref.max()) + 1, -1, np.int32)
-    for k, value in enumerate(lm.labels.values()):
-        if value <= ref.max():
-            lut[value] = k
-    return lut[ref]
-
-
 def near_mask(labels: np.ndarray) -> np.ndarray:
     """The voxels within BAND_VOXELS of a predicted structure (any non-zero label) of a label map."""
     fg = labels != 0
     return ndimage.binary_dilation(fg, iterations=BAND_VOXELS) if fg.any() else fg
 
 
-def case_samples(probs: np.ndarray, ref: np.ndarray, lm: LabelModel, rng: np.random.Generator) -> CaseSamples:
+def case_samples(probs: np.ndarray, classes: np.ndarray, lm: LabelModel, rng: np.random.Generator) -> CaseSamples:
     """A case's calibration voxels from its (outputs, z, y, x) out-of-fold probabilities and
-    reference label map (values) on the same grid: the band (see the module) and a uniform sample
-    of all annotated voxels, weighted back to their number; each voxel marked near or far."""
-    truth = _truth(ref, lm)
-    annotated = lm.annotated(ref)
-    annotated = np.ones(ref.shape, bool) if annotated is None else annotated
+    reference as class indices on the same grid (preprocess.labels_to_classes: the ignore label is
+    index K, a value the plan does not know is background, as evaluation scores it): the band (see
+    the module) and a uniform sample of all annotated voxels, weighted back to their number; each
+    voxel marked near or far. The truth is the network's target: the class index, or for a region
+    plan each region's membership (labels.region_table)."""
+    annotated = classes != lm.ignore_index if lm.has_ignore else np.ones(classes.shape, bool)
+    truth = np.moveaxis(lm.region_table()[classes], -1, 0).astype(np.uint8) if lm.has_regions else classes
     predicted = lm.to_label_map(probs)
     near = near_mask(predicted)
-    if lm.has_regions:
-        fg = (predicted != 0) | truth.any(axis=0)
-    else:
-        fg = (predicted != 0) | (truth > 0)
-        annotated &= truth >= 0
+    fg = (predicted != 0) | (truth.any(axis=0) if lm.has_regions else (classes > 0) & annotated)
     band = ndimage.binary_dilation(fg, iterations=BAND_VOXELS) & annotated if fg.any() else np.zeros_like(fg)
 
     def take(mask: np.ndarray, cap: int, weighted: bool) -> Samples:

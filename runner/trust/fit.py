@@ -14,7 +14,9 @@ import numpy as np  # noqa: E402
 from segplan.planner.dataset import read_label  # noqa: E402
 from segplan.planner.fileio import save_figure, write_yaml  # noqa: E402
 from segplan.planner.labels import label_model  # noqa: E402
-from segplan.runner.evaluation.oof import load_probabilities  # noqa: E402
+from segplan.runner.evaluation.html_report import rank_cases  # noqa: E402
+from segplan.runner.preprocessing.preprocess import labels_to_classes  # noqa: E402
+from segplan.runner.evaluation.oof import load_probabilities, missing_probabilities  # noqa: E402
 from segplan.runner.evaluation.tables import read_rows  # noqa: E402
 from segplan.runner.trust import calibration as cal, quality  # noqa: E402
 from segplan.runner.trust.checks import save_calibration  # noqa: E402
@@ -23,22 +25,12 @@ from segplan.runner.workspace import Workspace  # noqa: E402
 SEED = 0
 
 
-def _case_dice(rows: list[dict], structures: list[str]) -> dict[str, float]:
-    """Per case the mean Dice over the plan's structures (as evaluation scores them)."""
-    by_case: dict[str, list[float]] = {}
-    for r in rows:
-        if r["class"] in structures and not math.isnan(float(r["dice"])):
-            by_case.setdefault(r["case"], []).append(float(r["dice"]))
-    return {c: float(np.mean(v)) for c, v in by_case.items()}
-
-
 def lacking(ws: Workspace, k: int) -> list[str]:
-    """Fold k's validation cases without probabilities or quality features (validated before segplan
-    wrote them, or interrupted between a case's files): what `segplan run --fold k` validates again."""
-    fold = ws.fold(k)
-    feats = {r["case"]: r for r in read_rows(fold.validation_qc_features)}
-    return [c for c in ws.splits()[k]["val"] if c not in feats or not fold.validation_probabilities(c).exists()
-            or any(f not in feats[c] for f in quality.FEATURES)]
+    """Fold k's validation cases without quality features (validated before segplan wrote them, or
+    interrupted between a case's files): what `segplan run --fold k` validates again. Missing
+    probabilities are oof.missing_probabilities'."""
+    feats = {r["case"]: r for r in read_rows(ws.fold(k).validation_qc_features)}
+    return [c for c in ws.splits()[k]["val"] if c not in feats or any(f not in feats[c] for f in quality.FEATURES)]
 
 
 def validated_folds(ws: Workspace) -> tuple[list[int], list[str]]:
@@ -48,7 +40,7 @@ def validated_folds(ws: Workspace) -> tuple[list[int], list[str]]:
     for fold in ws.folds():
         if not fold.validation_metrics.exists():
             continue
-        without = lacking(ws, fold.index)
+        without = lacking(ws, fold.index) + missing_probabilities(ws, fold.index)
         if without:
             notes.append(f"fold {fold.index}: {len(without)} validation case(s) without quality features or "
                          f"probabilities (validated before segplan wrote them; e.g. {without[0]}): run "
@@ -78,11 +70,12 @@ def fit_trust(ws: Workspace, progress=None) -> list[str]:
     rows, dice, fold_of = [], [], []
     for k in folds:
         fold = ws.fold(k)
-        case_dice = _case_dice(read_rows(fold.validation_metrics), list(lm.structures))
+        ranked = rank_cases([dict(r, fold=k) for r in read_rows(fold.validation_metrics)], list(lm.structures))
+        case_dice = {c["case"]: c["mean_dice"] for c in ranked if not math.isnan(c["mean_dice"])}
         feats = {r["case"]: r for r in read_rows(fold.validation_qc_features)}
         for cid in ws.splits()[k]["val"]:
-            ref = read_label(labels[cid])[0]
-            samples.setdefault(k, []).append(cal.case_samples(load_probabilities(ws, k, cid), ref, lm, rng))
+            classes = labels_to_classes(read_label(labels[cid])[0], ws.plan)
+            samples.setdefault(k, []).append(cal.case_samples(load_probabilities(ws, k, cid), classes, lm, rng))
             if cid in case_dice:
                 rows.append(dict(feats[cid]))
                 dice.append(case_dice[cid])
