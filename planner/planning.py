@@ -177,10 +177,16 @@ def check_plan_report(path: Path) -> str:
     return "\n".join(lines + mirroring_lines(plan) + label_handling_lines(plan.dataset))
 
 
+def mirroring_prepared(plan) -> bool:
+    """Whether training mirrors often enough along some axis for test-time mirroring to help."""
+    aug = plan.training.augmentation
+    return aug.mirror_p >= MIRROR_TTA_MIN_P and bool(aug.mirror_axes)
+
+
 def mirroring_lines(plan) -> list[str]:
     """`segplan check`'s warning on test-time mirroring that training did not prepare the network for."""
     aug = plan.training.augmentation
-    if not plan.inference.mirroring or (aug.mirror_p >= MIRROR_TTA_MIN_P and aug.mirror_axes):
+    if not plan.inference.mirroring or mirroring_prepared(plan):
         return []
     return ["  WARNING: inference.mirroring averages flipped views, but training mirrors "
             + (f"only {aug.mirror_p:.0%} of the patches (training.augmentation.mirror_p {aug.mirror_p:g})"

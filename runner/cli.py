@@ -146,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
                                       "predictions; the winner and its postprocessing")
     s.add_argument("plans", nargs="+", metavar="PLAN", help="plans whose folds have all finished, on one split")
     s.add_argument("-o", "--output", default="selection.yaml", help="the selection file (default: selection.yaml here)")
+    s.add_argument("--seconds-per-case", type=float, default=None, metavar="S",
+                   help="also vary the prediction settings (engine, window overlap, mirroring, folds), score and time "
+                        "each on out-of-fold cases here, and choose the most accurate within S seconds per case")
+    s.add_argument("--cases", default=None, metavar="N",
+                   help="with --seconds-per-case: out-of-fold cases to score and time each setting on (default 20, "
+                        "spread over the folds; all: every case)")
+    s.add_argument("--overlaps", type=float, nargs="+", default=None, metavar="O",
+                   help="with --seconds-per-case: window overlaps to try (default 0.5 0.33 0.25)")
     s.set_defaults(fn=commands.cmd_select)
     s = sub.add_parser("demo", help="phantoms -> plan -> fold 0 -> predict -> evaluate, on a CPU")
     s.add_argument("workdir", nargs="?", default="segplan_demo")

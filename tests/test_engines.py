@@ -109,3 +109,92 @@ def test_a_network_built_under_mixed_precision_is_exported_in_float32(phantoms, 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).normal(size=(1, *plan.training.patch_size, 1)).astype(np.float32)
     np.testing.assert_allclose(session.run(None, {"image": x})[0], reference.predict_on_batch(x), atol=1e-4)
+
+
+def test_select_seconds_per_case_scores_and_times_every_setting_and_predict_and_export_use_the_winners(
+        copied, tmp_path):
+    """`segplan select --seconds-per-case` (issue 40, point 4): every engine x overlap x mirroring
+    x folds candidate is timed; the one-fold ones are scored out of fold, and the plan's own
+    settings score exactly what the fold's validation predictions score; more folds carry their
+    one-fold counterpart's Dice as a lower bound; an impossible time is refused naming the fastest;
+    predict and export --selection use the winner's settings."""
+    import json
+    import zipfile
+    import yaml
+    from segplan.planner.dataset import read_label
+    from segplan.runner.cli import main
+    from segplan.runner.evaluation.selection import load_selection
+    from segplan.runner.inference.engines import installed
+    from segplan.runner.inference.predictor import Predictor
+    from segplan.runner.workspace import Workspace
+    plan_path = _with_engine(copied, "keras")
+    plan = load_plan(plan_path)
+    out = tmp_path / "sel" / "selection.yaml"
+    assert main(["select", str(plan_path), "--seconds-per-case", "1000", "--cases", "2", "--overlaps", "0.5", "0.25",
+                 "-o", str(out)]) == 0
+    sel = load_selection(out)
+    from segplan.planner.planning import mirroring_prepared
+    mirrors = 2 if mirroring_prepared(plan) else 1
+    assert len(sel.ranking) == len(installed("tensorflow")) * 2 * mirrors * 2
+    assert sel.seconds_per_case == 1000 and len(sel.sample) == 2 and sel.machine
+    ws = Workspace(plan_path)
+    held_out = {cid: k for k, s in enumerate(ws.splits()) for cid in s["val"]}
+    assert sorted(held_out[c] for c in sel.sample) == [0, 1]              # one case of each fold
+    by = {(c.settings.engine, c.settings.overlap, c.settings.mirroring, c.settings.folds): c for c in sel.ranking}
+    assert all(c.seconds_per_case > 0 for c in sel.ranking)
+    for (engine, overlap, mirroring, folds), c in by.items():
+        assert c.dice_lower_bound == (folds == 2)
+        if folds == 2:
+            assert c.dice == by[(engine, overlap, mirroring, 1)].dice
+    # the plan's own settings, one fold: the Dice of the fold's own validation label maps
+    own = by[("keras", plan.inference.overlap, plan.inference.mirroring, 1)]
+    files = {c.case_id: c.label_file for c in ws.dataset.cases}
+    for name, value in plan.dataset.labels.items():
+        if value == 0:
+            continue
+        dice = []
+        for cid in sel.sample:
+            pred = read_label(ws.fold(held_out[cid]).validation_labels(cid))[0] == value
+            ref = read_label(files[cid])[0] == value
+            dice.append(np.nan if not (pred.any() or ref.any()) else 2 * np.sum(pred & ref) / (pred.sum() + ref.sum()))
+        expected = np.nanmean(dice) if not np.all(np.isnan(dice)) else None
+        assert (own.dice[name] is None) == (expected is None)
+        if expected is not None:
+            assert own.dice[name] == pytest.approx(expected, abs=1e-6), name
+    # the winner: the most accurate; nothing meets 1 microsecond, and the refusal names the fastest
+    assert sel.winner == sel.ranking[0].name
+    fastest = min(sel.ranking, key=lambda c: c.seconds_per_case)
+    import contextlib
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["select", str(plan_path), "--seconds-per-case", "0.000001", "--cases", "1", "--overlaps", "0.25",
+                     "-o", str(tmp_path / "none.yaml")]) != 0
+    assert "no candidate predicts a case that fast" in err.getvalue() and "s per case" in err.getvalue()
+    assert not (tmp_path / "none.yaml").exists()
+    assert fastest.seconds_per_case > 0
+    # pick another candidate by hand: predict and export --selection use its settings
+    data = yaml.safe_load(out.read_text())
+    pick = next(c for c in sel.ranking if c.settings.folds == 1 and c.settings.overlap == 0.25
+                and c.settings.engine == "keras" and not c.settings.mirroring)
+    text = out.read_text().replace(f"winner: {yaml.safe_dump(data['winner']).splitlines()[0]}",
+                                   f"winner: {yaml.safe_dump(pick.name).splitlines()[0]}")
+    text = text.replace(f"postprocessing_for: {yaml.safe_dump(data['postprocessing_for']).splitlines()[0]}",
+                        f"postprocessing_for: {yaml.safe_dump(pick.name).splitlines()[0]}")
+    out.write_text(text)
+    assert load_selection(out).winner == pick.name
+    predictor = Predictor.from_selection(out, postprocessing=False)
+    assert predictor.plan.inference.overlap == 0.25 and predictor.plan.inference.engine == "keras"
+    image = ws.dataset.cases[0].image_files[0]
+    labels = sitk.GetArrayFromImage(predictor.predict(image))
+    edited = tmp_path / "edited.yaml"
+    save_plan(plan.replace(inference=dataclasses.replace(plan.inference, overlap=0.25)), edited)
+    shutil.copytree(plan_path.parent / plan.dataset.work_dir, tmp_path / plan.dataset.work_dir)
+    direct = Predictor.from_plan(edited, folds=[0], postprocessing=False)
+    np.testing.assert_array_equal(labels, sitk.GetArrayFromImage(direct.predict(image)))
+    bundle = tmp_path / "winner.zip"
+    assert main(["export", "--selection", str(out), "-o", str(bundle)]) == 0
+    with zipfile.ZipFile(bundle) as z:
+        manifest = json.loads(z.read("manifest.json"))
+        bundled = yaml.safe_load(z.read("folds/0/plan.yaml"))
+    assert manifest["folds"] == [0] and bundled["inference"]["overlap"] == 0.25

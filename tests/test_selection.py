@@ -348,3 +348,19 @@ def test_select_leaves_a_class_absent_from_prediction_and_reference_out_as_nnune
     stray[3, 3, 3] = 2                     # predicted where the reference has none: Dice 0, not NaN
     assert nnunet_dice(case_metrics(stray, ref, lm, (1.0, 1.0, 1.0))["b"]) == 0.0
     assert mean_dice([1.0, np.nan, 0.5]) == 0.75 and mean_dice([np.nan, np.nan]) is None
+
+
+def test_select_refuses_search_options_that_cannot_be_searched_before_writing_anything(hand_made, tmp_path):
+    """--cases and --overlaps belong to --seconds-per-case; a time, sample or overlap that cannot be
+    searched is refused by option before the output folder is made or any case is read."""
+    plan = hand_made["full"]
+    out = tmp_path / "new" / "selection.yaml"
+    for args, says in [(["--cases", "20"], "give --seconds-per-case too"),
+                       (["--overlaps", "0.25"], "give --seconds-per-case too"),
+                       (["--seconds-per-case", "0"], "--seconds-per-case 0: a time in seconds above 0"),
+                       (["--seconds-per-case", "5", "--cases", "0"], "--cases 0: a number of cases above 0"),
+                       (["--seconds-per-case", "5", "--cases", "some"], "--cases some: a number of cases"),
+                       (["--seconds-per-case", "5", "--overlaps", "0.5", "1.2"], "--overlaps 1.2: a window overlap")]:
+        rc, _, err = _cli(["select", plan, *args, "-o", out])
+        assert rc != 0 and says in err, (args, err)
+    assert not out.parent.exists()

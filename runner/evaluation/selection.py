@@ -26,6 +26,7 @@ use the winner.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -38,6 +39,7 @@ from segplan.planner.dataset import read_label
 from segplan.planner.labels import LabelModel, label_model
 from segplan.planner.plan import CONFIGURATIONS
 from segplan.runner.postprocessing import postprocess
+from segplan.runner.evaluation import settings_search
 from segplan.runner.evaluation.evaluate import case_metrics
 from segplan.runner.evaluation.oof import load_probabilities, require_finished, require_same_split
 from segplan.runner.evaluation.selection_file import (  # noqa: F401  (the file's names, here too)
@@ -137,56 +139,135 @@ def score(workspaces: list[Workspace], progress: bool = True,
     for _, _, ref, spacing, probs in _out_of_fold(workspaces, progress, folds):
         n_cases += 1
         for name, m in members.items():
-            metrics = case_metrics(_prediction(probs, m, lm), ref, lm, spacing)
-            values = {cls: nnunet_dice(metrics[cls]) for cls in lm.structures}
-            for g, group in lm.groups.items():   # as evaluation: the mean of the members, here of theirs
-                defined = [values[c] for c in group if not math.isnan(values[c])]
-                values[g] = float(np.mean(defined)) if defined else math.nan
-                values[f"{g}_union"] = nnunet_dice(metrics[f"{g}_union"])
-            for cls, v in values.items():
+            for cls, v in case_dice(_prediction(probs, m, lm), ref, spacing, lm).items():
                 dice[name].setdefault(cls, []).append(v)
     return members, dice, n_cases
 
 
-def select(plan_paths: list[Path], out: Path, progress: bool = True) -> tuple[Selection, str]:
+def case_dice(prediction: np.ndarray, ref: np.ndarray, spacing, lm: LabelModel) -> dict[str, float]:
+    """One case's Dice per structure (nnU-Net's: NaN where absent from both) and label group (the
+    mean of its members', and of their union), by evaluation's code."""
+    metrics = case_metrics(prediction, ref, lm, spacing)
+    values = {cls: nnunet_dice(metrics[cls]) for cls in lm.structures}
+    for g, group in lm.groups.items():   # as evaluation: the mean of the members, here of theirs
+        defined = [values[c] for c in group if not math.isnan(values[c])]
+        values[g] = float(np.mean(defined)) if defined else math.nan
+        values[f"{g}_union"] = nnunet_dice(metrics[f"{g}_union"])
+    return values
+
+
+def _candidate(name: str, plans: list[str], dice: dict[str, list[float]], lm: LabelModel, **more) -> Candidate:
+    """A ranking entry: the mean Dice per class over its cases and what ranks, their foreground mean."""
+    means = {c: mean_dice(v) for c, v in dice.items()}
+    ranked = [means[c] for c in lm.structures if means[c] is not None]
+    return Candidate(name, plans, round(float(np.mean(ranked)), DIGITS) if ranked else 1.0,
+                     {c: None if v is None else round(v, DIGITS) for c, v in means.items()}, **more)
+
+
+def select(plan_paths: list[Path], out: Path, progress: bool = True, seconds_per_case: float | None = None,
+           cases: int | None = settings_search.SAMPLE, overlaps: list[float] | None = None) -> tuple[Selection, str]:
     """Rank, decide the winner's postprocessing, write ``out`` (its folder made first, so that a
-    path that cannot be written fails before the scoring); returns the selection and its table."""
+    path that cannot be written fails before the scoring); returns the selection and its table.
+    ``seconds_per_case``: also vary the prediction settings (runner/evaluation/settings_search.py,
+    on ``cases`` out-of-fold cases, None: all; window ``overlaps``) and choose the most accurate
+    candidate that predicts a case within that many seconds here; none that does is refused, naming
+    the fastest."""
+    if seconds_per_case is not None:
+        check_search_options(seconds_per_case, cases, overlaps)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     workspaces = [Workspace(Path(p)) for p in plan_paths]
     _check_comparable(workspaces)
     lm = label_model(workspaces[0].plan)
-    by_name, dice, n_cases = score(workspaces, progress)
     base = Path(out).resolve().parent
-    ranking = []
-    for name, m in by_name.items():
-        means = {c: mean_dice(v) for c, v in dice[name].items()}
-        ranked = [means[c] for c in lm.structures if means[c] is not None]
-        ranking.append(Candidate(name, [os.path.relpath(workspaces[i].plan_path.resolve(), base) for i in m],
-                                 round(float(np.mean(ranked)), DIGITS) if ranked else 1.0,
-                                 {c: None if v is None else round(v, DIGITS) for c, v in means.items()}))
-    ranking.sort(key=lambda c: -c.mean_foreground_dice)  # stable: ties keep singles first, as nnU-Net
-    winner = ranking[0]
-    chosen = by_name[winner.name]
-    cases = [(_prediction(probs, chosen, lm), ref) for _, _, ref, _, probs in _out_of_fold(workspaces, False)]
-    post = postprocess.choose(cases, lm, list(range(len(workspaces[0].folds()))))
+    by_name = {"+".join(member_names(workspaces)[i] for i in m): m for m in candidate_members(workspaces)}
+    plans = {name: [os.path.relpath(workspaces[i].plan_path.resolve(), base) for i in m] for name, m in by_name.items()}
+    sample: list[tuple[int, str]] = []
+    if seconds_per_case is None:
+        _, dice, n_cases = score(workspaces, progress)
+        ranking = [_candidate(name, plans[name], dice[name], lm) for name in by_name]
+        ranking.sort(key=lambda c: -c.mean_foreground_dice)  # stable: ties keep singles first, as nnU-Net
+        winner, configuration = ranking[0], ranking[0].name
+    else:
+        ranking, sample, config_of = _settings_ranking(workspaces, by_name, plans, lm, seconds_per_case, cases,
+                                                       overlaps, progress)
+        winner, n_cases = ranking[0], len(sample)
+        within = [c for c in ranking if c.seconds_per_case <= seconds_per_case]
+        if not within:
+            fastest = min(ranking, key=lambda c: c.seconds_per_case)
+            raise SelectionError(f"--seconds-per-case {seconds_per_case:g}: no candidate predicts a case that fast on "
+                                 f"this machine; the fastest, '{fastest.name}', takes {fastest.seconds_per_case:.2f} s "
+                                 f"per case (mean of {len(sample)} out-of-fold cases)")
+        winner = within[0]
+        configuration = config_of[winner.name]
+    chosen = by_name[configuration]
+    oof = [(_prediction(probs, chosen, lm), ref) for _, _, ref, _, probs in _out_of_fold(workspaces, False)]
+    post = postprocess.choose(oof, lm, list(range(len(workspaces[0].folds()))))
     selection = Selection(SELECTION_VERSION, len(workspaces[0].folds()), n_cases, dict(lm.labels), winner.name,
-                          winner.name, ranking, post, dict(lm.regions))
+                          winner.name, ranking, post, dict(lm.regions), seconds_per_case,
+                          [cid for _, cid in sample], settings_search.machine() if sample else "")
     save_selection(selection, Path(out))
     return selection, format_ranking(selection)
 
 
+def check_search_options(seconds_per_case: float, cases: int | None, overlaps: list[float] | None) -> None:
+    """Refuse, by option, a time, sample or overlap that cannot be searched."""
+    if not seconds_per_case > 0:
+        raise SelectionError(f"--seconds-per-case {seconds_per_case:g}: a time in seconds above 0")
+    if cases is not None and cases < 1:
+        raise SelectionError(f"--cases {cases}: a number of cases above 0, or all")
+    bad = [o for o in overlaps or [] if not 0.0 <= o < 1.0]
+    if bad:
+        raise SelectionError(f"--overlaps {bad[0]:g}: a window overlap within [0, 1)")
+
+
+def _settings_ranking(workspaces, by_name, plans, lm, seconds_per_case, cases, overlaps, progress):
+    """Every configuration with every prediction setting, scored and timed on a sample of the
+    out-of-fold cases; ranked by Dice (a lower bound ties ahead of the one-fold score it carries: it
+    is expected to meet or beat it), then by time. Returns the ranking, the sample and each
+    candidate's configuration."""
+    from segplan.runner.backend import name as backend_name
+    from segplan.runner.inference.engines import installed
+    wanted = sorted({round(float(o), 4) for o in (overlaps or settings_search.OVERLAPS)}, reverse=True)
+    engines = installed(backend_name())
+    grids = {name: settings_search.settings_grid([workspaces[i] for i in m], engines, wanted)
+             for name, m in by_name.items()}
+    sample = settings_search.sample_cases(workspaces[0], cases)
+    results = settings_search.search(workspaces, by_name, grids, sample, lm,
+                                     lambda p, r, sp: case_dice(p, r, sp, lm), progress)
+    ranking, configuration = [], {}
+    for (name, s), r in results.items():
+        one = s if s.folds == 1 else dataclasses.replace(s, folds=1)
+        label = f"{name} [{s.describe()}]"
+        ranking.append(_candidate(label, plans[name], results[(name, one)]["dice"], lm, settings=s,
+                                  seconds_per_case=round(float(np.mean(r["seconds"])), 3),
+                                  dice_lower_bound=s.folds > 1))
+        configuration[label] = name
+    ranking.sort(key=lambda c: (-c.mean_foreground_dice, not c.dice_lower_bound, c.seconds_per_case))
+    return ranking, sample, configuration
+
+
 def format_ranking(sel: Selection) -> str:
-    """The ranking as a table (mean foreground Dice, then Dice per class), the winner starred, and what it keeps."""
+    """The ranking as a table (seconds per case where settings were searched, mean foreground Dice,
+    then Dice per class; '>=' marks a lower bound), the winner starred, and what it keeps."""
     classes = list(sel.ranking[0].dice) if sel.ranking else []
+    timed = sel.seconds_per_case is not None
     width = max([len(c.name) for c in sel.ranking] + [9]) + 2
-    head = f"  {'candidate':<{width}}{'mean fg':>9}" + "".join(f"{c[:12]:>13}" for c in classes)
-    rows = [f"{'*' if c.name == sel.winner else ' '} {c.name:<{width}}{c.mean_foreground_dice:>9.4f}"
+    head = (f"  {'candidate':<{width}}" + (f"{'s/case':>8}" if timed else "") + f"{'mean fg':>10}"
+            + "".join(f"{c[:12]:>13}" for c in classes))
+    rows = [f"{'*' if c.name == sel.winner else ' '} {c.name:<{width}}"
+            + (f"{c.seconds_per_case:>8.2f}" if timed else "")
+            + f"{('>=' if c.dice_lower_bound else '') + format(c.mean_foreground_dice, '.4f'):>10}"
             + "".join(f"{c.dice[k]:>13.4f}" if c.dice[k] is not None else f"{'absent':>13}" for k in classes)
             for c in sel.ranking]
     kept = ", ".join(f"largest component of {r.keep_largest}" for r in sel.postprocessing.rules) or "nothing"
-    return "\n".join([f"{sel.cases} out-of-fold cases, {sel.folds} folds; mean Dice (mean fg: over the foreground "
-                      "classes, what ranks)", head, *rows,
-                      f"winner: {sel.winner}; postprocessing decided on its out-of-fold predictions: keep {kept}"])
+    what = (f"{sel.cases} out-of-fold cases, {sel.folds} folds" if not timed else
+            f"{sel.cases} out-of-fold cases ({', '.join(sel.sample[:4])}{', ...' if len(sel.sample) > 4 else ''}), "
+            f"each predicted by the fold that held it out; seconds per case on {sel.machine}; '>=': several folds "
+            "averaged, not scorable out of fold, carries its one-fold counterpart's Dice as a lower bound")
+    limit = f" (the most accurate within {sel.seconds_per_case:g} s per case)" if timed else ""
+    return "\n".join([f"{what}; mean Dice (mean fg: over the foreground classes, what ranks)", head, *rows,
+                      f"winner: {sel.winner}{limit}; postprocessing decided on its configuration's out-of-fold "
+                      f"predictions: keep {kept}"])
 
 
 def winner_workspaces(path: Path) -> tuple[Selection, list[Workspace]]:
@@ -203,8 +284,16 @@ def selection_stages(path: Path, folds: list[int] | None = None, tta: bool = Tru
     told not to, and a line saying which."""
     from segplan.runner.inference.stages import workspace_stage
     sel, workspaces = winner_workspaces(Path(path))
-    stages = [workspace_stage(ws, folds, tta) for ws in workspaces]
+    settings = winner_settings(sel)
+    if settings is not None and folds is None:
+        folds = list(range(settings.folds))
+    stages = [workspace_stage(ws, folds, tta, settings.inference() if settings else None) for ws in workspaces]
     post = sel.postprocessing if postprocessing else None
     note = (f"selection: {sel.winner} ({path}); postprocessing: "
             f"{', '.join(r.keep_largest for r in post.rules) or 'none' if post else 'off'}")
     return stages, post, note
+
+
+def winner_settings(sel: Selection):
+    """The prediction settings the selection chose with its winner (None: the plans' own)."""
+    return next(c for c in sel.ranking if c.name == sel.winner).settings

@@ -2,11 +2,15 @@
 Dice per class and label group, the winner, its postprocessing; checked on every read, each
 problem named by key and line. Editing ``winner`` picks another candidate of the ranking; the
 postprocessing was decided for ``postprocessing_for`` and is refused for another winner unless its
-rules are emptied (or ``postprocessing_for`` is edited too, taking responsibility for it)."""
+rules are emptied (or ``postprocessing_for`` is edited too, taking responsibility for it). A
+selection made with ``--seconds-per-case`` also keeps each candidate's prediction settings (engine,
+window overlap, test-time mirroring, number of folds) and its measured seconds per case; predict and
+export use the winner's."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from segplan.planner.fileio import write_text
 from segplan.planner.schema import Reader, SchemaError, doc, dump_yaml, load_yaml_with_lines
@@ -22,18 +26,38 @@ class SelectionError(ValueError):
 
 
 @dataclass(frozen=True)
+class PredictionSettings:  # explained once, above `ranking` in the file
+    engine: Literal["keras", "onnxruntime", "openvino"] = doc("")
+    overlap: float = doc("")
+    mirroring: bool = doc("")
+    folds: int = doc("")
+
+    def inference(self) -> dict:
+        """The plan's ``inference`` keys these settings replace."""
+        return {"engine": self.engine, "overlap": self.overlap, "mirroring": self.mirroring}
+
+    def describe(self) -> str:
+        return (f"{self.engine}, overlap {self.overlap:g}, {'mirrored' if self.mirroring else 'no mirroring'}, "
+                f"{self.folds} fold{'s' if self.folds > 1 else ''}")
+
+
+@dataclass(frozen=True)
 class Candidate:  # its fields are explained once, above `ranking` in the file
     name: str = doc("")
     plans: list[str] = doc("")
     mean_foreground_dice: float = doc("")
     dice: dict[str, float | None] = doc("")
+    settings: PredictionSettings | None = doc("", default=None)
+    seconds_per_case: float | None = doc("", default=None)
+    dice_lower_bound: bool = doc("", default=False)
 
 
 @dataclass(frozen=True)
 class Selection:
     selection_version: int = doc("selection file format version")
     folds: int = doc("cross-validation folds of every plan (all finished, one split)")
-    cases: int = doc("out-of-fold cases scored (every case of the dataset, each by the fold that held it out)")
+    cases: int = doc("out-of-fold cases scored (every case of the dataset, each by the fold that held it out; with "
+                     "--seconds-per-case the cases of `sample`)")
     labels: dict[str, int] = doc("the plans' labels, which they share")
     winner: str = doc("the candidate `segplan predict --selection` and `segplan export --selection` use: the best of "
                       "the ranking (edit to pick another of its names)")
@@ -45,10 +69,20 @@ class Selection:
         "regions of a region plan) of the mean Dice over the out-of-fold cases, nnU-Net's foreground_mean: a case "
         "where a class is absent from both prediction and reference is left out of that class's mean; dice: the "
         "mean Dice per class (region) and label group, null where the class is absent from every case and "
-        "prediction")
+        "prediction. With --seconds-per-case also: settings (engine: what runs the network; overlap: window overlap; "
+        "mirroring: test-time flips; folds: how many folds are averaged, folds 0..N-1), seconds_per_case (read, "
+        "preprocess, network, back to the original grid, mean over `sample` on `machine`) and dice_lower_bound "
+        "(true: a setting that cannot be scored out of fold, more than one fold, carries the Dice of its one-fold "
+        "counterpart, which its own is expected to meet or beat)")
     postprocessing: Postprocessing = doc("decided on the winner's out-of-fold predictions (as `segplan postprocess`): "
                                          "applied to its label maps")
     regions: dict[str, list[int]] = doc("the plans' regions, which they share ({}: plans of labels)", default_factory=dict)
+    seconds_per_case: float | None = doc(
+        "the time per case the winner had to meet (`--seconds-per-case`; null: configurations only, with their "
+        "plans' own prediction settings)", default=None)
+    sample: list[str] = doc("the out-of-fold cases the settings were scored and timed on (each by the fold that held "
+                            "it out; empty: no settings were searched)", default_factory=list)
+    machine: str = doc("where the seconds were measured", default="")
 
 
 def save_selection(sel: Selection, path: Path) -> None:
@@ -93,6 +127,13 @@ def _check_selection(sel: Selection, r: Reader, base: Path) -> None:
                                                                              if v is not None]:
             if not 0.0 <= v <= 1.0:  # NaN fails too
                 r.error(f"ranking.{i}.{key}", f"{v} is not a Dice within [0, 1]")
+        if c.seconds_per_case is not None and not c.seconds_per_case >= 0:
+            r.error(f"ranking.{i}.seconds_per_case", f"{c.seconds_per_case} is not a time")
+        if c.settings is not None:
+            if not 0.0 <= c.settings.overlap < 1.0:
+                r.error(f"ranking.{i}.settings.overlap", f"{c.settings.overlap} is not within [0, 1)")
+            if not 1 <= c.settings.folds <= sel.folds:
+                r.error(f"ranking.{i}.settings.folds", f"{c.settings.folds}: the plans have {sel.folds} folds")
     if sel.winner not in names:
         r.error("winner", f"'{sel.winner}' is not a name in ranking ({', '.join(names)})")
     else:
@@ -110,7 +151,9 @@ def _check_selection(sel: Selection, r: Reader, base: Path) -> None:
         if len(channels) > 1:
             r.error(f"ranking.{i}.plans", "the plans read other numbers of channels per case")
     postprocess.check_rules(r, sel.postprocessing, sel.labels, "postprocessing.")
-    if sel.postprocessing_for != sel.winner and sel.postprocessing.rules:
+    plans = {c.name: c.plans for c in sel.ranking}
+    same = sel.postprocessing_for in plans and plans[sel.postprocessing_for] == plans.get(sel.winner)
+    if sel.postprocessing_for != sel.winner and not same and sel.postprocessing.rules:   # other settings: same plans
         r.error("postprocessing_for", f"the postprocessing was decided for '{sel.postprocessing_for}', the winner is "
                                       f"'{sel.winner}': run `segplan select` again, or empty postprocessing.rules (or "
                                       "set postprocessing_for to the winner to apply them anyway)")

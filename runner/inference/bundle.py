@@ -61,15 +61,19 @@ def export(plan_path: Path, out: Path, folds: list[int] | None = None) -> Path:
 
 def export_selection(selection: Path, out: Path, folds: list[int] | None = None) -> Path:
     """`segplan export --selection FILE`: the winner of a `segplan select` (one plan, a cascade, or an
-    ensemble) with the postprocessing decided for it; `segplan predict --model` predicts as
+    ensemble) with the postprocessing decided for it, and the prediction settings (engine, overlap,
+    mirroring, folds) chosen with it where it has them; `segplan predict --model` predicts as
     `segplan predict --selection` does."""
-    from segplan.runner.evaluation.selection import winner_workspaces
+    from segplan.runner.evaluation.selection import winner_settings, winner_workspaces
     sel, workspaces = winner_workspaces(Path(selection))
+    settings = winner_settings(sel)
+    if settings is not None and folds is None:
+        folds = list(range(settings.folds))
     with tempfile.TemporaryDirectory(prefix="segplan_export_") as staging:
         post = Path(staging) / "postprocessing.yaml"
         postprocess.save(sel.postprocessing, post)
         return _export(workspaces, Path(out), folds, {"postprocessing.yaml": post, "selection.yaml": Path(selection)},
-                       {"selection": sel.winner})
+                       {"selection": sel.winner}, settings.inference() if settings else None)
 
 
 def _chain(workspaces: list[Workspace]) -> list[tuple[Workspace, Workspace | None]]:
@@ -89,11 +93,14 @@ def _chain(workspaces: list[Workspace]) -> list[tuple[Workspace, Workspace | Non
     return list(found.values())
 
 
-def _bundled_plan(ws: Workspace, k: int, path: Path, previous_stage: str | None = None) -> None:
+def _bundled_plan(ws: Workspace, k: int, path: Path, previous_stage: str | None = None,
+                  inference: dict | None = None) -> None:
     """Fold k's plan as a bundle holds it: the frozen network/preprocessing with the live inference
-    settings, and nothing of the training machine (no paths, no training case ids: the units of the
-    training cases mean nothing to new images)."""
+    settings (or ``inference``'s, a selection's), and nothing of the training machine (no paths, no
+    training case ids: the units of the training cases mean nothing to new images)."""
     plan = ws.fold_plan(k)
+    if inference:
+        plan = plan.replace(inference=dataclasses.replace(plan.inference, **inference))
     save_plan(plan.replace(dataset=dataclasses.replace(plan.dataset, path=".", work_dir=".", splits_file=None),
                            intensity=dataclasses.replace(plan.intensity, conventions={}),
                            previous_stage=previous_stage if plan.configuration == "3d_cascade_fullres" else None),
@@ -101,7 +108,7 @@ def _bundled_plan(ws: Workspace, k: int, path: Path, previous_stage: str | None 
 
 
 def _export(workspaces: list[Workspace], out: Path, folds: list[int] | None, extra: dict[str, Path],
-            info: dict) -> Path:
+            info: dict, inference: dict | None = None) -> Path:
     """The bundle of ``workspaces`` (averaged) and the stages they build on, with ``extra`` files:
     one plan as BUNDLE_VERSION's folds/K/..., several as ENSEMBLE_BUNDLE_VERSION's models/NAME/folds/K/..."""
     from segplan.runner.evaluation.selection import member_names
@@ -126,7 +133,8 @@ def _export(workspaces: list[Workspace], out: Path, folds: list[int] | None, ext
             prev_name = names[prev.plan_path.resolve()] if prev is not None else None
             for k in chosen:
                 staged = Path(staging) / f"{name}_plan_{k}.yaml"
-                _bundled_plan(ws, k, staged, f"../../../{prev_name}/folds/{chosen[0]}/plan.yaml" if prev else None)
+                _bundled_plan(ws, k, staged, f"../../../{prev_name}/folds/{chosen[0]}/plan.yaml" if prev else None,
+                              inference)
                 files[f"{prefix}folds/{k}/plan.yaml"] = staged
                 files[f"{prefix}folds/{k}/model.weights.h5"] = fold_weights(ws.fold_plan(k), ws.fold(k))
             models.append({"name": name, "folds": chosen, "previous": prev_name})

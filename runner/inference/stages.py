@@ -3,6 +3,7 @@ ensemble, nnU-Net's way: each member at its own spacing, its probabilities resam
 grid, averaged, argmax)."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -61,16 +62,20 @@ def trained_folds(ws: Workspace, folds: list[int] | None = None) -> list[int]:
     return chosen
 
 
-def workspace_stage(ws: Workspace, folds: list[int] | None = None, tta: bool = True) -> Stage:
+def workspace_stage(ws: Workspace, folds: list[int] | None = None, tta: bool = True,
+                    inference: dict | None = None) -> Stage:
     """The plan's ``folds`` (default: every trained one) as a stage; a cascade's previous stage with
     the same ``folds`` (default: every trained one of it), as nnU-Net predicts both stages with the
-    same folds."""
+    same folds. ``inference``: plan ``inference`` keys to predict with instead of the plan's (a
+    selection's settings), for both stages of a cascade."""
     chosen = trained_folds(ws, folds)
     plan, models = load_fold_models(ws, chosen)
+    if inference:
+        plan = plan.replace(inference=dataclasses.replace(plan.inference, **inference))
     previous = None
     if ws.plan.configuration == "3d_cascade_fullres":
         from segplan.runner.cascade import previous_workspace
-        previous = workspace_stage(previous_workspace(ws), folds, tta)
+        previous = workspace_stage(previous_workspace(ws), folds, tta, inference)
     return make_stage(plan, models, tta, previous, fold_weights_files(ws, chosen), chosen, workspace_trust(ws))
 
 
@@ -83,18 +88,18 @@ def check_members(stages: list[Stage]) -> None:
             raise ValueError(f"ensemble members segment other labels: {first.describe()} and {other.describe()}")
 
 
-def _previous_map(stage: Stage, read, case_id: str, sources: tuple):
+def _previous_map(stage: Stage, read, case_id: str, sources: tuple, training_case: bool = False):
     """() -> the label map ``stage``'s previous stage predicts for the same image (after its own
     previous stage, if it has one); None for a stage without one."""
     prev = stage.previous
     if prev is None:
         return None
-    return lambda: predict_image(read, case_id, sources, prev.plan, prev.predict,
-                                 previous=_previous_map(prev, read, case_id, sources)).labels
+    return lambda: predict_image(read, case_id, sources, prev.plan, prev.predict, training_case=training_case,
+                                 previous=_previous_map(prev, read, case_id, sources, training_case)).labels
 
 
 def predict_with_stages(stages: list[Stage], read, case_id: str, sources: tuple, progress: bool = False,
-                        probabilities: bool = False) -> CasePrediction:
+                        probabilities: bool = False, training_case: bool = False) -> CasePrediction:
     """One image's label map on its own grid from the average of the stages' probabilities (one
     stage: its own prediction), with the grid's geometry, the probabilities if asked for (each
     stage's calibrated where it has a calibration, then averaged; the label map always comes from
@@ -102,14 +107,15 @@ def predict_with_stages(stages: list[Stage], read, case_id: str, sources: tuple,
     image and entropy, the volumes of the label map): what `segplan predict` and
     ``Predictor.predict`` both compute for a case. ``read``: () -> a fresh (c, z, y, x) image and
     its geometry, called by each stage (and each previous stage of a cascade): preprocessing changes
-    the image it is given."""
+    the image it is given. ``training_case``: one of the plans' training cases (read in the plan's
+    unit for it, as validation reads it)."""
     total, calibrated, t, features = None, None, {}, None
     lm = label_model(stages[0].plan)
     calibrate = probabilities and any(s.trust.temperature is not None for s in stages)
     for stage in stages:
         p = predict_image(read, case_id, sources, stage.plan, stage.predict, progress,
-                          probabilities=probabilities or len(stages) > 1,
-                          previous=_previous_map(stage, read, case_id, sources))
+                          probabilities=probabilities or len(stages) > 1, training_case=training_case,
+                          previous=_previous_map(stage, read, case_id, sources, training_case))
         for key, v in p.timings.items():
             t[key] = t.get(key, 0.0) + v
         features = p.features if features is None else features
