@@ -51,12 +51,13 @@ def _tree_memory_bytes(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.1) -> tuple[float, float, float]:
+def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.1,
+                 output=None) -> tuple[float, float, float]:
     """Run a command; (wall seconds, peak GiB of its whole process tree by PSS, and by RSS),
-    sampled every ``interval`` seconds."""
+    sampled every ``interval`` seconds. ``output``: a file its stdout and stderr go to."""
     import subprocess
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, stdout=output, stderr=subprocess.STDOUT if output else None)
     peak_rss = peak_pss = 0
     while proc.poll() is None:
         rss, pss = _tree_memory_bytes(proc.pid)
