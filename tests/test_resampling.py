@@ -55,6 +55,23 @@ def test_constant_class_round_trips_on_every_voxel(shape, spacing, target, cls):
     assert np.array_equal(np.argmax(full, axis=0), classes)
 
 
+def _random_probabilities(seed, shape, spacing, target, k):
+    """Random (k, ...) probabilities on the target grid of a ``shape`` image cropped by 2 voxels at
+    the start of each axis (an exact tie between classes 0 and 1 in the first voxel), and the props
+    that put them back: (plan, rng, crop, cropped shape, probs, props)."""
+    from segplan.runner.preprocessing.resampling import target_shape
+    plan = _plan(target)
+    rng = np.random.default_rng(seed)
+    crop = [(min(2, s - 1), s) for s in shape]
+    cropped = [b - a for a, b in crop]
+    small = target_shape(cropped, spacing, target)
+    probs = rng.random((k, *small)).astype(np.float32)
+    probs[1].flat[0] = probs[0].flat[0]
+    props = {"geometry": Geometry(tuple(spacing), (0.0,) * 3, (1, 0, 0, 0, 1, 0, 0, 0, 1), tuple(shape)).to_dict(),
+             "crop_box": [list(c) for c in crop], "cropped_shape": cropped, "resampled_shape": small}
+    return plan, rng, crop, cropped, probs, props
+
+
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2 ** 31 - 1), shape=st.tuples(*[st.integers(2, 24)] * 3),
        spacing=st.tuples(*[st.floats(0.4, 4.0)] * 3), target=st.tuples(*[st.floats(0.4, 4.0)] * 3),
@@ -63,16 +80,7 @@ def test_one_class_at_a_time_equals_all_classes_at_once(seed, shape, spacing, ta
     """Issue 40, point 3: resampling back class by class (less memory) gives the probabilities of
     resampling every class in one call, and the label map is their arg-max (first class on ties)
     with a crop box and background outside it."""
-    from segplan.runner.preprocessing.resampling import target_shape
-    plan = _plan(target)
-    rng = np.random.default_rng(seed)
-    crop = [(min(2, s - 1), s) for s in shape]
-    cropped = [b - a for a, b in crop]
-    small = target_shape(cropped, spacing, target)
-    probs = rng.random((k, *small)).astype(np.float32)
-    probs[1].flat[0] = probs[0].flat[0]                        # an exact tie between two classes, too
-    props = {"geometry": Geometry(tuple(spacing), (0.0,) * 3, (1, 0, 0, 0, 1, 0, 0, 0, 1), tuple(shape)).to_dict(),
-             "crop_box": [list(c) for c in crop], "cropped_shape": cropped, "resampled_shape": small}
+    plan, rng, crop, cropped, probs, props = _random_probabilities(seed, shape, spacing, target, k)
     at_once = resample(np.moveaxis(probs, 0, -1), plan.resampling.target_spacing, spacing, cropped, 1,
                        plan.resampling.anisotropy_threshold, 1, vector=True).reshape(*cropped, k)
     full = invert_probabilities(probs, props, plan)
@@ -83,6 +91,31 @@ def test_one_class_at_a_time_equals_all_classes_at_once(seed, shape, spacing, ta
     assert np.all(full[0][outside] == 1.0) and not full[1:, outside].any()
     classes = invert_probabilities(probs, props, plan, full=False)
     assert np.array_equal(classes[sl], np.argmax(at_once, axis=-1)) and not classes[outside].any()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2 ** 31 - 1), shape=st.tuples(*[st.integers(2, 24)] * 3),
+       spacing=st.tuples(*[st.floats(0.4, 4.0)] * 3), target=st.tuples(*[st.floats(0.4, 4.0)] * 3),
+       k=st.integers(2, 5), regions=st.booleans())
+def test_compact_probabilities_are_the_float32_ones_in_float16_and_leave_the_label_map_unchanged(
+        seed, shape, spacing, target, k, regions):
+    """Issue 40, point 3: the probabilities a single plan writes are kept in float16 on the original
+    grid (half the memory), and the label map made beside them is still the float32 one: the same
+    as ``to_label_map`` of invert_probabilities' float32 channels, ties (to the first class) and
+    near-ties that float16 would merge included; non-consecutive label values, and regions
+    thresholded in order with nothing outside the crop box."""
+    from segplan.planner.labels import LabelModel
+    from segplan.runner.preprocessing.preprocess import invert_compact
+    plan, rng, _, _, probs, props = _random_probabilities(seed, shape, spacing, target, k)
+    probs[1].flat[-1] = np.nextafter(probs[0].flat[-1], 2)     # a near-tie float16 cannot tell apart
+    values = [0] + sorted(rng.choice(np.arange(1, 120), k - 1, replace=False).tolist())
+    lm = (LabelModel({f"l{v}": v for v in values}, {f"r{i}": [values[i]] for i in range(1, k)} | {"r0": values[1:]},
+                     [values[(i % (k - 1)) + 1] for i in range(k)]) if regions
+          else LabelModel({f"l{v}": v for v in values}))
+    full = invert_probabilities(probs, props, plan, background=not regions)
+    labels, compact = invert_compact(probs, props, plan, lm)
+    assert compact.dtype == np.float16 and np.array_equal(compact, full.astype(np.float16))
+    assert np.array_equal(labels, lm.to_label_map(full)) and labels.dtype == lm.to_label_map(full).dtype
 
 
 def test_images_take_the_nearest_border_value_not_zero():

@@ -14,7 +14,7 @@ from segplan.planner.dicom import read_case_image
 from segplan.planner.labels import label_model
 from segplan.planner.plan import Plan, volume_patch
 from segplan.runner.inference.infer import sliding_window, on_windows
-from segplan.runner.preprocessing.preprocess import invert_probabilities, preprocess_image
+from segplan.runner.preprocessing.preprocess import invert_compact, invert_probabilities, preprocess_image
 from segplan.runner.trust.features import probability_features, volume_features
 
 
@@ -43,16 +43,17 @@ def warn_unknown_units(sources: tuple, props: dict) -> None:
 
 
 def predict_case(case: Case, plan: Plan, predict, progress: bool = False, probabilities: bool = False,
-                 training_case: bool = False, previous=None) -> CasePrediction:
+                 training_case: bool = False, previous=None, compact: bool = False) -> CasePrediction:
     """``predict_image`` of a case read from its files (or DICOM series). ``previous`` (a cascade):
     case -> the previous stage's label map on the original grid."""
     return predict_image(lambda: read_case_image(case), case.case_id, case.image_files, plan, predict, progress,
-                         probabilities, training_case, previous=None if previous is None else (lambda: previous(case)))
+                         probabilities, training_case, previous=None if previous is None else (lambda: previous(case)),
+                         compact=compact)
 
 
 def predict_image(read, case_id: str, sources: tuple, plan: Plan, predict, progress: bool = False,
                   probabilities: bool = False, training_case: bool = False,
-                  previous=None) -> CasePrediction:
+                  previous=None, compact: bool = False) -> CasePrediction:
     """The CasePrediction of one image (a region plan's probabilities: one sigmoid per region; the
     quality features: the input image's, the network's entropy on its own grid, the predicted
     volumes). ``read``: () -> a fresh (c, z, y, x) image and its geometry,
@@ -61,7 +62,9 @@ def predict_image(read, case_id: str, sources: tuple, plan: Plan, predict, progr
     channels were read from, for messages. ``training_case``: the case is one of the plan's training
     cases (a fold's validation case), read in the plan's unit for it; otherwise the image's own
     values decide its unit, whatever its name. ``previous`` (a cascade): () -> the previous stage's
-    label map on the same grid, added as one-hot input channels."""
+    label map on the same grid, added as one-hot input channels. ``compact``: the probabilities in
+    float16 (half the memory; for writing, or calibrating in place, not for averaging), the label
+    map still made from float32."""
     t, lm = {}, label_model(plan)
     t0 = time.perf_counter()
     image, geom = read()
@@ -89,7 +92,9 @@ def predict_image(read, case_id: str, sources: tuple, plan: Plan, predict, progr
     t["network_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     features = dict(props["image_features"], **probability_features(probs, lm))
-    if lm.has_regions:  # region probabilities on the original grid, thresholded and written in order
+    if probabilities and compact:   # float16 on the original grid, the label map from float32
+        labels, full = invert_compact(probs, props, plan, lm)
+    elif lm.has_regions:  # region probabilities on the original grid, thresholded and written in order
         full = invert_probabilities(probs, props, plan, full=True, background=False)
         labels = lm.to_label_map(full)
         full = full if probabilities else None

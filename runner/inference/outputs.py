@@ -66,7 +66,7 @@ def write_prediction(case: Case, labels: np.ndarray, geom: Geometry, probs: np.n
         labels = postprocess.apply(labels, post)
     written = write_labels(labels, geom, case, plan, out_dir, output_format)
     if probs is not None:
-        save_npz(out_dir / f"{case.case_id}.npz", compressed=True, probabilities=probs.astype(np.float16))
+        save_npz(out_dir / f"{case.case_id}.npz", compressed=True, probabilities=probs.astype(np.float16, copy=False))
     t["write_s"] = time.perf_counter() - t0
     if not progress:  # no bar (a log file): one line per case
         print(f"predicted {case.case_id} in {sum(t.values()):.1f} s -> {written}", flush=True)

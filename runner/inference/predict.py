@@ -33,7 +33,7 @@ def predict_cases(cases: list[Case], plan: Plan, models: list, out_dir: Path, tt
     for case in tqdm(cases, desc="predict", disable=not progress, unit="case"):
         try:
             p = predict_case(case, plan, predict, progress, probabilities=save_probabilities,
-                             training_case=training_cases, previous=previous)
+                             training_case=training_cases, previous=previous, compact=True)   # written as float16
         except DatasetError as e:
             refuse_unreadable(case, e, skipped)
             continue

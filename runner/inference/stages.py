@@ -99,7 +99,8 @@ def _previous_map(stage: Stage, read, case_id: str, sources: tuple, training_cas
 
 
 def predict_with_stages(stages: list[Stage], read, case_id: str, sources: tuple, progress: bool = False,
-                        probabilities: bool = False, training_case: bool = False) -> CasePrediction:
+                        probabilities: bool = False, training_case: bool = False,
+                        compact: bool = False) -> CasePrediction:
     """One image's label map on its own grid from the average of the stages' probabilities (one
     stage: its own prediction), with the grid's geometry, the probabilities if asked for (each
     stage's calibrated where it has a calibration, then averaged; the label map always comes from
@@ -108,14 +109,16 @@ def predict_with_stages(stages: list[Stage], read, case_id: str, sources: tuple,
     ``Predictor.predict`` both compute for a case. ``read``: () -> a fresh (c, z, y, x) image and
     its geometry, called by each stage (and each previous stage of a cascade): preprocessing changes
     the image it is given. ``training_case``: one of the plans' training cases (read in the plan's
-    unit for it, as validation reads it)."""
+    unit for it, as validation reads it). ``compact``: a single stage's probabilities in float16
+    (for writing; the label map is the float32 one either way); an ensemble averages in float32."""
     total, calibrated, t, features = None, None, {}, None
     lm = label_model(stages[0].plan)
     calibrate = probabilities and any(s.trust.temperature is not None for s in stages)
     for stage in stages:
         p = predict_image(read, case_id, sources, stage.plan, stage.predict, progress,
                           probabilities=probabilities or len(stages) > 1, training_case=training_case,
-                          previous=_previous_map(stage, read, case_id, sources, training_case))
+                          previous=_previous_map(stage, read, case_id, sources, training_case),
+                          compact=compact and len(stages) == 1)
         for key, v in p.timings.items():
             t[key] = t.get(key, 0.0) + v
         features = p.features if features is None else features
@@ -160,7 +163,7 @@ def predict_ensemble(cases: list[Case], stages: list[Stage], out_dir: Path, save
     for case in tqdm(cases, desc="predict", disable=not progress, unit="case"):
         try:
             p = predict_with_stages(stages, lambda: read_case_image(case), case.case_id, case.image_files, progress,
-                                    save_probabilities)
+                                    save_probabilities, compact=True)   # written as float16
         except DatasetError as e:
             refuse_unreadable(case, e, skipped)
             continue
