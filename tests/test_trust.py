@@ -330,3 +330,21 @@ def test_predict_writes_qc_and_calibrated_probabilities(trained_cv, tmp_path, ca
     for f in out.glob("*.nii.gz"):
         assert (sitk.GetArrayFromImage(sitk.ReadImage(str(f))) ==
                 sitk.GetArrayFromImage(sitk.ReadImage(str(out2 / f.name)))).all()
+
+
+def test_a_calibrated_plan_writes_probabilities_calibrated_from_float32(trained_cv):
+    """Probabilities only written are kept in float16 (issue 40, point 3), but not where they are
+    calibrated: calibration clips at 1e-7 before the log, below float16's range, and from float16
+    a sure background would gain a visible share of each class. The written (compact) path gives
+    exactly the float32 path's calibrated values."""
+    from segplan import Predictor
+    from segplan.planner.dicom import read_case_image
+    from segplan.runner.inference.stages import predict_with_stages
+    from segplan.runner.workspace import Workspace
+    stages = Predictor.from_plan(trained_cv).stages
+    assert stages[0].trust.temperature is not None            # summarize fitted a calibration
+    case = Workspace(trained_cv).dataset.cases[0]
+    got = {compact: predict_with_stages(stages, lambda: read_case_image(case), case.case_id, case.image_files,
+                                        probabilities=True, compact=compact).probabilities for compact in (True, False)}
+    assert got[True].dtype == got[False].dtype == np.float32
+    np.testing.assert_array_equal(got[True], got[False])

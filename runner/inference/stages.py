@@ -110,7 +110,9 @@ def predict_with_stages(stages: list[Stage], read, case_id: str, sources: tuple,
     its geometry, called by each stage (and each previous stage of a cascade): preprocessing changes
     the image it is given. ``training_case``: one of the plans' training cases (read in the plan's
     unit for it, as validation reads it). ``compact``: a single stage's probabilities in float16
-    (for writing; the label map is the float32 one either way); an ensemble averages in float32."""
+    (for writing; the label map is the float32 one either way); an ensemble averages in float32, and
+    a calibration works on float32 (its clip before the log, 1e-7, is below float16's smallest
+    values: a sure background would gain a visible share of each class)."""
     total, calibrated, t, features = None, None, {}, None
     lm = label_model(stages[0].plan)
     calibrate = probabilities and any(s.trust.temperature is not None for s in stages)
@@ -118,7 +120,7 @@ def predict_with_stages(stages: list[Stage], read, case_id: str, sources: tuple,
         p = predict_image(read, case_id, sources, stage.plan, stage.predict, progress,
                           probabilities=probabilities or len(stages) > 1, training_case=training_case,
                           previous=_previous_map(stage, read, case_id, sources, training_case),
-                          compact=compact and len(stages) == 1)
+                          compact=compact and len(stages) == 1 and not calibrate)
         for key, v in p.timings.items():
             t[key] = t.get(key, 0.0) + v
         features = p.features if features is None else features

@@ -46,14 +46,13 @@ class Trust:
         the near temperature within reach of the structures ``labels`` (the label map made from
         ``probs``) predicts, the far one elsewhere. A slab of slices at a time (a 512 x 512 x 300
         CT's 4 classes are 1.3 GB in float32; the whole at once would hold several such
-        temporaries), into ``probs`` itself where ``in_place`` and it is float32 or float16 (a single
-        plan's probabilities are kept in float16 on the original grid: computed in float32, stored back)."""
+        temporaries), into ``probs`` itself where ``in_place`` and it is float32."""
         if self.temperature is None:
             return probs
         near = cal.near_mask(labels)
         box = ndimage.find_objects(near.astype(np.uint8))   # the near side's bounding box: its temperature there only
         box = box[0] if box else None
-        out = probs if in_place and probs.dtype in (np.float32, np.float16) else np.empty(probs.shape, np.float32)
+        out = probs if in_place and probs.dtype == np.float32 else np.empty(probs.shape, np.float32)
         step = max(1, SLAB_VOXELS // max(1, int(np.prod(probs.shape)) // max(probs.shape[1], 1)))
         t = self.temperature
         for z in range(0, probs.shape[1], step):
