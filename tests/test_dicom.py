@@ -313,7 +313,8 @@ def test_a_series_the_reader_cannot_read_is_refused_by_name_and_the_others_are_s
     assert [c.case_id for c in cases] == ["PAT1_series3", "PAT1_series4", "PAT1_series5"]
     assert all(c.series.problem is None for c in cases)                  # the headers are fine
 
-    def stand_in(case, plan, predict, progress=False, probabilities=False, training_case=False, previous=None):
+    def stand_in(case, plan, predict, progress=False, probabilities=False, training_case=False, previous=None,
+                 compact=False):
         image, geom = read_case_image(case)
         return CasePrediction((image[0] > 0).astype(np.uint8), geom, None, {}, {"entropy": 0.0})
     monkeypatch.setattr(stages, "engine_predictor", lambda plan, models, weights=None, folds=None: None)
