@@ -20,7 +20,7 @@ import numpy as np
 from segplan.datasets.phantoms import make_spec
 from segplan.planner.dataset import Geometry
 from segplan.planner.plan import ResamplingSection
-from segplan.runner.preprocessing.preprocess import invert_probabilities
+from segplan.runner.preprocessing.inversion import invert_probabilities
 from segplan.runner.preprocessing.resampling import target_shape
 
 

@@ -28,7 +28,7 @@ def measure(shape: list[int], classes: int, full: bool) -> dict:
     import numpy as np
 
     from segplan.planner.plan_file import load_plan
-    from segplan.runner.preprocessing.preprocess import invert_probabilities
+    from segplan.runner.preprocessing.inversion import invert_probabilities
     from segplan.runner.preprocessing.resampling import target_shape
     spacing, target = [1.0, 0.7, 0.7], [3.0, 1.6, 1.6]
     plan = load_plan(ROOT / "plans" / "hippocampus_cpu.yaml", check_paths=False)

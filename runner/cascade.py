@@ -182,3 +182,19 @@ def corrupt(onehot: np.ndarray, rng: np.random.Generator) -> np.ndarray:
                 if small:
                     out[b, c][comp == small[int(rng.integers(len(small)))]] = 0
     return out
+
+
+def stage_chain(workspaces: list[Workspace]) -> list[tuple[Workspace, Workspace | None]]:
+    """The plans, each once, with the plan each builds on (a cascade's previous stage), previous
+    stages first: what a bundle holds, what a prediction runs."""
+    found: dict[Path, tuple[Workspace, Workspace | None]] = {}
+
+    def add(ws: Workspace) -> Workspace:
+        key = ws.plan_path.resolve()
+        if key not in found:
+            prev = add(previous_workspace(ws)) if ws.plan.configuration == "3d_cascade_fullres" else None
+            found[key] = (ws, prev)
+        return found[key][0]
+    for ws in workspaces:
+        add(ws)
+    return list(found.values())

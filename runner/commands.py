@@ -191,7 +191,6 @@ def cmd_export(a) -> int:
 
 def cmd_select(a) -> int:
     from segplan.runner.evaluation.selection import select
-    from segplan.runner.evaluation.selection import check_search_options
     from segplan.runner.evaluation.settings_search import SAMPLE
     if a.seconds_per_case is None and (a.overlaps is not None or a.cases is not None):
         return fail("--cases and --overlaps choose how prediction settings are searched: give --seconds-per-case too")
@@ -199,8 +198,6 @@ def cmd_select(a) -> int:
     if cases != "all" and not (cases.isdecimal() and cases.isascii()):
         return fail(f"--cases {cases}: a number of cases above 0, or all")
     cases = None if cases == "all" else int(cases)
-    if a.seconds_per_case is not None:
-        check_search_options(a.seconds_per_case, cases, a.overlaps)
     sel, table = select([Path(p) for p in a.plans], Path(a.output), progress=a.bars,
                         seconds_per_case=a.seconds_per_case, cases=cases, overlaps=a.overlaps)
     print(table)

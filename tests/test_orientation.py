@@ -159,7 +159,8 @@ def test_preprocessing_with_an_orientation_equals_preprocessing_the_oriented_ima
     """A case stored otherwise is preprocessed to the very arrays of its oriented copy, and the
     probabilities put back land on its own grid (the way back is exact); a plan without the key
     preprocesses the image as stored."""
-    from segplan.runner.preprocessing.preprocess import invert_probabilities, label_to_grid, preprocess_image
+    from segplan.runner.preprocessing.inversion import invert_probabilities
+    from segplan.runner.preprocessing.preprocess import label_to_grid, preprocess_image
     from tests.tiny import tiny_plan
     plan = load_plan(tiny_plan(phantoms, tmp_path / "p.yaml"))
     case = sorted((phantoms / "imagesTr").iterdir())[0]

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from segplan.planner.dataset import Geometry
 from segplan.planner.plan_file import load_plan
-from segplan.runner.preprocessing.preprocess import invert_probabilities, preprocess_image
+from segplan.runner.preprocessing.inversion import invert_probabilities
+from segplan.runner.preprocessing.preprocess import preprocess_image
 from segplan.runner.preprocessing.resampling import resample
 
 PLAN = Path(__file__).resolve().parents[1] / "plans" / "hippocampus.yaml"
@@ -105,7 +106,7 @@ def test_compact_probabilities_are_the_float32_ones_in_float16_and_leave_the_lab
     near-ties that float16 would merge included; non-consecutive label values, and regions
     thresholded in order with nothing outside the crop box."""
     from segplan.planner.labels import LabelModel
-    from segplan.runner.preprocessing.preprocess import invert_compact
+    from segplan.runner.preprocessing.inversion import invert_compact
     plan, rng, _, _, probs, props = _random_probabilities(seed, shape, spacing, target, k)
     probs[1].flat[-1] = np.nextafter(probs[0].flat[-1], 2)     # a near-tie float16 cannot tell apart
     values = [0] + sorted(rng.choice(np.arange(1, 120), k - 1, replace=False).tolist())

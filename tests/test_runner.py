@@ -13,8 +13,8 @@ import pytest
 from segplan.planner.dataset import Geometry, read_label, write_volume
 from segplan.planner.layouts import load_dataset
 from segplan.planner.plan_file import load_plan, save_plan
-from segplan.runner.preprocessing.preprocess import (
-    invert_probabilities, labels_to_classes, preprocess_dataset, preprocess_image)
+from segplan.runner.preprocessing.inversion import invert_probabilities
+from segplan.runner.preprocessing.preprocess import labels_to_classes, preprocess_dataset, preprocess_image
 from segplan.runner.splits import SplitError, load_or_make_splits, make_splits, validate_splits
 from segplan.runner.workspace import Workspace, preprocessing_key
 from tests.tiny import tiny_plan

@@ -57,6 +57,12 @@ def member_names(workspaces: list[Workspace]) -> list[str]:
     return [str(ws.plan_path) for ws in workspaces]
 
 
+def named_candidates(workspaces: list[Workspace]) -> dict[str, tuple[int, ...]]:
+    """Each candidate's name ('3d_fullres', '2d+3d_fullres') and the indices of its plans."""
+    names = member_names(workspaces)
+    return {"+".join(names[i] for i in m): m for m in candidate_members(workspaces)}
+
+
 def candidate_members(workspaces: list[Workspace]) -> list[tuple[int, ...]]:
     """Indices of the plans in each candidate: every plan alone, then every pair; members in
     configuration order (2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres), then as given."""
@@ -132,8 +138,7 @@ def score(workspaces: list[Workspace], progress: bool = True,
     """Each candidate's members (by name), its Dice per class and case on the out-of-fold cases (of
     ``folds``, if given: a benchmark's fold 0), and the number of cases."""
     lm = label_model(workspaces[0].plan)
-    names = member_names(workspaces)
-    members = {"+".join(names[i] for i in m): m for m in candidate_members(workspaces)}
+    members = named_candidates(workspaces)
     dice: dict[str, dict[str, list[float]]] = {n: {} for n in members}
     n_cases = 0
     for _, _, ref, spacing, probs in _out_of_fold(workspaces, progress, folds):
@@ -179,7 +184,7 @@ def select(plan_paths: list[Path], out: Path, progress: bool = True, seconds_per
     _check_comparable(workspaces)
     lm = label_model(workspaces[0].plan)
     base = Path(out).resolve().parent
-    by_name = {"+".join(member_names(workspaces)[i] for i in m): m for m in candidate_members(workspaces)}
+    by_name = named_candidates(workspaces)
     plans = {name: [os.path.relpath(workspaces[i].plan_path.resolve(), base) for i in m] for name, m in by_name.items()}
     sample: list[tuple[int, str]] = []
     if seconds_per_case is None:

@@ -49,22 +49,11 @@ def settings_grid(workspaces: list[Workspace], engines: list[str], overlaps: lis
     planner.planning.mirroring_prepared; a network that never saw flipped patches gets worse, and
     flipping a structure with a side swaps its labels) and one fold or all, one-fold settings first."""
     from segplan.planner.planning import mirroring_prepared
+    from segplan.runner.cascade import stage_chain
     n_folds = workspaces[0].plan.cross_validation.folds
-    mirrors = [False] + ([True] if all(mirroring_prepared(p) for p in chained_plans(workspaces)) else [])
+    mirrors = [False] + ([True] if all(mirroring_prepared(ws.plan) for ws, _ in stage_chain(workspaces)) else [])
     folds = [1] + ([n_folds] if n_folds > 1 else [])
     return [PredictionSettings(e, float(o), m, f) for f in folds for e in engines for o in overlaps for m in mirrors]
-
-
-def chained_plans(workspaces: list[Workspace]) -> list:
-    """The plans of ``workspaces`` and of the stages they build on (a cascade's 3d_lowres plan)."""
-    from segplan.runner.cascade import previous_workspace
-    plans, todo = [], list(workspaces)
-    while todo:
-        ws = todo.pop()
-        plans.append(ws.plan)
-        if ws.plan.configuration == "3d_cascade_fullres":
-            todo.append(previous_workspace(ws))
-    return plans
 
 
 def sample_cases(ws: Workspace, n: int | None) -> list[tuple[int, str]]:

@@ -76,23 +76,6 @@ def export_selection(selection: Path, out: Path, folds: list[int] | None = None)
                        {"selection": sel.winner}, settings.inference() if settings else None)
 
 
-def _chain(workspaces: list[Workspace]) -> list[tuple[Workspace, Workspace | None]]:
-    """The plans to bundle, each once, with the plan each builds on (a cascade's previous stage),
-    previous stages first."""
-    from segplan.runner.cascade import previous_workspace
-    found: dict[Path, tuple[Workspace, Workspace | None]] = {}
-
-    def add(ws: Workspace) -> Workspace:
-        key = ws.plan_path.resolve()
-        if key not in found:
-            prev = add(previous_workspace(ws)) if ws.plan.configuration == "3d_cascade_fullres" else None
-            found[key] = (ws, prev)
-        return found[key][0]
-    for ws in workspaces:
-        add(ws)
-    return list(found.values())
-
-
 def _bundled_plan(ws: Workspace, k: int, path: Path, previous_stage: str | None = None,
                   inference: dict | None = None) -> None:
     """Fold k's plan as a bundle holds it: the frozen network/preprocessing with the live inference
@@ -112,7 +95,8 @@ def _export(workspaces: list[Workspace], out: Path, folds: list[int] | None, ext
     """The bundle of ``workspaces`` (averaged) and the stages they build on, with ``extra`` files:
     one plan as BUNDLE_VERSION's folds/K/..., several as ENSEMBLE_BUNDLE_VERSION's models/NAME/folds/K/..."""
     from segplan.runner.evaluation.selection import member_names
-    chain = _chain(workspaces)
+    from segplan.runner.cascade import stage_chain
+    chain = stage_chain(workspaces)
     for ws, _ in chain:
         chosen = list(range(ws.plan.cross_validation.folds)) if folds is None else list(folds)
         unfinished = [k for k in chosen if not ws.fold(k).is_finished()]

@@ -14,7 +14,8 @@ from segplan.planner.dicom import read_case_image
 from segplan.planner.labels import label_model
 from segplan.planner.plan import Plan, volume_patch
 from segplan.runner.inference.infer import sliding_window, on_windows
-from segplan.runner.preprocessing.preprocess import invert_compact, invert_probabilities, preprocess_image
+from segplan.runner.preprocessing.inversion import invert_compact, invert_probabilities
+from segplan.runner.preprocessing.preprocess import preprocess_image
 from segplan.runner.trust.features import probability_features, volume_features
 
 
