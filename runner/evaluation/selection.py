@@ -43,7 +43,7 @@ from segplan.runner.evaluation import settings_search
 from segplan.runner.evaluation.evaluate import case_metrics
 from segplan.runner.evaluation.oof import load_probabilities, require_finished, require_same_split
 from segplan.runner.evaluation.selection_file import (  # noqa: F401  (the file's names, here too)
-    DIGITS, SELECTION_VERSION, Candidate, Selection, SelectionError, load_selection, save_selection)
+    DIGITS, SELECTION_VERSION, Candidate, Selection, SelectionError, format_ranking, load_selection, save_selection)
 from segplan.runner.postprocessing.postprocess import Postprocessing
 from segplan.runner.workspace import Workspace
 
@@ -249,30 +249,6 @@ def _settings_ranking(workspaces, by_name, plans, lm, seconds_per_case, cases, o
         configuration[label] = name
     ranking.sort(key=lambda c: (-c.mean_foreground_dice, not c.dice_lower_bound, c.seconds_per_case))
     return ranking, sample, configuration
-
-
-def format_ranking(sel: Selection) -> str:
-    """The ranking as a table (seconds per case where settings were searched, mean foreground Dice,
-    then Dice per class; '>=' marks a lower bound), the winner starred, and what it keeps."""
-    classes = list(sel.ranking[0].dice) if sel.ranking else []
-    timed = sel.seconds_per_case is not None
-    width = max([len(c.name) for c in sel.ranking] + [9]) + 2
-    head = (f"  {'candidate':<{width}}" + (f"{'s/case':>8}" if timed else "") + f"{'mean fg':>10}"
-            + "".join(f"{c[:12]:>13}" for c in classes))
-    rows = [f"{'*' if c.name == sel.winner else ' '} {c.name:<{width}}"
-            + (f"{c.seconds_per_case:>8.2f}" if timed else "")
-            + f"{('>=' if c.dice_lower_bound else '') + format(c.mean_foreground_dice, '.4f'):>10}"
-            + "".join(f"{c.dice[k]:>13.4f}" if c.dice[k] is not None else f"{'absent':>13}" for k in classes)
-            for c in sel.ranking]
-    kept = ", ".join(f"largest component of {r.keep_largest}" for r in sel.postprocessing.rules) or "nothing"
-    what = (f"{sel.cases} out-of-fold cases, {sel.folds} folds" if not timed else
-            f"{sel.cases} out-of-fold cases ({', '.join(sel.sample[:4])}{', ...' if len(sel.sample) > 4 else ''}), "
-            f"each predicted by the fold that held it out; seconds per case on {sel.machine}; '>=': several folds "
-            "averaged, not scorable out of fold, carries its one-fold counterpart's Dice as a lower bound")
-    limit = f" (the most accurate within {sel.seconds_per_case:g} s per case)" if timed else ""
-    return "\n".join([f"{what}; mean Dice (mean fg: over the foreground classes, what ranks)", head, *rows,
-                      f"winner: {sel.winner}{limit}; postprocessing decided on its configuration's out-of-fold "
-                      f"predictions: keep {kept}"])
 
 
 def winner_workspaces(path: Path) -> tuple[Selection, list[Workspace]]:

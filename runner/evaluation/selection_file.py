@@ -5,7 +5,8 @@ postprocessing was decided for ``postprocessing_for`` and is refused for another
 rules are emptied (or ``postprocessing_for`` is edited too, taking responsibility for it). A
 selection made with ``--seconds-per-case`` also keeps each candidate's prediction settings (engine,
 window overlap, test-time mirroring, number of folds) and its measured seconds per case; predict and
-export use the winner's."""
+export use the winner's. ``format_ranking`` prints the file's ranking as the table
+`segplan select` shows."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -90,6 +91,30 @@ def save_selection(sel: Selection, path: Path) -> None:
               "`segplan predict --selection` and `segplan export --selection` use the winner; paths are relative "
               "to this file.")
     write_text(Path(path), dump_yaml(sel, header=header))
+
+
+def format_ranking(sel: Selection) -> str:
+    """The ranking as a table (seconds per case where settings were searched, mean foreground Dice,
+    then Dice per class; '>=' marks a lower bound), the winner starred, and what it keeps."""
+    classes = list(sel.ranking[0].dice) if sel.ranking else []
+    timed = sel.seconds_per_case is not None
+    width = max([len(c.name) for c in sel.ranking] + [9]) + 2
+    head = (f"  {'candidate':<{width}}" + (f"{'s/case':>8}" if timed else "") + f"{'mean fg':>10}"
+            + "".join(f"{c[:12]:>13}" for c in classes))
+    rows = [f"{'*' if c.name == sel.winner else ' '} {c.name:<{width}}"
+            + (f"{c.seconds_per_case:>8.2f}" if timed else "")
+            + f"{('>=' if c.dice_lower_bound else '') + format(c.mean_foreground_dice, '.4f'):>10}"
+            + "".join(f"{c.dice[k]:>13.4f}" if c.dice[k] is not None else f"{'absent':>13}" for k in classes)
+            for c in sel.ranking]
+    kept = ", ".join(f"largest component of {r.keep_largest}" for r in sel.postprocessing.rules) or "nothing"
+    what = (f"{sel.cases} out-of-fold cases, {sel.folds} folds" if not timed else
+            f"{sel.cases} out-of-fold cases ({', '.join(sel.sample[:4])}{', ...' if len(sel.sample) > 4 else ''}), "
+            f"each predicted by the fold that held it out; seconds per case on {sel.machine}; '>=': several folds "
+            "averaged, not scorable out of fold, carries its one-fold counterpart's Dice as a lower bound")
+    limit = f" (the most accurate within {sel.seconds_per_case:g} s per case)" if timed else ""
+    return "\n".join([f"{what}; mean Dice (mean fg: over the foreground classes, what ranks)", head, *rows,
+                      f"winner: {sel.winner}{limit}; postprocessing decided on its configuration's out-of-fold "
+                      f"predictions: keep {kept}"])
 
 
 def load_selection(path: Path) -> Selection:
